@@ -1,0 +1,261 @@
+"""The public entry points: prune(), verify(), inspect().
+
+Each accepts a path, an onnx.ModelProto or an onnx_ir.Model and returns the same kind it
+got; inside, everything is an onnx_ir.Model run through an onnx_ir PassManager.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, TypeVar
+
+import onnx
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+from onnxprune.calibration.data import (
+    Batch,
+    input_specs,
+    load_batches,
+    random_batches,
+)
+from onnxprune.errors import InputError, OnnxPruneError, UnsupportedModelError
+from onnxprune.graph.accounting import ModelStats, model_stats
+from onnxprune.graph.channels import ChannelGroup, find_channel_groups
+from onnxprune.io import MIN_OPSET, load_model, save_model
+from onnxprune.passes.remove_neurons import RemoveNeuronsPass
+from onnxprune.passes.zero_weights import ZeroWeightsPass
+from onnxprune.runtime import ModelSource, Provider, make_session
+from onnxprune.verify import Tolerances, VerifyResult, compare_models
+
+__all__ = [
+    "PruneConfig",
+    "PruneReport",
+    "Inspection",
+    "prune",
+    "prune_model",
+    "verify",
+    "inspect",
+    "check_supported",
+    "check_written",
+    "verification_batches",
+]
+
+ModelLike = TypeVar("ModelLike", str, os.PathLike, onnx.ModelProto, ir.Model)
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """What to do to a model. Structured removal and unstructured zeroing may be combined."""
+
+    sparsity: float | None = None
+    mode: Literal["structured", "unstructured"] = "structured"
+    threshold: float | None = None
+    nm: tuple[int, int] | None = None
+    criterion: str = "l1"
+    global_ranking: bool = False
+    max_group_sparsity: float = 0.9
+    round_to: int = 1
+    ignore: tuple[str, ...] = ()
+    seed: int = 0
+
+    def passes(self) -> list[ir.passes.PassBase]:
+        out: list[ir.passes.PassBase] = []
+        if self.sparsity is not None and self.mode == "structured":
+            out.append(
+                RemoveNeuronsPass(
+                    sparsity=self.sparsity,
+                    criterion=self.criterion,
+                    global_ranking=self.global_ranking,
+                    max_group_sparsity=self.max_group_sparsity,
+                    round_to=self.round_to,
+                    ignore=self.ignore,
+                    seed=self.seed,
+                )
+            )
+        zero_sparsity = self.sparsity if self.mode == "unstructured" else None
+        if self.threshold is not None or zero_sparsity is not None or self.nm is not None:
+            out.append(
+                ZeroWeightsPass(
+                    threshold=self.threshold, sparsity=zero_sparsity, nm=self.nm,
+                    ignore=self.ignore,
+                )
+            )
+        if not out:
+            raise InputError(
+                "nothing to do: give --sparsity, --threshold or --nm (see onnxprune --help)"
+            )
+        return out
+
+
+@dataclass
+class PruneReport:
+    before: ModelStats
+    after: ModelStats
+    passes: dict[str, dict[str, object]] = field(default_factory=dict)
+    modified: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "modified": self.modified,
+            "before": self.before.to_dict(),
+            "after": self.after.to_dict(),
+            "passes": self.passes,
+            "notes": self.notes,
+        }
+
+
+def check_supported(model: ir.Model, where: str = "model") -> None:
+    """Fails early, with the reason, on models the passes cannot handle."""
+    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
+    if opset is None:
+        raise UnsupportedModelError(f"{where}: imports no default ONNX opset")
+    if opset < MIN_OPSET:
+        raise UnsupportedModelError(
+            f"{where}: opset {opset} is below {MIN_OPSET}; upgrade it first with "
+            f"onnx.version_converter.convert_version(model, {MIN_OPSET})"
+        )
+
+
+def prune_model(model: ir.Model, config: PruneConfig) -> PruneReport:
+    """Runs the configured passes on `model` in place and says what they did."""
+    check_supported(model)
+    passes = config.passes()
+    before = model_stats(model)
+    modified = False
+    for p in passes:
+        modified = p(model).modified or modified
+    if modified:
+        RemoveUnusedNodesPass()(model)
+    report = PruneReport(before=before, after=model_stats(model), modified=modified)
+    for p in passes:
+        res = getattr(p, "result", None)
+        if res is not None:
+            report.passes[type(p).__name__] = res.to_dict()
+    structured = next((p for p in passes if isinstance(p, RemoveNeuronsPass)), None)
+    if structured is not None:
+        groups = structured.result.groups
+        if not any(g.reason is None for g in groups):
+            reasons = "; ".join(f"{g.group}: {g.reason}" for g in groups[:3]) or "no MatMul/Gemm"
+            raise UnsupportedModelError(
+                f"nothing prunable in this model ({reasons}); run onnxprune inspect for details"
+            )
+    if not report.modified:
+        report.notes.append("the model was left unchanged: nothing met the pruning criteria")
+    return report
+
+
+def _to_ir(model: ModelSource | onnx.ModelProto) -> ir.Model:
+    if isinstance(model, ir.Model):
+        return model
+    if isinstance(model, onnx.ModelProto):
+        return ir.serde.deserialize_model(model)
+    return load_model(model)
+
+
+def prune(
+    model: ModelLike,
+    config: PruneConfig | None = None,
+    *,
+    output: str | os.PathLike[str] | None = None,
+    **options: object,
+) -> ModelLike:
+    """Prunes a model given as a path, ModelProto or ir.Model; returns the same kind.
+
+    With a path, `output` is required and the path of the written model is returned.
+    Options are the fields of PruneConfig, e.g. prune(model, sparsity=0.5).
+    """
+    cfg = config or PruneConfig(**options)  # type: ignore[arg-type]
+    if isinstance(model, ir.Model):
+        prune_model(model, cfg)
+        return model
+    if isinstance(model, onnx.ModelProto):
+        m = ir.serde.deserialize_model(model)
+        prune_model(m, cfg)
+        return ir.serde.serialize_model(m)  # type: ignore[return-value]
+    if output is None:
+        raise InputError("prune() on a path needs output=...")
+    m = load_model(model)
+    prune_model(m, cfg)
+    return save_model(m, output)  # type: ignore[return-value]
+
+
+def verification_batches(
+    model: ir.Model,
+    data: str | os.PathLike[str] | None,
+    shapes: dict[str, tuple[int, ...]] | None = None,
+) -> tuple[list[Batch], bool]:
+    """The user's data, or inputs generated from the signature (second item True)."""
+    specs = input_specs(model)
+    if data is not None:
+        return list(load_batches(data, specs)), False
+    return random_batches(specs, shapes), True
+
+
+def verify(
+    reference: ModelSource | onnx.ModelProto,
+    candidate: ModelSource | onnx.ModelProto,
+    *,
+    data: str | os.PathLike[str] | Sequence[Batch] | None = None,
+    providers: Sequence[Provider] = ("cpu",),
+    tolerances: Tolerances = Tolerances(),
+    shapes: dict[str, tuple[int, ...]] | None = None,
+) -> VerifyResult:
+    """Compares candidate against reference on onnxruntime; see VerifyResult.ok."""
+    ref = _to_ir(reference)
+    cand = _to_ir(candidate)
+    if data is None or isinstance(data, (str, os.PathLike)):
+        batches, generated = verification_batches(ref, data, shapes)
+    else:
+        batches, generated = list(data), False
+    ref_src: ModelSource = reference if isinstance(reference, (str, os.PathLike)) else ref
+    cand_src: ModelSource = candidate if isinstance(candidate, (str, os.PathLike)) else cand
+    return compare_models(
+        ref_src, cand_src, batches, providers=providers, tolerances=tolerances,
+        generated_inputs=generated,
+    )
+
+
+@dataclass(frozen=True)
+class Inspection:
+    stats: ModelStats
+    groups: tuple[ChannelGroup, ...]
+    opset: int | None
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "opset": self.opset,
+            "stats": self.stats.to_dict(),
+            "groups": [g.to_dict() for g in self.groups],
+        }
+
+
+def inspect(model: ModelSource | onnx.ModelProto) -> Inspection:
+    """What is prunable in the model, and for every group that is not, why."""
+    m = _to_ir(model)
+    size = Path(model).stat().st_size if isinstance(model, (str, os.PathLike)) else None
+    opset = m.opset_imports.get("", m.opset_imports.get("ai.onnx"))
+    return Inspection(model_stats(m, size), tuple(find_channel_groups(m)), opset)
+
+
+def check_written(model: ir.Model) -> None:
+    """The checks every model we write must pass: onnx.checker (full) and onnxruntime load.
+
+    Raises OnnxPruneError naming the failing check, so nothing broken is ever saved.
+    """
+    proto = ir.serde.serialize_model(model)
+    if proto.ByteSize() >= 2**31 - 2**20:
+        return  # checked after saving with external data by verification instead
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise OnnxPruneError(
+            f"the rewritten model fails onnx.checker ({first}); nothing was written. "
+            "Please report this with the model's op list (onnxprune inspect)"
+        ) from e
+    make_session(model, "cpu")

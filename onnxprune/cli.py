@@ -1,0 +1,266 @@
+"""Command line: argument parsing, printing, exit codes; nothing else.
+
+Exit codes: 0 ok, 1 verification failed, 2 bad input or usage, 3 internal error,
+130 interrupted. Errors are one line on stderr; ONNXPRUNE_DEBUG=1 shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from onnxprune import api
+from onnxprune.calibration.data import parse_shape_overrides
+from onnxprune.errors import InputError, OnnxPruneError
+from onnxprune.io import check_output_path, load_model, save_model
+from onnxprune.report import human_bytes, stats_table, verify_table, write_json
+from onnxprune.runtime import parse_providers
+from onnxprune.scoring.criteria import CRITERIA
+from onnxprune.verify import Tolerances, VerifyResult
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, like every other error
+        raise InputError(f"{message} (see {self.prog} --help)")
+
+
+def _fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError(f"{v} must be in [0, 1)")
+    return v
+
+
+def _nm(text: str) -> tuple[int, int]:
+    try:
+        n, m = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not N:M, e.g. 2:4") from None
+    if not 0 < n < m:
+        raise argparse.ArgumentTypeError(f"'{text}': need 0 < N < M")
+    return n, m
+
+
+def _add_verify_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("verification")
+    g.add_argument("--data", help=".npz batch or folder of .npz batches keyed by input name")
+    g.add_argument("--shape", action="append", default=[], metavar="NAME:D0,D1,...",
+                   help="shape of a generated input when no --data is given (repeatable)")
+    g.add_argument("--providers", default="cpu", help="comma list of cpu,cuda (default cpu)")
+    g.add_argument("--min-cosine", type=float, help="fail below this per-row cosine")
+    g.add_argument("--atol", type=float, help="absolute tolerance (with --rtol: allclose)")
+    g.add_argument("--rtol", type=float, help="relative tolerance")
+    g.add_argument("--min-sqnr", type=float, help="fail below this SQNR in dB")
+    g.add_argument("--min-top1", type=float, help="fail below this top-1 agreement")
+    g.add_argument("--report", help="write a JSON report to this file")
+
+
+def _tolerances(args: argparse.Namespace, default_cosine: float | None) -> Tolerances:
+    given = any(
+        getattr(args, k) is not None for k in ("min_cosine", "atol", "rtol", "min_sqnr", "min_top1")
+    )
+    return Tolerances(
+        min_cosine=args.min_cosine if given else default_cosine,
+        atol=args.atol,
+        rtol=args.rtol,
+        min_sqnr_db=args.min_sqnr,
+        min_top1=args.min_top1,
+    )
+
+
+def _main_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="onnxprune",
+        description="Prune an ONNX model without retraining, save it, and verify it. "
+        "Other commands: onnxprune verify REFERENCE CANDIDATE; onnxprune inspect MODEL.",
+    )
+    p.add_argument("model", help="input .onnx model (never modified)")
+    p.add_argument("-o", "--output", required=True, help="where to write the pruned model")
+    p.add_argument("--force", action="store_true", help="allow --output to be the input file")
+    p.add_argument("-q", "--quiet", action="store_true", help="print errors only")
+    g = p.add_argument_group("pruning")
+    g.add_argument("--sparsity", type=_fraction, help="fraction of each group's neurons to remove "
+                   "(or of each layer's weights with --mode unstructured)")
+    g.add_argument("--mode", choices=("structured", "unstructured"), default="structured")
+    g.add_argument("--threshold", type=float, help="zero weights with |w| <= this value")
+    g.add_argument("--nm", type=_nm, help="N:M sparsity along the reduction axis, e.g. 2:4")
+    g.add_argument("--criterion", default="l1", choices=sorted(CRITERIA),
+                   help="neuron importance (default l1)")
+    g.add_argument("--global", dest="global_ranking", action="store_true",
+                   help="rank neurons across groups instead of per group")
+    g.add_argument("--max-group-sparsity", type=_fraction, default=0.9,
+                   help="cap per group with --global (default 0.9)")
+    g.add_argument("--round-to", type=int, default=1, help="keep counts a multiple of N")
+    g.add_argument("--ignore", action="append", default=[], metavar="GLOB",
+                   help="node names to leave alone (repeatable)")
+    g.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-verify", action="store_true", help="skip verification")
+    _add_verify_options(p)
+    return p
+
+
+def _verify_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="onnxprune verify",
+                description="Compare CANDIDATE against REFERENCE; exit 1 when out of tolerance.")
+    p.add_argument("reference")
+    p.add_argument("candidate")
+    p.add_argument("-q", "--quiet", action="store_true")
+    _add_verify_options(p)
+    return p
+
+
+def _inspect_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="onnxprune inspect", description="What is prunable, and why not.")
+    p.add_argument("model")
+    p.add_argument("--report", help="write the inspection as JSON")
+    p.add_argument("-q", "--quiet", action="store_true")
+    return p
+
+
+def _run_verify(console: Console, args: argparse.Namespace, reference: str, candidate: str,
+                tolerances: Tolerances) -> VerifyResult:
+    providers = parse_providers(args.providers)
+    shapes = parse_shape_overrides(args.shape)
+    with console.status("verifying on onnxruntime ..."):
+        result = api.verify(reference, candidate, data=args.data, providers=providers,
+                            tolerances=tolerances, shapes=shapes)
+    if result.generated_inputs:
+        console.print("[yellow]no --data given: verified on inputs generated from the input "
+                      "signature (random values); give --data for a meaningful check[/]")
+    console.print(verify_table(result))
+    return result
+
+
+def _cmd_prune(argv: Sequence[str], console: Console) -> int:
+    args = _main_parser().parse_args(argv)
+    config = api.PruneConfig(
+        sparsity=args.sparsity, mode=args.mode, threshold=args.threshold, nm=args.nm,
+        criterion=args.criterion, global_ranking=args.global_ranking,
+        max_group_sparsity=args.max_group_sparsity, round_to=args.round_to,
+        ignore=tuple(args.ignore), seed=args.seed,
+    )
+    config.passes()  # validates the options before any file is touched
+    if not args.no_verify:
+        parse_providers(args.providers)
+        parse_shape_overrides(args.shape)
+    out = check_output_path(args.output, [args.model], force=args.force)
+    model = load_model(args.model)
+    with console.status("pruning ..."):
+        report = api.prune_model(model, config)
+    report.before = type(report.before)(**{**report.before.to_dict(),
+                                            "file_bytes": Path(args.model).stat().st_size})
+    with console.status(f"saving {out} ..."):
+        api.check_written(model)
+        save_model(model, out)
+    report.after = type(report.after)(**{**report.after.to_dict(),
+                                          "file_bytes": out.stat().st_size})
+    console.print(stats_table(report.before, report.after))
+    for name, res in report.passes.items():
+        console.print(_pass_table(name, res))
+    for note in report.notes:
+        console.print(f"[yellow]{note}[/]")
+    console.print(f"wrote {out} ({human_bytes(report.after.file_bytes)})")
+    data: dict[str, object] = {"input": str(args.model), "output": str(out), **report.to_dict()}
+    code = EXIT_OK
+    if not args.no_verify:
+        result = _run_verify(console, args, args.model, str(out), _tolerances(args, None))
+        data["verification"] = result.to_dict()
+        code = EXIT_OK if result.ok else EXIT_FAILED
+    if args.report:
+        write_json(args.report, data)
+    return code
+
+
+def _pass_table(name: str, res: dict[str, object]) -> Table:
+    if "groups" in res:
+        t = Table(title=f"{name} (criterion {res.get('criterion')})")
+        for col in ("group", "channels", "kept", "note"):
+            t.add_column(col)
+        for g in res["groups"]:  # type: ignore[union-attr]
+            t.add_row(g["group"], str(g["channels_before"]), str(g["channels_after"]),
+                      g["reason"] or "")
+        return t
+    t = Table(title=name)
+    for col in ("weight", "size", "sparsity", "note"):
+        t.add_column(col)
+    for layer in res.get("layers", []):  # type: ignore[union-attr]
+        t.add_row(layer["weight"], str(layer["size"]), f"{layer['sparsity']:.3f}",
+                  layer["skipped"] or "")
+    return t
+
+
+def _cmd_verify(argv: Sequence[str], console: Console) -> int:
+    args = _verify_parser().parse_args(argv)
+    for path in (args.reference, args.candidate):
+        api.check_supported(load_model(path), path)
+    result = _run_verify(console, args, args.reference, args.candidate,
+                         _tolerances(args, default_cosine=0.99))
+    if args.report:
+        write_json(args.report, result.to_dict())
+    if not result.ok:
+        failed = [f"{o.name}[{o.provider}]: {'; '.join(o.failures)}" for o in result.outputs
+                  if not o.ok]
+        print(f"onnxprune: verification failed: {failed[0]}", file=sys.stderr)
+        return EXIT_FAILED
+    console.print("[green]verification passed[/]")
+    return EXIT_OK
+
+
+def _cmd_inspect(argv: Sequence[str], console: Console) -> int:
+    args = _inspect_parser().parse_args(argv)
+    info = api.inspect(args.model)
+    t = Table(title=f"{args.model}: {info.stats.parameters:,} parameters, opset {info.opset}, "
+              f"{human_bytes(info.stats.file_bytes)}")
+    for col in ("group", "channels", "producers", "consumers", "prunable / why not"):
+        t.add_column(col)
+    for g in info.groups:
+        t.add_row(g.name, str(g.size), ", ".join(u.node.name for u in g.producers),
+                  ", ".join(u.node.name for u in g.consumers),
+                  "yes" if g.prunable else f"no: {g.skip_reason}")
+    console.print(t)
+    n = sum(g.prunable for g in info.groups)
+    console.print(f"{n} of {len(info.groups)} channel groups prunable"
+                  + ("" if n else " - structured pruning would change nothing"))
+    if args.report:
+        write_json(args.report, info.to_dict())
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    quiet = "-q" in argv or "--quiet" in argv
+    console = Console(quiet=quiet, stderr=False, highlight=False)
+    commands = {"verify": _cmd_verify, "inspect": _cmd_inspect}
+    try:
+        if argv and argv[0] in commands:
+            return commands[argv[0]](argv[1:], console)
+        return _cmd_prune(argv, console)
+    except OnnxPruneError as e:
+        print(f"onnxprune: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("onnxprune: interrupted; no output written", file=sys.stderr)
+        return 130
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
+    except Exception as e:
+        if os.environ.get("ONNXPRUNE_DEBUG"):
+            raise
+        print(f"onnxprune: internal error: {type(e).__name__}: {e} "
+              "(rerun with ONNXPRUNE_DEBUG=1 for a traceback and report it)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

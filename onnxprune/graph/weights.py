@@ -1,0 +1,107 @@
+"""Reading and writing constant tensors, whether initializers or Constant nodes.
+
+Exporters store weights either way (the legacy torch exporter often as Constant nodes,
+the dynamo exporter as initializers); passes should not care which.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+__all__ = [
+    "const_array",
+    "set_const_array",
+    "is_constant",
+    "WeightUse",
+    "weight_uses",
+    "iter_nodes",
+]
+
+
+def _constant_node(value: ir.Value) -> ir.Node | None:
+    node = value.producer()
+    if node is not None and node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+        return node
+    return None
+
+
+def is_constant(value: ir.Value | None) -> bool:
+    """True for initializers that are not graph inputs and for Constant node outputs."""
+    if value is None:
+        return False
+    if value.const_value is not None and not value.is_graph_input():
+        return True
+    node = _constant_node(value)
+    return node is not None and "value" in node.attributes
+
+
+def const_array(value: ir.Value | None) -> np.ndarray | None:
+    """The value's constant contents, or None when it is not a plain constant."""
+    if value is None or not is_constant(value):
+        return None
+    if value.const_value is not None:
+        return value.const_value.numpy()
+    node = _constant_node(value)
+    assert node is not None
+    return node.attributes["value"].as_tensor().numpy()
+
+
+def set_const_array(value: ir.Value, array: np.ndarray) -> None:
+    """Replaces a constant's contents (initializer or Constant node) and its recorded shape."""
+    tensor = ir.tensor(np.ascontiguousarray(array), name=value.name)
+    node = _constant_node(value)
+    if node is not None and value.const_value is None:
+        node.attributes["value"] = ir.AttrTensor("value", tensor)
+    else:
+        value.const_value = tensor
+    value.shape = ir.Shape(array.shape)
+    if value.dtype is None:
+        value.dtype = tensor.dtype
+
+
+@dataclass(frozen=True)
+class WeightUse:
+    """A MatMul/Gemm whose second operand is a constant weight matrix.
+
+    `reduce_axis` is the weight axis summed over (the input features); `out_axis` is the
+    weight axis of the output features. For MatMul and Gemm(transB=0) the weight is [in, out];
+    for Gemm(transB=1) it is [out, in].
+    """
+
+    node: ir.Node
+    weight: ir.Value
+    reduce_axis: int
+    out_axis: int
+
+
+def iter_nodes(graph: ir.Graph) -> Iterator[ir.Node]:
+    """Nodes of the graph and of all its subgraphs (If/Loop/Scan bodies)."""
+    yield from ir.traversal.RecursiveGraphIterator(graph)
+
+
+def weight_uses(graph: ir.Graph) -> list[WeightUse]:
+    """Every MatMul/Gemm in the graph (and subgraphs) with a constant 2-D weight as B."""
+    uses = []
+    for node in iter_nodes(graph):
+        if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm"):
+            continue
+        if len(node.inputs) < 2:
+            continue
+        weight = node.inputs[1]
+        arr = const_array(weight)
+        if arr is None or arr.ndim != 2 or not np.issubdtype(arr.dtype, np.floating):
+            continue
+        trans_b = node.op_type == "Gemm" and _int_attr(node, "transB") == 1
+        uses.append(
+            WeightUse(node, weight, reduce_axis=1 if trans_b else 0, out_axis=0 if trans_b else 1)
+        )
+    return uses
+
+
+def _int_attr(node: ir.Node, name: str, default: int = 0) -> int:
+    attr = node.attributes.get(name)
+    return default if attr is None else int(attr.as_int())

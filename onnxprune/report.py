@@ -1,0 +1,105 @@
+"""Turning results into JSON files and terminal tables."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from rich.table import Table
+
+from onnxprune.graph.accounting import ModelStats
+
+if TYPE_CHECKING:  # report sits below verify in the layers; only the type is needed
+    from onnxprune.verify import VerifyResult
+
+__all__ = ["write_json", "stats_table", "verify_table", "human_bytes"]
+
+
+def _clean(obj: object) -> object:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, Mapping):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def write_json(path: str | os.PathLike[str], data: Mapping[str, object]) -> None:
+    """Writes JSON atomically (strict: NaN and infinities become strings)."""
+    out = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent or ".")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(_clean(data), f, indent=2, allow_nan=False)
+            f.write("\n")
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def human_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.2f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{b / a:.3f}x" if a else "-"
+
+
+def stats_table(before: ModelStats, after: ModelStats) -> Table:
+    t = Table(title="before / after")
+    t.add_column("")
+    t.add_column("before", justify="right")
+    t.add_column("after", justify="right")
+    t.add_column("after/before", justify="right")
+    rows = [
+        ("parameters", before.parameters, after.parameters),
+        ("non-zero parameters", before.nonzero_parameters, after.nonzero_parameters),
+        ("MatMul/Gemm FLOPs per row", before.weight_flops_per_row, after.weight_flops_per_row),
+    ]
+    for name, a, b in rows:
+        t.add_row(name, f"{a:,}", f"{b:,}", _ratio(a, b))
+    if before.file_bytes is not None and after.file_bytes is not None:
+        t.add_row(
+            "file size",
+            human_bytes(before.file_bytes),
+            human_bytes(after.file_bytes),
+            _ratio(before.file_bytes, after.file_bytes),
+        )
+    ops = sorted(set(before.op_counts) | set(after.op_counts))
+    for op in ops:
+        a, b = before.op_counts.get(op, 0), after.op_counts.get(op, 0)
+        t.add_row(f"op {op}", str(a), str(b), "" if a == b else f"{b - a:+d}")
+    return t
+
+
+def verify_table(result: VerifyResult) -> Table:
+    t = Table(title=f"verification ({result.batches} batch(es)"
+              + (", generated inputs" if result.generated_inputs else "") + ")")
+    for col in ("output", "on", "max|d|", "mean|d|", "cos mean",
+                "cos min", "SQNR dB", "top-1", "ok"):
+        t.add_column(col, justify="left" if col in ("output", "provider") else "right")
+    for o in result.outputs:
+        t.add_row(
+            o.name, o.provider, f"{o.max_abs_diff:.4g}", f"{o.mean_abs_diff:.4g}",
+            f"{o.cosine_mean:.5f}", f"{o.cosine_min:.5f}", f"{o.sqnr_db:.2f}",
+            "-" if o.top1_agreement is None else f"{o.top1_agreement:.4f}",
+            "yes" if o.ok else "NO",
+        )
+    failures = [f"{o.name} [{o.provider}]: {f}" for o in result.outputs for f in o.failures]
+    if failures:
+        t.caption = "failed: " + "; ".join(failures)
+    return t

@@ -1,0 +1,98 @@
+"""onnxruntime sessions that run where they were asked to.
+
+onnxruntime quietly falls back to the CPU when a provider cannot be created; a
+verification that claims to have checked CUDA must actually have run on CUDA, so the
+provider in use is checked after the session is built.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import onnx_ir as ir
+import onnxruntime as ort
+
+from onnxprune.errors import InputError, OnnxPruneError, ProviderError
+
+__all__ = ["Provider", "PROVIDERS", "parse_providers", "make_session", "ModelSource"]
+
+Provider = Literal["cpu", "cuda"]
+PROVIDERS: dict[str, str] = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+ModelSource = str | os.PathLike[str] | ir.Model
+
+_PROTO_LIMIT = 2**31 - 2**20
+
+
+def parse_providers(text: str | Sequence[str]) -> list[Provider]:
+    names = [t.strip().lower() for t in (text.split(",") if isinstance(text, str) else text)]
+    out: list[Provider] = []
+    for name in names:
+        if name not in PROVIDERS:
+            raise InputError(
+                f"unknown provider '{name}'; choose from {', '.join(PROVIDERS)} (e.g. cpu,cuda)"
+            )
+        out.append(name)  # type: ignore[arg-type]
+    if not out:
+        raise InputError("no provider given; use e.g. --providers cpu")
+    return out
+
+
+def make_session(
+    model: ModelSource,
+    provider: Provider = "cpu",
+    *,
+    threads: int | None = None,
+    optimized_path: str | os.PathLike[str] | None = None,
+) -> ort.InferenceSession:
+    """Builds a session on `provider` and fails if onnxruntime would use another one."""
+    wanted = PROVIDERS[provider]
+    if wanted not in ort.get_available_providers():
+        raise ProviderError(
+            f"provider '{provider}' is not available in this onnxruntime "
+            f"(available: {', '.join(ort.get_available_providers())}); "
+            "install onnxruntime-gpu and check the CUDA libraries"
+        )
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads is not None:
+        opts.intra_op_num_threads = threads
+    if optimized_path is not None:
+        opts.optimized_model_filepath = str(optimized_path)
+    providers = [wanted] if provider == "cpu" else [wanted, PROVIDERS["cpu"]]
+    try:
+        if isinstance(model, ir.Model):
+            session = _session_from_ir(model, opts, providers)
+        else:
+            session = ort.InferenceSession(str(model), sess_options=opts, providers=providers)
+    except ProviderError:
+        raise
+    except Exception as e:  # onnxruntime raises several unrelated exception types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise OnnxPruneError(f"onnxruntime cannot load the model: {first}") from e
+    if wanted not in session.get_providers():
+        raise ProviderError(
+            f"onnxruntime fell back to {', '.join(session.get_providers())} instead of "
+            f"'{provider}'; check the CUDA/cuDNN installation"
+        )
+    return session
+
+
+def _session_from_ir(
+    model: ir.Model, opts: ort.SessionOptions, providers: list[str]
+) -> ort.InferenceSession:
+    external = any(
+        isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values()
+    )
+    proto = None if external else ir.serde.serialize_model(model)
+    if proto is not None and proto.ByteSize() < _PROTO_LIMIT:
+        return ort.InferenceSession(
+            proto.SerializeToString(), sess_options=opts, providers=providers
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        ir.save(model, path, external_data="model.onnx.data")
+        return ort.InferenceSession(str(path), sess_options=opts, providers=providers)

@@ -1,0 +1,105 @@
+"""Data-free importance scores for the channels of a group; higher means keep.
+
+Each criterion sees the group's weights laid out channel-first: `incoming` holds one
+[channels, fan_in] matrix per producer, `outgoing` one [channels, fan_out] matrix per
+consumer. Activation statistics, when calibration data was given, ride along in `stats`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from onnxprune.errors import InputError
+
+__all__ = ["ChannelWeights", "Criterion", "CRITERIA", "register_criterion", "score_channels"]
+
+
+@dataclass(frozen=True)
+class ChannelWeights:
+    incoming: tuple[np.ndarray, ...]
+    outgoing: tuple[np.ndarray, ...]
+    stats: dict[str, np.ndarray] = field(default_factory=dict)
+    seed: int = 0
+
+    @property
+    def size(self) -> int:
+        return int(self.outgoing[0].shape[0])
+
+    def all_weights(self) -> np.ndarray:
+        """[channels, fan_in + fan_out] in float64: every weight that touches a channel."""
+        return np.concatenate(
+            [w.astype(np.float64) for w in self.incoming + self.outgoing], axis=1
+        )
+
+
+Criterion = Callable[[ChannelWeights], np.ndarray]
+CRITERIA: dict[str, Criterion] = {}
+
+
+def register_criterion(name: str) -> Callable[[Criterion], Criterion]:
+    """Adds a criterion under `name`; users can register their own the same way."""
+
+    def wrap(fn: Criterion) -> Criterion:
+        CRITERIA[name] = fn
+        return fn
+
+    return wrap
+
+
+def _outgoing(cw: ChannelWeights) -> np.ndarray:
+    return np.concatenate([w.astype(np.float64) for w in cw.outgoing], axis=1)
+
+
+@register_criterion("l1")
+def l1(cw: ChannelWeights) -> np.ndarray:
+    """Sum of absolute outgoing weights: how much a channel can move the next layer."""
+    return np.abs(_outgoing(cw)).sum(axis=1)
+
+
+@register_criterion("l2")
+def l2(cw: ChannelWeights) -> np.ndarray:
+    return np.sqrt(np.square(_outgoing(cw)).sum(axis=1))
+
+
+@register_criterion("variance")
+def variance(cw: ChannelWeights) -> np.ndarray:
+    """Variance of all weights touching the channel; a flat neuron adds little."""
+    return cw.all_weights().var(axis=1)
+
+
+@register_criterion("entropy")
+def entropy(cw: ChannelWeights) -> np.ndarray:
+    """Entropy of the channel's normalised weight magnitudes.
+
+    Low entropy means the channel relies on a handful of weights; high entropy means it
+    draws on many inputs and feeds many outputs, which we treat as more important.
+    """
+    a = np.abs(cw.all_weights())
+    p = a / np.maximum(a.sum(axis=1, keepdims=True), 1e-30)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        h = -np.where(p > 0, p * np.log(p), 0.0).sum(axis=1)
+    return h
+
+
+@register_criterion("random")
+def random(cw: ChannelWeights) -> np.ndarray:
+    """A baseline: any criterion worth using must beat it."""
+    return np.random.default_rng(cw.seed).random(cw.size)
+
+
+def score_channels(name: str, cw: ChannelWeights) -> np.ndarray:
+    try:
+        fn = CRITERIA[name]
+    except KeyError:
+        raise InputError(
+            f"unknown criterion '{name}'; choose from {', '.join(sorted(CRITERIA))}"
+        ) from None
+    scores = np.asarray(fn(cw), dtype=np.float64)
+    if scores.shape != (cw.size,):
+        raise InputError(f"criterion '{name}' returned shape {scores.shape}, not ({cw.size},)")
+    if not np.all(np.isfinite(scores)):
+        raise InputError(f"criterion '{name}' returned NaN or Inf scores")
+    return scores
