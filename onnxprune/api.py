@@ -26,6 +26,7 @@ from onnxprune.errors import InputError, OnnxPruneError, UnsupportedModelError
 from onnxprune.graph.accounting import ModelStats, model_stats
 from onnxprune.graph.channels import ChannelGroup, find_channel_groups
 from onnxprune.io import MIN_OPSET, load_model, save_model
+from onnxprune.passes.reconstruct import Calibration, Reconstruct
 from onnxprune.passes.remove_neurons import RemoveNeuronsPass
 from onnxprune.passes.zero_weights import ZeroWeightsPass
 from onnxprune.runtime import ModelSource, Provider, make_session
@@ -55,20 +56,45 @@ class PruneConfig:
     mode: Literal["structured", "unstructured"] = "structured"
     threshold: float | None = None
     nm: tuple[int, int] | None = None
-    criterion: str = "l1"
+    criterion: str | None = None
+    calibration: str | os.PathLike[str] | Sequence[Batch] | None = None
+    token_mask: str | None = None
+    reconstruct: Reconstruct | None = None
+    ridge: float = 1e-3
     global_ranking: bool = False
     max_group_sparsity: float = 0.9
     round_to: int = 1
     ignore: tuple[str, ...] = ()
     seed: int = 0
 
-    def passes(self) -> list[ir.passes.PassBase]:
+    def passes(self, model: ir.Model | None = None) -> list[ir.passes.PassBase]:
+        """The passes to run; `model` is needed to check calibration data against it."""
+        if self.reconstruct not in (None, "none") and self.calibration is None:
+            raise InputError(f"--reconstruct {self.reconstruct} needs --calibration data")
+        if self.ridge < 0:
+            raise InputError(f"--ridge must be >= 0, got {self.ridge}")
+        calib = None
+        if self.calibration is not None:
+            if model is None:  # validating options only: the data is read later
+                batches: list[Batch] = []
+            elif isinstance(self.calibration, (str, os.PathLike)):
+                batches = list(load_batches(self.calibration, input_specs(model)))
+            else:
+                batches = list(self.calibration)
+            calib = Calibration(
+                batches,
+                token_mask=self.token_mask,
+                reconstruct=self.reconstruct or "lstsq",
+                ridge=self.ridge,
+            )
+        criterion = self.criterion or ("activation" if self.calibration is not None else "l1")
         out: list[ir.passes.PassBase] = []
         if self.sparsity is not None and self.mode == "structured":
             out.append(
                 RemoveNeuronsPass(
                     sparsity=self.sparsity,
-                    criterion=self.criterion,
+                    criterion=criterion,
+                    calibration=calib,
                     global_ranking=self.global_ranking,
                     max_group_sparsity=self.max_group_sparsity,
                     round_to=self.round_to,
@@ -124,7 +150,7 @@ def check_supported(model: ir.Model, where: str = "model") -> None:
 def prune_model(model: ir.Model, config: PruneConfig) -> PruneReport:
     """Runs the configured passes on `model` in place and says what they did."""
     check_supported(model)
-    passes = config.passes()
+    passes = config.passes(model)
     before = model_stats(model)
     modified = False
     for p in passes:

@@ -95,8 +95,17 @@ def _main_parser() -> argparse.ArgumentParser:
     g.add_argument("--mode", choices=("structured", "unstructured"), default="structured")
     g.add_argument("--threshold", type=float, help="zero weights with |w| <= this value")
     g.add_argument("--nm", type=_nm, help="N:M sparsity along the reduction axis, e.g. 2:4")
-    g.add_argument("--criterion", default="l1", choices=sorted(CRITERIA),
-                   help="neuron importance (default l1)")
+    g.add_argument("--criterion", choices=sorted([*CRITERIA, "obs"]),
+                   help="neuron importance (default: l1, or activation with --calibration; "
+                   "obs chooses and refits jointly)")
+    g.add_argument("--calibration", metavar="PATH",
+                   help=".npz batch or folder of .npz batches for data-aware pruning")
+    g.add_argument("--token-mask", metavar="INPUT",
+                   help="input whose zeros mark padding rows to ignore (e.g. attention_mask)")
+    g.add_argument("--reconstruct", choices=("none", "bias", "lstsq"),
+                   help="repair after removal (default lstsq with --calibration, else none)")
+    g.add_argument("--ridge", type=float, default=1e-3,
+                   help="ridge strength of the repair, relative to the mean activation power")
     g.add_argument("--global", dest="global_ranking", action="store_true",
                    help="rank neurons across groups instead of per group")
     g.add_argument("--max-group-sparsity", type=_fraction, default=0.9,
@@ -146,7 +155,8 @@ def _cmd_prune(argv: Sequence[str], console: Console) -> int:
     args = _main_parser().parse_args(argv)
     config = api.PruneConfig(
         sparsity=args.sparsity, mode=args.mode, threshold=args.threshold, nm=args.nm,
-        criterion=args.criterion, global_ranking=args.global_ranking,
+        criterion=args.criterion, calibration=args.calibration, token_mask=args.token_mask,
+        reconstruct=args.reconstruct, ridge=args.ridge, global_ranking=args.global_ranking,
         max_group_sparsity=args.max_group_sparsity, round_to=args.round_to,
         ignore=tuple(args.ignore), seed=args.seed,
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -122,6 +123,16 @@ def check_output_path(
     return out
 
 
+def _mode_for(path: Path) -> int:
+    """The permissions a new file at `path` gets: the old file's, else 0o666 minus umask."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 def save_model(
     model: ir.Model, path: str | os.PathLike[str], *, external_data: bool | None = None
 ) -> Path:
@@ -133,10 +144,17 @@ def save_model(
     out = Path(path)
     if external_data is None:
         external_data = uses_external_data(model) or _weights_nbytes(model) >= _TWO_GB
+    elif not external_data and uses_external_data(model):
+        # Inline was asked for: read the weights in, or the copy would point at the
+        # input's data file under a path that is wrong from the new location.
+        ir.external_data.load_to_model(model)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
+        # mkstemp makes the file private (0600); give the model the mode a plain write
+        # would (or keep the mode of the file it replaces).
+        os.chmod(tmp, _mode_for(out))
         if external_data:
             # The data file is written atomically by onnx_ir; the proto that points at it
             # appears only when the rename below succeeds.

@@ -22,7 +22,7 @@ __all__ = ["Provider", "PROVIDERS", "parse_providers", "make_session", "ModelSou
 
 Provider = Literal["cpu", "cuda"]
 PROVIDERS: dict[str, str] = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-ModelSource = str | os.PathLike[str] | ir.Model
+ModelSource = str | os.PathLike[str] | ir.Model | bytes
 
 _PROTO_LIMIT = 2**31 - 2**20
 
@@ -49,6 +49,8 @@ def make_session(
     optimized_path: str | os.PathLike[str] | None = None,
 ) -> ort.InferenceSession:
     """Builds a session on `provider` and fails if onnxruntime would use another one."""
+    if provider not in PROVIDERS:
+        raise InputError(f"unknown provider '{provider}'; choose from {', '.join(PROVIDERS)}")
     wanted = PROVIDERS[provider]
     if wanted not in ort.get_available_providers():
         raise ProviderError(
@@ -66,6 +68,8 @@ def make_session(
     try:
         if isinstance(model, ir.Model):
             session = _session_from_ir(model, opts, providers)
+        elif isinstance(model, bytes):
+            session = ort.InferenceSession(model, sess_options=opts, providers=providers)
         else:
             session = ort.InferenceSession(str(model), sess_options=opts, providers=providers)
     except ProviderError:

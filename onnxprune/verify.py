@@ -61,7 +61,14 @@ class _Accumulator:
         norms = np.linalg.norm(rows_r, axis=1) * np.linalg.norm(rows_c, axis=1)
         dots = np.sum(rows_r * rows_c, axis=1)
         both_zero = (np.linalg.norm(rows_r, axis=1) == 0) & (np.linalg.norm(rows_c, axis=1) == 0)
-        cos = np.where(both_zero, 1.0, dots / np.where(norms == 0, np.inf, norms))
+        # Identical rows are exactly 1 (rounding in dot / (|r| |c|) gives 1 +- 1 ulp, which
+        # would fail --min-cosine 1.0 on an identical copy); the rest is clipped to [-1, 1].
+        same = np.all(rows_r == rows_c, axis=1)
+        cos = np.where(
+            both_zero | same,
+            1.0,
+            np.clip(dots / np.where(norms == 0, np.inf, norms), -1.0, 1.0),
+        )
         self.cosines.extend(float(x) for x in cos)
         if _looks_like_scores(ref):
             self.top1_same += int(np.sum(ref.argmax(-1) == cand.argmax(-1)))

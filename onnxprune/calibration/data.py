@@ -192,7 +192,12 @@ def random_batches(
                     f"--shape {spec.name}: {len(shape)} dims given, the input has rank "
                     f"{len(spec.dims)}"
                 )
-            for want, got in zip(spec.dims or (), shape):
+            for axis, (want, got) in enumerate(zip(spec.dims or (), shape)):
+                if isinstance(want, int) and want != got:
+                    raise DataError(
+                        f"--shape {spec.name}: size {got} on axis {axis}, the input's dim "
+                        f"there is fixed at {want}"
+                    )
                 if isinstance(want, str):
                     symbols.setdefault(want, got)
             shapes[spec.name] = shape

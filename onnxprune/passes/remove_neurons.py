@@ -14,12 +14,21 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import NameFixPass
 
 from onnxprune.errors import InputError
 from onnxprune.graph.channels import ChannelGroup, find_channel_groups
 from onnxprune.graph.slicing import keep_channels
 from onnxprune.graph.weights import const_array
-from onnxprune.scoring.criteria import CRITERIA, ChannelWeights, score_channels
+from onnxprune.passes.reconstruct import (
+    Calibration,
+    apply_fit,
+    collect_stats,
+    fit_group,
+    reference_session,
+    shared_input,
+)
+from onnxprune.scoring.criteria import CRITERIA, DATA_AWARE, ChannelWeights, score_channels
 
 __all__ = ["RemoveNeuronsPass", "GroupDecision", "RemoveNeuronsResult", "group_weights"]
 
@@ -56,7 +65,9 @@ class RemoveNeuronsResult:
         }
 
 
-def group_weights(group: ChannelGroup, *, seed: int = 0) -> ChannelWeights:
+def group_weights(
+    group: ChannelGroup, *, seed: int = 0, stats: dict[str, np.ndarray] | None = None
+) -> ChannelWeights:
     """The group's weights, channel-first, for the scoring functions."""
     incoming = []
     seen: set[ir.Value] = set()
@@ -69,7 +80,7 @@ def group_weights(group: ChannelGroup, *, seed: int = 0) -> ChannelWeights:
         if u.weight not in seen:
             seen.add(u.weight)
             outgoing.append(np.moveaxis(const_array(u.weight), u.reduce_axis, 0))  # type: ignore[arg-type]
-    return ChannelWeights(tuple(incoming), tuple(outgoing), seed=seed)
+    return ChannelWeights(tuple(incoming), tuple(outgoing), stats=stats or {}, seed=seed)
 
 
 def _kept_count(size: int, remove: int, round_to: int) -> int:
@@ -96,6 +107,7 @@ class RemoveNeuronsPass(ir.passes.InPlacePass):
         ignore: Sequence[str] = (),
         seed: int = 0,
         scorer: Scorer | None = None,
+        calibration: Calibration | None = None,
     ) -> None:
         super().__init__()
         if not 0 <= sparsity < 1:
@@ -104,10 +116,13 @@ class RemoveNeuronsPass(ir.passes.InPlacePass):
             raise InputError(f"--max-group-sparsity must be in (0, 1), got {max_group_sparsity}")
         if round_to < 1:
             raise InputError(f"--round-to must be >= 1, got {round_to}")
-        if scorer is None and criterion not in CRITERIA:
+        known = set(CRITERIA) | {"obs"}
+        if scorer is None and criterion not in known:
             raise InputError(
-                f"unknown criterion '{criterion}'; choose from {', '.join(sorted(CRITERIA))}"
+                f"unknown criterion '{criterion}'; choose from {', '.join(sorted(known))}"
             )
+        if criterion in DATA_AWARE and calibration is None and scorer is None:
+            raise InputError(f"criterion '{criterion}' needs calibration data (--calibration)")
         self.sparsity = sparsity
         self.criterion = criterion
         self.global_ranking = global_ranking
@@ -116,6 +131,7 @@ class RemoveNeuronsPass(ir.passes.InPlacePass):
         self.ignore = tuple(ignore)
         self.seed = seed
         self.scorer = scorer
+        self.calibration = calibration
         self.result = RemoveNeuronsResult(criterion, ())
 
     def _score(self, group: ChannelGroup) -> np.ndarray:
@@ -150,6 +166,8 @@ class RemoveNeuronsPass(ir.passes.InPlacePass):
         return [_kept_count(g.size, r, self.round_to) for g, r in zip(groups, removed)]
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        if self.calibration is not None:
+            return self._call_calibrated(model, self.calibration)
         groups = find_channel_groups(model, ignore=self.ignore)
         prunable = [g for g in groups if g.prunable]
         scores = [self._score(g) for g in prunable]
@@ -172,3 +190,71 @@ class RemoveNeuronsPass(ir.passes.InPlacePass):
             logger.info("group %s: %d -> %d channels", g.name, before, count)
         self.result = RemoveNeuronsResult(self.criterion, tuple(decisions))
         return ir.passes.PassResult(model, modified=modified)
+
+    def _call_calibrated(self, model: ir.Model, calib: Calibration) -> ir.passes.PassResult:
+        """Prunes groups one by one in graph order, refitting each against the original."""
+        NameFixPass()(model)
+        order = {node: i for i, node in enumerate(model.graph)}
+        groups = find_channel_groups(model, ignore=self.ignore)
+        prunable = sorted(
+            (g for g in groups if g.prunable), key=lambda g: order[g.producers[0].node]
+        )
+        needs_targets = calib.reconstruct == "lstsq" or self.criterion == "obs"
+        reasons: dict[str, str] = {}
+        for g in prunable:
+            if shared_input(g) is None:
+                reasons[g.name] = "consumers read different tensors; no calibration repair"
+        reference = reference_session(model, prunable) if needs_targets else None
+        counts = self._calibrated_counts(model, prunable, calib)
+        decisions: dict[str, GroupDecision] = {}
+        modified = False
+        for g0, count in zip(prunable, counts):
+            key = g0.producers[0].node
+            current = next(g for g in find_channel_groups(model) if g.producers[0].node is key)
+            names = (tuple(u.node.name for u in current.producers),
+                     tuple(u.node.name for u in current.consumers))
+            before = current.size
+            note = reasons.get(g0.name)
+            if count < before:
+                if note is None:
+                    stats = collect_stats(model, reference, current, calib)
+                    scores = None
+                    if self.criterion != "obs":
+                        cw = group_weights(current, seed=self.seed, stats=stats.as_dict())
+                        scores = score_channels(self.criterion, cw)
+                    fit = fit_group(current, stats, count, scores, calib)
+                    keep_channels(model.graph, current, fit.keep)
+                    apply_fit(model.graph, current, fit)
+                else:
+                    s = score_channels("l1", group_weights(current, seed=self.seed))
+                    keep_channels(model.graph, current, np.sort(np.argsort(-s)[:count]))
+                modified = True
+            decisions[g0.name] = GroupDecision(g0.name, *names, before, count, note)
+            logger.info("group %s: %d -> %d channels", g0.name, before, count)
+        out = []
+        for g in groups:
+            if g.name in decisions:
+                out.append(decisions[g.name])
+            else:
+                names = (tuple(u.node.name for u in g.producers),
+                         tuple(u.node.name for u in g.consumers))
+                out.append(GroupDecision(g.name, *names, g.size, g.size, g.skip_reason))
+        self.result = RemoveNeuronsResult(self.criterion, tuple(out))
+        return ir.passes.PassResult(model, modified=modified)
+
+    def _calibrated_counts(
+        self, model: ir.Model, groups: list[ChannelGroup], calib: Calibration
+    ) -> list[int]:
+        if not self.global_ranking:
+            return self._keep_counts(groups, [np.zeros(g.size) for g in groups])
+        # Global allocation compares groups by data-aware scores on the original model.
+        criterion = "activation" if self.criterion == "obs" else self.criterion
+        scores = []
+        for g in groups:
+            if shared_input(g) is None:
+                scores.append(score_channels("l1", group_weights(g, seed=self.seed)))
+                continue
+            stats = collect_stats(model, None, g, calib)
+            cw = group_weights(g, seed=self.seed, stats=stats.as_dict())
+            scores.append(score_channels(criterion, cw))
+        return self._keep_counts(groups, scores)

@@ -14,7 +14,14 @@ import numpy as np
 
 from onnxprune.errors import InputError
 
-__all__ = ["ChannelWeights", "Criterion", "CRITERIA", "register_criterion", "score_channels"]
+__all__ = [
+    "ChannelWeights",
+    "Criterion",
+    "CRITERIA",
+    "DATA_AWARE",
+    "register_criterion",
+    "score_channels",
+]
 
 
 @dataclass(frozen=True)
@@ -103,3 +110,39 @@ def score_channels(name: str, cw: ChannelWeights) -> np.ndarray:
     if not np.all(np.isfinite(scores)):
         raise InputError(f"criterion '{name}' returned NaN or Inf scores")
     return scores
+
+
+def _stat(cw: ChannelWeights, key: str, criterion: str) -> np.ndarray:
+    if key not in cw.stats:
+        raise InputError(f"criterion '{criterion}' needs calibration data; pass --calibration")
+    return np.asarray(cw.stats[key], dtype=np.float64)
+
+
+@register_criterion("activation")
+def activation(cw: ChannelWeights) -> np.ndarray:
+    """RMS of the channel's activation times the norm of its outgoing weights.
+
+    This is the size of the channel's contribution to the next layer's output: a large
+    weight on a channel that is always near zero does nothing, and neither does the reverse.
+    """
+    return np.sqrt(_stat(cw, "sq_mean", "activation")) * l2(cw)
+
+
+@register_criterion("activation-variance")
+def activation_variance(cw: ChannelWeights) -> np.ndarray:
+    """Variance the channel adds to the next layer's output; its mean can go into the bias."""
+    return _stat(cw, "var", "activation-variance") * np.square(l2(cw))
+
+
+@register_criterion("activation-entropy")
+def activation_entropy(cw: ChannelWeights) -> np.ndarray:
+    """Entropy of the channel's activation histogram (common bin width for all channels).
+
+    A channel whose activation barely varies carries no information; its mean folds into
+    the next bias. Ties are broken by the outgoing weight norm.
+    """
+    h = _stat(cw, "entropy", "activation-entropy")
+    return h + 1e-6 * l2(cw) / max(float(np.max(l2(cw))), 1e-30)
+
+
+DATA_AWARE = frozenset({"activation", "activation-variance", "activation-entropy", "obs"})

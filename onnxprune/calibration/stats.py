@@ -1,0 +1,94 @@
+"""Streaming statistics of a layer input X and of the original layer output Y.
+
+For a consumer y = x W + b, everything the repair needs is in the Gram matrix of the
+augmented input [x, 1] and its cross term with the target y:  H = Σ [x,1]ᵀ[x,1] and
+B = Σ [x,1]ᵀ y. Both are summed batch by batch in float64; per-channel means, second moments
+and a histogram (for entropy) come along for the data-aware criteria.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["LayerStats"]
+
+_BINS = 64
+
+
+@dataclass
+class LayerStats:
+    channels: int
+    targets: int = 0
+    rows: int = 0
+    gram: np.ndarray = field(init=False)
+    cross: np.ndarray | None = field(init=False, default=None)
+    _hist: np.ndarray | None = field(init=False, default=None)
+    _edges_lo: np.ndarray | None = field(init=False, default=None)
+    _width: float = field(init=False, default=1.0)
+
+    def __post_init__(self) -> None:
+        c = self.channels + 1
+        self.gram = np.zeros((c, c), dtype=np.float64)
+        if self.targets:
+            self.cross = np.zeros((c, self.targets), dtype=np.float64)
+
+    def add(self, x: np.ndarray, y: np.ndarray | None = None, mask: np.ndarray | None = None) -> None:
+        """Folds in rows of x ([..., C]) and, when targets are tracked, y ([..., D])."""
+        x2 = x.reshape(-1, self.channels)
+        y2 = None if y is None else y.reshape(-1, y.shape[-1])
+        if mask is not None:
+            x2 = x2[mask]
+            y2 = None if y2 is None else y2[mask]
+        if x2.shape[0] == 0:
+            return
+        xa = np.empty((x2.shape[0], self.channels + 1), dtype=np.float64)
+        xa[:, :-1] = x2
+        xa[:, -1] = 1.0
+        self.gram += xa.T @ xa
+        if self.cross is not None:
+            if y2 is None or y2.shape[0] != x2.shape[0]:
+                raise ValueError("target rows do not match input rows")
+            self.cross += xa.T @ y2.astype(np.float64)
+        self._histogram(x2)
+        self.rows += x2.shape[0]
+
+    def _histogram(self, x: np.ndarray) -> None:
+        if self._hist is None:
+            # Bins of one common width for every channel, centred on the first batch's means:
+            # a channel whose values barely move falls in a few bins (low entropy).
+            std = x.std(axis=0)
+            self._width = max(float(np.median(std)) / 4, 1e-12)
+            self._edges_lo = x.mean(axis=0) - self._width * _BINS / 2
+            self._hist = np.zeros((self.channels, _BINS), dtype=np.int64)
+        assert self._edges_lo is not None
+        idx = np.clip(((x - self._edges_lo) / self._width).astype(np.int64), 0, _BINS - 1)
+        offsets = (np.arange(self.channels) * _BINS)[None, :]
+        self._hist += np.bincount((idx + offsets).ravel(), minlength=self.channels * _BINS).reshape(
+            self.channels, _BINS
+        )
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.gram[:-1, -1] / max(self.rows, 1)
+
+    @property
+    def sq_mean(self) -> np.ndarray:
+        return np.diag(self.gram)[:-1] / max(self.rows, 1)
+
+    @property
+    def var(self) -> np.ndarray:
+        return np.maximum(self.sq_mean - self.mean**2, 0.0)
+
+    @property
+    def entropy(self) -> np.ndarray:
+        if self._hist is None:
+            return np.zeros(self.channels)
+        p = self._hist / np.maximum(self._hist.sum(axis=1, keepdims=True), 1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return -np.where(p > 0, p * np.log(p), 0.0).sum(axis=1)
+
+    def as_dict(self) -> dict[str, np.ndarray]:
+        return {"mean": self.mean, "sq_mean": self.sq_mean, "var": self.var,
+                "entropy": self.entropy}

@@ -1,0 +1,187 @@
+"""Calibration-driven removal: statistics per group, selection, and repair of the consumer.
+
+Groups are pruned one after another in graph order. For each, the calibration batches run
+through the model pruned so far (giving the consumer's input x) and through the original
+model (giving the consumer's original output y), and the consumer is refit so that the
+pruned model reproduces the original there. Errors therefore do not pile up layer by layer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from onnxprune.calibration.data import Batch
+from onnxprune.calibration.runner import capture, row_mask, with_outputs
+from onnxprune.calibration.stats import LayerStats
+from onnxprune.errors import DataError
+from onnxprune.graph.channels import ChannelGroup
+from onnxprune.graph.weights import WeightUse, const_array, set_const_array
+from onnxprune.runtime import make_session
+from onnxprune.scoring.lstsq import fold_bias, obs_select, refit
+
+__all__ = ["Calibration", "Reconstruct", "GroupFit", "collect_stats", "fit_group", "apply_fit",
+           "reference_session", "shared_input"]
+
+logger = logging.getLogger(__name__)
+
+Reconstruct = Literal["none", "bias", "lstsq"]
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Calibration data and what to do with it."""
+
+    batches: Sequence[Batch]
+    token_mask: str | None = None
+    reconstruct: Reconstruct = "lstsq"
+    ridge: float = 1e-3
+
+
+@dataclass
+class GroupFit:
+    keep: np.ndarray
+    weights: np.ndarray | None  # [len(keep), sum D] for the joined consumers, or None
+    bias_delta: np.ndarray | None  # [sum D]
+
+
+def shared_input(group: ChannelGroup) -> ir.Value | None:
+    """The one activation all consumers read, or None when they read different ones."""
+    inputs = {u.node.inputs[0] for u in group.consumers}
+    return next(iter(inputs)) if len(inputs) == 1 else None
+
+
+def _joined_weight(group: ChannelGroup) -> np.ndarray:
+    """Consumer weights side by side as [C, sum D] (x W layout)."""
+    parts = []
+    for u in group.consumers:
+        w = const_array(u.weight)
+        assert w is not None
+        parts.append(w.T if u.reduce_axis == 1 else w)
+    return np.concatenate(parts, axis=1).astype(np.float64)
+
+
+def collect_stats(
+    current: ir.Model,
+    reference: ort.InferenceSession | None,
+    group: ChannelGroup,
+    calib: Calibration,
+) -> LayerStats:
+    """Streams the batches through the current model (x) and the reference, if given (y).
+
+    `reference` is a session of the original model exposing the consumers' outputs
+    (see reference_session); without it only per-channel statistics are gathered.
+    """
+    x_value = shared_input(group)
+    assert x_value is not None and x_value.name
+    outputs = [u.node.outputs[0].name for u in group.consumers]
+    d = sum(int(np.shape(const_array(u.weight))[1 - u.reduce_axis]) for u in group.consumers)
+    stats = LayerStats(group.size, targets=d if reference is not None else 0)
+    ref_session = reference
+
+    def on_batch(arrays: dict[str, np.ndarray], batch: Batch) -> None:
+        x = arrays[x_value.name]  # type: ignore[index]
+        lead = x.shape[:-1]
+        mask = row_mask(batch, calib.token_mask, int(np.prod(lead)), tuple(lead))
+        y = None
+        if ref_session is not None:
+            feeds = {i.name: batch[i.name] for i in ref_session.get_inputs()}
+            y = np.concatenate(
+                [a.reshape(-1, a.shape[-1]) for a in ref_session.run(outputs, feeds)], axis=1
+            )
+        stats.add(x, y, mask)
+
+    capture(current, [x_value.name], calib.batches, on_batch)
+    if stats.rows == 0:
+        raise DataError("calibration data has no unmasked rows; check --token-mask")
+    return stats
+
+
+def reference_session(original: ir.Model, groups: Sequence[ChannelGroup]) -> ort.InferenceSession:
+    """One session of the original model exposing every consumer output of `groups`."""
+    names = [u.node.outputs[0].name for g in groups for u in g.consumers]
+    return make_session(with_outputs(original, names), "cpu")
+
+
+def fit_group(
+    group: ChannelGroup,
+    stats: LayerStats,
+    n_keep: int,
+    scores: np.ndarray | None,
+    calib: Calibration,
+) -> GroupFit:
+    """Chooses the kept channels (by OBS when scores is None) and the repaired weights."""
+    if scores is None:
+        keep, w = obs_select(stats.gram, stats.cross, n_keep, calib.ridge)  # type: ignore[arg-type]
+    else:
+        keep = np.sort(np.argsort(-scores, kind="stable")[:n_keep])
+        w = None
+        if calib.reconstruct == "lstsq":
+            w = refit(stats.gram, stats.cross, keep, calib.ridge)  # type: ignore[arg-type]
+    if w is not None:
+        if not np.all(np.isfinite(w)):
+            raise DataError(f"group '{group.name}': the least-squares refit is not finite")
+        return GroupFit(keep, w[:-1], w[-1])
+    if calib.reconstruct == "bias":
+        return GroupFit(keep, None, fold_bias(stats.mean, _joined_weight(group), keep))
+    return GroupFit(keep, None, None)
+
+
+def apply_fit(graph: ir.Graph, group: ChannelGroup, fit: GroupFit) -> None:
+    """Writes refit consumer weights and bias corrections (after the group was sliced)."""
+    start = 0
+    for use in group.consumers:
+        w = const_array(use.weight)
+        assert w is not None
+        d = w.shape[1 - use.reduce_axis]
+        if fit.weights is not None:
+            new = fit.weights[:, start : start + d].astype(w.dtype)
+            set_const_array(use.weight, new.T if use.reduce_axis == 1 else new)
+        if fit.bias_delta is not None:
+            _add_bias(graph, use, fit.bias_delta[start : start + d])
+        start += d
+
+
+def _add_bias(graph: ir.Graph, use: WeightUse, delta: np.ndarray) -> None:
+    """Adds `delta` to the consumer's bias: Gemm's C, a following Add, or a new Add."""
+    node = use.node
+    out = node.outputs[0]
+    if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
+        bias = node.inputs[2]
+        b = const_array(bias)
+        if b is not None and len(bias.uses()) == 1:
+            new = np.broadcast_to(b, b.shape[:-1] + (delta.size,)) + delta.astype(b.dtype)
+            set_const_array(bias, new.astype(b.dtype))
+            return
+    uses = list(out.uses())
+    if len(uses) == 1 and uses[0].node.op_type == "Add" and not out.is_graph_output():
+        add = uses[0].node
+        other = add.inputs[1 - uses[0].idx]
+        b = const_array(other)
+        if b is not None and b.shape[-1:] == (delta.size,) and b.size == delta.size:
+            if len(other.uses()) == 1:  # type: ignore[union-attr]
+                set_const_array(other, (b + delta.astype(b.dtype)).reshape(b.shape))  # type: ignore[arg-type]
+                return
+    dtype = const_array(use.weight).dtype  # type: ignore[union-attr]
+    name = f"{out.name}_bias_fix"
+    bias_value = ir.Value(
+        name=name, shape=ir.Shape([delta.size]),
+        type=ir.TensorType(ir.DataType.from_numpy(dtype)),
+        const_value=ir.tensor(delta.astype(dtype), name=name),
+    )
+    graph.register_initializer(bias_value)
+    new_out = ir.Value(name=f"{out.name}_biased", shape=out.shape, type=out.type)
+    add = ir.Node("", "Add", [out, bias_value], outputs=[new_out], name=f"{node.name}_bias_fix")
+    was_output = out.is_graph_output()
+    ir.convenience.replace_all_uses_with(out, new_out)
+    add.replace_input_with(0, out)  # replace_all_uses_with rewired the new node onto itself
+    graph.insert_after(node, add)
+    if was_output:
+        outputs = graph.outputs
+        outputs[outputs.index(out)] = new_out
