@@ -230,14 +230,19 @@ def verify(
     providers: Sequence[Provider] = ("cpu",),
     tolerances: Tolerances = Tolerances(),
     shapes: dict[str, tuple[int, ...]] | None = None,
+    generated_inputs: bool = False,
 ) -> VerifyResult:
-    """Compares candidate against reference on onnxruntime; see VerifyResult.ok."""
+    """Compares candidate against reference on onnxruntime; see VerifyResult.ok.
+
+    `data` is a path, a list of batches (then `generated_inputs` says whether they were
+    made up from the signature), or None to generate inputs.
+    """
     ref = _to_ir(reference)
     cand = _to_ir(candidate)
     if data is None or isinstance(data, (str, os.PathLike)):
         batches, generated = verification_batches(ref, data, shapes)
     else:
-        batches, generated = list(data), False
+        batches, generated = list(data), generated_inputs
     ref_src: ModelSource = reference if isinstance(reference, (str, os.PathLike)) else ref
     cand_src: ModelSource = candidate if isinstance(candidate, (str, os.PathLike)) else cand
     return compare_models(

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from onnxprune import api
-from onnxprune.calibration.data import parse_shape_overrides
+from onnxprune.calibration.data import Batch, parse_shape_overrides
 from onnxprune.errors import InputError, OnnxPruneError
 from onnxprune.io import check_output_path, load_model, save_model
 from onnxprune.report import human_bytes, stats_table, verify_table, write_json
@@ -138,12 +138,15 @@ def _inspect_parser() -> argparse.ArgumentParser:
 
 
 def _run_verify(console: Console, args: argparse.Namespace, reference: str, candidate: str,
-                tolerances: Tolerances) -> VerifyResult:
+                tolerances: Tolerances, batches: list[Batch] | None = None,
+                generated: bool = False) -> VerifyResult:
     providers = parse_providers(args.providers)
     shapes = parse_shape_overrides(args.shape)
     with console.status("verifying on onnxruntime ..."):
-        result = api.verify(reference, candidate, data=args.data, providers=providers,
-                            tolerances=tolerances, shapes=shapes)
+        result = api.verify(reference, candidate,
+                            data=args.data if batches is None else batches,
+                            providers=providers, tolerances=tolerances, shapes=shapes,
+                            generated_inputs=generated)
     if result.generated_inputs:
         console.print("[yellow]no --data given: verified on inputs generated from the input "
                       "signature (random values); give --data for a meaningful check[/]")
@@ -161,11 +164,14 @@ def _cmd_prune(argv: Sequence[str], console: Console) -> int:
         ignore=tuple(args.ignore), seed=args.seed,
     )
     config.passes()  # validates the options before any file is touched
-    if not args.no_verify:
-        parse_providers(args.providers)
-        parse_shape_overrides(args.shape)
     out = check_output_path(args.output, [args.model], force=args.force)
     model = load_model(args.model)
+    api.check_supported(model, args.model)
+    batches, generated = None, False
+    if not args.no_verify:  # bad verification options must fail before anything is written
+        parse_providers(args.providers)
+        batches, generated = api.verification_batches(model, args.data,
+                                              parse_shape_overrides(args.shape))
     with console.status("pruning ..."):
         report = api.prune_model(model, config)
     report.before = type(report.before)(**{**report.before.to_dict(),
@@ -184,7 +190,8 @@ def _cmd_prune(argv: Sequence[str], console: Console) -> int:
     data: dict[str, object] = {"input": str(args.model), "output": str(out), **report.to_dict()}
     code = EXIT_OK
     if not args.no_verify:
-        result = _run_verify(console, args, args.model, str(out), _tolerances(args, None))
+        result = _run_verify(console, args, args.model, str(out), _tolerances(args, None),
+                             batches, generated)
         data["verification"] = result.to_dict()
         code = EXIT_OK if result.ok else EXIT_FAILED
     if args.report:

@@ -38,7 +38,20 @@ def parse_providers(text: str | Sequence[str]) -> list[Provider]:
         out.append(name)  # type: ignore[arg-type]
     if not out:
         raise InputError("no provider given; use e.g. --providers cpu")
+    for name in out:
+        require_provider(name)
     return out
+
+
+def require_provider(provider: Provider) -> None:
+    """Fails unless this onnxruntime build offers `provider` at all."""
+    wanted = PROVIDERS[provider]
+    if wanted not in ort.get_available_providers():
+        raise ProviderError(
+            f"provider '{provider}' is not available in this onnxruntime "
+            f"(available: {', '.join(ort.get_available_providers())}); "
+            "install onnxruntime-gpu and check the CUDA libraries"
+        )
 
 
 def make_session(
@@ -51,13 +64,8 @@ def make_session(
     """Builds a session on `provider` and fails if onnxruntime would use another one."""
     if provider not in PROVIDERS:
         raise InputError(f"unknown provider '{provider}'; choose from {', '.join(PROVIDERS)}")
+    require_provider(provider)
     wanted = PROVIDERS[provider]
-    if wanted not in ort.get_available_providers():
-        raise ProviderError(
-            f"provider '{provider}' is not available in this onnxruntime "
-            f"(available: {', '.join(ort.get_available_providers())}); "
-            "install onnxruntime-gpu and check the CUDA libraries"
-        )
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     if threads is not None:

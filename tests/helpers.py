@@ -54,7 +54,7 @@ def make_model(
     return model
 
 
-def tensor_input(
+def value_info(
     name: str, dims: Sequence[int | str], dtype: int = TensorProto.FLOAT
 ) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, dtype, list(dims))
@@ -101,7 +101,7 @@ def mlp_model(
 
     x = "x"
     last = len(widths) - 2
-    for i, (k, n) in enumerate(zip(widths[:-1], widths[1:])):
+    for i, (k, n) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
         w = (rng.standard_normal((k, n)) * np.sqrt(2.0 / k)).astype(np.float32)
         b = (rng.standard_normal(n) * 0.1).astype(np.float32)
         wname, bname = f"fc{i}.weight", f"fc{i}.bias"
@@ -129,11 +129,36 @@ def mlp_model(
             x = act_out
     return make_model(
         nodes,
-        [tensor_input("x", [BATCH, widths[0]])],
-        [tensor_input("y", [BATCH, widths[-1]])],
+        [value_info("x", [BATCH, widths[0]])],
+        [value_info("y", [BATCH, widths[-1]])],
         inits,
         name="mlp",
     )
+
+
+def mlp_forward(
+    w: Mapping[str, np.ndarray],
+    x: np.ndarray,
+    layers: int,
+    *,
+    trans_b: bool = False,
+    relu: bool = True,
+    bias: bool = True,
+) -> np.ndarray:
+    """What an `mlp_model` (Relu or no activation) computes, in float64 numpy.
+
+    `w` holds the weights by name (see `weights()`), so the expectation follows whatever a
+    pass wrote into the model.
+    """
+    h = x.astype(np.float64)
+    for i in range(layers):
+        wi = np.asarray(w[f"fc{i}.weight"], np.float64)
+        h = h @ (wi.T if trans_b else wi)
+        if bias:
+            h = h + w[f"fc{i}.bias"]
+        if relu and i < layers - 1:
+            h = np.maximum(h, 0)
+    return h
 
 
 def single_matmul_model(k: int = 8, n: int = 4, *, seed: int = 0) -> onnx.ModelProto:
@@ -141,8 +166,8 @@ def single_matmul_model(k: int = 8, n: int = 4, *, seed: int = 0) -> onnx.ModelP
     w = np.random.default_rng(seed).standard_normal((k, n)).astype(np.float32)
     return make_model(
         [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
-        [tensor_input("x", [BATCH, k])],
-        [tensor_input("y", [BATCH, n])],
+        [value_info("x", [BATCH, k])],
+        [value_info("y", [BATCH, n])],
         [numpy_helper.from_array(w, "w")],
         name="single_matmul",
     )
@@ -158,8 +183,8 @@ def shared_weight_model(k: int = 8, n: int = 8, *, seed: int = 0) -> onnx.ModelP
     ]
     return make_model(
         nodes,
-        [tensor_input("x", [BATCH, k]), tensor_input("z", [BATCH, k])],
-        [tensor_input("y", [BATCH, n])],
+        [value_info("x", [BATCH, k]), value_info("z", [BATCH, k])],
+        [value_info("y", [BATCH, n])],
         [numpy_helper.from_array(w, "w")],
         name="shared_weight",
     )
@@ -168,7 +193,7 @@ def shared_weight_model(k: int = 8, n: int = 8, *, seed: int = 0) -> onnx.ModelP
 def passthrough_model(
     inputs: Mapping[str, tuple[int, Sequence[int | str] | None]],
 ) -> onnx.ModelProto:
-    """Each input `name` (TensorProto dtype, dims or None for unknown rank) -> Identity -> `name_out`.
+    """Each input `name` (TensorProto dtype, dims; None: unknown rank) -> Identity -> `name_out`.
 
     For tests about inputs and data, where the computation does not matter. onnx.checker
     refuses graph inputs without a shape, so a model with an unknown-rank input is not
@@ -266,6 +291,17 @@ def save(
 
 def sha256(path: str | os.PathLike) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def digits_accuracy(model: str | os.PathLike) -> float:
+    """models/build_digits.py's accuracy() on the 500 held-out digits (imported by path)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("build_digits", MODELS / "build_digits.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return float(module.accuracy(model))
 
 
 def folder_snapshot(folder: str | os.PathLike) -> dict[str, str]:

@@ -11,6 +11,8 @@ import onnx
 import onnx_ir as ir
 import pytest
 from helpers import (
+    DIGITS,
+    DIGITS_TEST,
     folder_snapshot,
     mlp_model,
     random_input,
@@ -88,6 +90,23 @@ def test_load_text_file(tmp_path: Path) -> None:
     _assert_refused(path, "not a readable ONNX model")
 
 
+@pytest.mark.parametrize(
+    "junk",
+    [b"\0" * 1000, b"\xff" * 100, b'{"graph": 1}', np.random.default_rng(0).bytes(5000)],
+    ids=["zeros", "ff", "json", "random"],
+)
+def test_load_junk_bytes(tmp_path: Path, junk: bytes) -> None:
+    path = tmp_path / "junk.onnx"
+    path.write_bytes(junk)
+    _assert_refused(path, "not a readable ONNX model")
+
+
+def test_load_npz_renamed(tmp_path: Path) -> None:
+    path = tmp_path / "data.onnx"
+    path.write_bytes(DIGITS_TEST.read_bytes())
+    _assert_refused(path, "not a readable ONNX model")
+
+
 def test_load_empty_file(tmp_path: Path) -> None:
     path = tmp_path / "empty.onnx"
     path.write_bytes(b"")
@@ -96,7 +115,7 @@ def test_load_empty_file(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("fraction", [0.5, 0.25, 0.9])
 def test_load_truncated_file(tmp_path: Path, fraction: float) -> None:
-    data = (Path(__file__).resolve().parents[1] / "models" / "digits_mlp.onnx").read_bytes()
+    data = DIGITS.read_bytes()
     path = tmp_path / "cut.onnx"
     path.write_bytes(data[: int(len(data) * fraction)])
     _assert_refused(path, "truncated")

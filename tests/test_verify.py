@@ -156,7 +156,8 @@ def test_atol(reference: onnx.ModelProto, batches: list) -> None:
     assert not bad.ok
     (o,) = bad.outputs
     assert o.allclose_violations == 3 * 16 * 4
-    assert o.failures == (f"192 values outside atol=0.0005 rtol=0 (max abs diff {o.max_abs_diff:.3g})",)
+    expected = f"192 values outside atol=0.0005 rtol=0 (max abs diff {o.max_abs_diff:.3g})"
+    assert o.failures == (expected,)
 
 
 def test_rtol(batches: list) -> None:

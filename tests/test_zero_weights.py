@@ -7,6 +7,7 @@ import onnx
 import onnx_ir as ir
 import pytest
 from helpers import (
+    mlp_forward,
     mlp_model,
     random_input,
     replace_weight,
@@ -33,20 +34,6 @@ def _apply(model: onnx.ModelProto, **options: object) -> tuple[ir.Model, ZeroWei
     return m, p, result.modified
 
 
-def _forward(w: dict[str, np.ndarray], x: np.ndarray, layers: int, *, trans_b: bool = False,
-             relu: bool = True, bias: bool = True) -> np.ndarray:
-    """What an mlp_model from tests/helpers computes, in float64 numpy."""
-    h = x.astype(np.float64)
-    for i in range(layers):
-        wi = w[f"fc{i}.weight"].astype(np.float64)
-        h = h @ (wi.T if trans_b else wi)
-        if bias:
-            h = h + w[f"fc{i}.bias"]
-        if relu and i < layers - 1:
-            h = np.maximum(h, 0)
-    return h
-
-
 def _nonzeros_per_group(w: np.ndarray, axis: int, m: int) -> np.ndarray:
     """Non-zero counts of every full group of m consecutive entries along `axis`."""
     moved = np.moveaxis(w, axis, -1)
@@ -69,7 +56,7 @@ def test_threshold_zeroes_small_weights_only() -> None:
         np.testing.assert_array_equal(after[name], np.where(np.abs(w) > 0.3, w, 0))
     for name in ("fc0.bias", "fc1.bias"):  # biases are not MatMul weights
         np.testing.assert_array_equal(after[name], before[name])
-    np.testing.assert_allclose(run(m, {"x": X})[0], _forward(after, X, 2), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(run(m, {"x": X})[0], mlp_forward(after, X, 2), rtol=1e-5, atol=1e-5)
     layers = {layer.weight: layer for layer in p.result.layers}
     assert set(layers) == {"fc0.weight", "fc1.weight"}
     for name, layer in layers.items():
@@ -141,7 +128,7 @@ def test_sparsity_is_exact_per_layer(sparsity: float) -> None:
             assert dropped.max() <= kept.min()
         np.testing.assert_array_equal(z[z != 0], w[z != 0])
     np.testing.assert_allclose(
-        run(m, {"x": X})[0], _forward(after, X, 3, trans_b=True), rtol=1e-5, atol=1e-5
+        run(m, {"x": X})[0], mlp_forward(after, X, 3, trans_b=True), rtol=1e-5, atol=1e-5
     )
     assert p.result.to_dict()["zeroed"] == p.result.zeroed
 
@@ -177,7 +164,7 @@ def test_nm_matmul_reduces_over_axis_0(k: int, n_out: int, nm: tuple[int, int], 
     assert np.all(_nonzeros_per_group(z, 0, m_) <= n)
     _check_nm_keeps_largest(w, z, axis=0, n=n, m=m_)
     x = random_input([3, k], seed=seed)
-    np.testing.assert_allclose(run(m, {"x": x})[0], _forward(weights(m), x, 1, relu=False),
+    np.testing.assert_allclose(run(m, {"x": x})[0], mlp_forward(weights(m), x, 1, relu=False),
                                rtol=1e-5, atol=1e-5)
     (layer,) = p.result.layers
     assert layer.zeros_after == z.size - np.count_nonzero(z)
@@ -203,7 +190,7 @@ def test_nm_gemm_trans_b_reduces_over_axis_1(
     _check_nm_keeps_largest(w, z, axis=1, n=n, m=m_)
     x = random_input([3, k], seed=seed)
     np.testing.assert_allclose(
-        run(m, {"x": x})[0], _forward(weights(m), x, 1, trans_b=True, relu=False),
+        run(m, {"x": x})[0], mlp_forward(weights(m), x, 1, trans_b=True, relu=False),
         rtol=1e-5, atol=1e-5,
     )
 
@@ -213,7 +200,8 @@ def _check_nm_keeps_largest(w: np.ndarray, z: np.ndarray, *, axis: int, n: int, 
     wm, zm = np.moveaxis(w, axis, -1), np.moveaxis(z, axis, -1)
     full = (wm.shape[-1] // m) * m
     np.testing.assert_array_equal(zm[..., full:], wm[..., full:])
-    for row_w, row_z in zip(wm.reshape(-1, wm.shape[-1]), zm.reshape(-1, zm.shape[-1])):
+    rows_w, rows_z = wm.reshape(-1, wm.shape[-1]), zm.reshape(-1, zm.shape[-1])
+    for row_w, row_z in zip(rows_w, rows_z, strict=True):
         for start in range(0, full, m):
             gw, gz = row_w[start:start + m], row_z[start:start + m]
             kept = gz != 0
@@ -256,7 +244,7 @@ def test_constant_node_weights_are_zeroed(gemm: bool, trans_b: bool) -> None:
     for name in ("fc0.bias", "fc1.bias"):
         np.testing.assert_array_equal(after[name], before[name])
     np.testing.assert_allclose(
-        run(proto, {"x": X})[0], _forward(after, X, 2, trans_b=trans_b), rtol=1e-5, atol=1e-5
+        run(proto, {"x": X})[0], mlp_forward(after, X, 2, trans_b=trans_b), rtol=1e-5, atol=1e-5
     )
     assert {layer.weight for layer in p.result.layers} == {"fc0.weight", "fc1.weight"}
 

@@ -192,7 +192,7 @@ def random_batches(
                     f"--shape {spec.name}: {len(shape)} dims given, the input has rank "
                     f"{len(spec.dims)}"
                 )
-            for axis, (want, got) in enumerate(zip(spec.dims or (), shape)):
+            for axis, (want, got) in enumerate(zip(spec.dims or (), shape, strict=False)):
                 if isinstance(want, int) and want != got:
                     raise DataError(
                         f"--shape {spec.name}: size {got} on axis {axis}, the input's dim "

@@ -1,0 +1,304 @@
+"""The command line, in process: onnxprune.cli.main(argv) with captured output."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from helpers import (
+    DIGITS,
+    DIGITS_TEST,
+    digits_accuracy,
+    folder_snapshot,
+    mlp_model,
+    replace_weight,
+    run,
+    save,
+    sha256,
+    single_matmul_model,
+    weights,
+)
+
+from onnxprune.cli import main
+
+DIGITS_PARAMETERS = 64 * 256 + 256 + 256 * 128 + 128 + 128 * 10 + 10
+
+
+@pytest.fixture
+def work(tmp_path: Path) -> Path:
+    """A folder holding a copy of the digits model and its test batch."""
+    shutil.copy(DIGITS, tmp_path / "digits.onnx")
+    shutil.copy(DIGITS_TEST, tmp_path / "test.npz")
+    return tmp_path
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # relative paths in argv resolve inside tmp_path
+
+
+def _pixels() -> np.ndarray:
+    with np.load(DIGITS_TEST) as f:
+        return f["pixels"]
+
+
+def _initializer_count(path: Path) -> int:
+    return sum(int(np.prod(t.dims)) for t in onnx.load(str(path)).graph.initializer)
+
+
+# ------------------------------------------------------------------------ main job
+
+
+def test_prune_writes_a_valid_smaller_model_and_report(
+    work: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["digits.onnx", "-o", "out.onnx", "--sparsity", "0.5",
+                 "--data", "test.npz", "--report", "r.json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert err == ""
+    assert "wrote out.onnx" in out
+    assert sorted(p.name for p in work.iterdir()) == ["digits.onnx", "out.onnx", "r.json",
+                                                       "test.npz"]
+    onnx.checker.check_model(str(work / "out.onnx"), full_check=True)
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("out.onnx", "r.json"):  # ordinary files, not mkstemp's private 0600
+        assert stat.S_IMODE((work / name).stat().st_mode) == 0o666 & ~umask
+
+    report = json.loads((work / "r.json").read_text())
+    assert report["modified"] is True
+    assert report["before"]["parameters"] == DIGITS_PARAMETERS
+    assert report["after"]["parameters"] == _initializer_count(work / "out.onnx")
+    assert report["after"]["parameters"] < DIGITS_PARAMETERS * 0.5
+    assert report["before"]["file_bytes"] == DIGITS.stat().st_size
+    assert report["after"]["file_bytes"] == (work / "out.onnx").stat().st_size
+    groups = {g["group"]: g for g in report["passes"]["RemoveNeuronsPass"]["groups"]}
+    assert groups["fc1"]["channels_after"] == 128 and groups["fc2"]["channels_after"] == 64
+    assert groups["fc3"]["reason"] and "logits" in groups["fc3"]["reason"]
+
+    # The verification in the report is what onnxruntime says about the two models.
+    pixels = _pixels()
+    ref = run(DIGITS, {"pixels": pixels})[0]
+    cand = run(work / "out.onnx", {"pixels": pixels})[0]
+    (metrics,) = report["verification"]["outputs"]
+    assert report["verification"]["ok"] is True and report["verification"]["batches"] == 1
+    assert metrics["top1_agreement"] == pytest.approx(np.mean(ref.argmax(1) == cand.argmax(1)))
+    assert metrics["max_abs_diff"] == pytest.approx(np.abs(ref - cand).max(), rel=1e-6)
+    accuracy = digits_accuracy(work / "out.onnx")
+    assert 0.5 < accuracy <= digits_accuracy(DIGITS) == 0.984
+
+
+def test_prune_unstructured_and_nm(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["digits.onnx", "-o", "u.onnx", "--mode", "unstructured", "--sparsity", "0.5",
+                 "--no-verify", "-q"]) == 0
+    assert main(["digits.onnx", "-o", "nm.onnx", "--nm", "2:4", "--no-verify", "-q"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "" and err == ""
+    before = weights(onnx.load(str(DIGITS)))
+    for name in ("u.onnx", "nm.onnx"):
+        w = weights(onnx.load(str(work / name)))
+        assert w.keys() == before.keys()
+        for key in ("fc1.weight", "fc2.weight", "fc3.weight"):
+            assert np.count_nonzero(w[key]) == w[key].size // 2, (name, key)
+        for key in ("fc1.bias", "fc2.bias", "fc3.bias"):
+            np.testing.assert_array_equal(w[key], before[key])
+    nm = weights(onnx.load(str(work / "nm.onnx")))
+    # fc1 is Gemm(transB=1) [out, in]: groups of 4 along axis 1; fc2 MatMul [in, out]: axis 0.
+    assert np.all(np.count_nonzero(nm["fc1.weight"].reshape(256, 16, 4), axis=2) == 2)
+    assert np.all(np.count_nonzero(nm["fc2.weight"].reshape(64, 4, 128), axis=1) == 2)
+
+
+def test_prune_force_overwrites_the_input(work: Path) -> None:
+    src = work / "mlp.onnx"
+    save(mlp_model([8, 16, 4], seed=0), src)
+    before = sha256(src)
+    assert main([str(src), "-o", str(src), "--threshold", "0.2", "--force", "-q",
+                 "--no-verify"]) == 0
+    assert sha256(src) != before
+    assert sorted(p.name for p in work.iterdir() if p.name.startswith(".")) == []
+
+
+# ------------------------------------------------------------------------ verify, inspect
+
+
+def test_verify_identical_copy_exits_0(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    shutil.copy(work / "digits.onnx", work / "copy.onnx")
+    code = main(["verify", "digits.onnx", "copy.onnx", "--data", "test.npz",
+                 "--min-cosine", "1.0", "--report", "v.json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "verification passed" in out and err == ""
+    report = json.loads((work / "v.json").read_text())
+    assert report["ok"] is True
+    assert report["outputs"][0]["cosine_min"] == 1.0
+    assert report["outputs"][0]["sqnr_db"] == "inf"
+
+
+def test_verify_broken_copy_exits_1(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    digits = onnx.load(str(DIGITS))
+    w = weights(digits)["fc2.weight"]
+    save(replace_weight(digits, "fc2.weight", (w * -1.0).astype(np.float32)), work / "bad.onnx")
+    code = main(["verify", "digits.onnx", "bad.onnx", "--data", "test.npz"])
+    out, err = capsys.readouterr()
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("onnxprune: verification failed: logits[cpu]: cosine min ")
+    assert "< 0.99" in lines[0]  # the default tolerance of `verify`
+    assert "Traceback" not in out + err
+
+
+def test_verify_without_data_generates_inputs(work: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    shutil.copy(work / "digits.onnx", work / "copy.onnx")
+    assert main(["verify", "digits.onnx", "copy.onnx", "--shape", "pixels:3,64"]) == 0
+    out, _ = capsys.readouterr()
+    assert "generated" in out
+
+
+def test_inspect_exits_0(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["inspect", "digits.onnx", "--report", "i.json"]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    assert "2 of 3 channel groups prunable" in out
+    assert "50,826 parameters" in out
+    info = json.loads((work / "i.json").read_text())
+    assert info["opset"] == 17
+    assert info["stats"]["parameters"] == DIGITS_PARAMETERS
+    assert [g["prunable"] for g in info["groups"]] == [True, True, False]
+
+
+def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--help"]) == 0
+    assert "usage: onnxprune" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------ bad input
+
+
+def _truncated(folder: Path) -> list[str]:
+    data = DIGITS.read_bytes()
+    (folder / "cut.onnx").write_bytes(data[: len(data) // 2])
+    return ["cut.onnx", "-o", "out.onnx", "--sparsity", "0.5"]
+
+
+def _text(folder: Path) -> list[str]:
+    (folder / "notes.onnx").write_text("name,value\nsparsity,0.5\n")
+    return ["notes.onnx", "-o", "out.onnx", "--sparsity", "0.5"]
+
+
+def _escaping(folder: Path) -> list[str]:
+    inner = folder / "model"
+    inner.mkdir()
+    save(mlp_model([8, 16, 4]), folder / "m.onnx", external_data=True)
+    proto = onnx.load(str(folder / "m.onnx"), load_external_data=False)
+    for tensor in proto.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "../m.onnx.data"
+    onnx.save(proto, str(inner / "m.onnx"))
+    (folder / "m.onnx").unlink()
+    return ["model/m.onnx", "-o", "out.onnx", "--sparsity", "0.5"]
+
+
+def _opset11(folder: Path) -> list[str]:
+    model = mlp_model([8, 16, 4])
+    model.opset_import[0].version = 11
+    onnx.checker.check_model(model, full_check=True)
+    save(model, folder / "old.onnx")
+    return ["old.onnx", "-o", "out.onnx", "--sparsity", "0.5"]
+
+
+def _nothing_prunable(folder: Path) -> list[str]:
+    save(single_matmul_model(), folder / "mm.onnx")
+    return ["mm.onnx", "-o", "out.onnx", "--sparsity", "0.5"]
+
+
+BAD_INPUTS = {
+    "missing file": lambda f: ["nope.onnx", "-o", "out.onnx", "--sparsity", "0.5"],
+    "directory": lambda f: [".", "-o", "out.onnx", "--sparsity", "0.5"],
+    "not onnx": _text,
+    "truncated": _truncated,
+    "external data escapes": _escaping,
+    "opset 11": _opset11,
+    "nothing prunable": _nothing_prunable,
+    "output is input": lambda f: ["digits.onnx", "-o", "digits.onnx", "--sparsity", "0.5"],
+    "output is input, other spelling": lambda f: ["digits.onnx", "-o", "./digits.onnx",
+                                                  "--sparsity", "0.5"],
+    "unknown provider": lambda f: ["digits.onnx", "-o", "out.onnx", "--sparsity", "0.5",
+                                   "--providers", "tpu"],
+    "no pruning option": lambda f: ["digits.onnx", "-o", "out.onnx"],
+    "sparsity out of range": lambda f: ["digits.onnx", "-o", "out.onnx", "--sparsity", "1.5"],
+    "bad --nm": lambda f: ["digits.onnx", "-o", "out.onnx", "--nm", "4:2"],
+    "bad --shape": lambda f: ["digits.onnx", "-o", "out.onnx", "--sparsity", "0.5",
+                              "--shape", "pixels:3,x"],
+    "missing output folder": lambda f: ["digits.onnx", "-o", "no/out.onnx", "--sparsity", "0.5"],
+    "wrong data": lambda f: ["digits.onnx", "-o", "out.onnx", "--sparsity", "0.5",
+                             "--data", "digits.onnx"],
+    "verify missing candidate": lambda f: ["verify", "digits.onnx", "nope.onnx"],
+    "verify unknown provider": lambda f: ["verify", "digits.onnx", "digits.onnx",
+                                          "--providers", "tpu"],
+    "inspect truncated": lambda f: ["inspect", _truncated(f)[0]],
+}
+
+
+KNOWN_BUGS: dict[str, str] = {}
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[c]))
+        if c in KNOWN_BUGS else c
+        for c in BAD_INPUTS
+    ],
+)
+def test_bad_input_exits_2_and_writes_nothing(
+    case: str, work: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = BAD_INPUTS[case](work)
+    before = folder_snapshot(work)
+    code = main(argv)
+    out, err = capsys.readouterr()
+    assert code == 2, (out, err)
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("onnxprune: error: ")
+    assert "Traceback" not in out + err
+    # No output, no report, no hidden temp file; every input byte-identical.
+    assert folder_snapshot(work) == before
+
+
+def test_error_names_the_model_file(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in (BAD_INPUTS["missing file"](work), BAD_INPUTS["truncated"](work),
+                 BAD_INPUTS["external data escapes"](work)):
+        assert main(argv) == 2
+        assert argv[0] in capsys.readouterr().err
+
+
+def test_opset_error_names_the_model_file(work: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    argv = _opset11(work)
+    assert main(argv) == 2
+    assert "old.onnx" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(
+    "CUDAExecutionProvider" in ort.get_available_providers(), reason="CUDA is available here"
+)
+def test_unavailable_provider_writes_nothing(work: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    before = folder_snapshot(work)
+    code = main(["digits.onnx", "-o", "out.onnx", "--sparsity", "0.5", "--providers", "cuda"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("onnxprune: error: provider 'cuda' is not available")
+    assert folder_snapshot(work) == before
