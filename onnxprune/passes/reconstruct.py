@@ -67,6 +67,48 @@ def _joined_weight(group: ChannelGroup) -> np.ndarray:
     return np.concatenate(parts, axis=1).astype(np.float64)
 
 
+@dataclass(frozen=True)
+class Target:
+    """What the refit consumer should reproduce.
+
+    Plain: the consumer's own original output. Residual: when the consumer output (plus a
+    constant bias) is added to another tensor r, the original *sum* minus the current r and
+    the bias - so the refit also absorbs error that earlier layers left in r.
+    """
+
+    reference: tuple[str, ...]  # names read from the original model, concatenated
+    residual: str | None = None  # name read from the current model and subtracted
+    bias: np.ndarray | None = None  # constant subtracted
+
+
+def consumer_target(group: ChannelGroup) -> Target:
+    outputs = tuple(u.node.outputs[0].name or "" for u in group.consumers)
+    if len(group.consumers) != 1:
+        return Target(outputs)
+    value = group.consumers[0].node.outputs[0]
+    bias = None
+    for _ in range(2):
+        uses = list(value.uses())
+        if value.is_graph_output() or len(uses) != 1 or uses[0].node.op_type != "Add":
+            return Target(outputs)
+        add = uses[0].node
+        other = add.inputs[1 - uses[0].idx]
+        if other is None:
+            return Target(outputs)
+        out_shape, in_shape = add.outputs[0].shape, value.shape
+        if out_shape is not None and in_shape is not None and list(out_shape) != list(in_shape):
+            return Target(outputs)  # the Add broadcasts the consumer output: not a residual
+        b = const_array(other)
+        if b is not None:
+            if bias is not None:
+                return Target(outputs)
+            bias = b.astype(np.float64)
+            value = add.outputs[0]
+            continue
+        return Target((add.outputs[0].name or "",), residual=other.name, bias=bias)
+    return Target(outputs)
+
+
 def collect_stats(
     current: ir.Model,
     reference: ort.InferenceSession | None,
@@ -75,29 +117,41 @@ def collect_stats(
 ) -> LayerStats:
     """Streams the batches through the current model (x) and the reference, if given (y).
 
-    `reference` is a session of the original model exposing the consumers' outputs
+    `reference` is a session of the original model exposing the targets' tensors
     (see reference_session); without it only per-channel statistics are gathered.
     """
     x_value = shared_input(group)
     assert x_value is not None and x_value.name
-    outputs = [u.node.outputs[0].name for u in group.consumers]
+    target = consumer_target(group)
     d = sum(int(np.shape(const_array(u.weight))[1 - u.reduce_axis]) for u in group.consumers)
     stats = LayerStats(group.size, targets=d if reference is not None else 0)
-    ref_session = reference
+    names = [x_value.name]
+    if reference is not None and target.residual is not None:
+        names.append(target.residual)
 
     def on_batch(arrays: dict[str, np.ndarray], batch: Batch) -> None:
         x = arrays[x_value.name]  # type: ignore[index]
         lead = x.shape[:-1]
         mask = row_mask(batch, calib.token_mask, int(np.prod(lead)), tuple(lead))
         y = None
-        if ref_session is not None:
-            feeds = {i.name: batch[i.name] for i in ref_session.get_inputs()}
-            y = np.concatenate(
-                [a.reshape(-1, a.shape[-1]) for a in ref_session.run(outputs, feeds)], axis=1
-            )
+        if reference is not None:
+            feeds = {i.name: batch[i.name] for i in reference.get_inputs()}
+            parts = reference.run(list(target.reference), feeds)
+            y = np.concatenate([a.reshape(-1, a.shape[-1]) for a in parts], axis=1)
+            y = y.astype(np.float64)
+            if target.residual is not None:
+                r = arrays[target.residual]
+                if r.shape != parts[0].shape:
+                    raise DataError(
+                        f"residual '{target.residual}' has shape {list(r.shape)}, the sum "
+                        f"'{target.reference[0]}' {list(parts[0].shape)}; use --reconstruct bias"
+                    )
+                y -= r.reshape(y.shape)
+            if target.bias is not None:
+                y -= target.bias.reshape(-1)
         stats.add(x, y, mask)
 
-    capture(current, [x_value.name], calib.batches, on_batch)
+    capture(current, names, calib.batches, on_batch)
     if stats.rows == 0:
         raise DataError("calibration data has no unmasked rows; check --token-mask")
     return stats
@@ -105,7 +159,7 @@ def collect_stats(
 
 def reference_session(original: ir.Model, groups: Sequence[ChannelGroup]) -> ort.InferenceSession:
     """One session of the original model exposing every consumer output of `groups`."""
-    names = [u.node.outputs[0].name for g in groups for u in g.consumers]
+    names = [name for g in groups for name in consumer_target(g).reference]
     return make_session(with_outputs(original, names), "cpu")
 
 
