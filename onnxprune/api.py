@@ -87,7 +87,9 @@ class PruneConfig:
                 reconstruct=self.reconstruct or "lstsq",
                 ridge=self.ridge,
             )
-        criterion = self.criterion or ("activation" if self.calibration is not None else "l1")
+        # With data, OBS selection (choose and refit jointly) beats scoring then refitting:
+        # on MiniLM at 50 % FFN, cosine 0.955 vs 0.952 for activation + lstsq.
+        criterion = self.criterion or ("obs" if self.calibration is not None else "l1")
         out: list[ir.passes.PassBase] = []
         if self.sparsity is not None and self.mode == "structured":
             out.append(

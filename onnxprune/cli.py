@@ -10,8 +10,10 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
+import onnx_ir as ir
 from rich.console import Console
 from rich.table import Table
 
@@ -96,8 +98,8 @@ def _main_parser() -> argparse.ArgumentParser:
     g.add_argument("--threshold", type=float, help="zero weights with |w| <= this value")
     g.add_argument("--nm", type=_nm, help="N:M sparsity along the reduction axis, e.g. 2:4")
     g.add_argument("--criterion", choices=sorted([*CRITERIA, "obs"]),
-                   help="neuron importance (default: l1, or activation with --calibration; "
-                   "obs chooses and refits jointly)")
+                   help="neuron importance (default: l1, or obs with --calibration: "
+                   "OBS-style selection that chooses and refits jointly)")
     g.add_argument("--calibration", metavar="PATH",
                    help=".npz batch or folder of .npz batches for data-aware pruning")
     g.add_argument("--token-mask", metavar="INPUT",
@@ -137,7 +139,8 @@ def _inspect_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _run_verify(console: Console, args: argparse.Namespace, reference: str, candidate: str,
+def _run_verify(console: Console, args: argparse.Namespace, reference: str,
+                candidate: str | ir.Model,
                 tolerances: Tolerances, batches: list[Batch] | None = None,
                 generated: bool = False) -> VerifyResult:
     providers = parse_providers(args.providers)
@@ -165,6 +168,8 @@ def _cmd_prune(argv: Sequence[str], console: Console) -> int:
     )
     config.passes()  # validates the options before any file is touched
     out = check_output_path(args.output, [args.model], force=args.force)
+    if args.report:
+        check_output_path(args.report, [args.model, out])
     model = load_model(args.model)
     api.check_supported(model, args.model)
     batches, generated = None, False
@@ -174,28 +179,31 @@ def _cmd_prune(argv: Sequence[str], console: Console) -> int:
                                               parse_shape_overrides(args.shape))
     with console.status("pruning ..."):
         report = api.prune_model(model, config)
-    report.before = type(report.before)(**{**report.before.to_dict(),
-                                            "file_bytes": Path(args.model).stat().st_size})
-    with console.status(f"saving {out} ..."):
-        api.check_written(model)
-        save_model(model, out)
-    report.after = type(report.after)(**{**report.after.to_dict(),
-                                          "file_bytes": out.stat().st_size})
+    report.before = replace(report.before, file_bytes=Path(args.model).stat().st_size)
+    api.check_written(model)
     console.print(stats_table(report.before, report.after))
     for name, res in report.passes.items():
         console.print(_pass_table(name, res))
     for note in report.notes:
         console.print(f"[yellow]{note}[/]")
-    console.print(f"wrote {out} ({human_bytes(report.after.file_bytes)})")
-    data: dict[str, object] = {"input": str(args.model), "output": str(out), **report.to_dict()}
+    data: dict[str, object] = {"input": str(args.model), "output": str(out)}
     code = EXIT_OK
     if not args.no_verify:
-        result = _run_verify(console, args, args.model, str(out), _tolerances(args, None),
+        # Verify the model in memory first: a run that cannot verify writes nothing.
+        result = _run_verify(console, args, args.model, model, _tolerances(args, None),
                              batches, generated)
         data["verification"] = result.to_dict()
         code = EXIT_OK if result.ok else EXIT_FAILED
+    with console.status(f"saving {out} ..."):
+        save_model(model, out)
+    report.after = replace(report.after, file_bytes=out.stat().st_size)
+    console.print(f"wrote {out} ({human_bytes(report.after.file_bytes)}, "
+                  f"{report.after.file_bytes / max(report.before.file_bytes or 1, 1):.1%} "
+                  "of the input)")
+    if code == EXIT_FAILED:
+        console.print("[red]the written model is outside the verification tolerances[/]")
     if args.report:
-        write_json(args.report, data)
+        write_json(args.report, {**data, **report.to_dict()})
     return code
 
 

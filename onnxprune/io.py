@@ -22,7 +22,7 @@ from onnxprune.errors import InputError
 __all__ = ["load_model", "save_model", "check_output_path", "uses_external_data"]
 
 _TWO_GB = 2**31
-MIN_OPSET = 13
+MIN_OPSET = 11  # Clip/Dropout take their parameters as inputs from here on
 
 
 def _iter_tensor_protos(graph: onnx.GraphProto):

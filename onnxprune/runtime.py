@@ -67,7 +67,7 @@ def make_session(
     require_provider(provider)
     wanted = PROVIDERS[provider]
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4
     if threads is not None:
         opts.intra_op_num_threads = threads
     if optimized_path is not None:

@@ -209,9 +209,9 @@ def _escaping(folder: Path) -> list[str]:
     return ["model/m.onnx", "-o", "out.onnx", "--sparsity", "0.5"]
 
 
-def _opset11(folder: Path) -> list[str]:
+def _opset10(folder: Path) -> list[str]:
     model = mlp_model([8, 16, 4])
-    model.opset_import[0].version = 11
+    model.opset_import[0].version = 10
     onnx.checker.check_model(model, full_check=True)
     save(model, folder / "old.onnx")
     return ["old.onnx", "-o", "out.onnx", "--sparsity", "0.5"]
@@ -228,7 +228,7 @@ BAD_INPUTS = {
     "not onnx": _text,
     "truncated": _truncated,
     "external data escapes": _escaping,
-    "opset 11": _opset11,
+    "opset 10": _opset10,
     "nothing prunable": _nothing_prunable,
     "output is input": lambda f: ["digits.onnx", "-o", "digits.onnx", "--sparsity", "0.5"],
     "output is input, other spelling": lambda f: ["digits.onnx", "-o", "./digits.onnx",
@@ -286,7 +286,7 @@ def test_error_names_the_model_file(work: Path, capsys: pytest.CaptureFixture[st
 
 def test_opset_error_names_the_model_file(work: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
-    argv = _opset11(work)
+    argv = _opset10(work)
     assert main(argv) == 2
     assert "old.onnx" in capsys.readouterr().err
 

@@ -150,15 +150,15 @@ def parse_shape_overrides(items: Sequence[str]) -> dict[str, tuple[int, ...]]:
 def _random_array(spec: InputSpec, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
     lname = spec.name.lower()
     if spec.dtype == np.bool_:
-        return rng.random(shape) < 0.5
+        return np.asarray(rng.random(shape) < 0.5)
     if np.issubdtype(spec.dtype, np.integer):
         if "mask" in lname:
             return np.ones(shape, dtype=spec.dtype)
         if "type" in lname or "segment" in lname:
             return np.zeros(shape, dtype=spec.dtype)
         # Small non-negative ids stay valid for any embedding table with > 100 rows.
-        return rng.integers(0, 100, size=shape).astype(spec.dtype)
-    return rng.standard_normal(shape).astype(spec.dtype)
+        return np.asarray(rng.integers(0, 100, size=shape), dtype=spec.dtype)
+    return np.asarray(rng.standard_normal(shape), dtype=spec.dtype)
 
 
 def random_batches(

@@ -1,0 +1,173 @@
+"""onnxprune on all-MiniLM-L6-v2, side by side with the peers, one table from one run.
+
+    pip install -e '.[bench]'
+    python benchmarks/minilm.py                 # full table (about 15-25 minutes on 2 cores)
+    python benchmarks/minilm.py --quick         # 50 % only, the main rows
+
+Exports both torch exporters' models into build/ (if missing), writes the calibration
+batches (the first N shuffled pydoc sentences) and scores every variant on the disjoint
+evaluation sentences against the dense model of the same exporter: mean/min cosine,
+Spearman of the pairwise-similarity matrices, topic-probe accuracy, parameters, onnxprune's
+own wall time and peak memory (/usr/bin/time), and CPU latency ratio (batch 8 x 128 tokens,
+1 thread, interleaved runs, medians). Results also go to build/bench_minilm.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import metrics  # noqa: E402
+import textdata  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+BUILD = ROOT / "build"
+
+
+def ensure_inputs(calib_n: int) -> Path:
+    from export_minilm import export
+
+    BUILD.mkdir(exist_ok=True)
+    for kind in ("legacy", "dynamo"):
+        path = BUILD / f"minilm_{kind}.onnx"
+        if not path.exists():
+            export(kind, path)  # type: ignore[arg-type]
+    calib = BUILD / f"calib_{calib_n}"
+    if not calib.exists():
+        textdata.write_npz_batches(textdata.calibration_sentences(calib_n), calib, 16)
+    return calib
+
+
+def run_onnxprune(model: Path, out: Path, args: list[str]) -> dict[str, float]:
+    """Runs the CLI as a user would; wall time and peak RSS from /usr/bin/time."""
+    exe = shutil.which("onnxprune")
+    cmd = [exe] if exe else [sys.executable, "-m", "onnxprune"]
+    timer = ["/usr/bin/time", "-f", "%e %M"] if Path("/usr/bin/time").exists() else []
+    full = [*timer, *cmd, str(model), "-o", str(out), "--no-verify", "-q", *args]
+    start = time.perf_counter()
+    proc = subprocess.run(full, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(full)} failed: {proc.stderr.strip()}")
+    peak = float("nan")
+    if timer:
+        last = proc.stderr.strip().splitlines()[-1].split()
+        wall, peak = float(last[0]), float(last[1]) / 1024
+    return {"wall_s": wall, "peak_mib": peak}
+
+
+def quantize_dynamic(model: Path, out: Path) -> dict[str, float]:
+    from onnxruntime.quantization import QuantType
+    from onnxruntime.quantization import quantize_dynamic as qd
+
+    start = time.perf_counter()
+    qd(str(model), str(out), weight_type=QuantType.QInt8)
+    return {"wall_s": time.perf_counter() - start, "peak_mib": float("nan")}
+
+
+def variants(quick: bool, calib: Path) -> list[tuple[str, list[str]]]:
+    cal = ["--calibration", str(calib), "--token-mask", "attention_mask"]
+    sparsities = [0.5] if quick else [0.3, 0.5, 0.7]
+    rows: list[tuple[str, list[str]]] = []
+    for s in sparsities:
+        sp = ["--sparsity", str(s)]
+        data_free = ["l1", "random"] if quick else ["l1", "l2", "variance", "entropy", "random"]
+        for c in data_free:
+            rows.append((f"{c}, no repair | {s:.0%}", [*sp, "--criterion", c]))
+        aware = ["activation"] if quick else ["activation", "activation-variance",
+                                              "activation-entropy"]
+        for c in aware:
+            repairs = ["lstsq"] if quick else ["none", "bias", "lstsq"]
+            for r in repairs:
+                rows.append((f"{c} + {r} | {s:.0%}", [*sp, *cal, "--criterion", c,
+                                                      "--reconstruct", r]))
+        rows.append((f"random + lstsq | {s:.0%}", [*sp, *cal, "--criterion", "random",
+                                                   "--reconstruct", "lstsq"]))
+        rows.append((f"obs + lstsq (default) | {s:.0%}", [*sp, *cal]))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--exporters", default="legacy,dynamo")
+    p.add_argument("--calib-n", type=int, default=256)
+    p.add_argument("--eval-n", type=int, default=0, help="limit evaluation sentences (0: all)")
+    p.add_argument("--latency-repeats", type=int, default=15)
+    args = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    calib = ensure_inputs(args.calib_n)
+    sentences = textdata.evaluation_sentences()
+    if args.eval_n:
+        sentences = sentences[: args.eval_n]
+    labels = [s.topic for s in sentences]
+    topics = textdata.labelled_topics()
+    results = []
+    work = BUILD / "bench"
+    work.mkdir(exist_ok=True)
+    for kind in args.exporters.split(","):
+        dense = BUILD / f"minilm_{kind}.onnx"
+        dense_emb = metrics.embed(dense, sentences)
+        dense_stats = metrics.model_stats(dense)
+        results.append({
+            "exporter": kind, "method": "dense", "parameters": dense_stats["parameters"],
+            "mean_cosine": 1.0, "min_cosine": 1.0, "spearman": 1.0,
+            "probe": metrics.probe_accuracy(dense_emb, labels, topics),
+            "wall_s": float("nan"), "peak_mib": float("nan"), "speedup": 1.0,
+        })
+        print(_row(results[-1]), flush=True)
+        rows = variants(args.quick, calib)
+        rows.append(("onnxruntime quantize_dynamic int8 (peer)", []))
+        for name, cli_args in rows:
+            out = work / f"{kind}.onnx"
+            if cli_args:
+                cost = run_onnxprune(dense, out, cli_args)
+            else:
+                cost = quantize_dynamic(dense, out)
+            emb = metrics.embed(out, sentences)
+            quality = metrics.compare(dense_emb, emb)
+            lat = metrics.latency_ratio(dense, out, repeats=args.latency_repeats)
+            results.append({
+                "exporter": kind, "method": name,
+                "parameters": metrics.model_stats(out)["parameters"], **quality,
+                "probe": metrics.probe_accuracy(emb, labels, topics), **cost,
+                "speedup": lat["speedup"],
+            })
+            print(_row(results[-1]), flush=True)
+    if importlib.util.find_spec("onnxsim") is None:
+        print("\nonnxsim is not installed: its rows are skipped (pip install onnxsim==0.8.1).")
+    print("\n" + table(results))
+    (BUILD / "bench_minilm.json").write_text(json.dumps(results, indent=1))
+    return 0
+
+
+HEADER = ("| exporter | method &#124; FFN sparsity | params | cosine mean | cosine min | Spearman "
+          "| probe acc | onnxprune time | peak mem | CPU speedup |")
+
+
+def _row(r: dict[str, object]) -> str:
+    def f(key: str, fmt: str) -> str:
+        v = r[key]
+        return "-" if v != v else format(v, fmt)  # NaN -> "-"
+
+    return (f"| {r['exporter']} | {r['method']} | {r['parameters'] / 1e6:.2f}M | "
+            f"{f('mean_cosine', '.4f')} | {f('min_cosine', '.4f')} | {f('spearman', '.4f')} | "
+            f"{f('probe', '.3f')} | {f('wall_s', '.1f')} s | {f('peak_mib', '.0f')} MiB | "
+            f"{f('speedup', '.2f')}x |")
+
+
+def table(results: list[dict[str, object]]) -> str:
+    sep = "|" + "---|" * 10
+    return "\n".join([HEADER, sep, *(_row(r) for r in results)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
