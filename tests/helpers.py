@@ -310,3 +310,276 @@ def folder_snapshot(folder: str | os.PathLike) -> dict[str, str]:
     return {
         str(p.relative_to(root)): sha256(p) for p in sorted(root.rglob("*")) if p.is_file()
     }
+
+
+# ----------------------------------------------------------------- graph builder
+
+
+def ir_version_for(opset: int) -> int:
+    """The lowest IR version that goes with a default-domain opset."""
+    return 8 if opset <= 17 else 9 if opset <= 20 else 10
+
+
+class GraphBuilder:
+    """Builds a model node by node, for graphs the fixed builders above do not cover.
+
+    `op()` returns the output name(s); node and output names are generated unless given.
+    `const()` stores an initializer, or a Constant node when the builder (or the call) says
+    so; `weight()` draws a He-scaled normal matrix from the builder's seeded generator.
+    """
+
+    def __init__(self, *, seed: int = 0, constants_as_nodes: bool = False) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.rng = np.random.default_rng(seed)
+        self.constants_as_nodes = constants_as_nodes
+        self._count = 0
+
+    def _fresh(self, base: str) -> str:
+        self._count += 1
+        return f"{base}_{self._count}"
+
+    def input(self, name: str, dims: Sequence[int | str], dtype: int = TensorProto.FLOAT) -> str:
+        self.inputs.append(value_info(name, dims, dtype))
+        return name
+
+    def const(self, name: str, array: np.ndarray | float, *, as_node: bool | None = None) -> str:
+        arr = np.asarray(array)
+        if arr.dtype == np.float64:
+            arr = arr.astype(np.float32)
+        if self.constants_as_nodes if as_node is None else as_node:
+            self.nodes.append(const_node(name, arr))
+        else:
+            self.inits.append(numpy_helper.from_array(arr, name))
+        return name
+
+    def weight(self, name: str, shape: Sequence[int], *, as_node: bool | None = None) -> str:
+        fan_in = shape[0] if len(shape) > 1 else 1
+        w = self.rng.standard_normal(tuple(shape)) * np.sqrt(2.0 / max(fan_in, 1))
+        return self.const(name, w.astype(np.float32), as_node=as_node)
+
+    def op(
+        self,
+        op_type: str,
+        inputs: Sequence[str],
+        *,
+        name: str | None = None,
+        output: str | None = None,
+        outputs: int = 1,
+        domain: str = "",
+        **attrs: object,
+    ) -> str:
+        """Adds a node and returns its (first) output name; see `op_multi` for several."""
+        return self.op_multi(op_type, inputs, name=name, outputs=[output] if output else outputs,
+                             domain=domain, **attrs)[0]
+
+    def op_multi(
+        self,
+        op_type: str,
+        inputs: Sequence[str],
+        *,
+        name: str | None = None,
+        outputs: int | Sequence[str] = 1,
+        domain: str = "",
+        **attrs: object,
+    ) -> list[str]:
+        node_name = name or self._fresh(op_type.lower())
+        if isinstance(outputs, int):
+            outs = [f"{node_name}_out" if i == 0 else f"{node_name}_out{i}" for i in range(outputs)]
+        else:
+            outs = list(outputs)
+        self.nodes.append(
+            helper.make_node(op_type, list(inputs), outs, name=node_name, domain=domain or None,
+                             **attrs)
+        )
+        return outs
+
+    def build(
+        self,
+        outputs: Sequence[str],
+        *,
+        output_types: Mapping[str, int] | None = None,
+        opset: int = OPSET,
+        infer_shapes: bool = False,
+        check: bool = True,
+        name: str = "built",
+    ) -> onnx.ModelProto:
+        """The model with `outputs` (float32 unless `output_types` says otherwise).
+
+        With `infer_shapes`, onnx shape inference records every intermediate shape as
+        value_info, the way exporters leave them.
+        """
+        types = dict(output_types or {})
+        outs = [helper.make_tensor_value_info(o, types.get(o, TensorProto.FLOAT), None)
+                for o in outputs]
+        model = make_model(self.nodes, self.inputs, outs, self.inits, opset=opset,
+                           ir_version=ir_version_for(opset), name=name, check=False)
+        # Graph outputs need a shape for the checker: take the inferred one.
+        inferred = onnx.shape_inference.infer_shapes(model)
+        known = {v.name: v for v in [*inferred.graph.value_info, *inferred.graph.output]}
+        for out in model.graph.output:
+            if out.name in known and known[out.name].type.tensor_type.HasField("shape"):
+                out.type.CopyFrom(known[out.name].type)
+        if check:
+            onnx.checker.check_model(model, full_check=True)
+        if infer_shapes:
+            model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+        return model
+
+
+def dense(
+    b: GraphBuilder,
+    x: str,
+    k: int,
+    n: int,
+    *,
+    name: str,
+    gemm: bool = False,
+    trans_b: bool = False,
+    bias: bool = True,
+) -> str:
+    """A layer `name` with weight `name.weight` ([k, n], or [n, k] with trans_b) and bias.
+
+    MatMul (+ Add node `name_bias`) or Gemm (bias as C). Returns the layer output.
+    """
+    if trans_b and not gemm:
+        raise ValueError("trans_b needs gemm=True")
+    w = b.weight(f"{name}.weight", [k, n])
+    if trans_b:  # same distribution, stored [out, in]
+        w = b.const(f"{name}.weight", _transpose_last(b, w))
+    bias_name = None
+    if bias:
+        bias_name = b.const(f"{name}.bias", (b.rng.standard_normal(n) * 0.1).astype(np.float32))
+    if gemm:
+        ins = [x, w] + ([bias_name] if bias_name else [])
+        return b.op("Gemm", ins, name=name, transB=int(trans_b))
+    out = b.op("MatMul", [x, w], name=name)
+    if bias_name:
+        out = b.op("Add", [out, bias_name], name=f"{name}_bias")
+    return out
+
+
+def _transpose_last(b: GraphBuilder, name: str) -> np.ndarray:
+    """Removes the just-added constant `name` and returns its array transposed."""
+    if b.inits and b.inits[-1].name == name:
+        arr = numpy_helper.to_array(b.inits.pop())
+    else:
+        node = b.nodes.pop()
+        arr = numpy_helper.to_array(node.attribute[0].t)
+    return np.ascontiguousarray(arr.T)
+
+
+ACTIVATIONS = (
+    "Relu", "Tanh", "Sigmoid", "erf_gelu", "erf_gelu_dynamo", "tanh_gelu_pow", "tanh_gelu_mul",
+    "silu",
+)
+
+
+def activation(b: GraphBuilder, x: str, kind: str, *, name: str) -> str:
+    """An activation on `x`: an op type, or a decomposition the way exporters write it.
+
+    - erf_gelu: the legacy torch exporter, Div(x, √2) -> Erf -> Add 1 -> Mul(x, .) -> Mul 0.5
+    - erf_gelu_dynamo: the dynamo exporter, Mul(0.5, x) first, then times (1 + erf(x·1/√2))
+    - tanh_gelu_pow / tanh_gelu_mul: 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))), the cube
+      as Pow(x, 3) or as x·x·x
+    - silu: x·Sigmoid(x)
+    Node names start with `name`.
+    """
+    if kind == "erf_gelu":
+        d = b.op("Div", [x, b.const(f"{name}.sqrt2", np.float32(np.sqrt(2.0)))], name=f"{name}_div")
+        e = b.op("Erf", [d], name=f"{name}_erf")
+        a = b.op("Add", [e, b.const(f"{name}.one", np.float32(1.0))], name=f"{name}_add")
+        m = b.op("Mul", [x, a], name=f"{name}_mul")
+        return b.op("Mul", [m, b.const(f"{name}.half", np.float32(0.5))], name=f"{name}_half")
+    if kind == "erf_gelu_dynamo":
+        h = b.op("Mul", [b.const(f"{name}.half", np.float32(0.5)), x], name=f"{name}_half")
+        d = b.op("Mul", [x, b.const(f"{name}.rsqrt2", np.float32(1 / np.sqrt(2.0)))],
+                 name=f"{name}_scale")
+        e = b.op("Erf", [d], name=f"{name}_erf")
+        a = b.op("Add", [e, b.const(f"{name}.one", np.float32(1.0))], name=f"{name}_add")
+        return b.op("Mul", [h, a], name=f"{name}_mul")
+    if kind in ("tanh_gelu_pow", "tanh_gelu_mul"):
+        if kind == "tanh_gelu_pow":
+            cube = b.op("Pow", [x, b.const(f"{name}.three", np.float32(3.0))], name=f"{name}_pow")
+        else:
+            sq = b.op("Mul", [x, x], name=f"{name}_sq")
+            cube = b.op("Mul", [sq, x], name=f"{name}_cube")
+        c = b.op("Mul", [cube, b.const(f"{name}.c", np.float32(0.044715))], name=f"{name}_c")
+        s = b.op("Add", [x, c], name=f"{name}_inner")
+        t = b.op("Mul", [s, b.const(f"{name}.k", np.float32(np.sqrt(2 / np.pi)))],
+                 name=f"{name}_k")
+        th = b.op("Tanh", [t], name=f"{name}_tanh")
+        a = b.op("Add", [th, b.const(f"{name}.one", np.float32(1.0))], name=f"{name}_add")
+        h = b.op("Mul", [x, b.const(f"{name}.half", np.float32(0.5))], name=f"{name}_half")
+        return b.op("Mul", [h, a], name=f"{name}_mul")
+    if kind == "silu":
+        s = b.op("Sigmoid", [x], name=f"{name}_sigmoid")
+        return b.op("Mul", [x, s], name=f"{name}_mul")
+    return b.op(kind, [x], name=name)
+
+
+def chain_model(
+    widths: Sequence[int],
+    activations: Sequence[str],
+    *,
+    gemm: Sequence[bool] | None = None,
+    trans_b: Sequence[bool] | None = None,
+    bias: bool = True,
+    seq: int | None = None,
+    constants_as_nodes: bool = False,
+    infer_shapes: bool = False,
+    seed: int = 0,
+) -> onnx.ModelProto:
+    """x[batch, (seq,) widths[0]] -> layer fc0 -> activations[0] -> fc1 -> ... -> y.
+
+    Layer i is `dense(name=f"fc{i}")`; `gemm[i]` and `trans_b[i]` choose its op (Gemm needs
+    2-D activations, so not with `seq`). Activation i (see `activation()`) is named `act{i}`.
+    """
+    layers = len(widths) - 1
+    gemm = list(gemm or [False] * layers)
+    trans_b = list(trans_b or [False] * layers)
+    if len(activations) != layers - 1:
+        raise ValueError("one activation between every two layers")
+    if seq is not None and any(gemm):
+        raise ValueError("Gemm needs 2-D activations")
+    b = GraphBuilder(seed=seed, constants_as_nodes=constants_as_nodes)
+    x = b.input("x", [BATCH, seq, widths[0]] if seq is not None else [BATCH, widths[0]])
+    for i in range(layers):
+        x = dense(b, x, widths[i], widths[i + 1], name=f"fc{i}", gemm=gemm[i],
+                  trans_b=trans_b[i], bias=bias)
+        if i < layers - 1:
+            x = activation(b, x, activations[i], name=f"act{i}")
+    b.nodes[-1].output[0] = "y"
+    return b.build(["y"], infer_shapes=infer_shapes, name="chain")
+
+
+def residual_mlp_model(
+    dim: int = 8,
+    hidden: int = 32,
+    blocks: int = 2,
+    out: int = 4,
+    *,
+    stem: str | None = None,
+    seed: int = 0,
+) -> onnx.ModelProto:
+    """x[batch, dim] -> `blocks` x (s = s + fc{i}b(Relu(fc{i}a(s)))) -> head -> y[batch, out].
+
+    Each block's hidden group (fc{i}a -> fc{i}b, `hidden` wide) is prunable; its consumer
+    fc{i}b is followed by its bias Add and the residual Add (`res{i}`, output `s{i}`). The
+    residual stream starts at x, or at `stem`(x) (an op type, node `stem`, output `s_in`);
+    either way it is coupled to the graph input x, so it is not prunable.
+    """
+    b = GraphBuilder(seed=seed)
+    s = b.input("x", [BATCH, dim])
+    if stem is not None:
+        s = b.op(stem, [s], name="stem", output="s_in")
+    for i in range(blocks):
+        h = dense(b, s, dim, hidden, name=f"fc{i}a")
+        h = b.op("Relu", [h], name=f"relu{i}")
+        f = dense(b, h, hidden, dim, name=f"fc{i}b")
+        s = b.op("Add", [s, f], name=f"res{i}", output=f"s{i}")
+    y = dense(b, s, dim, out, name="head", bias=False)
+    b.nodes[-1].output[0] = "y"
+    del y
+    return b.build(["y"], name="residual_mlp")

@@ -242,10 +242,12 @@ class _Fill:
 
     def _transpose(self, node: ir.Node, value: ir.Value, axis: int) -> None:
         perm_attr = node.attributes.get("perm")
-        rank = _rank(node.inputs[0]) if node.inputs[0] is not None else None
-        if perm_attr is None or rank is None:
-            raise _Decline(f"{_label(node)} has no explicit perm or input rank")
+        if perm_attr is None:
+            raise _Decline(f"{_label(node)} has no explicit perm")
         perm = list(perm_attr.as_ints())
+        rank = len(perm)
+        if -axis > rank:
+            raise _Decline(f"{_label(node)} has a perm of the wrong rank")
         if value is node.inputs[0]:
             self._member(node.outputs[0], perm.index(rank + axis) - rank)
         else:
@@ -308,9 +310,19 @@ def find_channel_groups(model: ir.Model, *, ignore: Sequence[str] = ()) -> list[
             group = fill.group
             group.skip_reason = str(e)
         claimed.update(u.node for u in group.producers)
+        if not group.prunable:
+            # A fill that stopped early may not have met every coupled producer; one that
+            # shares an activation with an earlier declined group is the same group.
+            twin = next((g for g in groups if not g.prunable
+                         and any(v in g.members for v in group.members)), None)
+            if twin is not None:
+                twin.producers.extend(u for u in group.producers if u not in twin.producers)
+                twin.members.update(group.members)
+                continue
         names = [u.node.name for u in group.producers + group.consumers]
-        if group.prunable and any(fnmatch.fnmatchcase(n, p) for n in names for p in ignore):
-            group.skip_reason = "a node matches --ignore"
+        hit = next(((n, p) for n in names for p in ignore if fnmatch.fnmatchcase(n, p)), None)
+        if group.prunable and hit is not None:
+            group.skip_reason = f"node '{hit[0]}' matches --ignore '{hit[1]}'"
         groups.append(group)
     return groups
 

@@ -126,8 +126,9 @@ def collect_stats(
     d = sum(int(np.shape(const_array(u.weight))[1 - u.reduce_axis]) for u in group.consumers)
     stats = LayerStats(group.size, targets=d if reference is not None else 0)
     names = [x_value.name]
-    if reference is not None and target.residual is not None:
-        names.append(target.residual)
+    graph_inputs = {v.name for v in current.graph.inputs}
+    if reference is not None and target.residual not in (None, *graph_inputs):
+        names.append(target.residual)  # type: ignore[arg-type]
 
     def on_batch(arrays: dict[str, np.ndarray], batch: Batch) -> None:
         x = arrays[x_value.name]  # type: ignore[index]
@@ -140,7 +141,8 @@ def collect_stats(
             y = np.concatenate([a.reshape(-1, a.shape[-1]) for a in parts], axis=1)
             y = y.astype(np.float64)
             if target.residual is not None:
-                r = arrays[target.residual]
+                r = batch[target.residual] if target.residual in batch else arrays[
+                    target.residual]
                 if r.shape != parts[0].shape:
                     raise DataError(
                         f"residual '{target.residual}' has shape {list(r.shape)}, the sum "
@@ -171,13 +173,16 @@ def fit_group(
     calib: Calibration,
 ) -> GroupFit:
     """Chooses the kept channels (by OBS when scores is None) and the repaired weights."""
+    prior = _joined_weight(group)
     if scores is None:
-        keep, w = obs_select(stats.gram, stats.cross, n_keep, calib.ridge)  # type: ignore[arg-type]
+        keep, w = obs_select(stats.gram, stats.cross, n_keep, calib.ridge, prior)  # type: ignore[arg-type]
+        if calib.reconstruct != "lstsq":
+            w = None  # OBS chose the channels; the repair is the one asked for
     else:
         keep = np.sort(np.argsort(-scores, kind="stable")[:n_keep])
         w = None
         if calib.reconstruct == "lstsq":
-            w = refit(stats.gram, stats.cross, keep, calib.ridge)  # type: ignore[arg-type]
+            w = refit(stats.gram, stats.cross, keep, calib.ridge, prior)  # type: ignore[arg-type]
     if w is not None:
         if not np.all(np.isfinite(w)):
             raise DataError(f"group '{group.name}': the least-squares refit is not finite")

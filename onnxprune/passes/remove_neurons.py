@@ -83,6 +83,11 @@ def group_weights(
     return ChannelWeights(tuple(incoming), tuple(outgoing), stats=stats or {}, seed=seed)
 
 
+def _floor(x: float) -> int:
+    """floor that forgives float noise: 0.57 * 100 is 56.99999999999999, and means 57."""
+    return int(math.floor(x + 1e-9))
+
+
 def _kept_count(size: int, remove: int, round_to: int) -> int:
     keep = max(size - remove, 1)
     if round_to > 1:
@@ -142,15 +147,15 @@ class RemoveNeuronsPass(ir.passes.InPlacePass):
     def _keep_counts(self, groups: list[ChannelGroup], scores: list[np.ndarray]) -> list[int]:
         if not self.global_ranking:
             return [
-                _kept_count(g.size, int(math.floor(self.sparsity * g.size)), self.round_to)
+                _kept_count(g.size, _floor(self.sparsity * g.size), self.round_to)
                 for g in groups
             ]
         # One ranking across groups: scores are divided by their group's mean so that
         # groups of different scale compete fairly; each group keeps at least
         # (1 - max_group_sparsity) of its channels.
         total = sum(g.size for g in groups)
-        budget = int(math.floor(self.sparsity * total))
-        floors = [max(1, math.ceil((1 - self.max_group_sparsity) * g.size)) for g in groups]
+        budget = _floor(self.sparsity * total)
+        floors = [max(1, g.size - _floor(self.max_group_sparsity * g.size)) for g in groups]
         entries = []
         for gi, s in enumerate(scores):
             norm = s / max(float(np.mean(np.abs(s))), 1e-30)

@@ -2,11 +2,16 @@
 
 Notation: the consumer layer computes y = x W + b. From calibration data we hold
 H = Σ [x,1]ᵀ[x,1] ((C+1)×(C+1)) and B = Σ [x,1]ᵀ y_ref (C+1 × D), where x is the layer input
-in the model being pruned and y_ref the pre-bias output of the *original* model. Fitting
-against the original output, not the current one, repairs the error that earlier pruned
-layers pushed into x as well as this layer's own.
+in the model being pruned and y_ref what the layer should produce (from the *original*
+model). The fit minimises
 
-All solves are in float64; the last row of every solution is a bias correction.
+    ‖[x,1] W − y_ref‖² + λ ‖W − W₀‖²
+
+where W₀ is the layer's current weights (bias row: no change). The ridge pulls towards the
+trained weights, not towards zero: with a few thousand calibration tokens and 1,500 inputs
+a plain least-squares refit fits the calibration set far better than unseen text (on MiniLM
+cosine 0.992 on calibration sentences vs 0.955 held out), and the trained weights are the
+best prior there is. All solves are in float64; the last row of a solution is the bias.
 """
 
 from __future__ import annotations
@@ -15,55 +20,69 @@ import math
 
 import numpy as np
 
-__all__ = ["regularize", "refit", "obs_select", "fold_bias"]
+__all__ = ["Problem", "refit", "obs_select", "fold_bias"]
 
 
-def regularize(gram: np.ndarray, ridge: float) -> np.ndarray:
-    """Adds ridge * mean(diag) to the channel diagonal (the bias entry is left alone).
+class Problem:
+    """The regularised normal equations (H + λI) W = B + λ W₀ of one layer."""
 
-    The relative scale makes one ridge value work for layers of any activation size,
-    and keeps singular systems (dead or duplicate channels) solvable.
-    """
-    h = gram.copy()
-    c = h.shape[0] - 1
-    scale = float(np.mean(np.diag(h)[:c])) if c else 1.0
-    lam = ridge * (scale if scale > 0 else 1.0)
-    h[np.arange(c), np.arange(c)] += lam
-    if h[c, c] == 0:
-        h[c, c] = 1.0
-    return h
+    def __init__(
+        self, gram: np.ndarray, cross: np.ndarray, ridge: float, prior: np.ndarray | None = None
+    ) -> None:
+        c = gram.shape[0] - 1
+        scale = float(np.mean(np.diag(gram)[:c])) if c else 1.0
+        self.lam = ridge * (scale if scale > 0 else 1.0)
+        self.h = gram.copy()
+        self.h[np.arange(c), np.arange(c)] += self.lam
+        if self.h[c, c] == 0:
+            self.h[c, c] = 1.0
+        self.b = cross.copy()
+        if prior is not None:
+            self.b[:c] += self.lam * prior.astype(np.float64)
+        self.channels = c
+
+    def solve(self, keep: np.ndarray) -> np.ndarray:
+        """Weights for the kept channels and the bias: [len(keep)+1, D]."""
+        idx = np.append(np.asarray(keep, dtype=np.int64), self.channels)
+        h, b = self.h[np.ix_(idx, idx)], self.b[idx]
+        try:
+            return np.linalg.solve(h, b)
+        except np.linalg.LinAlgError:
+            return np.linalg.lstsq(h, b, rcond=None)[0]
 
 
-def _solve(h: np.ndarray, b: np.ndarray) -> np.ndarray:
-    try:
-        return np.linalg.solve(h, b)
-    except np.linalg.LinAlgError:
-        return np.linalg.lstsq(h, b, rcond=None)[0]
-
-
-def refit(gram: np.ndarray, cross: np.ndarray, keep: np.ndarray, ridge: float) -> np.ndarray:
-    """Ridge least-squares weights for the kept channels; returns [len(keep)+1, D]."""
-    c = gram.shape[0] - 1
-    idx = np.append(np.asarray(keep, dtype=np.int64), c)
-    h = regularize(gram, ridge)
-    return _solve(h[np.ix_(idx, idx)], cross[idx])
+def refit(
+    gram: np.ndarray,
+    cross: np.ndarray,
+    keep: np.ndarray,
+    ridge: float,
+    prior: np.ndarray | None = None,
+) -> np.ndarray:
+    """Regularised least-squares weights for the kept channels; [len(keep)+1, D]."""
+    return Problem(gram, cross, ridge, prior).solve(keep)
 
 
 def obs_select(
-    gram: np.ndarray, cross: np.ndarray, n_keep: int, ridge: float, *, max_steps: int = 128
+    gram: np.ndarray,
+    cross: np.ndarray,
+    n_keep: int,
+    ridge: float,
+    prior: np.ndarray | None = None,
+    *,
+    max_steps: int = 128,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Chooses the channels to keep and their refit weights together (OBS / ZipLM style).
 
-    Starting from the full least-squares solution W, repeatedly removes the channels whose
-    removal raises the squared error least, ‖W_j‖² / [H⁻¹]_jj, and updates W and H⁻¹ exactly
+    Starting from the full regularised solution W, repeatedly removes the channels whose
+    removal raises the objective least, ‖W_j‖² / [H⁻¹]_jj, and updates W and H⁻¹ exactly
     for each removal (a few channels per step, at most `max_steps` steps).
     Returns (sorted kept indices, weights [n_keep+1, D] with the bias row last).
     """
-    c = gram.shape[0] - 1
-    h = regularize(gram, ridge)
-    hinv = np.linalg.inv(h)
+    problem = Problem(gram, cross, ridge, prior)
+    c = problem.channels
+    hinv = np.linalg.inv(problem.h)
     hinv = (hinv + hinv.T) / 2
-    w = hinv @ cross
+    w = hinv @ problem.b
     alive = np.ones(c, dtype=bool)
     to_remove = c - n_keep
     block = max(1, math.ceil(to_remove / max_steps))
@@ -80,8 +99,8 @@ def obs_select(
         alive[sel] = False
         to_remove -= k
     keep = np.flatnonzero(alive)
-    # A final exact refit on the kept set removes the drift of the rank-k updates.
-    return keep, refit(gram, cross, keep, ridge)
+    # A final exact solve on the kept set removes the drift of the rank-k updates.
+    return keep, problem.solve(keep)
 
 
 def fold_bias(mean: np.ndarray, weight: np.ndarray, keep: np.ndarray) -> np.ndarray:
