@@ -29,28 +29,44 @@ class LayerStats:
     _width: float = field(init=False, default=1.0)
 
     def __post_init__(self) -> None:
+        self._sum = np.zeros(self.channels)
+        self._sumsq = np.zeros(self.channels)
         c = self.channels + 1
         self.gram = np.zeros((c, c), dtype=np.float64)
         if self.targets:
             self.cross = np.zeros((c, self.targets), dtype=np.float64)
 
-    def add(self, x: np.ndarray, y: np.ndarray | None = None, mask: np.ndarray | None = None) -> None:
-        """Folds in rows of x ([..., C]) and, when targets are tracked, y ([..., D])."""
+    def add(
+        self,
+        x: np.ndarray,
+        y: np.ndarray | None = None,
+        mask: np.ndarray | None = None,
+        weights: np.ndarray | None = None,
+    ) -> None:
+        """Folds in rows of x ([..., C]) and, when targets are tracked, y ([..., D]).
+
+        `weights` (one per row) weight the rows of the least-squares problem (H and B);
+        the per-channel statistics stay unweighted.
+        """
         x2 = x.reshape(-1, self.channels)
         y2 = None if y is None else y.reshape(-1, y.shape[-1])
         if mask is not None:
             x2 = x2[mask]
             y2 = None if y2 is None else y2[mask]
+            weights = None if weights is None else weights[mask]
         if x2.shape[0] == 0:
             return
         xa = np.empty((x2.shape[0], self.channels + 1), dtype=np.float64)
         xa[:, :-1] = x2
         xa[:, -1] = 1.0
-        self.gram += xa.T @ xa
+        self._sum += xa[:, :-1].sum(axis=0)
+        self._sumsq += np.square(xa[:, :-1]).sum(axis=0)
+        xw = xa if weights is None else xa * weights[:, None]
+        self.gram += xw.T @ xa
         if self.cross is not None:
             if y2 is None or y2.shape[0] != x2.shape[0]:
                 raise ValueError("target rows do not match input rows")
-            self.cross += xa.T @ y2.astype(np.float64)
+            self.cross += xw.T @ y2.astype(np.float64)
         self._histogram(x2)
         self.rows += x2.shape[0]
 
@@ -71,11 +87,11 @@ class LayerStats:
 
     @property
     def mean(self) -> np.ndarray:
-        return self.gram[:-1, -1] / max(self.rows, 1)
+        return self._sum / max(self.rows, 1)
 
     @property
     def sq_mean(self) -> np.ndarray:
-        return np.diag(self.gram)[:-1] / max(self.rows, 1)
+        return self._sumsq / max(self.rows, 1)
 
     @property
     def var(self) -> np.ndarray:

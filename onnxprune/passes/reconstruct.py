@@ -79,6 +79,7 @@ class Target:
     reference: tuple[str, ...]  # names read from the original model, concatenated
     residual: str | None = None  # name read from the current model and subtracted
     bias: np.ndarray | None = None  # constant subtracted
+    norm_scale: np.ndarray | None = None  # gain of a LayerNormalization reading the sum
 
 
 def consumer_target(group: ChannelGroup) -> Target:
@@ -105,8 +106,26 @@ def consumer_target(group: ChannelGroup) -> Target:
             bias = b.astype(np.float64)
             value = add.outputs[0]
             continue
-        return Target((add.outputs[0].name or "",), residual=other.name, bias=bias)
+        return Target((add.outputs[0].name or "",), residual=other.name, bias=bias,
+                      norm_scale=_layer_norm_scale(add.outputs[0]))
     return Target(outputs)
+
+
+def _layer_norm_scale(value: ir.Value) -> np.ndarray | None:
+    """γ of the LayerNormalization (over the last axis) that alone reads `value`."""
+    uses = list(value.uses())
+    if len(uses) != 1 or value.is_graph_output():
+        return None
+    node = uses[0].node
+    axis = node.attributes.get("axis")
+    if node.op_type != "LayerNormalization" or uses[0].idx != 0:
+        return None
+    if axis is not None and axis.as_int() != -1:
+        rank = None if value.shape is None else len(value.shape)
+        if rank is None or axis.as_int() != rank - 1:
+            return None
+    gamma = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
+    return None if gamma is None or gamma.ndim != 1 else gamma.astype(np.float64)
 
 
 def collect_stats(
@@ -135,9 +154,16 @@ def collect_stats(
         lead = x.shape[:-1]
         mask = row_mask(batch, calib.token_mask, int(np.prod(lead)), tuple(lead))
         y = None
+        w = None
         if reference is not None:
             feeds = {i.name: batch[i.name] for i in reference.get_inputs()}
             parts = reference.run(list(target.reference), feeds)
+            if target.norm_scale is not None:
+                # LayerNorm divides each row by its spread: an error on a row of small
+                # spread is amplified, so weight rows by 1 / variance (first-order LN).
+                t = parts[0].reshape(-1, parts[0].shape[-1]).astype(np.float64)
+                w = 1.0 / np.maximum(t.var(axis=1), 1e-12)
+                w /= w.mean()
             y = np.concatenate([a.reshape(-1, a.shape[-1]) for a in parts], axis=1)
             y = y.astype(np.float64)
             if target.residual is not None:
@@ -151,7 +177,7 @@ def collect_stats(
                 y -= r.reshape(y.shape)
             if target.bias is not None:
                 y -= target.bias.reshape(-1)
-        stats.add(x, y, mask)
+        stats.add(x, y, mask, w)
 
     capture(current, names, calib.batches, on_batch)
     if stats.rows == 0:
@@ -175,7 +201,11 @@ def fit_group(
     """Chooses the kept channels (by OBS when scores is None) and the repaired weights."""
     prior = _joined_weight(group)
     if scores is None:
-        keep, w = obs_select(stats.gram, stats.cross, n_keep, calib.ridge, prior)  # type: ignore[arg-type]
+        gamma = consumer_target(group).norm_scale
+        keep, w = obs_select(
+            stats.gram, stats.cross, n_keep, calib.ridge, prior,  # type: ignore[arg-type]
+            out_weights=None if gamma is None else np.square(gamma), center=gamma is not None,
+        )
         if calib.reconstruct != "lstsq":
             w = None  # OBS chose the channels; the repair is the one asked for
     else:

@@ -69,6 +69,8 @@ def obs_select(
     ridge: float,
     prior: np.ndarray | None = None,
     *,
+    out_weights: np.ndarray | None = None,
+    center: bool = False,
     max_steps: int = 128,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Chooses the channels to keep and their refit weights together (OBS / ZipLM style).
@@ -76,6 +78,10 @@ def obs_select(
     Starting from the full regularised solution W, repeatedly removes the channels whose
     removal raises the objective least, ‖W_j‖² / [H⁻¹]_jj, and updates W and H⁻¹ exactly
     for each removal (a few channels per step, at most `max_steps` steps).
+    `out_weights` (per output column) and `center` change only which channels go: when a
+    LayerNorm follows, an error shared by all outputs of a row vanishes (center) and the
+    rest is scaled by the LN gain (out_weights = γ²). The refit itself is unchanged, since
+    least squares is optimal for every output column on its own.
     Returns (sorted kept indices, weights [n_keep+1, D] with the bias row last).
     """
     problem = Problem(gram, cross, ridge, prior)
@@ -88,7 +94,9 @@ def obs_select(
     block = max(1, math.ceil(to_remove / max_steps))
     while to_remove > 0:
         d = np.diag(hinv)[:c]
-        cost = np.square(w[:c]).sum(axis=1) / np.maximum(d, 1e-300)
+        rows = w[:c] - w[:c].mean(axis=1, keepdims=True) if center else w[:c]
+        sq = np.square(rows) if out_weights is None else np.square(rows) * out_weights
+        cost = sq.sum(axis=1) / np.maximum(d, 1e-300)
         cost[~alive] = np.inf
         k = min(block, to_remove)
         sel = np.argpartition(cost, k - 1)[:k]
