@@ -230,7 +230,7 @@ def verify(
     *,
     data: str | os.PathLike[str] | Sequence[Batch] | None = None,
     providers: Sequence[Provider] = ("cpu",),
-    tolerances: Tolerances = Tolerances(),
+    tolerances: Tolerances | None = None,
     shapes: dict[str, tuple[int, ...]] | None = None,
     generated_inputs: bool = False,
 ) -> VerifyResult:
@@ -248,7 +248,7 @@ def verify(
     ref_src: ModelSource = reference if isinstance(reference, (str, os.PathLike)) else ref
     cand_src: ModelSource = candidate if isinstance(candidate, (str, os.PathLike)) else cand
     return compare_models(
-        ref_src, cand_src, batches, providers=providers, tolerances=tolerances,
+        ref_src, cand_src, batches, providers=providers, tolerances=tolerances or Tolerances(),
         generated_inputs=generated,
     )
 

@@ -73,7 +73,7 @@ def load_model(path: str | os.PathLike[str]) -> ir.Model:
         raise InputError(f"{p}: is a folder, not an .onnx file; give the model file inside it")
     try:
         proto = onnx.load(str(p), load_external_data=False)
-    except (DecodeError, ValueError, RuntimeError, onnx.onnx_cpp2py_export.checker.ValidationError) as e:
+    except (DecodeError, ValueError, RuntimeError, onnx.checker.ValidationError) as e:
         raise InputError(
             f"{p}: not a readable ONNX model (truncated or not ONNX: {type(e).__name__}); "
             "re-export or re-download it"

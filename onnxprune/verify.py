@@ -203,7 +203,7 @@ def compare_models(
                 raise DataError(
                     f"candidate model failed on batch {count} ({p}): {_first_line(e)}"
                 ) from e
-            for name, r, c in zip(ref_outputs, ref, cand):
+            for name, r, c in zip(ref_outputs, ref, cand, strict=False):
                 if r.shape != c.shape:
                     raise InputError(
                         f"output '{name}' has shape {list(c.shape)} in the candidate, "

@@ -81,7 +81,7 @@ def _check_batch(batch: Mapping[str, np.ndarray], specs: Sequence[InputSpec], wh
                 f"{len(spec.dims)} (dims {list(spec.dims)})"
             )
         if spec.dims is not None:
-            for axis, (want, got) in enumerate(zip(spec.dims, arr.shape)):
+            for axis, (want, got) in enumerate(zip(spec.dims, arr.shape, strict=False)):
                 if isinstance(want, int) and want != got:
                     raise DataError(
                         f"{where}: input '{spec.name}' has size {got} on axis {axis}, "

@@ -63,7 +63,7 @@ def capture(
         except Exception as e:
             text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise DataError(f"calibration batch {count} failed in onnxruntime: {text}") from e
-        captured = dict(zip(wanted, arrays))
+        captured = dict(zip(wanted, arrays, strict=False))
         for name, arr in captured.items():
             if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
                 raise DataError(

@@ -17,7 +17,6 @@ import fnmatch
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 import onnx_ir as ir
 
 from onnxprune.graph.weights import WeightUse, const_array, is_constant, weight_uses
@@ -257,7 +256,9 @@ class _Fill:
     def _reshape(self, node: ir.Node, axis: int) -> None:
         target = const_array(node.inputs[1])
         if target is None:
-            raise _Decline(f"its channels reach {_label(node)}, whose shape is computed at run time")
+            raise _Decline(
+                f"its channels reach {_label(node)}, whose shape is computed at run time"
+            )
         if axis != -1 or target.size == 0 or int(target[-1]) not in (self.group.size, 0):
             raise _Decline(f"{_label(node)} does not keep the channel axis last")
         if int(target[-1]) == self.group.size:

@@ -253,10 +253,10 @@ def _add_bias(graph: ir.Graph, use: WeightUse, delta: np.ndarray) -> None:
         add = uses[0].node
         other = add.inputs[1 - uses[0].idx]
         b = const_array(other)
-        if b is not None and b.shape[-1:] == (delta.size,) and b.size == delta.size:
-            if len(other.uses()) == 1:  # type: ignore[union-attr]
-                set_const_array(other, (b + delta.astype(b.dtype)).reshape(b.shape))  # type: ignore[arg-type]
-                return
+        fits = b is not None and b.shape[-1:] == (delta.size,) and b.size == delta.size
+        if fits and len(other.uses()) == 1:  # type: ignore[union-attr]
+            set_const_array(other, (b + delta.astype(b.dtype)).reshape(b.shape))  # type: ignore
+            return
     dtype = const_array(use.weight).dtype  # type: ignore[union-attr]
     name = f"{out.name}_bias_fix"
     bias_value = ir.Value(

@@ -16,7 +16,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import NameFixPass
 
-from onnxprune.errors import InputError
+from onnxprune.errors import InputError, OnnxPruneError
 from onnxprune.graph.channels import ChannelGroup, find_channel_groups
 from onnxprune.graph.slicing import keep_channels
 from onnxprune.graph.weights import const_array
@@ -46,6 +46,17 @@ class GroupDecision:
 
     def to_dict(self) -> dict[str, object]:
         return dict(vars(self))
+
+    @classmethod
+    def of(cls, group: ChannelGroup, after: int, reason: str | None = None) -> GroupDecision:
+        return cls(
+            group.name,
+            tuple(u.node.name or "" for u in group.producers),
+            tuple(u.node.name or "" for u in group.consumers),
+            group.size,
+            after,
+            reason,
+        )
 
 
 @dataclass(frozen=True)
@@ -168,7 +179,9 @@ class RemoveNeuronsPass(ir.passes.InPlacePass):
             if groups[gi].size - removed[gi] > floors[gi]:
                 removed[gi] += 1
                 budget -= 1
-        return [_kept_count(g.size, r, self.round_to) for g, r in zip(groups, removed)]
+        return [
+            _kept_count(g.size, r, self.round_to) for g, r in zip(groups, removed, strict=True)
+        ]
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         if self.calibration is not None:
@@ -179,19 +192,18 @@ class RemoveNeuronsPass(ir.passes.InPlacePass):
         counts = self._keep_counts(prunable, scores)
         decisions: list[GroupDecision] = []
         modified = False
-        plan = dict(zip((id(g) for g in prunable), zip(scores, counts)))
+        plan = dict(zip((id(g) for g in prunable), zip(scores, counts, strict=True), strict=True))
         for g in groups:
             before = g.size
-            names = (tuple(u.node.name for u in g.producers), tuple(u.node.name for u in g.consumers))
             if not g.prunable:
-                decisions.append(GroupDecision(g.name, *names, before, before, g.skip_reason))
+                decisions.append(GroupDecision.of(g, before, g.skip_reason))
                 continue
             s, count = plan[id(g)]
+            decisions.append(GroupDecision.of(g, count))
             if count < before:
                 keep = np.sort(np.argsort(-s, kind="stable")[:count])
                 keep_channels(model.graph, g, keep)
                 modified = True
-            decisions.append(GroupDecision(g.name, *names, before, count))
             logger.info("group %s: %d -> %d channels", g.name, before, count)
         self.result = RemoveNeuronsResult(self.criterion, tuple(decisions))
         return ir.passes.PassResult(model, modified=modified)
@@ -213,13 +225,17 @@ class RemoveNeuronsPass(ir.passes.InPlacePass):
         counts = self._calibrated_counts(model, prunable, calib)
         decisions: dict[str, GroupDecision] = {}
         modified = False
-        for g0, count in zip(prunable, counts):
+        for g0, count in zip(prunable, counts, strict=True):
+            # Re-analyse: earlier groups' slicing replaced constants this group may share.
             key = g0.producers[0].node
-            current = next(g for g in find_channel_groups(model) if g.producers[0].node is key)
-            names = (tuple(u.node.name for u in current.producers),
-                     tuple(u.node.name for u in current.consumers))
+            current = next(
+                (g for g in find_channel_groups(model) if g.producers[0].node is key), None
+            )
+            if current is None or not current.prunable:
+                raise OnnxPruneError(f"group '{g0.name}' changed while pruning; please report")
             before = current.size
             note = reasons.get(g0.name)
+            decisions[g0.name] = GroupDecision.of(current, count, note)
             if count < before:
                 if note is None:
                     stats = collect_stats(model, reference, current, calib)
@@ -234,16 +250,8 @@ class RemoveNeuronsPass(ir.passes.InPlacePass):
                     s = score_channels("l1", group_weights(current, seed=self.seed))
                     keep_channels(model.graph, current, np.sort(np.argsort(-s)[:count]))
                 modified = True
-            decisions[g0.name] = GroupDecision(g0.name, *names, before, count, note)
             logger.info("group %s: %d -> %d channels", g0.name, before, count)
-        out = []
-        for g in groups:
-            if g.name in decisions:
-                out.append(decisions[g.name])
-            else:
-                names = (tuple(u.node.name for u in g.producers),
-                         tuple(u.node.name for u in g.consumers))
-                out.append(GroupDecision(g.name, *names, g.size, g.size, g.skip_reason))
+        out = [decisions.get(g.name) or GroupDecision.of(g, g.size, g.skip_reason) for g in groups]
         self.result = RemoveNeuronsResult(self.criterion, tuple(out))
         return ir.passes.PassResult(model, modified=modified)
 
