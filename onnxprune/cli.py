@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import onnx_ir as ir
 from rich.console import Console
@@ -142,7 +145,7 @@ def _inspect_parser() -> argparse.ArgumentParser:
 def _run_verify(console: Console, args: argparse.Namespace, reference: str,
                 candidate: str | ir.Model,
                 tolerances: Tolerances, batches: list[Batch] | None = None,
-                generated: bool = False) -> VerifyResult:
+                generated: bool = False, show: bool = True) -> VerifyResult:
     providers = parse_providers(args.providers)
     shapes = parse_shape_overrides(args.shape)
     with console.status("verifying on onnxruntime ..."):
@@ -150,11 +153,16 @@ def _run_verify(console: Console, args: argparse.Namespace, reference: str,
                             data=args.data if batches is None else batches,
                             providers=providers, tolerances=tolerances, shapes=shapes,
                             generated_inputs=generated)
+    if show:
+        _show_verify(console, result)
+    return result
+
+
+def _show_verify(console: Console, result: VerifyResult) -> None:
     if result.generated_inputs:
         console.print("[yellow]no --data given: verified on inputs generated from the input "
                       "signature (random values); give --data for a meaningful check[/]")
     console.print(verify_table(result))
-    return result
 
 
 def _cmd_prune(argv: Sequence[str], console: Console) -> int:
@@ -181,22 +189,25 @@ def _cmd_prune(argv: Sequence[str], console: Console) -> int:
         report = api.prune_model(model, config)
     report.before = replace(report.before, file_bytes=Path(args.model).stat().st_size)
     api.check_written(model)
-    console.print(stats_table(report.before, report.after))
-    for name, res in report.passes.items():
-        console.print(_pass_table(name, res))
-    for note in report.notes:
-        console.print(f"[yellow]{note}[/]")
     data: dict[str, object] = {"input": str(args.model), "output": str(out)}
     code = EXIT_OK
+    result = None
     if not args.no_verify:
         # Verify the model in memory first: a run that cannot verify writes nothing.
         result = _run_verify(console, args, args.model, model, _tolerances(args, None),
-                             batches, generated)
+                             batches, generated, show=False)
         data["verification"] = result.to_dict()
         code = EXIT_OK if result.ok else EXIT_FAILED
     with console.status(f"saving {out} ..."):
         save_model(model, out)
     report.after = replace(report.after, file_bytes=out.stat().st_size)
+    console.print(stats_table(report.before, report.after))
+    for name, res in report.passes.items():
+        console.print(_pass_table(name, res))
+    for note in report.notes:
+        console.print(f"[yellow]{note}[/]")
+    if result is not None:
+        _show_verify(console, result)
     console.print(f"wrote {out} ({human_bytes(report.after.file_bytes)}, "
                   f"{report.after.file_bytes / max(report.before.file_bytes or 1, 1):.1%} "
                   "of the input)")
@@ -207,19 +218,25 @@ def _cmd_prune(argv: Sequence[str], console: Console) -> int:
     return code
 
 
-def _pass_table(name: str, res: dict[str, object]) -> Table:
+def _pass_table(name: str, res: dict[str, Any]) -> Table:
     if "groups" in res:
         t = Table(title=f"{name} (criterion {res.get('criterion')})")
         for col in ("group", "channels", "kept", "note"):
             t.add_column(col)
-        for g in res["groups"]:  # type: ignore[union-attr]
+        skipped: Counter[str] = Counter()
+        for g in res["groups"]:
+            if g["reason"] is not None and g["channels_after"] == g["channels_before"]:
+                skipped[re.sub(r"'[^']*'", "'…'", g["reason"])] += 1
+                continue
             t.add_row(g["group"], str(g["channels_before"]), str(g["channels_after"]),
                       g["reason"] or "")
+        for reason, n in skipped.items():
+            t.add_row(f"{n} more", "", "", f"left alone: {reason}")
         return t
     t = Table(title=name)
     for col in ("weight", "size", "sparsity", "note"):
         t.add_column(col)
-    for layer in res.get("layers", []):  # type: ignore[union-attr]
+    for layer in res.get("layers", []):
         t.add_row(layer["weight"], str(layer["size"]), f"{layer['sparsity']:.3f}",
                   layer["skipped"] or "")
     return t
@@ -245,15 +262,17 @@ def _cmd_verify(argv: Sequence[str], console: Console) -> int:
 def _cmd_inspect(argv: Sequence[str], console: Console) -> int:
     args = _inspect_parser().parse_args(argv)
     info = api.inspect(args.model)
-    t = Table(title=f"{args.model}: {info.stats.parameters:,} parameters, opset {info.opset}, "
-              f"{human_bytes(info.stats.file_bytes)}")
-    for col in ("group", "channels", "producers", "consumers", "prunable / why not"):
-        t.add_column(col)
+    console.print(f"{args.model}: {info.stats.parameters:,} parameters, opset {info.opset}, "
+                  f"{human_bytes(info.stats.file_bytes)}, "
+                  f"{info.stats.weight_flops_per_row:,} MatMul/Gemm FLOPs per row")
     for g in info.groups:
-        t.add_row(g.name, str(g.size), ", ".join(u.node.name for u in g.producers),
-                  ", ".join(u.node.name for u in g.consumers),
-                  "yes" if g.prunable else f"no: {g.skip_reason}")
-    console.print(t)
+        consumers = ", ".join(u.node.name or "?" for u in g.consumers) or "-"
+        if g.prunable:
+            console.print(f"  [green]prunable[/] {g.name}: {g.size} channels -> {consumers}",
+                          soft_wrap=True)
+        else:
+            console.print(f"  [yellow]skipped[/]  {g.name}: {g.size} channels: {g.skip_reason}",
+                          soft_wrap=True)
     n = sum(g.prunable for g in info.groups)
     console.print(f"{n} of {len(info.groups)} channel groups prunable"
                   + ("" if n else " - structured pruning would change nothing"))
@@ -265,7 +284,9 @@ def _cmd_inspect(argv: Sequence[str], console: Console) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     quiet = "-q" in argv or "--quiet" in argv
-    console = Console(quiet=quiet, stderr=False, highlight=False)
+    # Piped output gets 120 columns, not rich's 80: node names are long.
+    width = None if sys.stdout.isatty() else 120
+    console = Console(quiet=quiet, stderr=False, highlight=False, width=width)
     commands = {"verify": _cmd_verify, "inspect": _cmd_inspect}
     try:
         if argv and argv[0] in commands:

@@ -91,10 +91,16 @@ def stats_table(before: ModelStats, after: ModelStats) -> Table:
             human_bytes(after.file_bytes),
             _ratio(before.file_bytes, after.file_bytes),
         )
+    nodes_a, nodes_b = sum(before.op_counts.values()), sum(after.op_counts.values())
+    t.add_row("nodes", str(nodes_a), str(nodes_b), _ratio(nodes_a, nodes_b))
     ops = sorted(set(before.op_counts) | set(after.op_counts))
-    for op in ops:
+    changed = [op for op in ops if before.op_counts.get(op, 0) != after.op_counts.get(op, 0)]
+    for op in changed:
         a, b = before.op_counts.get(op, 0), after.op_counts.get(op, 0)
-        t.add_row(f"op {op}", str(a), str(b), "" if a == b else f"{b - a:+d}")
+        t.add_row(f"  {op} nodes", str(a), str(b), f"{b - a:+d}")
+    top = sorted(after.op_counts.items(), key=lambda kv: -kv[1])[:8]
+    t.caption = "ops after: " + ", ".join(f"{op} {n}" for op, n in top) + (
+        ", ..." if len(after.op_counts) > 8 else "") + " (all in --report)"
     return t
 
 

@@ -76,10 +76,13 @@ class _Accumulator:
 
 
 def _looks_like_scores(arr: np.ndarray) -> bool:
-    """Class scores: float, at least 2-D, a short last axis of classes."""
-    return (
-        np.issubdtype(arr.dtype, np.floating) and arr.ndim >= 2 and 2 <= arr.shape[-1] <= 1000
-    )
+    """Class scores: float, at least 2-D, a short last axis, not unit-norm embeddings."""
+    if not (np.issubdtype(arr.dtype, np.floating) and arr.ndim >= 2):
+        return False
+    if not 2 <= arr.shape[-1] <= 1000:
+        return False
+    norms = np.linalg.norm(arr.astype(np.float64), axis=-1)
+    return not np.allclose(norms, 1.0, atol=1e-3)
 
 
 @dataclass(frozen=True)
