@@ -26,7 +26,7 @@ from onnxprune.errors import InputError, OnnxPruneError, UnsupportedModelError
 from onnxprune.graph.accounting import ModelStats, model_stats
 from onnxprune.graph.channels import ChannelGroup, find_channel_groups
 from onnxprune.io import MIN_OPSET, load_model, save_model
-from onnxprune.passes.reconstruct import Calibration, Reconstruct
+from onnxprune.passes.reconstruct import DEFAULT_RIDGE, Calibration, Reconstruct
 from onnxprune.passes.remove_neurons import RemoveNeuronsPass
 from onnxprune.passes.zero_weights import ZeroWeightsPass
 from onnxprune.runtime import ModelSource, Provider, make_session
@@ -60,7 +60,7 @@ class PruneConfig:
     calibration: str | os.PathLike[str] | Sequence[Batch] | None = None
     token_mask: str | None = None
     reconstruct: Reconstruct | None = None
-    ridge: float = 1e-3
+    ridge: float = DEFAULT_RIDGE
     global_ranking: bool = False
     max_group_sparsity: float = 0.9
     round_to: int = 1

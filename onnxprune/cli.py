@@ -24,6 +24,7 @@ from onnxprune import api
 from onnxprune.calibration.data import Batch, parse_shape_overrides
 from onnxprune.errors import InputError, OnnxPruneError
 from onnxprune.io import check_output_path, load_model, save_model
+from onnxprune.passes.reconstruct import DEFAULT_RIDGE
 from onnxprune.report import human_bytes, stats_table, verify_table, write_json
 from onnxprune.runtime import parse_providers
 from onnxprune.scoring.criteria import CRITERIA
@@ -109,7 +110,7 @@ def _main_parser() -> argparse.ArgumentParser:
                    help="input whose zeros mark padding rows to ignore (e.g. attention_mask)")
     g.add_argument("--reconstruct", choices=("none", "bias", "lstsq"),
                    help="repair after removal (default lstsq with --calibration, else none)")
-    g.add_argument("--ridge", type=float, default=1e-3,
+    g.add_argument("--ridge", type=float, default=DEFAULT_RIDGE,
                    help="ridge strength of the repair, relative to the mean activation power")
     g.add_argument("--global", dest="global_ranking", action="store_true",
                    help="rank neurons across groups instead of per group")

@@ -27,11 +27,14 @@ from onnxprune.runtime import make_session
 from onnxprune.scoring.lstsq import fold_bias, obs_select, refit
 
 __all__ = ["Calibration", "Reconstruct", "GroupFit", "collect_stats", "fit_group", "apply_fit",
-           "reference_session", "shared_input"]
+           "reference_session", "shared_input", "DEFAULT_RIDGE"]
 
 logger = logging.getLogger(__name__)
 
 Reconstruct = Literal["none", "bias", "lstsq"]
+# Relative to the mean activation power. Tuned on MiniLM at 50 % FFN: 1e-3 0.9551, 0.01 0.9573,
+# 0.05 0.9597, 0.1 0.9595, 1.0 0.9386 (mean cosine, 256 calibration sentences).
+DEFAULT_RIDGE = 0.05
 
 
 @dataclass(frozen=True)
@@ -41,7 +44,7 @@ class Calibration:
     batches: Sequence[Batch]
     token_mask: str | None = None
     reconstruct: Reconstruct = "lstsq"
-    ridge: float = 1e-3
+    ridge: float = DEFAULT_RIDGE
 
 
 @dataclass
