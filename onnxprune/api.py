@@ -25,7 +25,7 @@ from onnxprune.calibration.data import (
 from onnxprune.errors import InputError, OnnxPruneError, UnsupportedModelError
 from onnxprune.graph.accounting import ModelStats, model_stats
 from onnxprune.graph.channels import ChannelGroup, find_channel_groups
-from onnxprune.io import MIN_OPSET, load_model, save_model
+from onnxprune.io import MIN_OPSET, load_model, save_model, serialized_model
 from onnxprune.passes.reconstruct import DEFAULT_RIDGE, Calibration, Reconstruct
 from onnxprune.passes.remove_neurons import RemoveNeuronsPass
 from onnxprune.passes.zero_weights import ZeroWeightsPass
@@ -280,15 +280,13 @@ def check_written(model: ir.Model) -> None:
 
     Raises OnnxPruneError naming the failing check, so nothing broken is ever saved.
     """
-    proto = ir.serde.serialize_model(model)
-    if proto.ByteSize() >= 2**31 - 2**20:
-        return  # checked after saving with external data by verification instead
-    try:
-        onnx.checker.check_model(proto, full_check=True)
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise OnnxPruneError(
-            f"the rewritten model fails onnx.checker ({first}); nothing was written. "
-            "Please report this with the model's op list (onnxprune inspect)"
-        ) from e
-    make_session(model, "cpu")
+    with serialized_model(model) as data:
+        try:
+            onnx.checker.check_model(onnx.ModelProto.FromString(data), full_check=True)
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise OnnxPruneError(
+                f"the rewritten model fails onnx.checker ({first}); nothing was written. "
+                "Please report this with the model's op list (onnxprune inspect)"
+            ) from e
+        make_session(data, "cpu")

@@ -11,6 +11,7 @@ import contextlib
 import os
 import stat
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
@@ -19,7 +20,13 @@ from google.protobuf.message import DecodeError
 
 from onnxprune.errors import InputError
 
-__all__ = ["load_model", "save_model", "check_output_path", "uses_external_data"]
+__all__ = [
+    "load_model",
+    "save_model",
+    "check_output_path",
+    "uses_external_data",
+    "serialized_model",
+]
 
 _TWO_GB = 2**31
 MIN_OPSET = 11  # Clip/Dropout take their parameters as inputs from here on
@@ -167,3 +174,33 @@ def save_model(
             tmp.unlink()
         raise
     return out
+
+
+@contextlib.contextmanager
+def serialized_model(model: ir.Model) -> Iterator[bytes]:
+    """The model as protobuf bytes, inside a context where its external data resolves.
+
+    onnx.checker and onnxruntime resolve the external data of a model given as bytes
+    against the working directory, so the context switches to the data's folder for its
+    duration (weights are neither copied nor linked; the input folder is not written).
+    """
+    proto = ir.serde.serialize_model(model)
+    if proto.ByteSize() >= _TWO_GB - 2**20:
+        raise InputError(
+            "the model is over 2 GB with its rewritten weights held in memory; "
+            "this is not supported yet"
+        )
+    folders = {
+        str(Path(v.const_value.base_dir).resolve())
+        for v in model.graph.initializers.values()
+        if isinstance(v.const_value, ir.ExternalTensor)
+    }
+    if len(folders) > 1:
+        raise InputError("external data spread over several folders is not supported")
+    previous = os.getcwd()
+    if folders:
+        os.chdir(folders.pop())
+    try:
+        yield proto.SerializeToString()
+    finally:
+        os.chdir(previous)

@@ -8,9 +8,7 @@ provider in use is checked after the session is built.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Literal
 
 import onnx_ir as ir
@@ -96,15 +94,7 @@ def make_session(
 def _session_from_ir(
     model: ir.Model, opts: ort.SessionOptions, providers: list[str]
 ) -> ort.InferenceSession:
-    external = any(
-        isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values()
-    )
-    proto = None if external else ir.serde.serialize_model(model)
-    if proto is not None and proto.ByteSize() < _PROTO_LIMIT:
-        return ort.InferenceSession(
-            proto.SerializeToString(), sess_options=opts, providers=providers
-        )
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "model.onnx"
-        ir.save(model, path, external_data="model.onnx.data")
-        return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    from onnxprune.io import serialized_model  # io sits beside runtime; imported late
+
+    with serialized_model(model) as data:
+        return ort.InferenceSession(data, sess_options=opts, providers=providers)
