@@ -180,7 +180,7 @@ def latency_ratio(
 
 
 def model_stats(path: str | Path) -> dict[str, float]:
-    """Parameter count (float initializers and Constant tensors), file size, op counts."""
+    """Parameter count (numeric initializers and Constant tensors), file size, node count."""
     import onnx
     from onnx import numpy_helper
 
@@ -192,8 +192,9 @@ def model_stats(path: str | Path) -> dict[str, float]:
         for attr in node.attribute
         if attr.name == "value"
     ]
+    # Every numeric tensor counts, so an int8 copy of a weight counts like the float one.
     params = sum(
-        int(np.prod(t.dims)) for t in tensors if numpy_helper.to_array(t).dtype.kind == "f"
+        int(np.prod(t.dims)) for t in tensors if numpy_helper.to_array(t).dtype.kind in "fiu"
     )
     return {
         "parameters": float(params),

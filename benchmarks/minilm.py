@@ -149,8 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-HEADER = ("| exporter | method &#124; FFN sparsity | params | cosine mean | cosine min | Spearman "
-          "| probe acc | onnxprune time | peak mem | CPU speedup |")
+HEADER = ("| exporter | method | FFN removed | params | cosine mean | cosine min | Spearman "
+          "| probe acc | tool time | peak mem | CPU speedup |")
 
 
 def _row(r: dict[str, object]) -> str:
@@ -158,14 +158,15 @@ def _row(r: dict[str, object]) -> str:
         v = r[key]
         return "-" if v != v else format(v, fmt)  # NaN -> "-"
 
-    return (f"| {r['exporter']} | {r['method']} | {r['parameters'] / 1e6:.2f}M | "
+    method, _, sparsity = str(r["method"]).partition(" | ")
+    return (f"| {r['exporter']} | {method} | {sparsity or '-'} | {r['parameters'] / 1e6:.2f}M | "
             f"{f('mean_cosine', '.4f')} | {f('min_cosine', '.4f')} | {f('spearman', '.4f')} | "
             f"{f('probe', '.3f')} | {f('wall_s', '.1f')} s | {f('peak_mib', '.0f')} MiB | "
             f"{f('speedup', '.2f')}x |")
 
 
 def table(results: list[dict[str, object]]) -> str:
-    sep = "|" + "---|" * 10
+    sep = "|" + "---|" * 11
     return "\n".join([HEADER, sep, *(_row(r) for r in results)])
 
 
