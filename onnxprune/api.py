@@ -27,7 +27,7 @@ from onnxprune.graph.accounting import ModelStats, model_stats
 from onnxprune.graph.channels import ChannelGroup, find_channel_groups
 from onnxprune.io import MIN_OPSET, load_model, save_model, serialized_model
 from onnxprune.passes.reconstruct import DEFAULT_RIDGE, Calibration, Reconstruct
-from onnxprune.passes.remove_neurons import RemoveNeuronsPass
+from onnxprune.passes.remove_neurons import Progress, RemoveNeuronsPass
 from onnxprune.passes.zero_weights import ZeroWeightsPass
 from onnxprune.runtime import ModelSource, Provider, make_session
 from onnxprune.verify import Tolerances, VerifyResult, compare_models
@@ -67,7 +67,9 @@ class PruneConfig:
     ignore: tuple[str, ...] = ()
     seed: int = 0
 
-    def passes(self, model: ir.Model | None = None) -> list[ir.passes.PassBase]:
+    def passes(
+        self, model: ir.Model | None = None, progress: Progress | None = None
+    ) -> list[ir.passes.PassBase]:
         """The passes to run; `model` is needed to check calibration data against it."""
         if self.reconstruct not in (None, "none") and self.calibration is None:
             raise InputError(f"--reconstruct {self.reconstruct} needs --calibration data")
@@ -97,6 +99,7 @@ class PruneConfig:
                     sparsity=self.sparsity,
                     criterion=criterion,
                     calibration=calib,
+                    progress=progress,
                     global_ranking=self.global_ranking,
                     max_group_sparsity=self.max_group_sparsity,
                     round_to=self.round_to,
@@ -149,10 +152,15 @@ def check_supported(model: ir.Model, where: str = "model") -> None:
         )
 
 
-def prune_model(model: ir.Model, config: PruneConfig) -> PruneReport:
-    """Runs the configured passes on `model` in place and says what they did."""
+def prune_model(
+    model: ir.Model, config: PruneConfig, progress: Progress | None = None
+) -> PruneReport:
+    """Runs the configured passes on `model` in place and says what they did.
+
+    `progress(done, total, label)` is called as calibrated pruning moves from group to group.
+    """
     check_supported(model)
-    passes = config.passes(model)
+    passes = config.passes(model, progress)
     before = model_stats(model)
     modified = False
     for p in passes:

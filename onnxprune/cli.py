@@ -186,8 +186,11 @@ def _cmd_prune(argv: Sequence[str], console: Console) -> int:
         parse_providers(args.providers)
         batches, generated = api.verification_batches(model, args.data,
                                               parse_shape_overrides(args.shape))
-    with console.status("pruning ..."):
-        report = api.prune_model(model, config)
+    with console.status("pruning ...") as status:
+        def progress(done: int, total: int, label: str) -> None:
+            status.update(f"pruning: group {done + 1}/{total} ({label}), calibrating and refitting")
+
+        report = api.prune_model(model, config, progress)
     report.before = replace(report.before, file_bytes=Path(args.model).stat().st_size)
     api.check_written(model)
     data: dict[str, object] = {"input": str(args.model), "output": str(out)}

@@ -107,6 +107,7 @@ def _kept_count(size: int, remove: int, round_to: int) -> int:
 
 
 Scorer = Callable[[ChannelGroup], np.ndarray]
+Progress = Callable[[int, int, str], None]  # (groups done, groups in all, current group)
 
 
 class RemoveNeuronsPass(ir.passes.InPlacePass):
@@ -124,6 +125,7 @@ class RemoveNeuronsPass(ir.passes.InPlacePass):
         seed: int = 0,
         scorer: Scorer | None = None,
         calibration: Calibration | None = None,
+        progress: Progress | None = None,
     ) -> None:
         super().__init__()
         if not 0 <= sparsity < 1:
@@ -148,6 +150,7 @@ class RemoveNeuronsPass(ir.passes.InPlacePass):
         self.seed = seed
         self.scorer = scorer
         self.calibration = calibration
+        self.progress = progress
         self.result = RemoveNeuronsResult(criterion, ())
 
     def _score(self, group: ChannelGroup) -> np.ndarray:
@@ -225,7 +228,9 @@ class RemoveNeuronsPass(ir.passes.InPlacePass):
         counts = self._calibrated_counts(model, prunable, calib)
         decisions: dict[str, GroupDecision] = {}
         modified = False
-        for g0, count in zip(prunable, counts, strict=True):
+        for step, (g0, count) in enumerate(zip(prunable, counts, strict=True)):
+            if self.progress is not None:
+                self.progress(step, len(prunable), g0.name)
             # Re-analyse: earlier groups' slicing replaced constants this group may share.
             key = g0.producers[0].node
             current = next(
