@@ -26,7 +26,7 @@ from onnxprune.errors import InputError, OnnxPruneError, UnsupportedModelError
 from onnxprune.graph.accounting import ModelStats, model_stats
 from onnxprune.graph.channels import ChannelGroup, find_channel_groups
 from onnxprune.io import MIN_OPSET, load_model, save_model, serialized_model
-from onnxprune.passes.reconstruct import DEFAULT_RIDGE, Calibration, Reconstruct
+from onnxprune.passes.reconstruct import Calibration, Reconstruct
 from onnxprune.passes.remove_neurons import Progress, RemoveNeuronsPass
 from onnxprune.passes.zero_weights import ZeroWeightsPass
 from onnxprune.runtime import ModelSource, Provider, make_session
@@ -60,7 +60,7 @@ class PruneConfig:
     calibration: str | os.PathLike[str] | Sequence[Batch] | None = None
     token_mask: str | None = None
     reconstruct: Reconstruct | None = None
-    ridge: float = DEFAULT_RIDGE
+    ridge: float | None = None  # None: per layer, by cross-validation on the batches
     global_ranking: bool = False
     max_group_sparsity: float = 0.9
     round_to: int = 1
@@ -73,7 +73,7 @@ class PruneConfig:
         """The passes to run; `model` is needed to check calibration data against it."""
         if self.reconstruct not in (None, "none") and self.calibration is None:
             raise InputError(f"--reconstruct {self.reconstruct} needs --calibration data")
-        if self.ridge < 0:
+        if self.ridge is not None and self.ridge < 0:
             raise InputError(f"--ridge must be >= 0, got {self.ridge}")
         calib = None
         if self.calibration is not None:

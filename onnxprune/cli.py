@@ -48,6 +48,15 @@ def _fraction(text: str) -> float:
     return v
 
 
+def _ridge(text: str) -> float | None:
+    if text == "auto":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is neither a number nor auto") from None
+
+
 def _nm(text: str) -> tuple[int, int]:
     try:
         n, m = (int(x) for x in text.split(":"))
@@ -110,8 +119,10 @@ def _main_parser() -> argparse.ArgumentParser:
                    help="input whose zeros mark padding rows to ignore (e.g. attention_mask)")
     g.add_argument("--reconstruct", choices=("none", "bias", "lstsq"),
                    help="repair after removal (default lstsq with --calibration, else none)")
-    g.add_argument("--ridge", type=float, default=DEFAULT_RIDGE,
-                   help="ridge strength of the repair, relative to the mean activation power")
+    g.add_argument("--ridge", type=_ridge, default=None, metavar="F|auto",
+                   help="ridge strength of the repair, relative to the mean activation power "
+                   "(default auto: chosen per layer by cross-validation on the calibration "
+                   f"batches; channel selection then uses {DEFAULT_RIDGE})")
     g.add_argument("--global", dest="global_ranking", action="store_true",
                    help="rank neurons across groups instead of per group")
     g.add_argument("--max-group-sparsity", type=_fraction, default=0.9,

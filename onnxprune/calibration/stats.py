@@ -4,6 +4,9 @@ For a consumer y = x W + b, everything the repair needs is in the Gram matrix of
 augmented input [x, 1] and its cross term with the target y:  H = Σ [x,1]ᵀ[x,1] and
 B = Σ [x,1]ᵀ y. Both are summed batch by batch in float64; per-channel means, second moments
 and a histogram (for entropy) come along for the data-aware criteria.
+
+With `folds` > 1, H and B are also kept per fold (batch i goes to fold i mod folds), so the
+repair can choose its ridge by cross-validation from statistics alone.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ _BINS = 64
 class LayerStats:
     channels: int
     targets: int = 0
+    folds: int = 1
     rows: int = 0
     gram: np.ndarray = field(init=False)
     cross: np.ndarray | None = field(init=False, default=None)
@@ -35,6 +39,12 @@ class LayerStats:
         self.gram = np.zeros((c, c), dtype=np.float64)
         if self.targets:
             self.cross = np.zeros((c, self.targets), dtype=np.float64)
+        per_fold = self.folds > 1 and self.targets > 0
+        self.fold_gram = [np.zeros((c, c)) for _ in range(self.folds)] if per_fold else []
+        self.fold_cross = (
+            [np.zeros((c, self.targets)) for _ in range(self.folds)] if per_fold else []
+        )
+        self._batches = 0
 
     def add(
         self,
@@ -62,11 +72,19 @@ class LayerStats:
         self._sum += xa[:, :-1].sum(axis=0)
         self._sumsq += np.square(xa[:, :-1]).sum(axis=0)
         xw = xa if weights is None else xa * weights[:, None]
-        self.gram += xw.T @ xa
+        gram = xw.T @ xa
+        self.gram += gram
+        fold = self._batches % self.folds
+        self._batches += 1
+        if self.fold_gram:
+            self.fold_gram[fold] += gram
         if self.cross is not None:
             if y2 is None or y2.shape[0] != x2.shape[0]:
                 raise ValueError("target rows do not match input rows")
-            self.cross += xw.T @ y2.astype(np.float64)
+            cross = xw.T @ y2.astype(np.float64)
+            self.cross += cross
+            if self.fold_cross:
+                self.fold_cross[fold] += cross
         self._histogram(x2)
         self.rows += x2.shape[0]
 

@@ -24,7 +24,7 @@ from onnxprune.errors import DataError
 from onnxprune.graph.channels import ChannelGroup
 from onnxprune.graph.weights import WeightUse, const_array, set_const_array
 from onnxprune.runtime import make_session
-from onnxprune.scoring.lstsq import fold_bias, obs_select, refit
+from onnxprune.scoring.lstsq import cross_validated_ridge, fold_bias, obs_select, refit
 
 __all__ = ["Calibration", "Reconstruct", "GroupFit", "collect_stats", "fit_group", "apply_fit",
            "reference_session", "shared_input", "DEFAULT_RIDGE"]
@@ -44,7 +44,7 @@ class Calibration:
     batches: Sequence[Batch]
     token_mask: str | None = None
     reconstruct: Reconstruct = "lstsq"
-    ridge: float = DEFAULT_RIDGE
+    ridge: float | None = None  # None: chosen per layer by cross-validation
 
 
 @dataclass
@@ -146,7 +146,8 @@ def collect_stats(
     assert x_value is not None and x_value.name
     target = consumer_target(group)
     d = sum(int(np.shape(const_array(u.weight))[1 - u.reduce_axis]) for u in group.consumers)
-    stats = LayerStats(group.size, targets=d if reference is not None else 0)
+    folds = min(4, len(calib.batches)) if calib.ridge is None else 1
+    stats = LayerStats(group.size, targets=d if reference is not None else 0, folds=folds)
     names = [x_value.name]
     graph_inputs = {v.name for v in current.graph.inputs}
     if reference is not None and target.residual not in (None, *graph_inputs):
@@ -203,19 +204,22 @@ def fit_group(
 ) -> GroupFit:
     """Chooses the kept channels (by OBS when scores is None) and the repaired weights."""
     prior = _joined_weight(group)
+    select_ridge = DEFAULT_RIDGE if calib.ridge is None else calib.ridge
     if scores is None:
         gamma = consumer_target(group).norm_scale
-        keep, w = obs_select(
-            stats.gram, stats.cross, n_keep, calib.ridge, prior,  # type: ignore[arg-type]
+        keep, _ = obs_select(
+            stats.gram, stats.cross, n_keep, select_ridge, prior,  # type: ignore[arg-type]
             out_weights=None if gamma is None else np.square(gamma), center=gamma is not None,
         )
-        if calib.reconstruct != "lstsq":
-            w = None  # OBS chose the channels; the repair is the one asked for
     else:
         keep = np.sort(np.argsort(-scores, kind="stable")[:n_keep])
-        w = None
-        if calib.reconstruct == "lstsq":
-            w = refit(stats.gram, stats.cross, keep, calib.ridge, prior)  # type: ignore[arg-type]
+    w = None
+    if calib.reconstruct == "lstsq":
+        ridge = select_ridge
+        if calib.ridge is None and len(stats.fold_gram) > 1:
+            ridge = cross_validated_ridge(stats.fold_gram, stats.fold_cross, keep, prior)
+            logger.info("group %s: ridge %.3g chosen by cross-validation", group.name, ridge)
+        w = refit(stats.gram, stats.cross, keep, ridge, prior)  # type: ignore[arg-type]
     if w is not None:
         if not np.all(np.isfinite(w)):
             raise DataError(f"group '{group.name}': the least-squares refit is not finite")

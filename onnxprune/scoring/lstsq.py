@@ -20,7 +20,10 @@ import math
 
 import numpy as np
 
-__all__ = ["Problem", "refit", "obs_select", "fold_bias"]
+__all__ = ["Problem", "refit", "obs_select", "fold_bias", "cross_validated_ridge", "RIDGE_GRID"]
+
+# Candidate ridges (relative to the mean activation power) tried by cross-validation.
+RIDGE_GRID = (0.01, 0.03, 0.1, 0.3, 1.0)
 
 
 class Problem:
@@ -115,3 +118,30 @@ def fold_bias(mean: np.ndarray, weight: np.ndarray, keep: np.ndarray) -> np.ndar
     """Bias correction that replaces removed channels by their mean contribution."""
     removed = np.setdiff1d(np.arange(weight.shape[0]), keep)
     return mean[removed].astype(np.float64) @ weight[removed].astype(np.float64)
+
+
+def cross_validated_ridge(
+    fold_gram: list[np.ndarray],
+    fold_cross: list[np.ndarray],
+    keep: np.ndarray,
+    prior: np.ndarray | None,
+    grid: tuple[float, ...] = RIDGE_GRID,
+) -> float:
+    """The ridge whose refit predicts held-out calibration batches best (k-fold).
+
+    The held-out error of weights W on fold k is tr(Wᵀ H_k W) − 2 tr(Wᵀ B_k) + const, so
+    the whole search runs on the per-fold statistics, without touching data again.
+    """
+    idx = np.append(np.asarray(keep, dtype=np.int64), fold_gram[0].shape[0] - 1)
+    total_h = sum(fold_gram)
+    total_b = sum(fold_cross)
+    best, best_err = grid[0], np.inf
+    for ridge in grid:
+        err = 0.0
+        for h_k, b_k in zip(fold_gram, fold_cross, strict=True):
+            w = refit(total_h - h_k, total_b - b_k, keep, ridge, prior)
+            hv, bv = h_k[np.ix_(idx, idx)], b_k[idx]
+            err += float(np.sum(w * (hv @ w)) - 2 * np.sum(w * bv))
+        if err < best_err:
+            best, best_err = ridge, err
+    return best
