@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import stat
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
 from onnxprune.errors import InputError
+from onnxprune.files import atomic_path
 
 __all__ = [
     "load_model",
@@ -130,16 +129,6 @@ def check_output_path(
     return out
 
 
-def _mode_for(path: Path) -> int:
-    """The permissions a new file at `path` gets: the old file's, else 0o666 minus umask."""
-    try:
-        return stat.S_IMODE(path.stat().st_mode)
-    except OSError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
-
-
 def save_model(
     model: ir.Model, path: str | os.PathLike[str], *, external_data: bool | None = None
 ) -> Path:
@@ -155,24 +144,13 @@ def save_model(
         # Inline was asked for: read the weights in, or the copy would point at the
         # input's data file under a path that is wrong from the new location.
         ir.external_data.load_to_model(model)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        # mkstemp makes the file private (0600); give the model the mode a plain write
-        # would (or keep the mode of the file it replaces).
-        os.chmod(tmp, _mode_for(out))
+    with atomic_path(out) as tmp:
         if external_data:
             # The data file is written atomically by onnx_ir; the proto that points at it
-            # appears only when the rename below succeeds.
+            # appears only when the rename succeeds.
             ir.save(model, tmp, external_data=f"{out.name}.data")
         else:
             ir.save(model, tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
     return out
 
 

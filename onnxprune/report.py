@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import stat
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich.table import Table
 
+from onnxprune.files import atomic_path
 from onnxprune.graph.accounting import ModelStats
 
 if TYPE_CHECKING:  # report sits below verify in the layers; only the type is needed
@@ -31,29 +30,12 @@ def _clean(obj: object) -> object:
     return obj
 
 
-def _mode_for(path: Path) -> int:
-    """The permissions a new file at `path` gets: the old file's, else 0o666 minus umask."""
-    try:
-        return stat.S_IMODE(path.stat().st_mode)
-    except OSError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
-
-
 def write_json(path: str | os.PathLike[str], data: Mapping[str, object]) -> None:
     """Writes JSON atomically (strict: NaN and infinities become strings)."""
     out = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent or ".")
-    try:
-        os.chmod(tmp, _mode_for(out))  # not mkstemp's private 0600
-        with os.fdopen(fd, "w") as f:
-            json.dump(_clean(data), f, indent=2, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(out) as tmp, open(tmp, "w") as f:
+        json.dump(_clean(data), f, indent=2, allow_nan=False)
+        f.write("\n")
 
 
 def human_bytes(n: int | None) -> str:
