@@ -29,6 +29,7 @@ from onnxprune.io import MIN_OPSET, load_model, save_model, serialized_model
 from onnxprune.passes.reconstruct import Calibration, Reconstruct
 from onnxprune.passes.remove_neurons import Progress, RemoveNeuronsPass
 from onnxprune.passes.zero_weights import ZeroWeightsPass
+from onnxprune.quantize import QuantizeConfig, quantize_model
 from onnxprune.runtime import ModelSource, Provider, make_session
 from onnxprune.verify import Tolerances, VerifyResult, compare_models
 
@@ -66,25 +67,31 @@ class PruneConfig:
     round_to: int = 1
     ignore: tuple[str, ...] = ()
     seed: int = 0
+    quantize: QuantizeConfig | None = None  # 8-bit QDQ after pruning
+
+    def batches(self, model: ir.Model) -> list[Batch] | None:
+        """The calibration batches, checked against the model's inputs."""
+        if self.calibration is None:
+            return None
+        if isinstance(self.calibration, (str, os.PathLike)):
+            return list(load_batches(self.calibration, input_specs(model)))
+        return list(self.calibration)
 
     def passes(
-        self, model: ir.Model | None = None, progress: Progress | None = None
+        self,
+        model: ir.Model | None = None,
+        progress: Progress | None = None,
+        batches: list[Batch] | None = None,
     ) -> list[ir.passes.PassBase]:
-        """The passes to run; `model` is needed to check calibration data against it."""
+        """The pruning passes to run (`batches`: the calibration data, when given)."""
         if self.reconstruct not in (None, "none") and self.calibration is None:
             raise InputError(f"--reconstruct {self.reconstruct} needs --calibration data")
         if self.ridge is not None and self.ridge < 0:
             raise InputError(f"--ridge must be >= 0, got {self.ridge}")
         calib = None
         if self.calibration is not None:
-            if model is None:  # validating options only: the data is read later
-                batches: list[Batch] = []
-            elif isinstance(self.calibration, (str, os.PathLike)):
-                batches = list(load_batches(self.calibration, input_specs(model)))
-            else:
-                batches = list(self.calibration)
             calib = Calibration(
-                batches,
+                batches or [],  # empty when only validating options
                 token_mask=self.token_mask,
                 reconstruct=self.reconstruct or "lstsq",
                 ridge=self.ridge,
@@ -115,9 +122,10 @@ class PruneConfig:
                     ignore=self.ignore,
                 )
             )
-        if not out:
+        if not out and self.quantize is None:
             raise InputError(
-                "nothing to do: give --sparsity, --threshold or --nm (see onnxprune --help)"
+                "nothing to do: give --sparsity, --threshold, --nm or --quantize int8 "
+                "(see onnxprune --help)"
             )
         return out
 
@@ -160,18 +168,25 @@ def prune_model(
     `progress(done, total, label)` is called as calibrated pruning moves from group to group.
     """
     check_supported(model)
-    passes = config.passes(model, progress)
+    batches = config.batches(model)
+    passes = config.passes(model, progress, batches)
     before = model_stats(model)
     modified = False
     for p in passes:
         modified = p(model).modified or modified
     if modified:
         RemoveUnusedNodesPass()(model)
+    quantized = None
+    if config.quantize is not None:
+        quantized = quantize_model(model, config.quantize, batches)
+        modified = modified or quantized.quantized > 0
     report = PruneReport(before=before, after=model_stats(model), modified=modified)
     for p in passes:
         res = getattr(p, "result", None)
         if res is not None:
             report.passes[type(p).__name__] = res.to_dict()
+    if quantized is not None:
+        report.passes["QuantizeQDQ"] = quantized.to_dict()
     structured = next((p for p in passes if isinstance(p, RemoveNeuronsPass)), None)
     if structured is not None:
         groups = structured.result.groups

@@ -25,6 +25,7 @@ from onnxprune.calibration.data import Batch, parse_shape_overrides
 from onnxprune.errors import InputError, OnnxPruneError
 from onnxprune.io import check_output_path, load_model, save_model
 from onnxprune.passes.reconstruct import DEFAULT_RIDGE
+from onnxprune.quantize import QuantizeConfig
 from onnxprune.report import human_bytes, stats_table, verify_table, write_json
 from onnxprune.runtime import parse_providers
 from onnxprune.scoring.criteria import CRITERIA
@@ -97,8 +98,9 @@ def _tolerances(args: argparse.Namespace, default_cosine: float | None) -> Toler
 def _main_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="onnxprune",
-        description="Prune an ONNX model without retraining, save it, and verify it. "
-        "Other commands: onnxprune verify REFERENCE CANDIDATE; onnxprune inspect MODEL.",
+        description="Prune (and/or quantize) an ONNX model without retraining, save it, and "
+        "verify it. Other commands: onnxprune verify REFERENCE CANDIDATE; onnxprune inspect "
+        "MODEL; onnxprune quantize MODEL -o OUT --calibration DATA.",
     )
     p.add_argument("model", help="input .onnx model (never modified)")
     p.add_argument("-o", "--output", required=True, help="where to write the pruned model")
@@ -131,9 +133,55 @@ def _main_parser() -> argparse.ArgumentParser:
     g.add_argument("--ignore", action="append", default=[], metavar="GLOB",
                    help="node names to leave alone (repeatable)")
     g.add_argument("--seed", type=int, default=0)
+    _add_quantize_options(p)
     p.add_argument("--no-verify", action="store_true", help="skip verification")
     _add_verify_options(p)
     return p
+
+
+def _add_quantize_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("8-bit quantization (after pruning, or alone: onnxprune quantize)")
+    g.add_argument("--quantize", choices=("int8",), help="insert QuantizeLinear/DequantizeLinear")
+    g.add_argument("--calibration-method", choices=("minmax", "percentile", "entropy"),
+                   default="percentile", help="activation ranges (default percentile 99.99)")
+    g.add_argument("--activation-dtype", choices=("uint8", "int8"), default="uint8")
+    g.add_argument("--weight-only", action="store_true",
+                   help="int8 weights behind DequantizeLinear, float activations (no data needed)")
+    g.add_argument("--quantize-ops", default="MatMul,Gemm,Conv", metavar="OPS",
+                   help="comma list of ops to quantize (default MatMul,Gemm,Conv)")
+    g.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                   help="node/weight/tensor names to keep in float (repeatable)")
+    g.add_argument("--max-float-layers", type=int, metavar="N",
+                   help="keep up to N layers with the worst measured error in float")
+    g.add_argument("--smooth", default="auto", metavar="auto|ALPHA|none",
+                   help="SmoothQuant-style scale migration (default auto: per tensor, where it "
+                   "halves the error)")
+
+
+def _quantize_config(args: argparse.Namespace) -> QuantizeConfig | None:
+    if args.quantize is None:
+        return None
+    smooth: float | str | None
+    if args.smooth == "none":
+        smooth = None
+    elif args.smooth == "auto":
+        smooth = "auto"
+    else:
+        try:
+            smooth = float(args.smooth)
+        except ValueError:
+            raise InputError(f"--smooth '{args.smooth}': use auto, none or a number") from None
+    return QuantizeConfig(
+        method=args.calibration_method,
+        activation_dtype=args.activation_dtype,
+        weight_only=args.weight_only,
+        ops=tuple(o.strip() for o in args.quantize_ops.split(",") if o.strip()),
+        exclude=tuple(args.exclude),
+        max_float_layers=args.max_float_layers,
+        smooth=smooth,  # type: ignore[arg-type]
+        token_mask=args.token_mask,
+        seed=args.seed,
+    )
 
 
 def _verify_parser() -> argparse.ArgumentParser:
@@ -184,7 +232,7 @@ def _cmd_prune(argv: Sequence[str], console: Console) -> int:
         criterion=args.criterion, calibration=args.calibration, token_mask=args.token_mask,
         reconstruct=args.reconstruct, ridge=args.ridge, global_ranking=args.global_ranking,
         max_group_sparsity=args.max_group_sparsity, round_to=args.round_to,
-        ignore=tuple(args.ignore), seed=args.seed,
+        ignore=tuple(args.ignore), seed=args.seed, quantize=_quantize_config(args),
     )
     config.passes()  # validates the options before any file is touched
     out = check_output_path(args.output, [args.model], force=args.force)
@@ -234,6 +282,19 @@ def _cmd_prune(argv: Sequence[str], console: Console) -> int:
 
 
 def _pass_table(name: str, res: dict[str, Any]) -> Table:
+    if "quantized_layers" in res:
+        t = Table(title=f"{name}: {res['quantized_layers']} layers int8, "
+                  f"{res['float_layers']} float")
+        for col in ("kept in float", "why"):
+            t.add_column(col)
+        for layer in res["layers"]:
+            if not layer["quantized"]:
+                t.add_row(layer["node"], layer.get("reason", ""))
+        for tensor, why in res["float_tensors"].items():
+            t.add_row(f"tensor {tensor}", why)
+        if not t.row_count:
+            t.add_row("(none)", "every weight layer runs in int8")
+        return t
     if "groups" in res:
         t = Table(title=f"{name} (criterion {res.get('criterion')})")
         for col in ("group", "channels", "kept", "note"):
@@ -255,6 +316,14 @@ def _pass_table(name: str, res: dict[str, Any]) -> Table:
         t.add_row(layer["weight"], str(layer["size"]), f"{layer['sparsity']:.3f}",
                   layer["skipped"] or "")
     return t
+
+
+def _cmd_quantize(argv: Sequence[str], console: Console) -> int:
+    """`onnxprune quantize MODEL -o OUT --calibration DATA`: the main job, quantizing only."""
+    argv = list(argv)
+    if "--quantize" not in argv:
+        argv += ["--quantize", "int8"]
+    return _cmd_prune(argv, console)
 
 
 def _cmd_verify(argv: Sequence[str], console: Console) -> int:
@@ -302,7 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Piped output gets 120 columns, not rich's 80: node names are long.
     width = None if sys.stdout.isatty() else 120
     console = Console(quiet=quiet, stderr=False, highlight=False, width=width)
-    commands = {"verify": _cmd_verify, "inspect": _cmd_inspect}
+    commands = {"verify": _cmd_verify, "inspect": _cmd_inspect, "quantize": _cmd_quantize}
     try:
         if argv and argv[0] in commands:
             return commands[argv[0]](argv[1:], console)

@@ -21,18 +21,19 @@ import logging
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
 
 from onnxprune.calibration.data import Batch
 from onnxprune.calibration.qerror import (
+    SMOOTH_GAIN,
     ActDtype,
     ActivationChoice,
     Method,
     activation_qparams,
     choose_activation,
-    combine_sqnr,
     dequantize_weight,
     method_range,
     quantize_weight,
@@ -41,29 +42,50 @@ from onnxprune.calibration.qerror import (
 from onnxprune.calibration.ranges import RangeCollector, collect_ranges
 from onnxprune.errors import InputError
 from onnxprune.graph.qlayers import QLayer, check_not_quantized, find_layers
-from onnxprune.passes.quantize_qdq import ActivationQuant, QuantizeQDQPass
+from onnxprune.passes.canonical_gelu import CanonicalGeluPass
+from onnxprune.passes.quantize_qdq import (
+    ActivationQuant,
+    EmbeddingLayout,
+    QuantizedLayer,
+    QuantizeQDQPass,
+)
 
 __all__ = ["QuantizeConfig", "LayerReport", "QuantizeReport", "quantize_model"]
 
 logger = logging.getLogger(__name__)
 
 _OPS = ("MatMul", "Gemm", "Conv")
+# SmoothQuant strengths tried per tensor with smooth="auto". On MiniLM the best ones are
+# high (0.8-0.9): the weights' per-channel scales absorb the outlier channels well.
+AUTO_ALPHAS = (0.5, 0.7, 0.85, 1.0)
 
 
 @dataclass(frozen=True)
 class QuantizeConfig:
-    """Options of `quantize_model`; every field has a default that works on transformers.
+    """Options of `quantize_model`; every default works on transformers and CNNs alike.
 
-    method: how an activation range is read from calibration (minmax, percentile of the
-        values at `percentile`, or entropy: TensorRT's KL threshold).
+    method: how an activation range is read from calibration (minmax; percentile of the
+        values at `percentile`; entropy: TensorRT's KL threshold).
+    activation_dtype: uint8 (asymmetric; what onnxruntime's x86 kernels prefer) or int8.
+    weight_only: int8 weights behind DequantizeLinear, float activations (no calibration
+        needed): the file shrinks ~4x, the arithmetic stays float.
+    ops: which weight ops get QDQ; `exclude` globs match node, op, weight or output names.
+    max_float_layers: at most this many layers are kept float for their measured output
+        SQNR (worst first, and only those below `min_sqnr_db`); None or 0: none.
+    smooth: SmoothQuant migration strength alpha in [0, 1] (applied per tensor wherever it
+        lowers the output error), "auto" (tries AUTO_ALPHAS per tensor, applied only where it
+        halves the error) or None (off).
     search_clip: also try tighter clipping ranges and keep whichever gives the lowest output
         error of the layers reading the tensor (measured on sampled calibration rows).
-    smooth: SmoothQuant migration strength alpha in [0, 1] (None: off); applied per tensor
-        only where it lowers the consumers' output error.
-    max_float_layers: at most this many layers are kept float for their measured output
-        SQNR (worst first, and only those below `min_sqnr_db`); None means no such budget.
+    quantize_embeddings: store Gather tables (word/position embeddings) in int8 too;
+        `embedding_layout` says whether rows are gathered before dequantizing (fast on
+        onnxruntime) or the table is dequantized first (textbook QDQ).
+    activation_matmuls: also quantize MatMuls of two activations (attention scores).
+    canonicalize_gelu: reorder dynamo-exported erf-GELU so onnxruntime fuses it.
     token_mask: graph input (e.g. attention_mask) whose zeros mark padding rows that must
         not shape the statistics.
+    sample_rows: calibration rows kept per tensor to measure output error; `seed` fixes
+        which.
     """
 
     method: Method = "percentile"
@@ -74,12 +96,14 @@ class QuantizeConfig:
     exclude: tuple[str, ...] = ()
     max_float_layers: int | None = None
     min_sqnr_db: float = 25.0
-    smooth: float | None = 0.5
+    smooth: float | Literal["auto"] | None = "auto"
     search_clip: bool = True
     quantize_embeddings: bool = True
+    embedding_layout: EmbeddingLayout = "gather-first"
+    canonicalize_gelu: bool = True
     activation_matmuls: bool = False
     token_mask: str | None = None
-    sample_rows: int = 1024
+    sample_rows: int = 512
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -96,7 +120,9 @@ class QuantizeConfig:
             raise InputError(f"cannot quantize op '{bad_ops[0]}'; choose from {', '.join(_OPS)}")
         if self.max_float_layers is not None and self.max_float_layers < 0:
             raise InputError(f"max_float_layers must be >= 0, got {self.max_float_layers}")
-        if self.smooth is not None and not 0.0 <= self.smooth <= 1.0:
+        if self.smooth not in (None, "auto") and not (
+            isinstance(self.smooth, (int, float)) and 0.0 <= self.smooth <= 1.0
+        ):
             raise InputError(f"smooth (SmoothQuant alpha) must be in [0, 1], got {self.smooth}")
         if self.sample_rows < 1:
             raise InputError(f"sample_rows must be >= 1, got {self.sample_rows}")
@@ -144,9 +170,11 @@ class QuantizeReport:
     layers: tuple[LayerReport, ...]
     float_tensors: tuple[tuple[str, str], ...] = ()  # (tensor, why it stayed float)
     batches: int = 0
-    float_bytes_removed: int = 0
-    int8_bytes_added: int = 0
+    constant_bytes_before: int = 0  # initializers and Constant nodes, before and after
+    constant_bytes_after: int = 0
     float_weights_kept: tuple[str, ...] = ()
+    smoothing_folded: tuple[str, ...] = ()
+    gelu_reordered: tuple[str, ...] = ()
     seconds: float = 0.0
 
     @property
@@ -164,10 +192,12 @@ class QuantizeReport:
             "quantized_layers": self.quantized,
             "float_layers": self.kept_float,
             "calibration_batches": self.batches,
-            "float_bytes_removed": self.float_bytes_removed,
-            "int8_bytes_added": self.int8_bytes_added,
+            "constant_bytes_before": self.constant_bytes_before,
+            "constant_bytes_after": self.constant_bytes_after,
             "float_weights_kept": list(self.float_weights_kept),
             "float_tensors": dict(self.float_tensors),
+            "smoothing_folded": list(self.smoothing_folded),
+            "gelu_reordered": list(self.gelu_reordered),
             "seconds": round(self.seconds, 3),
             "layers": [layer.to_dict() for layer in self.layers],
         }
@@ -183,66 +213,68 @@ class _Plan:
 
 
 def quantize_model(
-    model: ir.Model, config: QuantizeConfig, batches: Sequence[Batch] | Iterable[Batch] | None
+    model: ir.Model, config: QuantizeConfig, batches: Iterable[Batch] | None
 ) -> QuantizeReport:
     """Quantizes `model` in place to 8-bit QDQ and reports what was done to each layer.
 
     Static activation quantization needs `batches` (arrays keyed by graph input name, any
-    number, ragged shapes allowed); weight-only mode can run without them.
+    number, ragged shapes allowed; streamed once); weight-only mode can run without them,
+    and with them also measures each layer's output SQNR.
     """
     start = time.perf_counter()
     check_not_quantized(model)
-    layers, _ = find_layers(
-        model, ops=config.ops, embeddings=config.quantize_embeddings, exclude=config.exclude,
-        activation_matmuls=config.activation_matmuls,
-    )
     if batches is None and not config.weight_only:
         raise InputError(
             "static activation quantization needs calibration data: pass --calibration DATA "
             "(a .npz file or a folder of them), or quantize weights only"
         )
-    if config.token_mask is not None and config.token_mask not in {
-        v.name for v in model.graph.inputs
-    }:
+    inputs = [v.name or "?" for v in model.graph.inputs]
+    if config.token_mask is not None and config.token_mask not in inputs:
         raise InputError(
-            f"token mask '{config.token_mask}' is not a graph input "
-            f"(inputs: {', '.join(v.name or '?' for v in model.graph.inputs)})"
+            f"token mask '{config.token_mask}' is not a graph input (inputs: {', '.join(inputs)})"
         )
+    QuantizeQDQPass().requires(model)  # opset check before anything changes
+    gelus: tuple[str, ...] = ()
+    if config.canonicalize_gelu:
+        gelu_pass = CanonicalGeluPass()
+        gelu_pass(model)
+        gelus = gelu_pass.result.rewritten
+    layers, _ = find_layers(
+        model, ops=config.ops, embeddings=config.quantize_embeddings, exclude=config.exclude,
+        activation_matmuls=config.activation_matmuls,
+    )
     plan = _Plan()
     count = 0
     if batches is not None:
-        tensors = _tensors_to_calibrate(layers, config.weight_only)
-        seen = 0
-
-        def on_batch(n: int) -> None:
-            nonlocal seen
-            seen = n
-
-        collectors = collect_ranges(
-            model, tensors, batches, token_mask=config.token_mask,
-            sample_rows=config.sample_rows, seed=config.seed, on_batch=on_batch,
+        collectors, count = collect_ranges(
+            model, _tensors_to_calibrate(layers, config.weight_only), batches,
+            token_mask=config.token_mask, sample_rows=config.sample_rows, seed=config.seed,
         )
-        count = seen
         _plan_activations(layers, collectors, config, plan)
-    _choose_float_layers(layers, config, plan)
-    if batches is not None:
-        _replan_after_exclusion(layers, collectors, config, plan)
-    activations = {
-        name: ActivationQuant(c.scale, c.zero_point, c.smooth)
-        for name, c in plan.choices.items()
-    }
+        if _choose_float_layers(config, plan):
+            _plan_activations(layers, collectors, config, plan)
     qdq = QuantizeQDQPass(
-        activations=activations, outputs=plan.outputs, dtype=config.activation_dtype,
-        weight_only=config.weight_only, ops=config.ops, embeddings=config.quantize_embeddings,
-        exclude=config.exclude, keep_float=plan.keep_float,
-        activation_matmuls=config.activation_matmuls,
+        activations={
+            name: ActivationQuant(c.scale, c.zero_point, c.smooth)
+            for name, c in plan.choices.items()
+        },
+        outputs=plan.outputs, dtype=config.activation_dtype, weight_only=config.weight_only,
+        ops=config.ops, embeddings=config.quantize_embeddings, exclude=config.exclude,
+        keep_float=plan.keep_float, activation_matmuls=config.activation_matmuls,
+        embedding_layout=config.embedding_layout,
     )
     qdq(model)
     reports = tuple(_layer_report(r, plan) for r in qdq.result.layers)
+    logger.info(
+        "quantized %d layers, %d kept float, in %.1f s",
+        sum(r.quantized for r in reports), sum(not r.quantized for r in reports),
+        time.perf_counter() - start,
+    )
     return QuantizeReport(
         config, reports, tuple(sorted(plan.float_tensors.items())), count,
-        qdq.result.float_bytes_removed, qdq.result.int8_bytes_added,
-        qdq.result.float_weights_kept, time.perf_counter() - start,
+        qdq.result.constant_bytes_before, qdq.result.constant_bytes_after,
+        qdq.result.float_weights_kept, qdq.result.smoothing_folded, gelus,
+        time.perf_counter() - start,
     )
 
 
@@ -259,122 +291,106 @@ def _tensors_to_calibrate(layers: Sequence[QLayer], weight_only: bool) -> dict[s
     return out
 
 
-def _consumers(layers: Sequence[QLayer], keep: dict[str, str]) -> dict[str, list[QLayer]]:
-    by_tensor: dict[str, list[QLayer]] = {}
-    for layer in layers:
-        if layer.name in keep:
-            continue
-        for value in (layer.activation, layer.second_activation):
-            if value is not None and value.name:
-                by_tensor.setdefault(value.name, []).append(layer)
-    return by_tensor
-
-
 def _plan_activations(
     layers: Sequence[QLayer],
     collectors: dict[str, RangeCollector],
     config: QuantizeConfig,
     plan: _Plan,
 ) -> None:
-    """Per activation tensor: a range (and smoothing) choice, or the reason it stays float."""
-    for name, consumers in _consumers(layers, plan.keep_float).items():
+    """Per activation tensor: a range (and smoothing) choice, or the reason it stays float.
+
+    Called again after the float budget removed layers, so that a tensor's range is
+    chosen for the layers that still read it.
+    """
+    plan.choices.clear()
+    by_tensor: dict[str, list[QLayer]] = {}
+    for layer in layers:
+        if layer.name in plan.keep_float:
+            continue
+        for value in (layer.activation, layer.second_activation):
+            if value is not None and value.name:
+                by_tensor.setdefault(value.name, []).append(layer)
+    for name, consumers in by_tensor.items():
         collector = collectors[name]
-        why = collector.bad or (None if collector.seen else "never computed on the data")
+        why = collector.bad or (None if collector.seen else "was never computed on the data")
+        if why is not None and config.weight_only:
+            continue  # activations stay float anyway; only the SQNR goes unmeasured
         if why is not None:
             plan.float_tensors[name] = why
             for layer in consumers:
                 plan.keep_float[layer.name] = f"input '{name}' {why}"
             continue
-        _choose_for(name, consumers, collector, config, plan)
-    if not config.weight_only:
-        for layer in layers:
-            out = layer.node.outputs[0].name or ""
-            if layer.kind == "Conv" and out in collectors and collectors[out].seen:
-                c = collectors[out]
-                if c.bad is None:
-                    lo, hi = method_range(c, config.method, config.percentile,
-                                          config.activation_dtype)
-                    plan.outputs[out] = ActivationQuant(
-                        *activation_qparams(lo, hi, config.activation_dtype)
-                    )
+        _choose_for(consumers, collector, config, plan, name)
+    for layer in layers:
+        out = layer.node.outputs[0].name or ""
+        c = collectors.get(out)
+        if layer.kind == "Conv" and c is not None and c.seen and c.bad is None:
+            lo, hi = method_range(c, config.method, config.percentile, config.activation_dtype)
+            plan.outputs[out] = ActivationQuant(
+                *activation_qparams(lo, hi, config.activation_dtype)
+            )
 
 
 def _choose_for(
-    name: str,
     consumers: list[QLayer],
     collector: RangeCollector,
     config: QuantizeConfig,
     plan: _Plan,
+    name: str,
 ) -> None:
+    """Chooses one tensor's quantization and records its dense consumers' output SQNR.
+
+    Only MatMul/Gemm consumers have their output error measured (x @ w on the sampled rows);
+    smoothing and clip search need every consumer to be one, since a Conv or an
+    activation-by-activation MatMul cannot absorb the per-channel factor.
+    """
     dense = [layer for layer in consumers if layer.kind in ("MatMul", "Gemm")]
-    weights = [w for w in (layer.effective_weight() for layer in dense) if w is not None]
+    weights = [layer.effective_weight() for layer in dense]
+    mats = [w for w in weights if w is not None]
+    x = collector.sample
     if config.weight_only:
-        x = collector.sample
-        for layer, w in zip(dense, weights, strict=True):
+        for layer, w in zip(dense, mats, strict=True):
             q, s = quantize_weight(w, 1)
             plan.layer_sqnr[layer.name] = sqnr_db(x @ w, x @ dequantize_weight(q, s, 1))
         return
-    only_weights = len(dense) == len(consumers)
+    only_dense = len(dense) == len(consumers)
     choice = choose_activation(
-        collector, weights if only_weights else [], method=config.method,
-        percentile=config.percentile, dtype=config.activation_dtype,
-        smooth_alpha=config.smooth if only_weights and weights else None,
-        search=config.search_clip and only_weights and bool(weights),
+        collector, mats, method=config.method, percentile=config.percentile,
+        dtype=config.activation_dtype,
+        smooth_alphas=_alphas(config.smooth) if only_dense else (),
+        # An alpha the user chose is used wherever it does not hurt; "auto" weighs the Mul.
+        smooth_gain=SMOOTH_GAIN if config.smooth == "auto" else 1.0,
+        search=config.search_clip and only_dense,
     )
     plan.choices[name] = choice
-    for layer, sq in zip(dense if only_weights else [], choice.layer_sqnr, strict=False):
-        plan.layer_sqnr[layer.name] = combine_sqnr(
-            sq, plan.layer_sqnr.get(f"{layer.name}#other", float("inf"))
-        )
-    if not only_weights:
-        for layer in consumers:
-            plan.layer_sqnr[layer.name] = combine_sqnr(
-                plan.layer_sqnr.get(layer.name, float("inf")), choice.activation_sqnr
-            )
+    for layer, sq in zip(dense, choice.layer_sqnr, strict=True):
+        plan.layer_sqnr[layer.name] = sq
 
 
-def _choose_float_layers(layers: Sequence[QLayer], config: QuantizeConfig, plan: _Plan) -> None:
+def _alphas(smooth: float | str | None) -> tuple[float, ...]:
+    if smooth is None:
+        return ()
+    return AUTO_ALPHAS if smooth == "auto" else (float(smooth),)
+
+
+def _choose_float_layers(config: QuantizeConfig, plan: _Plan) -> bool:
     """Keeps the worst layers (lowest output SQNR, under `min_sqnr_db`) float, within budget."""
     budget = config.max_float_layers
     if not budget:
-        return
+        return False
     ranked = sorted(
         (sq, name) for name, sq in plan.layer_sqnr.items()
-        if "#" not in name and name not in plan.keep_float and sq < config.min_sqnr_db
+        if name not in plan.keep_float and sq < config.min_sqnr_db
     )
     for sq, name in ranked[:budget]:
         plan.keep_float[name] = (
-            f"sensitive: output SQNR {sq:.1f} dB < {config.min_sqnr_db:g} dB when quantized, "
-            f"among the {budget} worst kept float (max_float_layers)"
+            f"sensitive: output SQNR {sq:.1f} dB when quantized (< {config.min_sqnr_db:g} dB), "
+            f"one of the {budget} worst kept float by max_float_layers"
         )
-    del layers
+    return bool(ranked)
 
 
-def _replan_after_exclusion(
-    layers: Sequence[QLayer],
-    collectors: dict[str, RangeCollector],
-    config: QuantizeConfig,
-    plan: _Plan,
-) -> None:
-    """Re-chooses the ranges of tensors that lost a consumer to the float budget."""
-    for name, consumers in _consumers(layers, plan.keep_float).items():
-        if name not in plan.choices:
-            continue
-        before = len([layer for layer in layers if layer.activation is not None
-                      and layer.activation.name == name])
-        if len(consumers) != before:
-            _choose_for(name, consumers, collectors[name], config, plan)
-    used = {v.name for layer in layers if layer.name not in plan.keep_float
-            for v in (layer.activation, layer.second_activation) if v is not None}
-    for name in list(plan.choices):
-        if name not in used:
-            del plan.choices[name]
-
-
-def _layer_report(r: object, plan: _Plan) -> LayerReport:
-    from onnxprune.passes.quantize_qdq import QuantizedLayer
-
-    assert isinstance(r, QuantizedLayer)
+def _layer_report(r: QuantizedLayer, plan: _Plan) -> LayerReport:
     choice = plan.choices.get(r.activation or "") if r.activation else None
     sq = plan.layer_sqnr.get(r.node)
     return LayerReport(

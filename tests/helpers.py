@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -583,3 +584,19 @@ def residual_mlp_model(
     b.nodes[-1].output[0] = "y"
     del y
     return b.build(["y"], name="residual_mlp")
+
+
+def ort_optimized_ops(model: ModelArg) -> Counter:
+    """Op-type counts of the graph onnxruntime's CPU provider actually runs (all optimizations).
+
+    Written through SessionOptions.optimized_model_filepath, so a QDQ model that onnxruntime
+    leaves as float MatMuls with extra steps shows up as such.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "optimized.onnx"
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        opts.optimized_model_filepath = str(out)
+        data = to_proto(model).SerializeToString()
+        ort.InferenceSession(data, sess_options=opts, providers=["CPUExecutionProvider"])
+        return Counter(node.op_type for node in onnx.load(str(out)).graph.node)

@@ -28,17 +28,17 @@ __all__ = [
     "dequantize_weight",
     "fake_quant",
     "sqnr_db",
-    "combine_sqnr",
     "ActivationChoice",
     "choose_activation",
     "method_range",
+    "SMOOTH_GAIN",
 ]
 
 ActDtype = Literal["uint8", "int8"]
 Method = Literal["minmax", "percentile", "entropy"]
 QRANGE: dict[str, tuple[int, int]] = {"uint8": (0, 255), "int8": (-128, 127)}
 _CLIP_GRID = (1.0, 0.8, 0.64, 0.5, 0.4, 0.32, 0.25, 0.2, 0.16, 0.125)
-_SMOOTH_GAIN = 0.85  # smoothing costs a Mul at run time: take it only if error drops 15 %+
+SMOOTH_GAIN = 0.5  # smoothing may cost a Mul at run time: take it only if it halves the error
 
 
 def activation_qparams(lo: float, hi: float, dtype: ActDtype) -> tuple[float, int]:
@@ -85,18 +85,12 @@ def fake_quant(x: np.ndarray, scale: float, zero_point: int, dtype: ActDtype) ->
 
 def sqnr_db(ref: np.ndarray, test: np.ndarray) -> float:
     """Signal-to-quantization-noise ratio in dB (inf when identical)."""
-    ref64 = np.asarray(ref, dtype=np.float64)
-    noise = float(np.sum((ref64 - np.asarray(test, dtype=np.float64)) ** 2))
-    signal = float(np.sum(ref64**2))
+    r = np.asarray(ref, dtype=np.float32).ravel()
+    d = r - np.asarray(test, dtype=np.float32).ravel()
+    noise = float(np.vdot(d, d))
     if noise == 0.0:
         return float("inf")
-    return 10.0 * np.log10(max(signal, 1e-30) / noise)
-
-
-def combine_sqnr(*values: float) -> float:
-    """SQNR of a result whose independent noise sources have these SQNRs."""
-    total = sum(10.0 ** (-v / 10.0) for v in values if np.isfinite(v))
-    return float("inf") if total == 0 else float(-10.0 * np.log10(total))
+    return float(10.0 * np.log10(max(float(np.vdot(r, r)), 1e-30) / noise))
 
 
 def method_range(
@@ -130,62 +124,103 @@ def choose_activation(
     method: Method,
     percentile: float,
     dtype: ActDtype,
-    smooth_alpha: float | None,
-    search: bool,
+    smooth_alphas: Sequence[float] = (),
+    smooth_gain: float = SMOOTH_GAIN,
+    search: bool = True,
     weight_quantized: bool = True,
 ) -> ActivationChoice:
     """Picks the range (and optional smoothing) minimising the consumers' output error.
 
     `weights` are the consumers' effective [in, out] matrices (y = x @ w). The candidates are
-    the `method` range and, when `search` is on, the min/max range shrunk by a geometric
-    grid; with `smooth_alpha`, the same again after dividing x per channel by
-    s = max|x|^a / max|w|^(1-a) (SmoothQuant), kept only when it clearly lowers the error.
+    the `method` range and, when `search` is on, the min/max range shrunk step by step
+    along a geometric grid while the error keeps falling (it is unimodal in the clip: less
+    rounding noise against more clipping noise). With `smooth_alphas`, x is also tried
+    divided per channel by s = max|x|^a / max|w|^(1-a) (SmoothQuant): the best alpha at full
+    range, then its clipping. Smoothing is kept only when it multiplies the error by less
+    than `smooth_gain`: it may cost a Mul at run time, and on MiniLM the layers whose
+    error it merely shaves (attention output projections) gain nothing end to end.
     """
-    x = collector.sample
+    ev = _Evaluator(collector.sample, weights, dtype)
     base = method_range(collector, method, percentile, dtype)
-    candidates: list[tuple[str, tuple[float, float]]] = [(method, base)]
+    best = ev.trial(method, ev.x, ev.quant(None, weight_quantized), base, None)
     lo, hi = collector.minmax()
-    if search:
-        candidates += [(f"minmax x{f:g}", (lo * f, hi * f)) for f in _CLIP_GRID]
-    refs = [x @ w for w in weights]
-    qw = [_quant_weight_rows(w, None) if weight_quantized else w for w in weights]
-    best = _best(x, refs, qw, candidates, dtype, None)
-    if smooth_alpha is not None and x.shape[0] > 0:
+    if search and ev.active:
+        qw = ev.quant(None, weight_quantized)
+        best = min(best, ev.descend("minmax", ev.x, qw, (lo, hi), None, _CLIP_GRID),
+                   key=lambda t: t[0])
+    if smooth_alphas and ev.active:
         assert collector.channel_min is not None and collector.channel_max is not None
-        s = _smooth_vector(collector, weights, smooth_alpha)
-        slo = float(min(np.min(collector.channel_min / s), 0.0))
-        shi = float(max(np.max(collector.channel_max / s), 0.0))
-        grid = _CLIP_GRID if search else (1.0,)
-        scands = [(f"smooth a={smooth_alpha:g} x{f:g}", (slo * f, shi * f)) for f in grid]
-        sqw = [_quant_weight_rows(w, s) if weight_quantized else w * s[:, None] for w in weights]
-        smoothed = _best(x / s, refs, sqw, scands, dtype, s)
-        if smoothed[0] < _SMOOTH_GAIN * best[0]:
+        smoothed: _Trial | None = None
+        picked: tuple[np.ndarray, tuple[float, float], str] | None = None
+        for alpha in smooth_alphas:
+            s = _smooth_vector(collector, weights, alpha)
+            # The full-data range of x / s follows exactly from the per-channel extremes.
+            srange = (float(np.min(collector.channel_min / s)),
+                      float(np.max(collector.channel_max / s)))
+            name = f"smooth a={alpha:g}"
+            trial = ev.trial(f"{name} x1", ev.x / s, ev.quant(s, weight_quantized), srange, s)
+            if smoothed is None or trial[0] < smoothed[0]:
+                smoothed, picked = trial, (s, srange, name)
+        if search and picked is not None and smoothed is not None:
+            s, srange, name = picked
+            smoothed = ev.descend(name, ev.x / s, ev.quant(s, weight_quantized), srange, s,
+                                  _CLIP_GRID[1:], start=smoothed)
+        assert smoothed is not None
+        if smoothed[0] < smooth_gain * best[0]:
             best = smoothed
-    _, choice = best
-    return choice
+    return ev.finish(best)
 
 
-def _best(
-    x: np.ndarray,
-    refs: list[np.ndarray],
-    qweights: list[np.ndarray],
-    candidates: list[tuple[str, tuple[float, float]]],
-    dtype: ActDtype,
-    smooth: np.ndarray | None,
-) -> tuple[float, ActivationChoice]:
-    best: tuple[float, ActivationChoice] | None = None
-    for how, (lo, hi) in candidates:
-        scale, zp = activation_qparams(lo, hi, dtype)
-        xq = fake_quant(x, scale, zp, dtype)
-        sqnrs = tuple(sqnr_db(r, xq @ w) for r, w in zip(refs, qweights, strict=True))
+_Trial = tuple[float, str, tuple[float, float], "np.ndarray | None", tuple[float, ...]]
+
+
+class _Evaluator:
+    """Output error of candidate quantizations on the sampled rows, for all consumers."""
+
+    def __init__(self, x: np.ndarray, weights: Sequence[np.ndarray], dtype: ActDtype) -> None:
+        self.x = x
+        self.weights = list(weights)
+        self.dtype = dtype
+        self.refs = [x @ w for w in self.weights]
+        self.power = [float(np.vdot(r.ravel(), r.ravel())) for r in self.refs]
+        self.active = x.shape[0] > 0 and bool(self.weights)
+
+    def quant(self, smooth: np.ndarray | None, quantized: bool) -> list[np.ndarray]:
+        if not quantized:
+            return [w if smooth is None else w * smooth[:, None] for w in self.weights]
+        return [_quant_weight_rows(w, smooth) for w in self.weights]
+
+    def trial(self, how: str, xs: np.ndarray, qw: list[np.ndarray], rng: tuple[float, float],
+              smooth: np.ndarray | None) -> _Trial:
+        scale, zp = activation_qparams(rng[0], rng[1], self.dtype)
+        xq = fake_quant(xs, scale, zp, self.dtype)
+        sqnrs = []
+        for ref, power, w in zip(self.refs, self.power, qw, strict=True):
+            d = (ref - xq @ w).ravel()
+            noise = float(np.vdot(d, d))
+            sqnrs.append(float("inf") if noise == 0 else 10 * np.log10(max(power, 1e-30) / noise))
         error = sum(10.0 ** (-v / 10.0) for v in sqnrs if np.isfinite(v))
-        if best is None or error < best[0]:
-            choice = ActivationChoice(
-                float(lo), float(hi), scale, zp, how, smooth, sqnrs, sqnr_db(x, xq)
-            )
-            best = (error, choice)
-    assert best is not None
-    return best
+        return error, how, (min(rng[0], 0.0), max(rng[1], 0.0)), smooth, tuple(sqnrs)
+
+    def descend(self, how: str, xs: np.ndarray, qw: list[np.ndarray],
+                rng: tuple[float, float], smooth: np.ndarray | None,
+                grid: Sequence[float], start: _Trial | None = None) -> _Trial:
+        """Shrinks the range along `grid` while the error keeps falling."""
+        best = start
+        for f in grid:
+            t = self.trial(f"{how} x{f:g}", xs, qw, (rng[0] * f, rng[1] * f), smooth)
+            if best is not None and t[0] >= best[0]:
+                break
+            best = t
+        assert best is not None
+        return best
+
+    def finish(self, t: _Trial) -> ActivationChoice:
+        _, how, (lo, hi), smooth, sqnrs = t
+        scale, zp = activation_qparams(lo, hi, self.dtype)
+        xs = self.x if smooth is None else self.x / smooth
+        act = sqnr_db(xs, fake_quant(xs, scale, zp, self.dtype)) if xs.size else float("nan")
+        return ActivationChoice(lo, hi, scale, zp, how, smooth, sqnrs, act)
 
 
 def _smooth_vector(collector: RangeCollector, weights: Sequence[np.ndarray], alpha: float) -> (

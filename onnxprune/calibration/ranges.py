@@ -205,8 +205,10 @@ def _why_unusable(rows: np.ndarray) -> str | None:
     extreme = lo if abs(lo) >= abs(hi) else hi
     if abs(extreme) >= HUGE:
         return f"holds mask constants ({extreme:.3g})"
-    if abs(extreme) >= MASK_LIKE and int(np.count_nonzero(rows == extreme)) > 1:
-        return f"holds a repeated large constant ({extreme:.6g}), typical of an additive mask"
+    # Additive masks are large negative constants, repeated (-10000, -1e9); a real
+    # activation's extreme is a single value.
+    if lo <= -MASK_LIKE and int(np.count_nonzero(rows == lo)) > 1:
+        return f"holds a repeated large negative constant ({lo:.6g}), typical of an additive mask"
     return None
 
 
@@ -219,8 +221,8 @@ def collect_ranges(
     sample_rows: int = 1024,
     seed: int = 0,
     on_batch: Callable[[int], None] | None = None,
-) -> dict[str, RangeCollector]:
-    """Runs the batches once and returns a collector per tensor (name -> channel axis).
+) -> tuple[dict[str, RangeCollector], int]:
+    """Runs the batches once: a collector per tensor (name -> channel axis), and the batch count.
 
     Unlike `runner.capture`, infinite values do not abort: the tensor is flagged and left
     out of quantization, which is the point of calibrating a model with additive masks.
@@ -253,7 +255,7 @@ def collect_ranges(
             on_batch(count)
     if count == 0:
         raise DataError("the calibration data holds no batches")
-    return collectors
+    return collectors, count
 
 
 def _mask_for(

@@ -69,5 +69,21 @@ def model_stats(model: ir.Model, file_bytes: int | None = None) -> ModelStats:
         shape = use.weight.shape
         if shape is not None and all(isinstance(d, int) for d in shape):
             flops += 2 * int(shape[0]) * int(shape[1])
+    flops += _quantized_weight_flops(model.graph)
     ops = Counter(n.op_type for n in iter_nodes(model.graph))
     return ModelStats(params, nonzero, flops, dict(sorted(ops.items())), file_bytes)
+
+
+def _quantized_weight_flops(graph: ir.Graph) -> int:
+    """FLOPs of MatMul/Gemm whose weight is DequantizeLinear(constant): 8-bit layers count too."""
+    total = 0
+    for node in iter_nodes(graph):
+        if node.op_type not in ("MatMul", "Gemm") or len(node.inputs) < 2:
+            continue
+        producer = node.inputs[1].producer() if node.inputs[1] is not None else None
+        if producer is None or producer.op_type != "DequantizeLinear":
+            continue
+        q = const_array(producer.inputs[0])
+        if q is not None and q.ndim == 2:
+            total += 2 * int(q.shape[0]) * int(q.shape[1])
+    return total

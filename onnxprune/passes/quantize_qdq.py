@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
@@ -25,15 +26,19 @@ import onnx_ir.passes.common
 
 from onnxprune.calibration.qerror import ActDtype, dequantize_weight, quantize_weight, sqnr_db
 from onnxprune.errors import InputError, UnsupportedModelError
-from onnxprune.graph.qlayers import Declined, QLayer, check_not_quantized, find_layers
+from onnxprune.graph.qdq_build import QdqBuilder, constant_bytes
+from onnxprune.graph.qlayers import QLayer, check_not_quantized, find_layers, layer_name
+from onnxprune.graph.scale_fold import fold_channel_scale
 from onnxprune.graph.weights import const_array
 
-__all__ = ["ActivationQuant", "QuantizedLayer", "QuantizeQDQResult", "QuantizeQDQPass"]
+__all__ = [
+    "EmbeddingLayout", "ActivationQuant", "QuantizedLayer", "QuantizeQDQResult", "QuantizeQDQPass",
+]
 
 logger = logging.getLogger(__name__)
 
+EmbeddingLayout = Literal["gather-first", "dequantize-first"]
 _NP = {"uint8": np.uint8, "int8": np.int8}
-_IR = {"uint8": ir.DataType.UINT8, "int8": ir.DataType.INT8}
 
 
 @dataclass(frozen=True)
@@ -66,30 +71,19 @@ class QuantizedLayer:
 @dataclass(frozen=True)
 class QuantizeQDQResult:
     layers: tuple[QuantizedLayer, ...] = ()
-    float_bytes_removed: int = 0
-    int8_bytes_added: int = 0
+    constant_bytes_before: int = 0  # initializers and Constant nodes
+    constant_bytes_after: int = 0
     float_weights_kept: tuple[str, ...] = ()
+    smoothing_folded: tuple[str, ...] = ()  # tensors whose SmoothQuant division cost nothing
 
     def to_dict(self) -> dict[str, object]:
         return {
+            "smoothing_folded": list(self.smoothing_folded),
             "layers": [layer.to_dict() for layer in self.layers],
-            "float_bytes_removed": self.float_bytes_removed,
-            "int8_bytes_added": self.int8_bytes_added,
+            "constant_bytes_before": self.constant_bytes_before,
+            "constant_bytes_after": self.constant_bytes_after,
             "float_weights_kept": list(self.float_weights_kept),
         }
-
-
-@dataclass
-class _Names:
-    taken: set[str] = field(default_factory=set)
-
-    def __call__(self, base: str) -> str:
-        name, i = base, 0
-        while name in self.taken:
-            i += 1
-            name = f"{base}_{i}"
-        self.taken.add(name)
-        return name
 
 
 class QuantizeQDQPass(ir.passes.InPlacePass):
@@ -113,8 +107,15 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
         exclude: tuple[str, ...] = (),
         keep_float: Mapping[str, str] | None = None,
         activation_matmuls: bool = False,
+        embedding_layout: EmbeddingLayout = "gather-first",
     ) -> None:
         super().__init__()
+        if embedding_layout not in ("gather-first", "dequantize-first"):
+            raise InputError(
+                f"embedding layout must be gather-first or dequantize-first, got "
+                f"'{embedding_layout}'"
+            )
+        self.embedding_layout = embedding_layout
         if dtype not in _NP:
             raise InputError(f"activation dtype must be uint8 or int8, got '{dtype}'")
         unknown = sorted(set(ops) - {"MatMul", "Gemm", "Conv"})
@@ -142,17 +143,17 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        self._names = _Names({v.name for n in graph for v in n.outputs if v.name})
-        self._names.taken |= set(graph.initializers) | {v.name for v in graph.inputs if v.name}
+        self._b = QdqBuilder(graph)
         self._weights: dict[tuple[int, int], ir.Value] = {}
         self._act_q: dict[int, ir.Value] = {}
-        self._removed = self._added = 0
+        before = constant_bytes(graph)
+        order = {layer_name(node): i for i, node in enumerate(graph)}
         layers, declined = find_layers(
             model, ops=self.ops, embeddings=self.embeddings, exclude=self.exclude,
             activation_matmuls=self.activation_matmuls,
         )
-        done = [_declined(d) for d in declined]
-        touched: dict[int, ir.Value] = {}
+        done = [QuantizedLayer(d.node, d.op_type, False, d.reason) for d in declined]
+        todo: list[QLayer] = []
         for layer in layers:
             reason = self.keep_float.get(layer.name)
             if reason is None and not self.weight_only and layer.kind != "Gather":
@@ -160,141 +161,90 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
                            if v is not None and v.name not in self.activations]
                 if missing:
                     reason = f"activation '{missing[0].name}' has no calibrated range"
-            if reason is not None:
+            if reason is None:
+                todo.append(layer)
+            else:
                 done.append(QuantizedLayer(layer.name, layer.node.op_type, False, reason,
                                            layer.weight.name if layer.weight else None))
-                continue
-            done.append(self._quantize(graph, layer))
-            if layer.weight is not None:
-                touched[id(layer.weight)] = layer.weight
-        kept = self._drop_float_weights(graph, touched.values())
-        self.result = QuantizeQDQResult(tuple(done), self._removed, self._added, kept)
-        modified = any(layer.quantized for layer in done)
+        self._folded = self._fold_smoothing(todo)
+        # Embedding lookups go last: gathering int8 first moves the lookup's consumers
+        # (Quantize nodes inserted for other layers included) onto the dequantized rows.
+        for layer in sorted(todo, key=lambda layer: layer.kind == "Gather"):
+            done.append(self._quantize(layer))
+        kept = tuple(sorted({
+            layer.weight.name or "?" for layer in todo
+            if layer.weight is not None and layer.weight.uses()
+        }))
+        modified = bool(todo) or bool(self._folded)
         if modified:
-            ir.passes.common.RemoveUnusedNodesPass()(model)
+            ir.passes.common.RemoveUnusedNodesPass()(model)  # drops the float weights too
+        done.sort(key=lambda r: order.get(r.node, len(order)))  # graph order
+        self.result = QuantizeQDQResult(tuple(done), before, constant_bytes(graph), kept,
+                                        tuple(self._folded))
         return ir.passes.PassResult(model, modified=modified)
 
-    # ------------------------------------------------------------------ constants
+    def _fold_smoothing(self, todo: list[QLayer]) -> list[str]:
+        """Folds each smoothing division into the tensor's producers where that is exact.
 
-    def _const(self, graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
-        name = self._names(base)
-        value = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(array), name=name))
-        value.shape = ir.Shape(array.shape)
-        value.dtype = value.const_value.dtype  # type: ignore[union-attr]
-        graph.register_initializer(value)
-        return value
+        Done before any weight is quantized, because the fold may rescale the output columns
+        of the layer that produces the tensor. Only tensors read by quantized layers alone
+        qualify: any other reader would see the rescaled values.
+        """
+        readers: dict[str, set[ir.Node]] = {}
+        values: dict[str, ir.Value] = {}
+        for layer in todo:
+            for v in (layer.activation, layer.second_activation):
+                if v is not None and v.name and not self.weight_only and layer.kind != "Gather":
+                    readers.setdefault(v.name, set()).add(layer.node)
+                    values[v.name] = v
+        folded = []
+        for name, value in values.items():
+            smooth = self.activations[name].smooth
+            if smooth is None or not all(user in readers[name] for user, _ in value.uses()):
+                continue
+            inv = (1.0 / smooth).astype(np.float32)
+            if fold_channel_scale(value, inv, self._b.const):
+                folded.append(name)
+        return folded
 
-    # ------------------------------------------------------------------ weights
-
-    def _weight(self, graph: ir.Graph, layer: QLayer, smooth: np.ndarray | None) -> (
+    def _weight(self, layer: QLayer, smooth: np.ndarray | None) -> (
         tuple[ir.Value, np.ndarray, float]
     ):
-        """The dequantized weight value (shared by layers with the same weight and smoothing)."""
+        """The dequantized weight value (shared by layers with the same weight and smoothing).
+
+        The weight is read from the node as it is now: smoothing may have been folded into
+        it (the layer's output columns rescaled) after the layer was found.
+        """
         assert layer.weight is not None
-        key = (id(layer.weight), id(smooth) if smooth is not None else 0)
-        w = const_array(layer.weight)
-        assert w is not None
+        current = layer.node.inputs[layer.weight_index]
+        w = const_array(current)
+        assert current is not None and w is not None
         if smooth is not None:
-            in_axis = 1 if layer.weight_axis == 0 else 0
             shape = [1] * w.ndim
-            shape[in_axis] = -1
+            shape[1 if layer.weight_axis == 0 else 0] = -1  # the input-channel axis
             w = w * smooth.reshape(shape)
         q, scale = quantize_weight(w, layer.weight_axis)
-        if key in self._weights:
-            return self._weights[key], scale, sqnr_db(w, dequantize_weight(q, scale,
-                                                                          layer.weight_axis))
-        base = layer.weight.name or "weight"
-        qv = self._const(graph, f"{base}_quantized", q)
-        sv = self._const(graph, f"{base}_scale", scale)
-        zv = self._const(graph, f"{base}_zero_point", np.zeros(scale.shape, np.int8))
-        self._added += q.nbytes + scale.nbytes + scale.size
-        node = ir.node("DequantizeLinear", [qv, sv, zv], {"axis": layer.weight_axis},
-                       name=self._names(f"{base}_DequantizeLinear"))
-        out = node.outputs[0]
-        out.name = self._names(f"{base}_dequantized")
-        out.dtype, out.shape = ir.DataType.FLOAT, ir.Shape(q.shape)
-        graph.insert_before(layer.node, node)
-        self._weights[key] = out
-        return out, scale, sqnr_db(w, dequantize_weight(q, scale, layer.weight_axis))
+        wsqnr = sqnr_db(w, dequantize_weight(q, scale, layer.weight_axis))
+        key = (id(current), id(smooth) if smooth is not None else 0)
+        if key not in self._weights:
+            self._weights[key] = self._b.dequantized_const(
+                layer.weight.name or "weight", q, scale, layer.weight_axis, layer.node
+            )
+        return self._weights[key], scale, wsqnr
 
-    def _drop_float_weights(self, graph: ir.Graph, weights: object) -> tuple[str, ...]:
-        kept = []
-        for value in weights:  # type: ignore[attr-defined]
-            if value.uses():
-                kept.append(value.name or "?")
-                continue
-            arr = const_array(value)
-            self._removed += 0 if arr is None else arr.nbytes
-            if value.is_initializer() and not value.is_graph_output():
-                graph.initializers.pop(value.name)
-        return tuple(kept)
-
-    # ------------------------------------------------------------------ activations
-
-    def _quantized_activation(self, graph: ir.Graph, value: ir.Value, consumer: ir.Node) -> (
-        ir.Value
-    ):
+    def _quantized_activation(self, value: ir.Value, consumer: ir.Node) -> ir.Value:
         """A fresh DequantizeLinear output for `consumer`, after the tensor's one Quantize."""
-        aq = self.activations[value.name or ""]
         if id(value) not in self._act_q:
-            base = value.name or "activation"
-            nodes = []
-            src = value
-            if aq.smooth is not None:
-                inv = self._const(graph, f"{base}_smooth_inv", (1.0 / aq.smooth).astype(np.float32))
-                mul = ir.node("Mul", [value, inv], name=self._names(f"{base}_Smooth"))
-                src = mul.outputs[0]
-                src.name, src.dtype, src.shape = self._names(f"{base}_smoothed"), value.dtype, \
-                    value.shape
-                nodes.append(mul)
-            scale = self._const(graph, f"{base}_scale", np.array(aq.scale, np.float32))
-            zp = self._const(graph, f"{base}_zero_point", np.array(aq.zero_point,
-                                                                  _NP[self.dtype]))
-            q = ir.node("QuantizeLinear", [src, scale, zp],
-                        name=self._names(f"{base}_QuantizeLinear"))
-            q.outputs[0].name = self._names(f"{base}_quantized")
-            q.outputs[0].dtype, q.outputs[0].shape = _IR[self.dtype], value.shape
-            nodes.append(q)
-            producer = value.producer()
-            if producer is not None:
-                graph.insert_after(producer, nodes)
-            else:
-                graph.insert_before(graph.node(0), nodes)
-            self._act_q[id(value)] = q.outputs[0]
-        qv = self._act_q[id(value)]
-        q_node = qv.producer()
-        assert q_node is not None
-        dq = ir.node("DequantizeLinear", [qv, q_node.inputs[1], q_node.inputs[2]],
-                     name=self._names(f"{value.name}_DequantizeLinear"))
-        dq.outputs[0].name = self._names(f"{value.name}_dequantized")
-        dq.outputs[0].dtype, dq.outputs[0].shape = ir.DataType.FLOAT, value.shape
-        graph.insert_before(consumer, dq)
-        return dq.outputs[0]
+            aq = self.activations[value.name or ""]
+            pre = []
+            if aq.smooth is not None and value.name not in self._folded:
+                pre.append(self._b.smooth(value, (1.0 / aq.smooth).astype(np.float32)))
+            src = pre[0].outputs[0] if pre else value
+            zp = np.array(aq.zero_point, _NP[self.dtype])
+            self._act_q[id(value)] = self._b.quantize(value, src, aq.scale, zp, pre)
+        return self._b.dequantize(self._act_q[id(value)], value, consumer)
 
-    def _quantize_output(self, graph: ir.Graph, node: ir.Node) -> bool:
-        out = node.outputs[0]
-        aq = self.outputs.get(out.name or "")
-        if aq is None or out.is_graph_output():
-            return False
-        base = out.name or "output"
-        scale = self._const(graph, f"{base}_scale", np.array(aq.scale, np.float32))
-        zp = self._const(graph, f"{base}_zero_point", np.array(aq.zero_point, _NP[self.dtype]))
-        q = ir.node("QuantizeLinear", [out, scale, zp], name=self._names(f"{base}_QuantizeLinear"))
-        dq = ir.node("DequantizeLinear", [q.outputs[0], scale, zp],
-                     name=self._names(f"{base}_DequantizeLinear"))
-        q.outputs[0].name = self._names(f"{base}_quantized")
-        dq.outputs[0].name = self._names(f"{base}_dequantized")
-        q.outputs[0].dtype, dq.outputs[0].dtype = _IR[self.dtype], ir.DataType.FLOAT
-        q.outputs[0].shape = dq.outputs[0].shape = out.shape
-        # Rewire the consumers first, so the new Quantize is not rewired onto itself.
-        for user, index in list(out.uses()):
-            user.replace_input_with(index, dq.outputs[0])
-        graph.insert_after(node, [q, dq])
-        return True
-
-    # ------------------------------------------------------------------ one layer
-
-    def _quantize(self, graph: ir.Graph, layer: QLayer) -> QuantizedLayer:
+    def _quantize(self, layer: QLayer) -> QuantizedLayer:
         node = layer.node
         quant_act = not self.weight_only and layer.kind != "Gather"
         act = layer.activation
@@ -302,23 +252,32 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
         if quant_act and act is not None:
             smooth = self.activations[act.name or ""].smooth
         summary = wsqnr = None
-        if layer.weight is not None:
-            wq, scale, wsqnr = self._weight(graph, layer, smooth)
+        if layer.kind == "Gather" and self.embedding_layout == "gather-first":
+            assert layer.weight is not None
+            w = const_array(layer.weight)
+            assert w is not None
+            q, scale = quantize_weight(w, 0)
+            self._b.gather_first(node, layer.weight.name or "table", q, scale)
+            wsqnr = sqnr_db(w, dequantize_weight(q, scale, 0))
+            summary = (float(scale.min()), float(np.median(scale)), float(scale.max()))
+        elif layer.weight is not None:
+            wq, scale, wsqnr = self._weight(layer, smooth)
             node.replace_input_with(layer.weight_index, wq)
             summary = (float(scale.min()), float(np.median(scale)), float(scale.max()))
         fused = False
         if quant_act:
+            assert act is not None
             for index, value in enumerate(node.inputs[:2]):
                 if value is not None and value in (act, layer.second_activation):
-                    node.replace_input_with(index, self._quantized_activation(graph, value, node))
-            assert act is not None
-            fused = layer.kind in ("MatMul", "ActMatMul")
+                    node.replace_input_with(index, self._quantized_activation(value, node))
             if layer.bias_index is not None and summary is not None:
-                self._int32_bias(graph, layer, self.activations[act.name or ""].scale)
-            if layer.kind == "Gemm":
-                fused = True
+                self._int32_bias(layer, self.activations[act.name or ""].scale)
+            fused = layer.kind in ("MatMul", "ActMatMul", "Gemm")
             if layer.kind == "Conv":
-                fused = self._quantize_output(graph, node)
+                aq = self.outputs.get(node.outputs[0].name or "")
+                fused = aq is not None and self._b.qdq_after(
+                    node, aq.scale, np.array(aq.zero_point, _NP[self.dtype])
+                )
         return QuantizedLayer(
             layer.name, node.op_type, True, "" if fused or not quant_act else
             "quantized, but onnxruntime will run it in float (output not calibrated)",
@@ -326,7 +285,7 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
             act.name if act is not None and quant_act else None, fused,
         )
 
-    def _int32_bias(self, graph: ir.Graph, layer: QLayer, act_scale: float) -> None:
+    def _int32_bias(self, layer: QLayer, act_scale: float) -> None:
         """Bias as int32 with scale s_x * s_w[c]: the form QGemm/QLinearConv require."""
         node = layer.node
         assert layer.bias_index is not None
@@ -340,21 +299,9 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
         scale = (act_scale * w_scale.astype(np.float64)).astype(np.float32)
         q = np.round(b / scale.astype(np.float64))
         if np.any(np.abs(q) >= 2**31 - 1):
-            logger.warning("bias of %s overflows int32; it is clipped", layer.name)
+            logger.warning("bias of %s overflows int32 at scale s_x * s_w; it is clipped",
+                           layer.name)
         q = np.clip(q, -(2**31 - 1), 2**31 - 1).astype(np.int32)
         base = bias.name if bias is not None and bias.name else f"{layer.name}_bias"
-        qv = self._const(graph, f"{base}_quantized", q)
-        sv = self._const(graph, f"{base}_scale", scale)
-        zv = self._const(graph, f"{base}_zero_point", np.zeros(q.shape, np.int32))
-        dq = ir.node("DequantizeLinear", [qv, sv, zv], {"axis": 0},
-                     name=self._names(f"{base}_DequantizeLinear"))
-        dq.outputs[0].name = self._names(f"{base}_dequantized")
-        dq.outputs[0].dtype, dq.outputs[0].shape = ir.DataType.FLOAT, ir.Shape(q.shape)
-        graph.insert_before(node, dq)
-        node.replace_input_with(layer.bias_index, dq.outputs[0])
-        if bias is not None and not bias.uses() and bias.is_initializer():
-            graph.initializers.pop(bias.name)
-
-
-def _declined(d: Declined) -> QuantizedLayer:
-    return QuantizedLayer(d.node, d.op_type, False, d.reason)
+        dq = self._b.dequantized_const(base, q, scale, 0, node)
+        node.replace_input_with(layer.bias_index, dq)
