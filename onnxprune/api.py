@@ -24,9 +24,11 @@ from onnxprune.calibration.data import (
 )
 from onnxprune.errors import InputError, OnnxPruneError, UnsupportedModelError
 from onnxprune.graph.accounting import ModelStats, model_stats
+from onnxprune.graph.attention import AttentionBlock, find_attention_blocks
 from onnxprune.graph.channels import ChannelGroup, find_channel_groups
 from onnxprune.io import MIN_OPSET, load_model, save_model, serialized_model
 from onnxprune.passes.reconstruct import Calibration, Reconstruct
+from onnxprune.passes.remove_heads import RemoveHeadsPass
 from onnxprune.passes.remove_neurons import Progress, RemoveNeuronsPass
 from onnxprune.passes.zero_weights import ZeroWeightsPass
 from onnxprune.quantize import QuantizeConfig, quantize_model
@@ -67,6 +69,9 @@ class PruneConfig:
     round_to: int = 1
     ignore: tuple[str, ...] = ()
     seed: int = 0
+    heads: float | None = None  # fraction of attention heads removed (per block, or global)
+    global_heads: bool = False
+    max_block_heads: float = 0.75  # cap per block with global_heads
     quantize: QuantizeConfig | None = None  # 8-bit QDQ after pruning
 
     def batches(self, model: ir.Model) -> list[Batch] | None:
@@ -114,6 +119,16 @@ class PruneConfig:
                     seed=self.seed,
                 )
             )
+        if self.heads is not None:
+            out.append(
+                RemoveHeadsPass(
+                    fraction=self.heads,
+                    global_ranking=self.global_heads,
+                    max_block_fraction=self.max_block_heads,
+                    calibration=calib,
+                    ignore=self.ignore,
+                )
+            )
         zero_sparsity = self.sparsity if self.mode == "unstructured" else None
         if self.threshold is not None or zero_sparsity is not None or self.nm is not None:
             out.append(
@@ -124,7 +139,7 @@ class PruneConfig:
             )
         if not out and self.quantize is None:
             raise InputError(
-                "nothing to do: give --sparsity, --threshold, --nm or --quantize int8 "
+                "nothing to do: give --sparsity, --heads, --threshold, --nm or --quantize int8 "
                 "(see onnxprune --help)"
             )
         return out
@@ -187,17 +202,30 @@ def prune_model(
             report.passes[type(p).__name__] = res.to_dict()
     if quantized is not None:
         report.passes["QuantizeQDQ"] = quantized.to_dict()
-    structured = next((p for p in passes if isinstance(p, RemoveNeuronsPass)), None)
-    if structured is not None:
-        groups = structured.result.groups
-        if not any(g.reason is None for g in groups):
-            reasons = "; ".join(f"{g.group}: {g.reason}" for g in groups[:3]) or "no MatMul/Gemm"
-            raise UnsupportedModelError(
-                f"nothing prunable in this model ({reasons}); run onnxprune inspect for details"
-            )
+    _refuse_if_nothing_prunable(passes)
     if not report.modified:
         report.notes.append("the model was left unchanged: nothing met the pruning criteria")
     return report
+
+
+def _refuse_if_nothing_prunable(passes: list[ir.passes.PassBase]) -> None:
+    """Structured pruning that found nothing it may touch is an error, with the reasons."""
+    reasons: list[str] = []
+    found = False
+    for p in passes:
+        if isinstance(p, RemoveNeuronsPass):
+            found = found or any(g.reason is None for g in p.result.groups)
+            reasons += [f"{g.group}: {g.reason}" for g in p.result.groups[:2]]
+        elif isinstance(p, RemoveHeadsPass):
+            found = found or any(b.reason is None for b in p.result.blocks)
+            reasons += [f"{b.block}: {b.reason}" for b in p.result.blocks[:2]]
+        else:
+            return  # zeroing always applies
+    if passes and not found:
+        why = "; ".join(reasons) or "no MatMul/Gemm with a constant weight, no attention block"
+        raise UnsupportedModelError(
+            f"nothing prunable in this model ({why}); run onnxprune inspect for details"
+        )
 
 
 def _to_ir(model: ModelSource | onnx.ModelProto) -> ir.Model:
@@ -281,12 +309,14 @@ class Inspection:
     stats: ModelStats
     groups: tuple[ChannelGroup, ...]
     opset: int | None
+    attention: tuple[AttentionBlock, ...] = ()
 
     def to_dict(self) -> dict[str, object]:
         return {
             "opset": self.opset,
             "stats": self.stats.to_dict(),
             "groups": [g.to_dict() for g in self.groups],
+            "attention_blocks": [b.to_dict() for b in self.attention],
         }
 
 
@@ -295,7 +325,10 @@ def inspect(model: ModelSource | onnx.ModelProto) -> Inspection:
     m = _to_ir(model)
     size = Path(model).stat().st_size if isinstance(model, (str, os.PathLike)) else None
     opset = m.opset_imports.get("", m.opset_imports.get("ai.onnx"))
-    return Inspection(model_stats(m, size), tuple(find_channel_groups(m)), opset)
+    return Inspection(
+        model_stats(m, size), tuple(find_channel_groups(m)), opset,
+        tuple(find_attention_blocks(m)),
+    )
 
 
 def check_written(model: ir.Model) -> None:

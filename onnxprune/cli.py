@@ -132,6 +132,10 @@ def _main_parser() -> argparse.ArgumentParser:
     g.add_argument("--round-to", type=int, default=1, help="keep counts a multiple of N")
     g.add_argument("--ignore", action="append", default=[], metavar="GLOB",
                    help="node names to leave alone (repeatable)")
+    g.add_argument("--heads", type=_fraction, metavar="F",
+                   help="fraction of attention heads to remove from each block")
+    g.add_argument("--global-heads", action="store_true",
+                   help="rank heads across blocks (each keeps at least 25 %%)")
     g.add_argument("--seed", type=int, default=0)
     _add_quantize_options(p)
     p.add_argument("--no-verify", action="store_true", help="skip verification")
@@ -233,6 +237,7 @@ def _cmd_prune(argv: Sequence[str], console: Console) -> int:
         reconstruct=args.reconstruct, ridge=args.ridge, global_ranking=args.global_ranking,
         max_group_sparsity=args.max_group_sparsity, round_to=args.round_to,
         ignore=tuple(args.ignore), seed=args.seed, quantize=_quantize_config(args),
+        heads=args.heads, global_heads=args.global_heads,
     )
     config.passes()  # validates the options before any file is touched
     out = check_output_path(args.output, [args.model], force=args.force)
@@ -281,6 +286,24 @@ def _cmd_prune(argv: Sequence[str], console: Console) -> int:
     return code
 
 
+def _decision_table(
+    title: str, what: str, unit: str, rows: list[tuple[str, int, int, str | None]]
+) -> Table:
+    """What a structured pass changed; what it left alone is summarised by reason."""
+    t = Table(title=title)
+    for col in (what, unit, "kept", "note"):
+        t.add_column(col)
+    skipped: Counter[str] = Counter()
+    for name, before, after, reason in rows:
+        if reason is not None and after == before:
+            skipped[re.sub(r"'[^']*'", "'…'", reason)] += 1
+            continue
+        t.add_row(name, str(before), str(after), reason or "")
+    for reason, n in skipped.items():
+        t.add_row(f"{n} more", "", "", f"left alone: {reason}")
+    return t
+
+
 def _pass_table(name: str, res: dict[str, Any]) -> Table:
     if "quantized_layers" in res:
         t = Table(title=f"{name}: {res['quantized_layers']} layers int8, "
@@ -295,20 +318,16 @@ def _pass_table(name: str, res: dict[str, Any]) -> Table:
         if not t.row_count:
             t.add_row("(none)", "every weight layer runs in int8")
         return t
+    if "blocks" in res:
+        rows = [(b["block"], b["heads_before"], b["heads_after"], b["reason"])
+                for b in res["blocks"]]
+        return _decision_table(f"{name} (criterion {res.get('criterion')})", "attention block",
+                               "heads", rows)
     if "groups" in res:
-        t = Table(title=f"{name} (criterion {res.get('criterion')})")
-        for col in ("group", "channels", "kept", "note"):
-            t.add_column(col)
-        skipped: Counter[str] = Counter()
-        for g in res["groups"]:
-            if g["reason"] is not None and g["channels_after"] == g["channels_before"]:
-                skipped[re.sub(r"'[^']*'", "'…'", g["reason"])] += 1
-                continue
-            t.add_row(g["group"], str(g["channels_before"]), str(g["channels_after"]),
-                      g["reason"] or "")
-        for reason, n in skipped.items():
-            t.add_row(f"{n} more", "", "", f"left alone: {reason}")
-        return t
+        rows = [(g["group"], g["channels_before"], g["channels_after"], g["reason"])
+                for g in res["groups"]]
+        return _decision_table(f"{name} (criterion {res.get('criterion')})", "group",
+                               "channels", rows)
     t = Table(title=name)
     for col in ("weight", "size", "sparsity", "note"):
         t.add_column(col)
@@ -357,6 +376,12 @@ def _cmd_inspect(argv: Sequence[str], console: Console) -> int:
         else:
             console.print(f"  [yellow]skipped[/]  {g.name}: {g.size} channels: {g.skip_reason}",
                           soft_wrap=True)
+    for b in info.attention:
+        d = b.to_dict()
+        state = "[green]prunable[/]" if d["prunable"] else "[yellow]skipped[/] "
+        why = "" if d["prunable"] else f": {d['reason']}"
+        console.print(f"  {state} attention {d['name']}: {d['heads']} heads of "
+                      f"{d['head_size']}{why}", soft_wrap=True)
     n = sum(g.prunable for g in info.groups)
     console.print(f"{n} of {len(info.groups)} channel groups prunable"
                   + ("" if n else " - structured pruning would change nothing"))

@@ -53,19 +53,25 @@ def keep_heads(graph: ir.Graph, block: AttentionBlock, keep: Sequence[int]) -> N
     readers = set(block.nodes) | {block.output.node}
     # Projections that share one constant (a packed QKV weight or bias) are cut together.
     weight_cols: dict[ir.Value, list[np.ndarray]] = {}
-    bias_cols: dict[ir.Value, tuple[int, ir.Node, list[np.ndarray]]] = {}
+    bias_cols: dict[ir.Value, tuple[int, ir.Node, list[tuple[int, np.ndarray]]]] = {}
+    sizes = {p.role: p.head_size for p in block.projections}
     for p in sorted(block.projections, key=lambda p: p.offset):
         cols = head_columns(keep, p.head_size, p.offset)
         weight_cols.setdefault(p.use.weight, []).append(cols)
         if p.bias is not None:
-            bias_cols.setdefault(p.bias.value, (p.bias.axis, p.bias.node, []))[2].append(cols)
+            bias_cols.setdefault(p.bias.value, (p.bias.axis, p.bias.node, []))[2].append(
+                (p.offset, cols))
+    for c, role, offset in block.packed:
+        cols = head_columns(keep, sizes[role], offset)
+        bias_cols.setdefault(c.value, (c.axis, c.node, []))[2].append((offset, cols))
     out_axes = {p.use.weight: p.use.out_axis for p in block.projections}
     for weight, parts in weight_cols.items():
         arr = const_array(weight)
         assert arr is not None
         set_const_array(weight, np.take(arr, np.concatenate(parts), axis=out_axes[weight]))
     for bias, (axis, node, parts) in bias_cols.items():
-        _cut(graph, bias, axis, np.concatenate(parts), readers, node)
+        idx = np.concatenate([cols for _, cols in sorted(parts, key=lambda t: t[0])])
+        _cut(graph, bias, axis, idx, readers, node)
     for c in block.head_constants:
         _cut(graph, c.value, c.axis, np.asarray(keep, dtype=np.int64), readers, c.node)
     w = const_array(block.output.weight)

@@ -274,10 +274,13 @@ def _add_bias(graph: ir.Graph, use: WeightUse, delta: np.ndarray) -> None:
     graph.register_initializer(bias_value)
     new_out = ir.Value(name=f"{out.name}_biased", shape=out.shape, type=out.type)
     add = ir.Node("", "Add", [out, bias_value], outputs=[new_out], name=f"{node.name}_bias_fix")
-    was_output = out.is_graph_output()
+    if out.is_graph_output():
+        # The graph output moves to the new Add and keeps its name, so callers see no change.
+        name = out.name
+        out.name = f"{name}_unbiased"
+        new_out.name = name
+        outputs = graph.outputs
+        outputs[outputs.index(out)] = new_out
     ir.convenience.replace_all_uses_with(out, new_out)
     add.replace_input_with(0, out)  # replace_all_uses_with rewired the new node onto itself
     graph.insert_after(node, add)
-    if was_output:
-        outputs = graph.outputs
-        outputs[outputs.index(out)] = new_out
