@@ -73,25 +73,29 @@ def quantize_dynamic(model: Path, out: Path) -> dict[str, float]:
     return {"wall_s": time.perf_counter() - start, "peak_mib": float("nan")}
 
 
-def variants(quick: bool, calib: Path) -> list[tuple[str, list[str]]]:
+def variants(quick: bool, calib: Path, calib512: Path | None) -> list[tuple[str, list[str]]]:
+    """Every criterion with and without repair at 50 %; the main rows at 30 % and 70 %."""
     cal = ["--calibration", str(calib), "--token-mask", "attention_mask"]
-    sparsities = [0.5] if quick else [0.3, 0.5, 0.7]
     rows: list[tuple[str, list[str]]] = []
-    for s in sparsities:
+    for s in [0.5] if quick else [0.3, 0.5, 0.7]:
         sp = ["--sparsity", str(s)]
-        data_free = ["l1", "random"] if quick else ["l1", "l2", "variance", "entropy", "random"]
+        full = s == 0.5 and not quick
+        data_free = ["l1", "l2", "variance", "entropy", "random"] if full else ["l1", "random"]
         for c in data_free:
             rows.append((f"{c}, no repair | {s:.0%}", [*sp, "--criterion", c]))
-        aware = ["activation"] if quick else ["activation", "activation-variance",
-                                              "activation-entropy"]
+        aware = ["activation", "activation-variance", "activation-entropy"] if full else [
+            "activation"]
         for c in aware:
-            repairs = ["lstsq"] if quick else ["none", "bias", "lstsq"]
-            for r in repairs:
+            for r in ["none", "bias", "lstsq"] if full else ["lstsq"]:
                 rows.append((f"{c} + {r} | {s:.0%}", [*sp, *cal, "--criterion", c,
                                                       "--reconstruct", r]))
         rows.append((f"random + lstsq | {s:.0%}", [*sp, *cal, "--criterion", "random",
                                                    "--reconstruct", "lstsq"]))
         rows.append((f"obs + lstsq (default) | {s:.0%}", [*sp, *cal]))
+        if calib512 is not None and s in (0.5, 0.7):
+            rows.append((f"obs + lstsq, 512 calibration sentences | {s:.0%}",
+                         [*sp, "--calibration", str(calib512), "--token-mask",
+                          "attention_mask"]))
     return rows
 
 
@@ -105,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     calib = ensure_inputs(args.calib_n)
+    calib512 = None if args.quick else ensure_inputs(512)
     sentences = textdata.evaluation_sentences()
     if args.eval_n:
         sentences = sentences[: args.eval_n]
@@ -124,14 +129,11 @@ def main(argv: list[str] | None = None) -> int:
             "wall_s": float("nan"), "peak_mib": float("nan"), "speedup": 1.0,
         })
         print(_row(results[-1]), flush=True)
-        rows = variants(args.quick, calib)
+        rows = variants(args.quick, calib, calib512)
         rows.append(("onnxruntime quantize_dynamic int8 (peer)", []))
         for name, cli_args in rows:
             out = work / f"{kind}.onnx"
-            if cli_args:
-                cost = run_onnxprune(dense, out, cli_args)
-            else:
-                cost = quantize_dynamic(dense, out)
+            cost = run_onnxprune(dense, out, cli_args) if cli_args else quantize_dynamic(dense, out)
             emb = metrics.embed(out, sentences)
             quality = metrics.compare(dense_emb, emb)
             lat = metrics.latency_ratio(dense, out, repeats=args.latency_repeats)
