@@ -30,7 +30,7 @@ class LayerStats:
     cross: np.ndarray | None = field(init=False, default=None)
     _hist: np.ndarray | None = field(init=False, default=None)
     _edges_lo: np.ndarray | None = field(init=False, default=None)
-    _width: float = field(init=False, default=1.0)
+    _width: np.ndarray | float = field(init=False, default=1.0)
 
     def __post_init__(self) -> None:
         self._sum = np.zeros(self.channels)
@@ -90,10 +90,13 @@ class LayerStats:
 
     def _histogram(self, x: np.ndarray) -> None:
         if self._hist is None:
-            # Bins of one common width for every channel, centred on the first batch's means:
-            # a channel whose values barely move falls in a few bins (low entropy).
+            # Per-channel bins a quarter of the channel's first-batch spread wide, centred on
+            # its mean. Discrete entropy + log(bin width) estimates the differential entropy,
+            # which grows with spread and is comparable across channels (a common bin width
+            # would pile a wide channel into the edge bins and call it uninformative).
             std = x.std(axis=0)
-            self._width = max(float(np.median(std)) / 4, 1e-12)
+            floor = max(float(np.median(std)) * 1e-3, 1e-12)
+            self._width = np.maximum(std / 4, floor)
             self._edges_lo = x.mean(axis=0) - self._width * _BINS / 2
             self._hist = np.zeros((self.channels, _BINS), dtype=np.int64)
         assert self._edges_lo is not None
@@ -121,7 +124,8 @@ class LayerStats:
             return np.zeros(self.channels)
         p = self._hist / np.maximum(self._hist.sum(axis=1, keepdims=True), 1)
         with np.errstate(divide="ignore", invalid="ignore"):
-            return -np.where(p > 0, p * np.log(p), 0.0).sum(axis=1)
+            discrete = -np.where(p > 0, p * np.log(p), 0.0).sum(axis=1)
+        return discrete + np.log(self._width)
 
     def as_dict(self) -> dict[str, np.ndarray]:
         return {"mean": self.mean, "sq_mean": self.sq_mean, "var": self.var,

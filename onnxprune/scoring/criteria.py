@@ -136,10 +136,11 @@ def activation_variance(cw: ChannelWeights) -> np.ndarray:
 
 @register_criterion("activation-entropy")
 def activation_entropy(cw: ChannelWeights) -> np.ndarray:
-    """Entropy of the channel's activation histogram (common bin width for all channels).
+    """Differential entropy of the channel's activation (histogram estimate).
 
     A channel whose activation barely varies carries no information; its mean folds into
-    the next bias. Ties are broken by the outgoing weight norm.
+    the next bias. Unlike variance, a channel that is mostly constant with rare spikes scores
+    low. Ties are broken by the outgoing weight norm.
     """
     h = _stat(cw, "entropy", "activation-entropy")
     return h + 1e-6 * l2(cw) / max(float(np.max(l2(cw))), 1e-30)
