@@ -176,6 +176,21 @@ def check(path: str | Path, model=None) -> float:
     return worst
 
 
+def ensure_inputs(calib_n: int, build: Path) -> Path:
+    """Exports both models and writes the calibration batches when they are missing."""
+    import textdata
+
+    build.mkdir(exist_ok=True)
+    for kind in ("legacy", "dynamo"):
+        path = build / f"minilm_{kind}.onnx"
+        if not path.exists():
+            export(kind, path)  # type: ignore[arg-type]
+    calib = build / f"calib_{calib_n}"
+    if not calib.exists():
+        textdata.write_npz_batches(textdata.calibration_sentences(calib_n), calib, 16)
+    return calib
+
+
 def main(argv: list[str] | None = None) -> int:
     """Export both models (unless present), then check them against torch."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

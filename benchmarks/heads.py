@@ -145,22 +145,25 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-HEADER = ("| exporter | method | params | cosine mean | cosine min | Spearman | probe acc "
-          "| tool time | CPU speedup |")
+COLUMNS = [
+    ("exporter", metrics.cell("exporter")),
+    ("method", metrics.cell("method")),
+    ("params", metrics.cell("parameters", ".2f", "M", 1e-6)),
+    ("cosine mean", metrics.cell("mean_cosine", ".4f")),
+    ("cosine min", metrics.cell("min_cosine", ".4f")),
+    ("Spearman", metrics.cell("spearman", ".4f")),
+    ("probe acc", metrics.cell("probe", ".3f")),
+    ("tool time", metrics.cell("tool_s", ".1f", " s")),
+    ("CPU speedup", metrics.cell("speedup", ".2f", "x")),
+]
 
 
 def _row(r: dict[str, object]) -> str:
-    def f(key: str, fmt: str) -> str:
-        v = r[key]
-        return "-" if v != v else format(v, fmt)  # NaN -> "-"
-
-    return (f"| {r['exporter']} | {r['method']} | {r['parameters'] / 1e6:.2f}M | "  # type: ignore[operator]
-            f"{f('mean_cosine', '.4f')} | {f('min_cosine', '.4f')} | {f('spearman', '.4f')} | "
-            f"{f('probe', '.3f')} | {f('tool_s', '.1f')} s | {f('speedup', '.2f')}x |")
+    return metrics.markdown_row(r, COLUMNS)
 
 
 def table(results: list[dict[str, object]]) -> str:
-    return "\n".join([HEADER, "|" + "---|" * 9, *(_row(r) for r in results)])
+    return metrics.markdown_table(results, COLUMNS)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import argparse
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -261,3 +261,31 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+Column = tuple[str, Callable[[dict[str, object]], str]]
+
+
+def cell(key: str, spec: str = "", suffix: str = "", scale: float = 1.0):
+    """A table cell formatter: the value of `key` formatted with `spec`, "-" when NaN/absent."""
+
+    def render(r: dict[str, object]) -> str:
+        v = r.get(key, float("nan"))
+        if isinstance(v, float) and v != v:
+            return "-"
+        if isinstance(v, (int, float)) and spec:
+            return format(v * scale, spec) + suffix
+        return f"{v}{suffix}"
+
+    return render
+
+
+def markdown_row(r: dict[str, object], columns: Sequence[Column]) -> str:
+    return "| " + " | ".join(render(r) for _, render in columns) + " |"
+
+
+def markdown_table(results: Sequence[dict[str, object]], columns: Sequence[Column]) -> str:
+    """One markdown table, the same for every benchmark script."""
+    head = "| " + " | ".join(name for name, _ in columns) + " |"
+    return "\n".join([head, "|" + "---|" * len(columns),
+                      *(markdown_row(r, columns) for r in results)])

@@ -33,17 +33,9 @@ BUILD = ROOT / "build"
 
 
 def ensure_inputs(calib_n: int) -> Path:
-    from export_minilm import export
+    from export_minilm import ensure_inputs as ensure
 
-    BUILD.mkdir(exist_ok=True)
-    for kind in ("legacy", "dynamo"):
-        path = BUILD / f"minilm_{kind}.onnx"
-        if not path.exists():
-            export(kind, path)  # type: ignore[arg-type]
-    calib = BUILD / f"calib_{calib_n}"
-    if not calib.exists():
-        textdata.write_npz_batches(textdata.calibration_sentences(calib_n), calib, 16)
-    return calib
+    return ensure(calib_n, BUILD)
 
 
 def run_onnxprune(model: Path, out: Path, args: list[str]) -> dict[str, float]:
@@ -151,25 +143,27 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-HEADER = ("| exporter | method | FFN removed | params | cosine mean | cosine min | Spearman "
-          "| probe acc | tool time | peak mem | CPU speedup |")
+COLUMNS = [
+    ("exporter", metrics.cell("exporter")),
+    ("method", lambda r: str(r["method"]).partition(" | ")[0]),
+    ("FFN removed", lambda r: str(r["method"]).partition(" | ")[2] or "-"),
+    ("params", metrics.cell("parameters", ".2f", "M", 1e-6)),
+    ("cosine mean", metrics.cell("mean_cosine", ".4f")),
+    ("cosine min", metrics.cell("min_cosine", ".4f")),
+    ("Spearman", metrics.cell("spearman", ".4f")),
+    ("probe acc", metrics.cell("probe", ".3f")),
+    ("tool time", metrics.cell("wall_s", ".1f", " s")),
+    ("peak mem", metrics.cell("peak_mib", ".0f", " MiB")),
+    ("CPU speedup", metrics.cell("speedup", ".2f", "x")),
+]
 
 
 def _row(r: dict[str, object]) -> str:
-    def f(key: str, fmt: str) -> str:
-        v = r[key]
-        return "-" if v != v else format(v, fmt)  # NaN -> "-"
-
-    method, _, sparsity = str(r["method"]).partition(" | ")
-    return (f"| {r['exporter']} | {method} | {sparsity or '-'} | {r['parameters'] / 1e6:.2f}M | "
-            f"{f('mean_cosine', '.4f')} | {f('min_cosine', '.4f')} | {f('spearman', '.4f')} | "
-            f"{f('probe', '.3f')} | {f('wall_s', '.1f')} s | {f('peak_mib', '.0f')} MiB | "
-            f"{f('speedup', '.2f')}x |")
+    return metrics.markdown_row(r, COLUMNS)
 
 
 def table(results: list[dict[str, object]]) -> str:
-    sep = "|" + "---|" * 11
-    return "\n".join([HEADER, sep, *(_row(r) for r in results)])
+    return metrics.markdown_table(results, COLUMNS)
 
 
 if __name__ == "__main__":

@@ -43,18 +43,9 @@ BUILD = ROOT / "build"
 
 
 def ensure_inputs(calib_n: int) -> Path:
-    """Exports both models and writes the calibration batches when they are missing."""
-    from export_minilm import export
+    from export_minilm import ensure_inputs as ensure
 
-    BUILD.mkdir(exist_ok=True)
-    for kind in ("legacy", "dynamo"):
-        path = BUILD / f"minilm_{kind}.onnx"
-        if not path.exists():
-            export(kind, path)  # type: ignore[arg-type]
-    calib = BUILD / f"calib_{calib_n}"
-    if not calib.exists():
-        textdata.write_npz_batches(textdata.calibration_sentences(calib_n), calib, 16)
-    return calib
+    return ensure(calib_n, BUILD)
 
 
 def _batches(calib: Path) -> Iterator[dict[str, np.ndarray]]:
@@ -210,22 +201,25 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-HEADER = ("| exporter | method | file size | cosine mean | cosine min | Spearman | probe acc "
-          "| tool time | CPU speedup |")
+COLUMNS = [
+    ("exporter", metrics.cell("exporter")),
+    ("method", metrics.cell("method")),
+    ("file size", metrics.cell("size_ratio", ".1%")),
+    ("cosine mean", metrics.cell("mean_cosine", ".4f")),
+    ("cosine min", metrics.cell("min_cosine", ".4f")),
+    ("Spearman", metrics.cell("spearman", ".4f")),
+    ("probe acc", metrics.cell("probe", ".3f")),
+    ("tool time", metrics.cell("wall_s", ".1f", " s")),
+    ("CPU speedup", metrics.cell("speedup", ".2f", "x")),
+]
 
 
 def _row(r: dict[str, object]) -> str:
-    def f(key: str, fmt: str) -> str:
-        v = r.get(key, float("nan"))
-        return "-" if v != v else format(v, fmt)  # NaN -> "-"
-
-    return (f"| {r['exporter']} | {r['method']} | {f('size_ratio', '.1%')} | "
-            f"{f('mean_cosine', '.4f')} | {f('min_cosine', '.4f')} | {f('spearman', '.4f')} | "
-            f"{f('probe', '.3f')} | {f('wall_s', '.1f')} s | {f('speedup', '.2f')}x |")
+    return metrics.markdown_row(r, COLUMNS)
 
 
 def table(results: list[dict[str, object]]) -> str:
-    return "\n".join([HEADER, "|" + "---|" * 9, *(_row(r) for r in results)])
+    return metrics.markdown_table(results, COLUMNS)
 
 
 if __name__ == "__main__":
