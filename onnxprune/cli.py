@@ -8,17 +8,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import onnx_ir as ir
 from rich.console import Console
-from rich.table import Table
 
 from onnxprune import api
 from onnxprune.calibration.data import Batch, parse_shape_overrides
@@ -26,7 +22,7 @@ from onnxprune.errors import InputError, OnnxPruneError
 from onnxprune.io import check_output_path, load_model, save_model
 from onnxprune.passes.reconstruct import DEFAULT_RIDGE
 from onnxprune.quantize import QuantizeConfig
-from onnxprune.report import human_bytes, stats_table, verify_table, write_json
+from onnxprune.report import human_bytes, pass_table, stats_table, verify_table, write_json
 from onnxprune.runtime import parse_providers
 from onnxprune.scoring.criteria import CRITERIA
 from onnxprune.verify import Tolerances, VerifyResult
@@ -271,7 +267,7 @@ def _cmd_prune(argv: Sequence[str], console: Console) -> int:
     report.after = replace(report.after, file_bytes=out.stat().st_size)
     console.print(stats_table(report.before, report.after))
     for name, res in report.passes.items():
-        console.print(_pass_table(name, res))
+        console.print(pass_table(name, res))
     for note in report.notes:
         console.print(f"[yellow]{note}[/]")
     if result is not None:
@@ -284,57 +280,6 @@ def _cmd_prune(argv: Sequence[str], console: Console) -> int:
     if args.report:
         write_json(args.report, {**data, **report.to_dict()})
     return code
-
-
-def _decision_table(
-    title: str, what: str, unit: str, rows: list[tuple[str, int, int, str | None]]
-) -> Table:
-    """What a structured pass changed; what it left alone is summarised by reason."""
-    t = Table(title=title)
-    for col in (what, unit, "kept", "note"):
-        t.add_column(col)
-    skipped: Counter[str] = Counter()
-    for name, before, after, reason in rows:
-        if reason is not None and after == before:
-            skipped[re.sub(r"'[^']*'", "'…'", reason)] += 1
-            continue
-        t.add_row(name, str(before), str(after), reason or "")
-    for reason, n in skipped.items():
-        t.add_row(f"{n} more", "", "", f"left alone: {reason}")
-    return t
-
-
-def _pass_table(name: str, res: dict[str, Any]) -> Table:
-    if "quantized_layers" in res:
-        t = Table(title=f"{name}: {res['quantized_layers']} layers int8, "
-                  f"{res['float_layers']} float")
-        for col in ("kept in float", "why"):
-            t.add_column(col)
-        for layer in res["layers"]:
-            if not layer["quantized"]:
-                t.add_row(layer["node"], layer.get("reason", ""))
-        for tensor, why in res["float_tensors"].items():
-            t.add_row(f"tensor {tensor}", why)
-        if not t.row_count:
-            t.add_row("(none)", "every weight layer runs in int8")
-        return t
-    if "blocks" in res:
-        rows = [(b["block"], b["heads_before"], b["heads_after"], b["reason"])
-                for b in res["blocks"]]
-        return _decision_table(f"{name} (criterion {res.get('criterion')})", "attention block",
-                               "heads", rows)
-    if "groups" in res:
-        rows = [(g["group"], g["channels_before"], g["channels_after"], g["reason"])
-                for g in res["groups"]]
-        return _decision_table(f"{name} (criterion {res.get('criterion')})", "group",
-                               "channels", rows)
-    t = Table(title=name)
-    for col in ("weight", "size", "sparsity", "note"):
-        t.add_column(col)
-    for layer in res.get("layers", []):
-        t.add_row(layer["weight"], str(layer["size"]), f"{layer['sparsity']:.3f}",
-                  layer["skipped"] or "")
-    return t
 
 
 def _cmd_quantize(argv: Sequence[str], console: Console) -> int:

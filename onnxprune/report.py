@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
 
@@ -17,7 +19,13 @@ from onnxprune.graph.accounting import ModelStats
 if TYPE_CHECKING:  # report sits below verify in the layers; only the type is needed
     from onnxprune.verify import VerifyResult
 
-__all__ = ["write_json", "stats_table", "verify_table", "human_bytes"]
+__all__ = [
+    "write_json",
+    "stats_table",
+    "verify_table",
+    "pass_table",
+    "human_bytes",
+]
 
 
 def _clean(obj: object) -> object:
@@ -102,4 +110,55 @@ def verify_table(result: VerifyResult) -> Table:
     failures = [f"{o.name} [{o.provider}]: {f}" for o in result.outputs for f in o.failures]
     if failures:
         t.caption = "failed: " + "; ".join(failures)
+    return t
+
+
+def _decision_table(
+    title: str, what: str, unit: str, rows: list[tuple[str, int, int, str | None]]
+) -> Table:
+    """What a structured pass changed; what it left alone is summarised by reason."""
+    t = Table(title=title)
+    for col in (what, unit, "kept", "note"):
+        t.add_column(col)
+    skipped: Counter[str] = Counter()
+    for name, before, after, reason in rows:
+        if reason is not None and after == before:
+            skipped[re.sub(r"'[^']*'", "'…'", reason)] += 1
+            continue
+        t.add_row(name, str(before), str(after), reason or "")
+    for reason, n in skipped.items():
+        t.add_row(f"{n} more", "", "", f"left alone: {reason}")
+    return t
+
+
+def pass_table(name: str, res: dict[str, Any]) -> Table:
+    if "quantized_layers" in res:
+        t = Table(title=f"{name}: {res['quantized_layers']} layers int8, "
+                  f"{res['float_layers']} float")
+        for col in ("kept in float", "why"):
+            t.add_column(col)
+        for layer in res["layers"]:
+            if not layer["quantized"]:
+                t.add_row(layer["node"], layer.get("reason", ""))
+        for tensor, why in res["float_tensors"].items():
+            t.add_row(f"tensor {tensor}", why)
+        if not t.row_count:
+            t.add_row("(none)", "every weight layer runs in int8")
+        return t
+    if "blocks" in res:
+        rows = [(b["block"], b["heads_before"], b["heads_after"], b["reason"])
+                for b in res["blocks"]]
+        return _decision_table(f"{name} (criterion {res.get('criterion')})", "attention block",
+                               "heads", rows)
+    if "groups" in res:
+        rows = [(g["group"], g["channels_before"], g["channels_after"], g["reason"])
+                for g in res["groups"]]
+        return _decision_table(f"{name} (criterion {res.get('criterion')})", "group",
+                               "channels", rows)
+    t = Table(title=name)
+    for col in ("weight", "size", "sparsity", "note"):
+        t.add_column(col)
+    for layer in res.get("layers", []):
+        t.add_row(layer["weight"], str(layer["size"]), f"{layer['sparsity']:.3f}",
+                  layer["skipped"] or "")
     return t
