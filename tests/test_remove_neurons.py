@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 import onnxprune.passes.reconstruct as reconstruct
 from onnxprune.api import PruneConfig, prune
 from onnxprune.calibration.stats import LayerStats
-from onnxprune.errors import DataError, InputError
+from onnxprune.errors import InputError
 from onnxprune.graph.channels import find_channel_groups
 from onnxprune.graph.weights import const_array, set_const_array
 from onnxprune.passes.reconstruct import Calibration, consumer_target
