@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                         "mean_cosine": 1.0, "min_cosine": 1.0, "spearman": 1.0,
                         "probe": metrics.probe_accuracy(dense_emb, labels, topics),
                         "tool_s": float("nan"), "speedup": 1.0})
-        print(_row(results[-1]), flush=True)
+        print(metrics.markdown_row(results[-1], COLUMNS), flush=True)
         for key in args.recipes.split(","):
             title, recipe = RECIPES[key]
             model = ir.load(dense_path)
@@ -139,8 +139,8 @@ def main(argv: list[str] | None = None) -> int:
                 "probe": metrics.probe_accuracy(emb, labels, topics),
                 "tool_s": tool, "speedup": lat["speedup"],
             })
-            print(_row(results[-1]), flush=True)
-    print("\n" + table(results))
+            print(metrics.markdown_row(results[-1], COLUMNS), flush=True)
+    print("\n" + metrics.markdown_table(results, COLUMNS))
     (BUILD / "bench_heads.json").write_text(json.dumps(results, indent=1))
     return 0
 
@@ -156,14 +156,6 @@ COLUMNS = [
     ("tool time", metrics.cell("tool_s", ".1f", " s")),
     ("CPU speedup", metrics.cell("speedup", ".2f", "x")),
 ]
-
-
-def _row(r: dict[str, object]) -> str:
-    return metrics.markdown_row(r, COLUMNS)
-
-
-def table(results: list[dict[str, object]]) -> str:
-    return metrics.markdown_table(results, COLUMNS)
 
 
 if __name__ == "__main__":

@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             "probe": metrics.probe_accuracy(dense_emb, labels, topics),
             "wall_s": float("nan"), "peak_mib": float("nan"), "speedup": 1.0,
         })
-        print(_row(results[-1]), flush=True)
+        print(metrics.markdown_row(results[-1], COLUMNS), flush=True)
         rows = variants(args.quick, calib, calib512)
         rows.append(("onnxruntime quantize_dynamic int8 (peer)", []))
         for name, cli_args in rows:
@@ -135,10 +135,10 @@ def main(argv: list[str] | None = None) -> int:
                 "probe": metrics.probe_accuracy(emb, labels, topics), **cost,
                 "speedup": lat["speedup"],
             })
-            print(_row(results[-1]), flush=True)
+            print(metrics.markdown_row(results[-1], COLUMNS), flush=True)
     if importlib.util.find_spec("onnxsim") is None:
         print("\nonnxsim is not installed: its rows are skipped (pip install onnxsim==0.8.1).")
-    print("\n" + table(results))
+    print("\n" + metrics.markdown_table(results, COLUMNS))
     (BUILD / "bench_minilm.json").write_text(json.dumps(results, indent=1))
     return 0
 
@@ -156,14 +156,6 @@ COLUMNS = [
     ("peak mem", metrics.cell("peak_mib", ".0f", " MiB")),
     ("CPU speedup", metrics.cell("speedup", ".2f", "x")),
 ]
-
-
-def _row(r: dict[str, object]) -> str:
-    return metrics.markdown_row(r, COLUMNS)
-
-
-def table(results: list[dict[str, object]]) -> str:
-    return metrics.markdown_table(results, COLUMNS)
 
 
 if __name__ == "__main__":

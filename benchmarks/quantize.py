@@ -189,14 +189,14 @@ def main(argv: list[str] | None = None) -> int:
                          **metrics.compare(dense_emb, emb),
                          "probe": metrics.probe_accuracy(emb, labels, topics),
                          "wall_s": wall, "path": out})
-            print(_row(rows[-1]), flush=True)
+            print(metrics.markdown_row(rows[-1], COLUMNS), flush=True)
         speedups = interleaved_speedups([r["path"] for r in rows],  # type: ignore[misc]
                                         args.latency_repeats)
         for r, s in zip(rows, speedups, strict=True):
             r["speedup"] = s
             r["path"] = str(r["path"])
         results += rows
-    print("\n" + table(results))
+    print("\n" + metrics.markdown_table(results, COLUMNS))
     (BUILD / "bench_quantize.json").write_text(json.dumps(results, indent=1))
     return 0
 
@@ -212,14 +212,6 @@ COLUMNS = [
     ("tool time", metrics.cell("wall_s", ".1f", " s")),
     ("CPU speedup", metrics.cell("speedup", ".2f", "x")),
 ]
-
-
-def _row(r: dict[str, object]) -> str:
-    return metrics.markdown_row(r, COLUMNS)
-
-
-def table(results: list[dict[str, object]]) -> str:
-    return metrics.markdown_table(results, COLUMNS)
 
 
 if __name__ == "__main__":
