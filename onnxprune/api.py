@@ -215,14 +215,16 @@ def _refuse_if_nothing_prunable(passes: list[ir.passes.PassBase]) -> None:
     for p in passes:
         if isinstance(p, RemoveNeuronsPass):
             found = found or any(g.reason is None for g in p.result.groups)
-            reasons += [f"{g.group}: {g.reason}" for g in p.result.groups[:2]]
+            reasons += [f"{g.group}: {g.reason}" for g in p.result.groups[:2]] or [
+                "no MatMul/Gemm with a constant weight"]
         elif isinstance(p, RemoveHeadsPass):
             found = found or any(b.reason is None for b in p.result.blocks)
-            reasons += [f"{b.block}: {b.reason}" for b in p.result.blocks[:2]]
+            reasons += [f"{b.block}: {b.reason}" for b in p.result.blocks[:2]] or [
+                "no attention block recognised"]
         else:
             return  # zeroing always applies
     if passes and not found:
-        why = "; ".join(reasons) or "no MatMul/Gemm with a constant weight, no attention block"
+        why = "; ".join(reasons)
         raise UnsupportedModelError(
             f"nothing prunable in this model ({why}); run onnxprune inspect for details"
         )
