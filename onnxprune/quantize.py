@@ -129,16 +129,9 @@ class QuantizeConfig:
 
 
 @dataclass(frozen=True)
-class LayerReport:
-    node: str
-    op_type: str
-    quantized: bool
-    reason: str = ""
-    integer_kernel: bool = False
-    weight: str | None = None
-    weight_scale: tuple[float, float, float] | None = None  # min, median, max
-    weight_sqnr_db: float | None = None
-    activation: str | None = None
+class LayerReport(QuantizedLayer):
+    """What the pass did to a layer, plus what calibration measured for it."""
+
     activation_range: tuple[float, float] | None = None
     activation_scale: float | None = None
     activation_zero_point: int | None = None
@@ -394,13 +387,12 @@ def _layer_report(r: QuantizedLayer, plan: _Plan) -> LayerReport:
     choice = plan.choices.get(r.activation or "") if r.activation else None
     sq = plan.layer_sqnr.get(r.node)
     return LayerReport(
-        r.node, r.op_type, r.quantized, r.reason, r.integer_kernel, r.weight, r.weight_scale,
-        r.weight_sqnr_db, r.activation,
-        (choice.lo, choice.hi) if choice else None,
-        choice.scale if choice else None,
-        choice.zero_point if choice else None,
-        choice.how if choice else None,
-        bool(choice is not None and choice.smooth is not None),
-        choice.activation_sqnr if choice else None,
-        sq if r.quantized or sq is not None else None,
+        **vars(r),
+        activation_range=(choice.lo, choice.hi) if choice else None,
+        activation_scale=choice.scale if choice else None,
+        activation_zero_point=choice.zero_point if choice else None,
+        range_choice=choice.how if choice else None,
+        smoothed=bool(choice is not None and choice.smooth is not None),
+        activation_sqnr_db=choice.activation_sqnr if choice else None,
+        layer_sqnr_db=sq if r.quantized or sq is not None else None,
     )
