@@ -230,11 +230,20 @@ def _refuse_if_nothing_prunable(passes: list[ir.passes.PassBase]) -> None:
         )
 
 
+def _session_source(model: ModelSource | onnx.ModelProto) -> ModelSource:
+    """What onnxruntime can open: a path or an ir.Model (a ModelProto is converted)."""
+    if isinstance(model, onnx.ModelProto):
+        return ir.serde.deserialize_model(model)
+    return model
+
+
 def _to_ir(model: ModelSource | onnx.ModelProto) -> ir.Model:
     if isinstance(model, ir.Model):
         return model
     if isinstance(model, onnx.ModelProto):
         return ir.serde.deserialize_model(model)
+    if isinstance(model, bytes):
+        return ir.serde.deserialize_model(onnx.ModelProto.FromString(model))
     return load_model(model)
 
 
@@ -292,14 +301,13 @@ def verify(
     `data` is a path, a list of batches (then `generated_inputs` says whether they were
     made up from the signature), or None to generate inputs.
     """
-    ref = _to_ir(reference)
-    cand = _to_ir(candidate)
+    # Paths go to onnxruntime as paths; only the reference's input signature is read here.
+    ref_src = _session_source(reference)
+    cand_src = _session_source(candidate)
     if data is None or isinstance(data, (str, os.PathLike)):
-        batches, generated = verification_batches(ref, data, shapes)
+        batches, generated = verification_batches(_to_ir(ref_src), data, shapes)
     else:
         batches, generated = list(data), generated_inputs
-    ref_src: ModelSource = reference if isinstance(reference, (str, os.PathLike)) else ref
-    cand_src: ModelSource = candidate if isinstance(candidate, (str, os.PathLike)) else cand
     return compare_models(
         ref_src, cand_src, batches, providers=providers, tolerances=tolerances or Tolerances(),
         generated_inputs=generated,
