@@ -225,7 +225,7 @@ def fit_group(
             raise DataError(f"group '{group.name}': the least-squares refit is not finite")
         return GroupFit(keep, w[:-1], w[-1])
     if calib.reconstruct == "bias":
-        return GroupFit(keep, None, fold_bias(stats.mean, _joined_weight(group), keep))
+        return GroupFit(keep, None, fold_bias(stats.mean, prior, keep))
     return GroupFit(keep, None, None)
 
 
