@@ -201,11 +201,17 @@ def fit_group(
     n_keep: int,
     scores: np.ndarray | None,
     calib: Calibration,
+    keep: np.ndarray | None = None,
 ) -> GroupFit:
-    """Chooses the kept channels (by OBS when scores is None) and the repaired weights."""
+    """Chooses the kept channels (by OBS when scores is None) and the repaired weights.
+
+    `keep`, when given, fixes the kept channels: only the repair is computed.
+    """
     prior = _joined_weight(group)
     select_ridge = DEFAULT_RIDGE if calib.ridge is None else calib.ridge
-    if scores is None:
+    if keep is not None:
+        keep = np.sort(np.asarray(keep, dtype=np.int64))
+    elif scores is None:
         gamma = consumer_target(group).norm_scale
         keep, _ = obs_select(
             stats.gram, stats.cross, n_keep, select_ridge, prior,  # type: ignore[arg-type]

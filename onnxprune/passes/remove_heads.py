@@ -32,6 +32,7 @@ from onnxprune.graph.attention import AttentionBlock, find_attention_blocks
 from onnxprune.graph.channels import ChannelGroup
 from onnxprune.graph.head_slicing import head_columns, keep_heads
 from onnxprune.graph.weights import WeightUse, const_array
+from onnxprune.passes.remove_neurons import KeepSpec, check_keep
 from onnxprune.passes.reconstruct import (
     DEFAULT_RIDGE,
     Calibration,
@@ -110,8 +111,13 @@ class RemoveHeadsPass(ir.passes.InPlacePass):
         max_block_fraction: float = 0.75,
         calibration: Calibration | None = None,
         ignore: Sequence[str] = (),
+        keep: KeepSpec | None = None,
     ) -> None:
-        """`criterion` defaults to "norm" without calibration data and "obs" with it."""
+        """`criterion` defaults to "norm" without calibration data and "obs" with it.
+
+        `keep`, when given, decides each named block (heads kept: a count, or which ones)
+        instead of `fraction`; blocks it does not name keep every head.
+        """
         super().__init__()
         if not 0 <= fraction < 1:
             raise InputError(f"--heads must be in [0, 1), got {fraction}")
@@ -129,6 +135,7 @@ class RemoveHeadsPass(ir.passes.InPlacePass):
         self.max_block_fraction = max_block_fraction
         self.calibration = calibration
         self.ignore = tuple(ignore)
+        self.keep = keep
         self.result = RemoveHeadsResult(criterion, ())
 
     # -- recognition, with a run to settle masks whose shape the file does not record -----
@@ -143,7 +150,19 @@ class RemoveHeadsPass(ir.passes.InPlacePass):
         return find_attention_blocks(model, ignore=self.ignore, known_shapes=shapes)
 
     # -- how many heads each block keeps --------------------------------------------------
+    def _fixed(self, block: AttentionBlock) -> np.ndarray | None:
+        spec = None if self.keep is None else self.keep.get(block.name)
+        if spec is None or isinstance(spec, (int, np.integer)):
+            return None
+        return np.sort(np.asarray(spec, dtype=np.int64))
+
     def _counts(self, blocks: list[AttentionBlock], scores: list[np.ndarray]) -> list[int]:
+        if self.keep is not None:
+            check_keep(self.keep, {b.name: b.num_heads for b in blocks}, "attention block")
+            return [b.num_heads if b.name not in self.keep else
+                    len(f) if (f := self._fixed(b)) is not None else
+                    int(self.keep[b.name])  # type: ignore[arg-type]
+                    for b in blocks]
         if not self.global_ranking:
             return [max(b.num_heads - math.floor(self.fraction * b.num_heads + 1e-9), 1)
                     for b in blocks]
@@ -201,7 +220,9 @@ class RemoveHeadsPass(ir.passes.InPlacePass):
         size = block.projections[0].head_size
         if count >= before:
             return HeadDecision(block.name, block.kind, before, before, size)
-        keep = np.sort(np.argsort(-scores, kind="stable")[:count])
+        keep = self._fixed(block)
+        if keep is None:
+            keep = np.sort(np.argsort(-scores, kind="stable")[:count])
         removed = np.setdiff1d(np.arange(before), keep)
         delta = _value_bias_delta(block, removed)
         group = _group(block)
@@ -217,7 +238,7 @@ class RemoveHeadsPass(ir.passes.InPlacePass):
         needs_targets = calib.reconstruct == "lstsq" or self.criterion == "obs"
         # Tensors are shared, not copied: slicing replaces them, so the clone stays original.
         original = model.clone() if needs_targets else None
-        if self.global_ranking:
+        if self.global_ranking and self.keep is None:
             scores = []
             for b in blocks:
                 if self.criterion == "norm":
@@ -260,7 +281,10 @@ class RemoveHeadsPass(ir.passes.InPlacePass):
         gamma = consumer_target(group).norm_scale
         out_w = None if gamma is None else np.square(gamma)
         select_ridge = DEFAULT_RIDGE if calib.ridge is None else calib.ridge
-        if self.criterion == "obs":
+        fixed = self._fixed(block)
+        if fixed is not None:
+            keep, w = fixed, None
+        elif self.criterion == "obs":
             keep, w = obs_heads(gram, cross, block.num_heads, count, select_ridge, w_o,
                                 out_weights=out_w, center=gamma is not None)
         else:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,7 +30,8 @@ from onnxprune.passes.reconstruct import (
 )
 from onnxprune.scoring.criteria import CRITERIA, DATA_AWARE, ChannelWeights, score_channels
 
-__all__ = ["RemoveNeuronsPass", "GroupDecision", "RemoveNeuronsResult", "group_weights"]
+__all__ = ["RemoveNeuronsPass", "GroupDecision", "RemoveNeuronsResult", "group_weights",
+           "KeepSpec", "check_keep"]
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +109,32 @@ def _kept_count(size: int, remove: int, round_to: int) -> int:
 
 Scorer = Callable[[ChannelGroup], np.ndarray]
 Progress = Callable[[int, int, str], None]  # (groups done, groups in all, current group)
+# Per group name: how many channels it keeps (chosen by the criterion) or exactly which.
+KeepSpec = Mapping[str, "int | Sequence[int] | np.ndarray"]
+
+
+def _fixed(spec: int | Sequence[int] | np.ndarray | None) -> np.ndarray | None:
+    """The given kept indices, or None when only a count was given."""
+    if spec is None or isinstance(spec, (int, np.integer)):
+        return None
+    return np.sort(np.asarray(spec, dtype=np.int64))
+
+
+def check_keep(spec: KeepSpec, sizes: Mapping[str, int], what: str) -> None:
+    """Every named unit exists and every count or index fits it."""
+    for name, k in spec.items():
+        if name not in sizes:
+            raise InputError(
+                f"the plan names {what} '{name}', which this model does not have (or cannot "
+                "prune); was the plan made for another model?"
+            )
+        idx = _fixed(k)
+        n = int(k) if idx is None else len(idx)  # type: ignore[arg-type]
+        bad = idx is not None and (len(np.unique(idx)) != n or n and (
+            idx[0] < 0 or idx[-1] >= sizes[name]))
+        if not 1 <= n <= sizes[name] or bad:
+            raise InputError(f"the plan's entry for {what} '{name}' does not fit its "
+                             f"{sizes[name]} channels")
 
 
 class RemoveNeuronsPass(ir.passes.InPlacePass):
@@ -116,7 +143,7 @@ class RemoveNeuronsPass(ir.passes.InPlacePass):
     def __init__(
         self,
         *,
-        sparsity: float,
+        sparsity: float = 0.0,
         criterion: str = "l1",
         global_ranking: bool = False,
         max_group_sparsity: float = 0.9,
@@ -126,7 +153,10 @@ class RemoveNeuronsPass(ir.passes.InPlacePass):
         scorer: Scorer | None = None,
         calibration: Calibration | None = None,
         progress: Progress | None = None,
+        keep: KeepSpec | None = None,
     ) -> None:
+        """`keep`, when given, decides each named group instead of `sparsity`; groups it
+        does not name are left whole."""
         super().__init__()
         if not 0 <= sparsity < 1:
             raise InputError(f"--sparsity must be in [0, 1), got {sparsity}")
@@ -151,7 +181,9 @@ class RemoveNeuronsPass(ir.passes.InPlacePass):
         self.scorer = scorer
         self.calibration = calibration
         self.progress = progress
+        self.keep = keep
         self.result = RemoveNeuronsResult(criterion, ())
+        self.kept: dict[str, np.ndarray] = {}  # the channels each pruned group kept
 
     def _score(self, group: ChannelGroup) -> np.ndarray:
         if self.scorer is not None:
@@ -159,6 +191,15 @@ class RemoveNeuronsPass(ir.passes.InPlacePass):
         return score_channels(self.criterion, group_weights(group, seed=self.seed))
 
     def _keep_counts(self, groups: list[ChannelGroup], scores: list[np.ndarray]) -> list[int]:
+        if self.keep is not None:
+            check_keep(self.keep, {g.name: g.size for g in groups}, "group")
+            given = {n: _fixed(k) for n, k in self.keep.items()}
+            return [
+                g.size if g.name not in self.keep else
+                int(self.keep[g.name]) if given[g.name] is None  # type: ignore[arg-type]
+                else len(given[g.name])  # type: ignore[arg-type]
+                for g in groups
+            ]
         if not self.global_ranking:
             return [
                 _kept_count(g.size, _floor(self.sparsity * g.size), self.round_to)
@@ -204,8 +245,11 @@ class RemoveNeuronsPass(ir.passes.InPlacePass):
             s, count = plan[id(g)]
             decisions.append(GroupDecision.of(g, count))
             if count < before:
-                keep = np.sort(np.argsort(-s, kind="stable")[:count])
+                keep = _fixed(self.keep.get(g.name)) if self.keep else None
+                if keep is None:
+                    keep = np.sort(np.argsort(-s, kind="stable")[:count])
                 keep_channels(model.graph, g, keep)
+                self.kept[g.name] = keep
                 modified = True
             logger.info("group %s: %d -> %d channels", g.name, before, count)
         self.result = RemoveNeuronsResult(self.criterion, tuple(decisions))
@@ -242,18 +286,23 @@ class RemoveNeuronsPass(ir.passes.InPlacePass):
             note = reasons.get(g0.name)
             decisions[g0.name] = GroupDecision.of(current, count, note)
             if count < before:
+                fixed = _fixed(self.keep.get(g0.name)) if self.keep else None
                 if note is None:
                     stats = collect_stats(model, reference, current, calib)
                     scores = None
-                    if self.criterion != "obs":
+                    if self.criterion != "obs" and fixed is None:
                         cw = group_weights(current, seed=self.seed, stats=stats.as_dict())
                         scores = score_channels(self.criterion, cw)
-                    fit = fit_group(current, stats, count, scores, calib)
+                    fit = fit_group(current, stats, count, scores, calib, keep=fixed)
                     keep_channels(model.graph, current, fit.keep)
                     apply_fit(model.graph, current, fit)
+                    self.kept[g0.name] = fit.keep
                 else:
-                    s = score_channels("l1", group_weights(current, seed=self.seed))
-                    keep_channels(model.graph, current, np.sort(np.argsort(-s)[:count]))
+                    if fixed is None:
+                        s = score_channels("l1", group_weights(current, seed=self.seed))
+                        fixed = np.sort(np.argsort(-s)[:count])
+                    keep_channels(model.graph, current, fixed)
+                    self.kept[g0.name] = fixed
                 modified = True
             logger.info("group %s: %d -> %d channels", g0.name, before, count)
         out = [decisions.get(g.name) or GroupDecision.of(g, g.size, g.skip_reason) for g in groups]
@@ -263,7 +312,7 @@ class RemoveNeuronsPass(ir.passes.InPlacePass):
     def _calibrated_counts(
         self, model: ir.Model, groups: list[ChannelGroup], calib: Calibration
     ) -> list[int]:
-        if not self.global_ranking:
+        if not self.global_ranking or self.keep is not None:
             return self._keep_counts(groups, [np.zeros(g.size) for g in groups])
         # Global allocation compares groups by data-aware scores on the original model.
         criterion = "activation" if self.criterion == "obs" else self.criterion

@@ -26,7 +26,7 @@ import numpy as np
 
 from onnxprune.scoring.lstsq import Problem
 
-__all__ = ["weight_norms", "value_bias_fold", "contributions", "obs_heads"]
+__all__ = ["weight_norms", "value_bias_fold", "contributions", "obs_heads", "obs_head_order"]
 
 
 def _blocks(heads: int, size: int) -> list[np.ndarray]:
@@ -84,19 +84,40 @@ def obs_heads(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Chooses heads to keep and the refit output projection together (block OBS).
 
+    See `obs_head_order`. Returns (sorted kept head indices, weights [kept channels + 1, D],
+    bias row last).
+    """
+    problem = Problem(gram, cross, ridge, prior)
+    order = obs_head_order(problem, heads, heads - n_keep, out_weights=out_weights,
+                           center=center)
+    keep = np.setdiff1d(np.arange(heads), order)
+    blocks = _blocks(heads, problem.channels // heads)
+    channels = np.concatenate([blocks[h] for h in keep])
+    return keep, problem.solve(channels)
+
+
+def obs_head_order(
+    problem: Problem,
+    heads: int,
+    n_remove: int,
+    *,
+    out_weights: np.ndarray | None = None,
+    center: bool = False,
+) -> np.ndarray:
+    """The first `n_remove` heads in the order block OBS removes them.
+
     From the full regularised solution W, repeatedly removes the head S whose removal
     raises the objective least, tr(W_Sᵀ [H⁻¹]_SS⁻¹ W_S), updating W and H⁻¹ exactly.
     `out_weights` and `center` change only which heads go, as in `obs_select`.
-    Returns (sorted kept head indices, weights [kept channels + 1, D], bias row last).
     """
-    problem = Problem(gram, cross, ridge, prior)
     c = problem.channels
     blocks = _blocks(heads, c // heads)
     hinv = np.linalg.inv(problem.h)
     hinv = (hinv + hinv.T) / 2
     w = hinv @ problem.b
     alive = list(range(heads))
-    while len(alive) > n_keep:
+    order: list[int] = []
+    while len(order) < n_remove:
         costs = []
         for h in alive:
             s = blocks[h]
@@ -112,6 +133,5 @@ def obs_heads(
         hinv -= hinv[:, s] @ m @ hinv[s, :]
         w[s] = 0.0
         alive.remove(h)
-    keep = np.asarray(sorted(alive), dtype=np.int64)
-    channels = np.concatenate([blocks[h] for h in keep])
-    return keep, problem.solve(channels)
+        order.append(h)
+    return np.asarray(order, dtype=np.int64)

@@ -20,7 +20,7 @@ import math
 
 import numpy as np
 
-__all__ = ["Problem", "refit", "obs_select", "fold_bias", "cross_validated_ridge", "RIDGE_GRID"]
+__all__ = ["Problem", "refit", "obs_select", "obs_order", "fold_bias", "cross_validated_ridge", "RIDGE_GRID"]
 
 # Candidate ridges (relative to the mean activation power) tried by cross-validation.
 RIDGE_GRID = (0.01, 0.03, 0.1, 0.3, 1.0)
@@ -78,23 +78,43 @@ def obs_select(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Chooses the channels to keep and their refit weights together (OBS / ZipLM style).
 
+    See `obs_order`; returns (sorted kept indices, weights [n_keep+1, D], bias row last).
+    """
+    problem = Problem(gram, cross, ridge, prior)
+    order = obs_order(problem, problem.channels - n_keep, out_weights=out_weights,
+                      center=center, max_steps=max_steps)
+    keep = np.setdiff1d(np.arange(problem.channels), order)
+    # A final exact solve on the kept set removes the drift of the rank-k updates.
+    return keep, problem.solve(keep)
+
+
+def obs_order(
+    problem: Problem,
+    n_remove: int,
+    *,
+    out_weights: np.ndarray | None = None,
+    center: bool = False,
+    max_steps: int = 128,
+) -> np.ndarray:
+    """The first `n_remove` channels in the order OBS removes them.
+
     Starting from the full regularised solution W, repeatedly removes the channels whose
     removal raises the objective least, ‖W_j‖² / [H⁻¹]_jj, and updates W and H⁻¹ exactly
-    for each removal (a few channels per step, at most `max_steps` steps).
+    for each removal (a few channels per step, at most `max_steps` steps). Any prefix of
+    the order is the OBS choice at that sparsity, up to the step granularity.
     `out_weights` (per output column) and `center` change only which channels go: when a
     LayerNorm follows, an error shared by all outputs of a row vanishes (center) and the
     rest is scaled by the LN gain (out_weights = γ²). The refit itself is unchanged, since
     least squares is optimal for every output column on its own.
-    Returns (sorted kept indices, weights [n_keep+1, D] with the bias row last).
     """
-    problem = Problem(gram, cross, ridge, prior)
     c = problem.channels
     hinv = np.linalg.inv(problem.h)
     hinv = (hinv + hinv.T) / 2
     w = hinv @ problem.b
     alive = np.ones(c, dtype=bool)
-    to_remove = c - n_keep
+    to_remove = n_remove
     block = max(1, math.ceil(to_remove / max_steps))
+    order: list[np.ndarray] = []
     while to_remove > 0:
         d = np.diag(hinv)[:c]
         rows = w[:c] - w[:c].mean(axis=1, keepdims=True) if center else w[:c]
@@ -103,15 +123,15 @@ def obs_select(
         cost[~alive] = np.inf
         k = min(block, to_remove)
         sel = np.argpartition(cost, k - 1)[:k]
+        sel = sel[np.argsort(cost[sel], kind="stable")]
         m = np.linalg.inv(hinv[np.ix_(sel, sel)])
         w -= hinv[:, sel] @ (m @ w[sel])
         hinv -= hinv[:, sel] @ m @ hinv[sel, :]
         w[sel] = 0.0
         alive[sel] = False
+        order.append(sel)
         to_remove -= k
-    keep = np.flatnonzero(alive)
-    # A final exact solve on the kept set removes the drift of the rank-k updates.
-    return keep, problem.solve(keep)
+    return np.concatenate(order) if order else np.zeros(0, dtype=np.int64)
 
 
 def fold_bias(mean: np.ndarray, weight: np.ndarray, keep: np.ndarray) -> np.ndarray:
