@@ -25,3 +25,7 @@ class DataError(InputError):
 
 class ProviderError(OnnxPruneError):
     """An onnxruntime execution provider was asked for but is not available or not used."""
+
+
+class MetricError(InputError):
+    """A user metric raised, or returned something that is not a finite number."""

@@ -27,7 +27,7 @@ from onnxprune.runtime import make_session
 from onnxprune.scoring.lstsq import cross_validated_ridge, fold_bias, obs_select, refit
 
 __all__ = ["Calibration", "Reconstruct", "GroupFit", "collect_stats", "fit_group", "apply_fit",
-           "reference_session", "shared_input", "DEFAULT_RIDGE"]
+           "reference_session", "shared_input", "joined_weight", "DEFAULT_RIDGE"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def shared_input(group: ChannelGroup) -> ir.Value | None:
     return next(iter(inputs)) if len(inputs) == 1 else None
 
 
-def _joined_weight(group: ChannelGroup) -> np.ndarray:
+def joined_weight(group: ChannelGroup) -> np.ndarray:
     """Consumer weights side by side as [C, sum D] (x W layout)."""
     parts = []
     for u in group.consumers:
@@ -207,7 +207,7 @@ def fit_group(
 
     `keep`, when given, fixes the kept channels: only the repair is computed.
     """
-    prior = _joined_weight(group)
+    prior = joined_weight(group)
     select_ridge = DEFAULT_RIDGE if calib.ridge is None else calib.ridge
     if keep is not None:
         keep = np.sort(np.asarray(keep, dtype=np.int64))

@@ -46,7 +46,8 @@ from onnxprune.runtime import make_session
 from onnxprune.scoring.heads import contributions, obs_heads, value_bias_fold, weight_norms
 from onnxprune.scoring.lstsq import cross_validated_ridge, fold_bias, refit
 
-__all__ = ["RemoveHeadsPass", "HeadDecision", "RemoveHeadsResult", "HeadCriterion"]
+__all__ = ["RemoveHeadsPass", "HeadDecision", "RemoveHeadsResult", "HeadCriterion",
+           "recognise_blocks", "output_group"]
 
 logger = logging.getLogger(__name__)
 
@@ -87,13 +88,6 @@ class RemoveHeadsResult:
         }
 
 
-def _group(block: AttentionBlock) -> ChannelGroup:
-    """The output projection as a one-consumer channel group, for the shared repair code."""
-    assert block.output is not None
-    return ChannelGroup(block.name, block.num_heads * block.v_head_size,
-                        consumers=[block.output])
-
-
 def _x_w(use_weight: np.ndarray, reduce_axis: int) -> np.ndarray:
     """A weight in x W layout ([in, out])."""
     return use_weight.T if reduce_axis == 1 else use_weight
@@ -112,11 +106,13 @@ class RemoveHeadsPass(ir.passes.InPlacePass):
         calibration: Calibration | None = None,
         ignore: Sequence[str] = (),
         keep: KeepSpec | None = None,
+        reference: ir.Model | None = None,
     ) -> None:
         """`criterion` defaults to "norm" without calibration data and "obs" with it.
 
         `keep`, when given, decides each named block (heads kept: a count, or which ones)
-        instead of `fraction`; blocks it does not name keep every head.
+        instead of `fraction`; blocks it does not name keep every head. `reference` is the
+        model the repair reproduces when `model` was already pruned (default: as given).
         """
         super().__init__()
         if not 0 <= fraction < 1:
@@ -136,18 +132,11 @@ class RemoveHeadsPass(ir.passes.InPlacePass):
         self.calibration = calibration
         self.ignore = tuple(ignore)
         self.keep = keep
+        self.reference = reference
         self.result = RemoveHeadsResult(criterion, ())
 
-    # -- recognition, with a run to settle masks whose shape the file does not record -----
     def _blocks(self, model: ir.Model) -> list[AttentionBlock]:
-        blocks = find_attention_blocks(model, ignore=self.ignore)
-        names = sorted({n for b in blocks for n in b.unresolved_masks})
-        if not names:
-            return blocks
-        shapes = _probe_shapes(model, names, self.calibration)
-        if not shapes:
-            return blocks
-        return find_attention_blocks(model, ignore=self.ignore, known_shapes=shapes)
+        return recognise_blocks(model, self.ignore, self.calibration)
 
     # -- how many heads each block keeps --------------------------------------------------
     def _fixed(self, block: AttentionBlock) -> np.ndarray | None:
@@ -225,7 +214,7 @@ class RemoveHeadsPass(ir.passes.InPlacePass):
             keep = np.sort(np.argsort(-scores, kind="stable")[:count])
         removed = np.setdiff1d(np.arange(before), keep)
         delta = _value_bias_delta(block, removed)
-        group = _group(block)
+        group = output_group(block)
         keep_heads(model.graph, block, keep)
         if delta is not None and np.any(delta):
             apply_fit(model.graph, group, GroupFit(keep, None, delta))
@@ -237,7 +226,7 @@ class RemoveHeadsPass(ir.passes.InPlacePass):
                           calib: Calibration) -> dict[int, HeadDecision]:
         needs_targets = calib.reconstruct == "lstsq" or self.criterion == "obs"
         # Tensors are shared, not copied: slicing replaces them, so the clone stays original.
-        original = model.clone() if needs_targets else None
+        original = (self.reference or model.clone()) if needs_targets else None
         if self.global_ranking and self.keep is None:
             scores = []
             for b in blocks:
@@ -265,7 +254,7 @@ class RemoveHeadsPass(ir.passes.InPlacePass):
             removed = np.setdiff1d(np.arange(before), fit.keep)
             keep_heads(model.graph, b, fit.keep)
             if fit.weights is not None or fit.bias_delta is not None:
-                apply_fit(model.graph, _group(b), fit)
+                apply_fit(model.graph, output_group(b), fit)
             logger.info("attention %s: %d -> %d heads", b.name, before, count)
             decided[id(b)] = HeadDecision(b.name, b.kind, before, count, size,
                                           tuple(int(h) for h in removed))
@@ -309,6 +298,26 @@ class RemoveHeadsPass(ir.passes.InPlacePass):
             return GroupFit(keep, None, fold_bias(stats.mean, w_o, head_columns(keep, dv)))
         removed = np.setdiff1d(np.arange(block.num_heads), keep)
         return GroupFit(keep, None, _value_bias_delta(block, removed))
+
+
+def recognise_blocks(model: ir.Model, ignore: Sequence[str] = (),
+                     calibration: Calibration | None = None) -> list[AttentionBlock]:
+    """The attention blocks, with one run to settle masks whose shape the file omits."""
+    blocks = find_attention_blocks(model, ignore=ignore)
+    names = sorted({n for b in blocks for n in b.unresolved_masks})
+    if not names:
+        return blocks
+    shapes = _probe_shapes(model, names, calibration)
+    if not shapes:
+        return blocks
+    return find_attention_blocks(model, ignore=ignore, known_shapes=shapes)
+
+
+def output_group(block: AttentionBlock) -> ChannelGroup:
+    """The output projection as a one-consumer channel group, for the shared repair code."""
+    assert block.output is not None
+    return ChannelGroup(block.name, block.num_heads * block.v_head_size,
+                        consumers=[block.output])
 
 
 def _truncated(model: ir.Model, block: AttentionBlock) -> tuple[ir.Model, ChannelGroup]:

@@ -154,9 +154,11 @@ class RemoveNeuronsPass(ir.passes.InPlacePass):
         calibration: Calibration | None = None,
         progress: Progress | None = None,
         keep: KeepSpec | None = None,
+        reference: ir.Model | None = None,
     ) -> None:
         """`keep`, when given, decides each named group instead of `sparsity`; groups it
-        does not name are left whole."""
+        does not name are left whole. `reference` is the model the repair reproduces when
+        `model` was already pruned by an earlier pass (default: the model as given)."""
         super().__init__()
         if not 0 <= sparsity < 1:
             raise InputError(f"--sparsity must be in [0, 1), got {sparsity}")
@@ -182,6 +184,7 @@ class RemoveNeuronsPass(ir.passes.InPlacePass):
         self.calibration = calibration
         self.progress = progress
         self.keep = keep
+        self.reference = reference
         self.result = RemoveNeuronsResult(criterion, ())
         self.kept: dict[str, np.ndarray] = {}  # the channels each pruned group kept
 
@@ -268,7 +271,8 @@ class RemoveNeuronsPass(ir.passes.InPlacePass):
         for g in prunable:
             if shared_input(g) is None:
                 reasons[g.name] = "consumers read different tensors; no calibration repair"
-        reference = reference_session(model, prunable) if needs_targets else None
+        reference = (reference_session(self.reference or model, prunable)
+                     if needs_targets else None)
         counts = self._calibrated_counts(model, prunable, calib)
         decisions: dict[str, GroupDecision] = {}
         modified = False

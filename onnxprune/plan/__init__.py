@@ -1,0 +1,1 @@
+"""Target-driven pruning: units, temporary masks, sensitivities, search and plans."""

@@ -1,0 +1,104 @@
+"""A plan: the per-unit decisions of a pruning run, saved as JSON and reapplied exactly.
+
+It names, for every pruned FFN group, the channels kept and, for every pruned attention
+block, the heads kept; and how the consumers were repaired. Reapplying it to the same model
+with the same calibration data gives the same bytes, so an export pipeline or a CI job can
+prune without searching again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from onnxprune.calibration.data import Batch
+from onnxprune.errors import InputError
+from onnxprune.files import atomic_path
+
+__all__ = ["Plan", "data_fingerprint", "FORMAT"]
+
+FORMAT = "onnxprune-plan/1"
+_REPAIRS = ("none", "bias", "lstsq")
+
+
+def data_fingerprint(batches: Sequence[Batch]) -> str:
+    """sha256 over every batch's arrays (names, dtypes, shapes, bytes), in order."""
+    h = hashlib.sha256()
+    for batch in batches:
+        for name in sorted(batch):
+            a = np.ascontiguousarray(batch[name])
+            h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+            h.update(a.tobytes())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Plan:
+    neurons: dict[str, tuple[int, ...]] = field(default_factory=dict)  # group -> kept channels
+    heads: dict[str, tuple[int, ...]] = field(default_factory=dict)  # block -> kept heads
+    repair: str = "lstsq"
+    token_mask: str | None = None
+    calibration: str | None = None  # data_fingerprint of the fitting batches
+    summary: dict[str, Any] = field(default_factory=dict)  # what the search measured
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "repair": self.repair,
+            "token_mask": self.token_mask,
+            "calibration_sha256": self.calibration,
+            "neurons": {k: list(v) for k, v in self.neurons.items()},
+            "heads": {k: list(v) for k, v in self.heads.items()},
+            "summary": self.summary,
+        }
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        text = json.dumps(self.to_dict(), indent=1, sort_keys=False)
+        with atomic_path(Path(path)) as tmp:
+            Path(tmp).write_text(text + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Plan:
+        p = Path(path)
+        try:
+            data = json.loads(p.read_text())
+        except FileNotFoundError:
+            raise InputError(f"{p}: no such plan file") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InputError(f"{p}: not a JSON plan ({e})") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise InputError(f"{p}: not an onnxprune plan (expected \"format\": \"{FORMAT}\")")
+
+        def decisions(key: str) -> dict[str, tuple[int, ...]]:
+            raw = data.get(key, {})
+            ok = isinstance(raw, dict) and all(
+                isinstance(v, list) and v and all(isinstance(i, int) and i >= 0 for i in v)
+                for v in raw.values())
+            if not ok:
+                raise InputError(f"{p}: \"{key}\" must map names to non-empty lists of indices")
+            return {str(k): tuple(v) for k, v in raw.items()}
+
+        repair = data.get("repair", "lstsq")
+        if repair not in _REPAIRS:
+            raise InputError(f"{p}: \"repair\" must be one of {', '.join(_REPAIRS)}")
+        return cls(decisions("neurons"), decisions("heads"), repair, data.get("token_mask"),
+                   data.get("calibration_sha256"), dict(data.get("summary") or {}))
+
+    def check_data(self, batches: Sequence[Batch] | None) -> None:
+        """A plan with repair needs the very batches it was made with, or bytes differ."""
+        if self.repair == "none" or not (self.neurons or self.heads):
+            return
+        if batches is None:
+            raise InputError(f"the plan repairs with least squares ({self.repair}); pass the "
+                             "same --calibration data it was made with")
+        if self.calibration is not None and data_fingerprint(batches) != self.calibration:
+            raise InputError("the calibration data differs from the plan's (sha256 "
+                             f"{self.calibration[:12]}...); pass the data the plan was made "
+                             "with, or the result will not match it")

@@ -1,0 +1,395 @@
+"""Target-driven pruning: meet a size, FLOPs or latency target within a quality budget.
+
+1. Units (FFN groups, attention blocks) are found and analysed once: OBS removal orders and
+   repaired weights per level from one calibration pass (sensitivity.py).
+2. Each unit's drop is measured alone at a few levels on held-out batches, through one
+   masked session (masked.py): no model is rebuilt.
+3. Candidate allocations - greedy over all units with checkpoints and roll-back, greedy over
+   FFN groups only, uniform FFN - are evaluated whole in the masked session; the best one
+   that meets the target goes on.
+4. The winner is removed for real, with the sequential residual-aware repair of the passes,
+   and verified on the held-out batches. When the real drop differs from the masked
+   estimate, the budget given to the allocator is corrected by the ratio and the search runs
+   again (at most `rounds` real removals); the best real result within budget is kept.
+Latency targets are met by measuring onnxruntime on this machine: a structurally pruned
+copy (no repair, same shapes) is timed against the original and the FLOPs share is adjusted.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes.common import NameFixPass, RemoveUnusedNodesPass
+
+from onnxprune.calibration.data import Batch
+from onnxprune.errors import InputError
+from onnxprune.graph.accounting import model_stats
+from onnxprune.passes.reconstruct import Calibration
+from onnxprune.passes.remove_heads import RemoveHeadsPass
+from onnxprune.passes.remove_neurons import KeepSpec, RemoveNeuronsPass
+from onnxprune.plan.allocate import Allocation, allocate, uniform
+from onnxprune.plan.masked import MaskedModel
+from onnxprune.plan.quality import BuiltinMetric, UserMetric
+from onnxprune.plan.recipe import Plan, data_fingerprint
+from onnxprune.plan.sensitivity import (
+    Evaluator,
+    UnitAnalysis,
+    analyse_units,
+    measure_curves,
+)
+from onnxprune.plan.units import Unit, find_units
+from onnxprune.runtime import make_session
+
+__all__ = ["Target", "SearchConfig", "SearchResult", "search", "apply_decisions",
+           "split_holdout", "measure_latency"]
+
+logger = logging.getLogger(__name__)
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass(frozen=True)
+class Target:
+    kind: Literal["params", "flops", "latency"]
+    fraction: float  # of the original model's
+
+    @classmethod
+    def parse(cls, text: str) -> Target:
+        kind, sep, value = text.partition("=")
+        if not sep or kind not in ("params", "flops", "latency"):
+            raise InputError(f"--target '{text}' must be params=F, flops=F or latency=F")
+        try:
+            fraction = float(value)
+        except ValueError:
+            raise InputError(f"--target '{text}': '{value}' is not a number") from None
+        if not 0 < fraction < 1:
+            raise InputError(f"--target '{text}': the fraction must be in (0, 1), e.g. "
+                             f"{kind}=0.75 for 75 % of the original")
+        return cls(kind, fraction)  # type: ignore[arg-type]
+
+    def __str__(self) -> str:
+        return f"{self.kind}={self.fraction:g}"
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    target: Target
+    max_drop: float = 0.01
+    metric: BuiltinMetric | UserMetric = "cosine"
+    heads: bool = True  # consider attention heads as well as FFN neurons
+    max_fraction: float = 0.8  # of any one unit's items
+    levels: tuple[float, ...] = (0.125, 0.25, 0.375, 0.5, 0.75)  # measured per unit
+    rounds: int = 3  # real removals at most
+    ignore: tuple[str, ...] = ()
+
+
+@dataclass
+class SearchResult:
+    plan: Plan
+    reached: bool
+    base: float  # the original model's score
+    quality: float  # the pruned model's, on the held-out batches
+    share: float  # the target measure after / before
+    message: str
+    candidates: list[dict[str, object]] = field(default_factory=list)
+    rounds: list[dict[str, object]] = field(default_factory=list)
+    sensitivity: list[dict[str, object]] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def drop(self) -> float:
+        return self.base - self.quality
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "reached": self.reached, "message": self.message, "base": self.base,
+            "quality": self.quality, "drop": self.drop, "share": self.share,
+            "candidates": self.candidates, "rounds": self.rounds,
+            "sensitivity": self.sensitivity, "skipped": self.skipped,
+            "seconds": self.seconds, "plan": self.plan.to_dict(),
+        }
+
+
+def split_holdout(batches: Sequence[Batch],
+                  holdout: Sequence[Batch] | None) -> tuple[list[Batch], list[Batch], str]:
+    """(fitting batches, held-out batches, where the held-out ones came from)."""
+    if holdout is not None:
+        if not holdout:
+            raise InputError("--holdout holds no batches")
+        return list(batches), list(holdout), "--holdout"
+    if len(batches) < 2:
+        raise InputError("a target search needs held-out data: give --holdout, or at least "
+                         "2 calibration batches (the last quarter is held out)")
+    n = max(1, len(batches) // 4)
+    return list(batches[:-n]), list(batches[-n:]), f"the last {n} calibration batches"
+
+
+def apply_decisions(model: ir.Model, neurons: KeepSpec, heads: KeepSpec,
+                    calib: Calibration | None, progress: Progress | None = None,
+                    ignore: tuple[str, ...] = ()) -> tuple[dict[str, tuple[int, ...]],
+                                                           dict[str, tuple[int, ...]]]:
+    """Removes for real (in place): counts are chosen by OBS, indices are taken as given.
+
+    Returns the channels and heads actually kept, which is what a plan records.
+    """
+    NameFixPass()(model)
+    kept_n: dict[str, tuple[int, ...]] = {}
+    kept_h: dict[str, tuple[int, ...]] = {}
+    # Unit by unit in graph order, every repair reproducing the original model: each one
+    # then also absorbs what the units before it (neurons or heads) changed.
+    reference = model.clone() if calib is not None else None
+    units, _ = find_units(model, calib, ignore)
+    todo = [u for u in units if u.name in (neurons if u.kind == "neurons" else heads)]
+    for i, u in enumerate(todo):
+        if progress is not None:
+            progress(i, len(todo), u.name)
+        if u.kind == "neurons":
+            p = RemoveNeuronsPass(keep={u.name: neurons[u.name]},
+                                  criterion="obs" if calib else "l1", calibration=calib,
+                                  ignore=ignore, reference=reference)
+            p(model)
+            kept_n.update({k: tuple(int(i) for i in v) for k, v in p.kept.items()})
+        else:
+            h = RemoveHeadsPass(fraction=0.0, keep={u.name: heads[u.name]}, calibration=calib,
+                                ignore=ignore, reference=reference)
+            h(model)
+            for b in h.result.blocks:
+                if b.heads_after < b.heads_before:
+                    kept_h[b.block] = tuple(int(i) for i in np.setdiff1d(
+                        np.arange(b.heads_before), b.removed))
+    missing = (set(neurons) | set(heads)) - {u.name for u in todo}
+    if missing:
+        raise InputError(f"the plan names '{sorted(missing)[0]}', which this model does not "
+                         "have (or cannot prune); was the plan made for another model?")
+    RemoveUnusedNodesPass()(model)
+    return kept_n, kept_h
+
+
+def measure_latency(original: ir.Model, candidate: ir.Model, batch: Batch,
+                    repeats: int = 7) -> float:
+    """Median time of candidate / original on onnxruntime here, runs interleaved."""
+    a, b = make_session(original, "cpu"), make_session(candidate, "cpu")
+    feeds = [{i.name: batch[i.name] for i in s.get_inputs()} for s in (a, b)]
+    for s, f in zip((a, b), feeds, strict=True):
+        s.run(None, f)  # warm-up
+    ta, tb = [], []
+    for _ in range(repeats):
+        for s, f, out in ((a, feeds[0], ta), (b, feeds[1], tb)):
+            t = time.perf_counter()
+            s.run(None, f)
+            out.append(time.perf_counter() - t)
+    return statistics.median(tb) / statistics.median(ta)
+
+
+def _counts(analyses: Sequence[UnitAnalysis], removed: dict[str, int],
+            kind: str) -> dict[str, int]:
+    return {a.unit.name: a.unit.items - removed[a.unit.name] for a in analyses
+            if a.unit.kind == kind and removed[a.unit.name] > 0}
+
+
+def _indices(analyses: Sequence[UnitAnalysis], removed: dict[str, int],
+             kind: str) -> dict[str, tuple[int, ...]]:
+    return {a.unit.name: tuple(int(i) for i in a.kept(removed[a.unit.name]))
+            for a in analyses if a.unit.kind == kind and removed[a.unit.name] > 0}
+
+
+class _Search:
+    def __init__(self, model: ir.Model, config: SearchConfig, calib: Calibration,
+                 holdout: list[Batch], progress: Progress | None,
+                 on_plan: Callable[[Plan], None] | None) -> None:
+        self.model = model
+        self.config = config
+        self.calib = calib
+        self.holdout = holdout
+        self.progress = progress
+        self.on_plan = on_plan
+        self.before = model_stats(model)
+        self.fingerprint = data_fingerprint(calib.batches)
+
+    def _plan(self, neurons: dict[str, tuple[int, ...]], heads: dict[str, tuple[int, ...]],
+              summary: dict[str, object]) -> Plan:
+        return Plan(neurons, heads, self.calib.reconstruct, self.calib.token_mask,
+                    self.fingerprint, summary)
+
+    def _tell(self, done: int, total: int, label: str) -> None:
+        if self.progress is not None:
+            self.progress(done, total, label)
+
+    def _need(self, units: Sequence[Unit], share: float) -> tuple[int, int]:
+        """(cost to save, cost of the whole model) for a target share of the measure."""
+        if self.config.target.kind == "params":
+            total = self.before.parameters
+        else:
+            total = self.before.weight_flops_per_row
+        return math.ceil(total * (1 - share) - 1e-9), total
+
+    def _cost(self, unit: Unit) -> int:
+        return unit.params if self.config.target.kind == "params" else unit.flops
+
+    def _candidates(self, analyses: list[UnitAnalysis], evaluator: Evaluator, need: int,
+                    total: int, budget: float, only: str | None = None) -> list[Allocation]:
+        """Whole candidate allocations, each evaluated in the masked session.
+
+        `only` reruns just the allocator of that label (later rounds, new budget).
+        """
+        neurons = [a for a in analyses if a.unit.kind == "neurons"]
+        pools = [("greedy, neurons and heads", analyses)]
+        if neurons and len(neurons) < len(analyses):
+            pools.append(("greedy, neurons only", neurons))
+        out = []
+        for label, pool in pools:
+            if only is None or only == label:
+                a = allocate(pool, evaluator, cost=self._cost, need=need, total=total,
+                             max_drop=budget, label=label)
+                a.removed = {**{x.unit.name: 0 for x in analyses}, **a.removed}
+                out.append(a)
+        u = uniform(analyses, evaluator, cost=self._cost, need=need) if only is None else None
+        if u is not None:
+            out.append(u)
+        return out
+
+    def _latency_share(self, analyses: list[UnitAnalysis], evaluator: Evaluator,
+                       total: int, budget: float) -> float:
+        """The FLOPs share whose pruned shapes run at the latency target here."""
+        goal = self.config.target.fraction
+        share = goal
+        batch = self.holdout[0]
+        for i in range(4):
+            self._tell(i, 4, f"timing at {share:.0%} of the FLOPs")
+            need = math.ceil(total * (1 - share))
+            alloc = allocate(analyses, evaluator, cost=lambda u: u.flops, need=need,
+                             total=total, max_drop=budget)
+            probe = self.model.clone()
+            apply_decisions(probe, _indices(analyses, alloc.removed, "neurons"),
+                            _indices(analyses, alloc.removed, "heads"), None)
+            ratio = measure_latency(self.model, probe, batch)
+            logger.info("latency at %.3f of the FLOPs: %.3f", alloc.saved / total, ratio)
+            if ratio <= goal:
+                return 1 - alloc.saved / total
+            # Time does not shrink in proportion: aim lower by the miss, at most halving.
+            share = max(share * 0.5, share - (ratio - goal))
+        return share
+
+    def run(self) -> SearchResult:
+        start = time.perf_counter()
+        cfg = self.config
+        NameFixPass()(self.model)
+        units, skipped = find_units(self.model, self.calib, cfg.ignore)
+        if not cfg.heads:
+            units = [u for u in units if u.kind != "heads"]
+        if not units:
+            reasons = "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:3])
+            raise InputError(f"nothing prunable for a target search ({reasons})")
+        analyses = analyse_units(self.model, units, self.calib.batches,
+                                 token_mask=self.calib.token_mask,
+                                 max_fraction=cfg.max_fraction, progress=self.progress)
+        evaluator = Evaluator(MaskedModel(self.model, units), self.holdout, cfg.metric)
+        measure_curves(analyses, evaluator, cfg.levels, self.progress)
+        logger.info("analysis and sensitivities: %.0f s, %d evaluations",
+                    time.perf_counter() - start, evaluator.evaluations)
+        sensitivity = [{"unit": a.unit.name, "kind": a.unit.kind, "items": a.unit.items,
+                        "drops": {str(k): v for k, v in sorted(a.curve.items())}}
+                       for a in analyses]
+        if cfg.target.kind == "latency":
+            share = self._latency_share(analyses, evaluator, *self._need(units, 0)[1:],
+                                        cfg.max_drop)
+        else:
+            share = cfg.target.fraction
+        need, total = self._need(units, share)
+        budget = cfg.max_drop
+        best: tuple[float, ...] | None = None
+        result: SearchResult | None = None
+        candidates_log: list[dict[str, object]] = []
+        rounds_log: list[dict[str, object]] = []
+        for round_ in range(cfg.rounds):
+            only = None if round_ == 0 else str(rounds_log[0]["allocation"])
+            if only is not None and only.startswith("uniform"):
+                break  # a uniform allocation has no budget to correct
+            cands = self._candidates(analyses, evaluator, need, total, budget, only)
+            for c in cands:
+                candidates_log.append({"round": round_ + 1, "label": c.label,
+                                       "saved": c.saved / total, "masked_drop": c.drop,
+                                       "reached": c.reached, "rolled_back": c.rolled_back})
+            fitting = [c for c in cands if c.drop <= budget]
+            pick = min(fitting or cands,
+                       key=lambda c: (not c.reached, c.drop if c.reached else -c.saved))
+            if self.on_plan is not None:
+                self.on_plan(self._plan(_indices(analyses, pick.removed, "neurons"),
+                                        _indices(analyses, pick.removed, "heads"),
+                                        {"estimate": True, "masked_drop": pick.drop}))
+            trial = self.model.clone()
+            kept_n, kept_h = apply_decisions(
+                trial, _counts(analyses, pick.removed, "neurons"),
+                _counts(analyses, pick.removed, "heads"), self.calib, self.progress, cfg.ignore)
+            quality = evaluator.quality_of(make_session(trial, "cpu"))
+            drop = evaluator.base - quality
+            after = model_stats(trial)
+            real_share = (after.parameters / self.before.parameters
+                          if cfg.target.kind == "params"
+                          else after.weight_flops_per_row / self.before.weight_flops_per_row)
+            logger.info("round %d: %s, masked drop %.4f, real %.4f at %.3f (%.0f s)",
+                        round_ + 1, pick.label, pick.drop, drop, real_share,
+                        time.perf_counter() - start)
+            rounds_log.append({"round": round_ + 1, "allocation": pick.label,
+                               "budget_given": budget, "masked_drop": pick.drop,
+                               "drop": drop, "share": real_share})
+            ok = drop <= cfg.max_drop
+            key = (ok, real_share <= share + 1e-9, -real_share if ok else -drop)
+            if best is None or key > best:
+                best = key
+                summary = {"target": str(cfg.target), "max_drop": cfg.max_drop,
+                           "metric": evaluator.name, "base": evaluator.base,
+                           "quality": quality, "drop": drop, "share": real_share}
+                plan = self._plan(kept_n, kept_h, summary)
+                result = SearchResult(plan, ok and pick.reached, evaluator.base, quality,
+                                      real_share, "")
+                self._best_model = trial
+                if self.on_plan is not None:
+                    self.on_plan(plan)
+            if ok and pick.reached:
+                break
+            # Correct the allocator's budget by how far the masked estimate was from the
+            # real result, and try again.
+            if drop <= 0 or pick.drop <= 0:
+                break
+            budget = min(budget * 1.5, max(budget / 1.5, budget * pick.drop / drop))
+        assert result is not None
+        result.candidates, result.rounds = candidates_log, rounds_log
+        result.sensitivity, result.skipped = sensitivity, skipped
+        result.seconds = time.perf_counter() - start
+        result.message = _message(result, cfg)
+        return result
+
+
+def _message(r: SearchResult, cfg: SearchConfig) -> str:
+    got = f"{cfg.target.kind} at {r.share:.1%} of the original, {r.plan.summary.get('metric')} " \
+          f"drop {r.drop:.4f}"
+    if r.reached:
+        return f"target {cfg.target} met within --max-drop {cfg.max_drop:g}: {got}"
+    if r.drop > cfg.max_drop:
+        return (f"target {cfg.target} not reached: even the best plan found drops quality by "
+                f"{r.drop:.4f} (> {cfg.max_drop:g}); {got}")
+    return f"target {cfg.target} not reachable within --max-drop {cfg.max_drop:g}; best plan " \
+           f"found: {got}"
+
+
+def search(model: ir.Model, config: SearchConfig, batches: Sequence[Batch], *,
+           holdout: Sequence[Batch] | None = None, token_mask: str | None = None,
+           ridge: float | None = None, progress: Progress | None = None,
+           on_plan: Callable[[Plan], None] | None = None) -> tuple[SearchResult, ir.Model]:
+    """Runs the search; returns the result and the pruned model (the input is untouched)."""
+    if config.max_drop < 0:
+        raise InputError(f"--max-drop must be >= 0, got {config.max_drop}")
+    fit, held, _ = split_holdout(batches, holdout)
+    calib = Calibration(fit, token_mask=token_mask, reconstruct="lstsq", ridge=ridge)
+    s = _Search(model, config, calib, held, progress, on_plan)
+    result = s.run()
+    return result, s._best_model
