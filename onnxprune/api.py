@@ -7,7 +7,7 @@ got; inside, everything is an onnx_ir.Model run through an onnx_ir PassManager.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, TypeVar
@@ -31,6 +31,17 @@ from onnxprune.passes.reconstruct import Calibration, Reconstruct
 from onnxprune.passes.remove_heads import RemoveHeadsPass
 from onnxprune.passes.remove_neurons import Progress, RemoveNeuronsPass
 from onnxprune.passes.zero_weights import ZeroWeightsPass
+from onnxprune.plan.analyze import Analysis, analyze_model
+from onnxprune.plan.quality import BUILTIN_METRICS, load_user_metric
+from onnxprune.plan.recipe import Plan
+from onnxprune.plan.search import (
+    SearchConfig,
+    SearchResult,
+    Target,
+    apply_decisions,
+    search,
+    split_holdout,
+)
 from onnxprune.quantize import QuantizeConfig, quantize_model
 from onnxprune.runtime import ModelSource, Provider, make_session
 from onnxprune.verify import Tolerances, VerifyResult, compare_models
@@ -46,6 +57,9 @@ __all__ = [
     "check_supported",
     "check_written",
     "verification_batches",
+    "Plan",
+    "SearchResult",
+    "analyze",
 ]
 
 ModelLike = TypeVar("ModelLike", str, os.PathLike, onnx.ModelProto, ir.Model)
@@ -73,6 +87,44 @@ class PruneConfig:
     global_heads: bool = False
     max_block_heads: float = 0.75  # cap per block with global_heads
     quantize: QuantizeConfig | None = None  # 8-bit QDQ after pruning
+    # Target search (instead of sparsity/heads): e.g. target="flops=0.75", max_drop=0.02.
+    target: str | None = None
+    max_drop: float | None = None  # default 0.01
+    metric: str | None = None  # cosine (default), sqnr, top1
+    eval: str | Callable[[object], float] | None = None  # user metric: module:function
+    holdout: str | os.PathLike[str] | Sequence[Batch] | None = None
+    plan: str | os.PathLike[str] | Plan | None = None  # reapply a saved plan
+
+    def check_planning(self) -> None:
+        """Refuses contradictory combinations of target search, plan and fixed options."""
+        fixed = [n for n, v in (("--sparsity", self.sparsity), ("--heads", self.heads),
+                                ("--threshold", self.threshold), ("--nm", self.nm))
+                 if v is not None]
+        search_only = [n for n, v in (("--max-drop", self.max_drop), ("--metric", self.metric),
+                                      ("--eval", self.eval), ("--holdout", self.holdout))
+                       if v is not None]
+        if self.target is not None and self.plan is not None:
+            raise InputError("--target searches for a plan and --plan applies one: give one")
+        if self.target is not None:
+            Target.parse(self.target)
+            if fixed:
+                raise InputError(f"--target decides how much to prune; drop {fixed[0]}")
+            if self.calibration is None:
+                raise InputError("--target needs --calibration data to measure quality")
+            if self.quantize is not None:
+                raise InputError("--target with --quantize: the quality budget would not "
+                                 "cover quantization; quantize the result afterwards")
+            if self.metric is not None and self.eval is not None:
+                raise InputError("give --metric or --eval, not both")
+            if self.metric is not None and self.metric not in BUILTIN_METRICS:
+                raise InputError(f"--metric '{self.metric}': choose from "
+                                 f"{', '.join(BUILTIN_METRICS)}")
+            if self.max_drop is not None and self.max_drop < 0:
+                raise InputError(f"--max-drop must be >= 0, got {self.max_drop}")
+        elif search_only:
+            raise InputError(f"{search_only[0]} only applies to a --target search")
+        if self.plan is not None and (fixed or self.criterion is not None):
+            raise InputError(f"--plan decides what to prune; drop {(fixed or ['--criterion'])[0]}")
 
     def batches(self, model: ir.Model) -> list[Batch] | None:
         """The calibration batches, checked against the model's inputs."""
@@ -152,6 +204,8 @@ class PruneReport:
     passes: dict[str, dict[str, object]] = field(default_factory=dict)
     modified: bool = False
     notes: list[str] = field(default_factory=list)
+    plan: Plan | None = None  # the per-unit decisions, when a plan was searched or applied
+    search: SearchResult | None = None
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -160,6 +214,8 @@ class PruneReport:
             "after": self.after.to_dict(),
             "passes": self.passes,
             "notes": self.notes,
+            "plan": None if self.plan is None else self.plan.to_dict(),
+            "search": None if self.search is None else self.search.to_dict(),
         }
 
 
@@ -176,13 +232,18 @@ def check_supported(model: ir.Model, where: str = "model") -> None:
 
 
 def prune_model(
-    model: ir.Model, config: PruneConfig, progress: Progress | None = None
+    model: ir.Model, config: PruneConfig, progress: Progress | None = None,
+    on_plan: Callable[[Plan], None] | None = None,
 ) -> PruneReport:
     """Runs the configured passes on `model` in place and says what they did.
 
     `progress(done, total, label)` is called as calibrated pruning moves from group to group.
+    `on_plan(plan)` hears of every better plan a target search finds (for Ctrl-C).
     """
     check_supported(model)
+    config.check_planning()
+    if config.target is not None or config.plan is not None:
+        return _prune_planned(model, config, progress, on_plan)
     batches = config.batches(model)
     passes = config.passes(model, progress, batches)
     before = model_stats(model)
@@ -206,6 +267,76 @@ def prune_model(
     if not report.modified:
         report.notes.append("the model was left unchanged: nothing met the pruning criteria")
     return report
+
+
+def _prune_planned(model: ir.Model, config: PruneConfig, progress: Progress | None,
+                   on_plan: Callable[[Plan], None] | None) -> PruneReport:
+    """A target search, or a saved plan reapplied."""
+    batches = config.batches(model)
+    before = model_stats(model)
+    report = PruneReport(before=before, after=before)
+    if config.plan is not None:
+        plan = config.plan if isinstance(config.plan, Plan) else Plan.load(config.plan)
+        fit = plan.fit_batches(batches)
+        calib = None
+        if fit is not None:
+            calib = Calibration(fit, token_mask=config.token_mask or plan.token_mask,
+                                reconstruct=plan.repair, ridge=config.ridge)  # type: ignore
+        apply_decisions(model, plan.neurons, plan.heads, calib, progress, config.ignore)
+        report.plan = plan
+    else:
+        assert batches is not None and config.target is not None
+        holdout = config.holdout
+        if isinstance(holdout, (str, os.PathLike)):
+            holdout = list(load_batches(holdout, input_specs(model)))
+        metric = config.metric or "cosine"
+        if config.eval is not None:
+            metric = load_user_metric(config.eval) if isinstance(config.eval, str) else config.eval
+        cfg = SearchConfig(Target.parse(config.target),
+                           0.01 if config.max_drop is None else config.max_drop,
+                           metric, ignore=config.ignore)  # type: ignore[arg-type]
+        result, pruned = search(model, cfg, batches, holdout=holdout,
+                                token_mask=config.token_mask, ridge=config.ridge,
+                                progress=progress, on_plan=on_plan)
+        model.graph = pruned.graph
+        report.plan, report.search = result.plan, result
+        report.notes.append(result.message)
+    report.after = model_stats(model)
+    report.modified = bool(report.plan.neurons or report.plan.heads)
+    if not report.modified:
+        report.notes.append("the model was left unchanged: the plan prunes nothing")
+    return report
+
+
+def analyze(
+    model: ModelSource | onnx.ModelProto,
+    calibration: str | os.PathLike[str] | Sequence[Batch],
+    *,
+    token_mask: str | None = None,
+    metric: str | None = None,
+    eval: str | Callable[[object], float] | None = None,
+    holdout: str | os.PathLike[str] | Sequence[Batch] | None = None,
+    levels: Sequence[float] = (0.125, 0.25, 0.375, 0.5, 0.75),
+    heads: bool = True,
+    ignore: tuple[str, ...] = (),
+    progress: Progress | None = None,
+) -> Analysis:
+    """Sensitivity curves: each prunable unit's quality drop when pruned alone."""
+    m = _to_ir(model)
+    check_supported(m)
+    cfg = PruneConfig(calibration=calibration, target="flops=0.5", metric=metric, eval=eval,
+                      holdout=holdout)
+    cfg.check_planning()
+    batches = cfg.batches(m)
+    assert batches is not None
+    held = list(load_batches(holdout, input_specs(m))) if isinstance(
+        holdout, (str, os.PathLike)) else holdout
+    fit, held_out, split = split_holdout(batches, held)
+    source = "--holdout" if split is None else f"calibration data, held out: {split}"
+    chosen = load_user_metric(eval) if isinstance(eval, str) else eval or metric or "cosine"
+    calib = Calibration(fit, token_mask=token_mask)
+    return analyze_model(m, calib, held_out, metric=chosen, levels=levels,  # type: ignore
+                         heads=heads, ignore=ignore, holdout_source=source, progress=progress)
 
 
 def _refuse_if_nothing_prunable(passes: list[ir.passes.PassBase]) -> None:

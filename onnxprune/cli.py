@@ -7,20 +7,25 @@ Exit codes: 0 ok, 1 verification failed, 2 bad input or usage, 3 internal error,
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
 import onnx_ir as ir
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 from onnxprune import api
 from onnxprune.calibration.data import Batch, parse_shape_overrides
 from onnxprune.errors import InputError, OnnxPruneError
 from onnxprune.io import check_output_path, load_model, save_model
 from onnxprune.passes.reconstruct import DEFAULT_RIDGE
+from onnxprune.plan.plot import write_plot
 from onnxprune.quantize import QuantizeConfig
 from onnxprune.report import human_bytes, pass_table, stats_table, verify_table, write_json
 from onnxprune.runtime import parse_providers
@@ -96,7 +101,8 @@ def _main_parser() -> argparse.ArgumentParser:
         prog="onnxprune",
         description="Prune (and/or quantize) an ONNX model without retraining, save it, and "
         "verify it. Other commands: onnxprune verify REFERENCE CANDIDATE; onnxprune inspect "
-        "MODEL; onnxprune quantize MODEL -o OUT --calibration DATA.",
+        "MODEL; onnxprune quantize MODEL -o OUT --calibration DATA; onnxprune analyze MODEL "
+        "--calibration DATA.",
     )
     p.add_argument("model", help="input .onnx model (never modified)")
     p.add_argument("-o", "--output", required=True, help="where to write the pruned model")
@@ -133,10 +139,33 @@ def _main_parser() -> argparse.ArgumentParser:
     g.add_argument("--global-heads", action="store_true",
                    help="rank heads across blocks (each keeps at least 25 %%)")
     g.add_argument("--seed", type=int, default=0)
+    t = p.add_argument_group("target search (instead of --sparsity/--heads; needs --calibration)")
+    t.add_argument("--target", metavar="KIND=F",
+                   help="params=F, flops=F (weight MatMul FLOPs) or latency=F (measured here "
+                   "with onnxruntime): the share of the original to reach, e.g. flops=0.75")
+    t.add_argument("--max-drop", type=float, metavar="D",
+                   help="quality budget: largest drop of the metric allowed (default 0.01)")
+    _add_metric_options(t)
+    t.add_argument("--save-plan", metavar="FILE.json",
+                   help="write the chosen per-group decisions (with --target or --plan)")
+    t.add_argument("--plan", metavar="FILE.json",
+                   help="apply a saved plan exactly (same model + data: same bytes)")
     _add_quantize_options(p)
     p.add_argument("--no-verify", action="store_true", help="skip verification")
     _add_verify_options(p)
     return p
+
+
+def _add_metric_options(g: argparse._ActionsContainer) -> None:
+    g.add_argument("--metric", choices=("cosine", "sqnr", "top1"),
+                   help="quality measured against the original on held-out batches (default "
+                   "cosine; sqnr as 1 - noise/signal energy)")
+    g.add_argument("--eval", metavar="MODULE:FUNCTION",
+                   help="user metric instead: called with an onnxruntime session, returns a "
+                   "number (higher is better)")
+    g.add_argument("--holdout", metavar="PATH",
+                   help="held-out .npz batches for measuring quality (default: the last quarter "
+                   "of the calibration batches, which are then not used for fitting)")
 
 
 def _add_quantize_options(p: argparse.ArgumentParser) -> None:
@@ -202,6 +231,39 @@ def _inspect_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _analyze_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="onnxprune analyze",
+                description="Sensitivity of every prunable group and attention block: the "
+                "quality drop when it alone is pruned (with repair) at several sparsities.")
+    p.add_argument("model")
+    p.add_argument("--calibration", required=True, metavar="PATH",
+                   help=".npz batch or folder of .npz batches")
+    p.add_argument("--token-mask", metavar="INPUT",
+                   help="input whose zeros mark padding rows (e.g. attention_mask)")
+    _add_metric_options(p)
+    p.add_argument("--levels", default="0.125,0.25,0.375,0.5,0.75", metavar="F,F,...",
+                   help="fractions of each unit to measure (default 0.125,0.25,0.375,0.5,0.75)")
+    p.add_argument("--no-heads", action="store_true", help="FFN groups only")
+    p.add_argument("--ignore", action="append", default=[], metavar="GLOB")
+    p.add_argument("--report", metavar="FILE.json", help="write the curves as JSON")
+    p.add_argument("--plot", metavar="FILE.html|FILE.png", help="draw the curves")
+    p.add_argument("-q", "--quiet", action="store_true")
+    return p
+
+
+@contextlib.contextmanager
+def _progress_bar(console: Console, what: str) -> Iterator[Callable[[int, int, str], None]]:
+    """A rich progress bar fed by the library's (done, total, label) callback."""
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console, transient=True) as bar:
+        task = bar.add_task(what, total=None)
+
+        def update(done: int, total: int, label: str) -> None:
+            bar.update(task, completed=done, total=total, description=f"{what}: {label}")
+
+        yield update
+
+
 def _run_verify(console: Console, args: argparse.Namespace, reference: str,
                 candidate: str | ir.Model,
                 tolerances: Tolerances, batches: list[Batch] | None = None,
@@ -233,12 +295,22 @@ def _cmd_prune(argv: Sequence[str], console: Console) -> int:
         reconstruct=args.reconstruct, ridge=args.ridge, global_ranking=args.global_ranking,
         max_group_sparsity=args.max_group_sparsity, round_to=args.round_to,
         ignore=tuple(args.ignore), seed=args.seed, quantize=_quantize_config(args),
-        heads=args.heads, global_heads=args.global_heads,
+        heads=args.heads, global_heads=args.global_heads, target=args.target,
+        max_drop=args.max_drop, metric=args.metric, eval=args.eval, holdout=args.holdout,
+        plan=args.plan,
     )
-    config.passes()  # validates the options before any file is touched
+    planned = args.target is not None or args.plan is not None
+    config.check_planning()  # validates the options before any file is touched
+    if not planned:
+        config.passes()
+    if args.save_plan and not planned:
+        raise InputError("--save-plan records a --target search or a --plan; with fixed "
+                         "options the command line itself is the recipe")
     out = check_output_path(args.output, [args.model], force=args.force)
     if args.report:
         check_output_path(args.report, [args.model, out])
+    if args.save_plan:
+        check_output_path(args.save_plan, [args.model, out])
     model = load_model(args.model)
     api.check_supported(model, args.model)
     batches, generated = None, False
@@ -246,11 +318,33 @@ def _cmd_prune(argv: Sequence[str], console: Console) -> int:
         parse_providers(args.providers)
         batches, generated = api.verification_batches(model, args.data,
                                               parse_shape_overrides(args.shape))
-    with console.status("pruning ...") as status:
-        def progress(done: int, total: int, label: str) -> None:
-            status.update(f"pruning: group {done + 1}/{total} ({label}), calibrating and refitting")
+    if planned:
+        best: list[api.Plan] = []
+        try:
+            what = "searching" if args.target else "applying the plan"
+            with _progress_bar(console, what) as progress:
+                report = api.prune_model(model, config, progress, on_plan=best.append)
+        except KeyboardInterrupt:
+            if best:
+                print(json.dumps(best[-1].to_dict()), file=sys.stderr)
+                print("onnxprune: the line above is the best plan found so far"
+                      + (f"; saved to {args.save_plan}" if args.save_plan else ""),
+                      file=sys.stderr)
+                if args.save_plan:
+                    best[-1].save(args.save_plan)
+            raise
+        if report.search is not None and report.search.drop > (config.max_drop or 0.01):
+            if args.save_plan and report.plan is not None:
+                report.plan.save(args.save_plan)
+            print(f"onnxprune: {report.search.message}; no model written", file=sys.stderr)
+            return EXIT_FAILED
+    else:
+        with console.status("pruning ...") as status:
+            def progress(done: int, total: int, label: str) -> None:
+                status.update(f"pruning: group {done + 1}/{total} ({label}), calibrating and "
+                              "refitting")
 
-        report = api.prune_model(model, config, progress)
+            report = api.prune_model(model, config, progress)
     report.before = replace(report.before, file_bytes=Path(args.model).stat().st_size)
     verify_on_cpu = not args.no_verify and "cpu" in parse_providers(args.providers)
     api.check_written(model, load=not verify_on_cpu)  # verification loads it on the CPU
@@ -278,9 +372,69 @@ def _cmd_prune(argv: Sequence[str], console: Console) -> int:
                   "of the input)")
     if code == EXIT_FAILED:
         console.print("[red]the written model is outside the verification tolerances[/]")
+    if report.search is not None:
+        _show_search(console, report.search)
+        if not report.search.reached:
+            code = EXIT_FAILED
+    if args.save_plan and report.plan is not None:
+        report.plan.save(args.save_plan)
+        console.print(f"wrote the plan to {args.save_plan}")
     if args.report:
         write_json(args.report, {**data, **report.to_dict()})
     return code
+
+
+def _show_search(console: Console, r: api.SearchResult) -> None:
+    t = Table(title="target search", show_lines=False)
+    for col in ("round", "allocation", "masked drop", "real drop", "share"):
+        t.add_column(col)
+    for row in r.rounds:
+        t.add_row(str(row["round"]), str(row["allocation"]), f"{row['masked_drop']:.4f}",
+                  f"{row['drop']:.4f}", f"{row['share']:.1%}")
+    console.print(t)
+    colour = "green" if r.reached else "red"
+    console.print(f"[{colour}]{r.message}[/] ({r.seconds:.0f} s)")
+
+
+def _cmd_analyze(argv: Sequence[str], console: Console) -> int:
+    args = _analyze_parser().parse_args(argv)
+    if args.metric is not None and args.eval is not None:
+        raise InputError("give --metric or --eval, not both")
+    try:
+        levels = tuple(float(x) for x in args.levels.split(",") if x.strip())
+    except ValueError:
+        raise InputError(f"--levels '{args.levels}': use fractions like 0.25,0.5") from None
+    for path in (args.report, args.plot):
+        if path:
+            check_output_path(path, [args.model])
+    model = load_model(args.model)
+    api.check_supported(model, args.model)
+    with _progress_bar(console, "analysing") as progress:
+        analysis = api.analyze(model, args.calibration, token_mask=args.token_mask,
+                               metric=args.metric, eval=args.eval, holdout=args.holdout,
+                               levels=levels, heads=not args.no_heads,
+                               ignore=tuple(args.ignore), progress=progress)
+    t = Table(title=f"{analysis.evaluator.name} drop per unit pruned alone "
+              f"(held out: {analysis.holdout_source})")
+    t.add_column("unit")
+    t.add_column("kind")
+    t.add_column("items")
+    levels_seen = sorted({round(k / a.unit.items, 3) for a in analysis.units for k in a.curve})
+    for f in levels_seen:
+        t.add_column(f"{f:.1%}", justify="right")
+    for a in analysis.units:
+        by_f = {round(k / a.unit.items, 3): v for k, v in a.curve.items()}
+        t.add_row(a.unit.name, a.unit.kind, str(a.unit.items),
+                  *(f"{by_f[f]:.4f}" if f in by_f else "" for f in levels_seen))
+    console.print(t)
+    for name, why in analysis.skipped.items():
+        console.print(f"  [yellow]skipped[/] {name}: {why}", soft_wrap=True)
+    if args.report:
+        write_json(args.report, analysis.to_dict())
+    if args.plot:
+        write_plot(analysis, args.plot)
+        console.print(f"wrote {args.plot}")
+    return EXIT_OK
 
 
 def _cmd_quantize(argv: Sequence[str], console: Console) -> int:
@@ -342,7 +496,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Piped output gets 120 columns, not rich's 80: node names are long.
     width = None if sys.stdout.isatty() else 120
     console = Console(quiet=quiet, stderr=False, highlight=False, width=width)
-    commands = {"verify": _cmd_verify, "inspect": _cmd_inspect, "quantize": _cmd_quantize}
+    commands = {"verify": _cmd_verify, "inspect": _cmd_inspect, "quantize": _cmd_quantize,
+                "analyze": _cmd_analyze}
     try:
         if argv and argv[0] in commands:
             return commands[argv[0]](argv[1:], console)

@@ -32,7 +32,6 @@ from onnxprune.graph.attention import AttentionBlock, find_attention_blocks
 from onnxprune.graph.channels import ChannelGroup
 from onnxprune.graph.head_slicing import head_columns, keep_heads
 from onnxprune.graph.weights import WeightUse, const_array
-from onnxprune.passes.remove_neurons import KeepSpec, check_keep
 from onnxprune.passes.reconstruct import (
     DEFAULT_RIDGE,
     Calibration,
@@ -42,6 +41,7 @@ from onnxprune.passes.reconstruct import (
     consumer_target,
     reference_session,
 )
+from onnxprune.passes.remove_neurons import KeepSpec, check_keep
 from onnxprune.runtime import make_session
 from onnxprune.scoring.heads import contributions, obs_heads, value_bias_fold, weight_norms
 from onnxprune.scoring.lstsq import cross_validated_ridge, fold_bias, refit

@@ -47,6 +47,7 @@ class Plan:
     token_mask: str | None = None
     calibration: str | None = None  # data_fingerprint of the fitting batches
     summary: dict[str, Any] = field(default_factory=dict)  # what the search measured
+    split: str | None = None  # held-out part of the calibration data, see default_split
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -54,6 +55,7 @@ class Plan:
             "repair": self.repair,
             "token_mask": self.token_mask,
             "calibration_sha256": self.calibration,
+            "calibration_split": self.split,
             "neurons": {k: list(v) for k, v in self.neurons.items()},
             "heads": {k: list(v) for k, v in self.heads.items()},
             "summary": self.summary,
@@ -89,16 +91,53 @@ class Plan:
         if repair not in _REPAIRS:
             raise InputError(f"{p}: \"repair\" must be one of {', '.join(_REPAIRS)}")
         return cls(decisions("neurons"), decisions("heads"), repair, data.get("token_mask"),
-                   data.get("calibration_sha256"), dict(data.get("summary") or {}))
+                   data.get("calibration_sha256"), dict(data.get("summary") or {}),
+                   data.get("calibration_split"))
 
-    def check_data(self, batches: Sequence[Batch] | None) -> None:
-        """A plan with repair needs the very batches it was made with, or bytes differ."""
+    def fit_batches(self, batches: Sequence[Batch] | None) -> list[Batch] | None:
+        """The batches the repair was fitted on: the given data, checked, less the held-out
+        part the search kept aside. A plan with repair needs the very batches it was made
+        with, or the bytes differ."""
         if self.repair == "none" or not (self.neurons or self.heads):
-            return
+            return None
         if batches is None:
             raise InputError(f"the plan repairs with least squares ({self.repair}); pass the "
                              "same --calibration data it was made with")
-        if self.calibration is not None and data_fingerprint(batches) != self.calibration:
+        fit = apply_split(batches, self.split)[0] if self.split else list(batches)
+        if self.calibration is not None and data_fingerprint(fit) != self.calibration:
             raise InputError("the calibration data differs from the plan's (sha256 "
                              f"{self.calibration[:12]}...); pass the data the plan was made "
                              "with, or the result will not match it")
+        return fit
+
+
+def default_split(batches: Sequence[Batch]) -> str:
+    """How calibration data is split when no held-out data is given: the last quarter of the
+    batches ("batches:N"), or of the rows of a single batch ("rows:N")."""
+    if len(batches) == 1:
+        rows = {len(a) for a in batches[0].values() if np.ndim(a)}
+        n = rows.pop() if len(rows) == 1 else 0
+        if n >= 4:
+            return f"rows:{max(1, n // 4)}"
+    if len(batches) < 2:
+        raise InputError("held-out data is needed to measure quality: give --holdout, or at "
+                         "least 2 calibration batches (the last quarter is held out)")
+    return f"batches:{max(1, len(batches) // 4)}"
+
+
+def apply_split(batches: Sequence[Batch], split: str) -> tuple[list[Batch], list[Batch]]:
+    """(fitting part, held-out part) of the batches, as `split` says."""
+    kind, _, count = split.partition(":")
+    try:
+        n = int(count)
+    except ValueError:
+        raise InputError(f"the plan's calibration_split '{split}' is not kind:N") from None
+    if kind == "rows" and len(batches) == 1 and n > 0:
+        b = batches[0]
+        rows = {len(a) for a in b.values() if np.ndim(a)}
+        if len(rows) == 1 and rows.pop() > n:
+            return [{k: v[:-n] for k, v in b.items()}], [{k: v[-n:] for k, v in b.items()}]
+    if kind == "batches" and 0 < n < len(batches):
+        return list(batches[:-n]), list(batches[-n:])
+    raise InputError(f"cannot split the calibration data as '{split}': it has "
+                     f"{len(batches)} batch(es); pass the data the plan was made with")

@@ -36,15 +36,10 @@ from onnxprune.passes.reconstruct import Calibration
 from onnxprune.passes.remove_heads import RemoveHeadsPass
 from onnxprune.passes.remove_neurons import KeepSpec, RemoveNeuronsPass
 from onnxprune.plan.allocate import Allocation, allocate, uniform
-from onnxprune.plan.masked import MaskedModel
+from onnxprune.plan.analyze import analyze_model
 from onnxprune.plan.quality import BuiltinMetric, UserMetric
-from onnxprune.plan.recipe import Plan, data_fingerprint
-from onnxprune.plan.sensitivity import (
-    Evaluator,
-    UnitAnalysis,
-    analyse_units,
-    measure_curves,
-)
+from onnxprune.plan.recipe import Plan, apply_split, data_fingerprint, default_split
+from onnxprune.plan.sensitivity import Evaluator, UnitAnalysis
 from onnxprune.plan.units import Unit, find_units
 from onnxprune.runtime import make_session
 
@@ -100,7 +95,7 @@ class SearchResult:
     message: str
     candidates: list[dict[str, object]] = field(default_factory=list)
     rounds: list[dict[str, object]] = field(default_factory=list)
-    sensitivity: list[dict[str, object]] = field(default_factory=list)
+    sensitivity: object = None
     skipped: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -119,17 +114,15 @@ class SearchResult:
 
 
 def split_holdout(batches: Sequence[Batch],
-                  holdout: Sequence[Batch] | None) -> tuple[list[Batch], list[Batch], str]:
-    """(fitting batches, held-out batches, where the held-out ones came from)."""
+                  holdout: Sequence[Batch] | None) -> tuple[list[Batch], list[Batch], str | None]:
+    """(fitting batches, held-out batches, the split as a plan records it, or None)."""
     if holdout is not None:
         if not holdout:
             raise InputError("--holdout holds no batches")
-        return list(batches), list(holdout), "--holdout"
-    if len(batches) < 2:
-        raise InputError("a target search needs held-out data: give --holdout, or at least "
-                         "2 calibration batches (the last quarter is held out)")
-    n = max(1, len(batches) // 4)
-    return list(batches[:-n]), list(batches[-n:]), f"the last {n} calibration batches"
+        return list(batches), list(holdout), None
+    split = default_split(batches)
+    fit, held = apply_split(batches, split)
+    return fit, held, split
 
 
 def apply_decisions(model: ir.Model, neurons: KeepSpec, heads: KeepSpec,
@@ -204,7 +197,7 @@ def _indices(analyses: Sequence[UnitAnalysis], removed: dict[str, int],
 class _Search:
     def __init__(self, model: ir.Model, config: SearchConfig, calib: Calibration,
                  holdout: list[Batch], progress: Progress | None,
-                 on_plan: Callable[[Plan], None] | None) -> None:
+                 on_plan: Callable[[Plan], None] | None, split: str | None = None) -> None:
         self.model = model
         self.config = config
         self.calib = calib
@@ -213,11 +206,12 @@ class _Search:
         self.on_plan = on_plan
         self.before = model_stats(model)
         self.fingerprint = data_fingerprint(calib.batches)
+        self.split = split
 
     def _plan(self, neurons: dict[str, tuple[int, ...]], heads: dict[str, tuple[int, ...]],
               summary: dict[str, object]) -> Plan:
         return Plan(neurons, heads, self.calib.reconstruct, self.calib.token_mask,
-                    self.fingerprint, summary)
+                    self.fingerprint, summary, self.split)
 
     def _tell(self, done: int, total: int, label: str) -> None:
         if self.progress is not None:
@@ -241,17 +235,20 @@ class _Search:
         `only` reruns just the allocator of that label (later rounds, new budget).
         """
         neurons = [a for a in analyses if a.unit.kind == "neurons"]
-        pools = [("greedy, neurons and heads", analyses)]
+        pools = [("greedy, all units", analyses)]
         if neurons and len(neurons) < len(analyses):
-            pools.append(("greedy, neurons only", neurons))
+            pools.append(("greedy, FFN neurons only", neurons))
         out = []
         for label, pool in pools:
-            if only is None or only == label:
+            if only is None or only == label or only.startswith("uniform") and label == \
+                    pools[0][0]:
                 a = allocate(pool, evaluator, cost=self._cost, need=need, total=total,
                              max_drop=budget, label=label)
                 a.removed = {**{x.unit.name: 0 for x in analyses}, **a.removed}
                 out.append(a)
-        u = uniform(analyses, evaluator, cost=self._cost, need=need) if only is None else None
+        u = None
+        if only is None or only.startswith("uniform"):
+            u = uniform(analyses, evaluator, cost=self._cost, need=need)
         if u is not None:
             out.append(u)
         return out
@@ -281,23 +278,15 @@ class _Search:
     def run(self) -> SearchResult:
         start = time.perf_counter()
         cfg = self.config
-        NameFixPass()(self.model)
-        units, skipped = find_units(self.model, self.calib, cfg.ignore)
-        if not cfg.heads:
-            units = [u for u in units if u.kind != "heads"]
-        if not units:
-            reasons = "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:3])
-            raise InputError(f"nothing prunable for a target search ({reasons})")
-        analyses = analyse_units(self.model, units, self.calib.batches,
-                                 token_mask=self.calib.token_mask,
-                                 max_fraction=cfg.max_fraction, progress=self.progress)
-        evaluator = Evaluator(MaskedModel(self.model, units), self.holdout, cfg.metric)
-        measure_curves(analyses, evaluator, cfg.levels, self.progress)
+        analysis = analyze_model(self.model, self.calib, self.holdout, metric=cfg.metric,
+                                 levels=cfg.levels, heads=cfg.heads,
+                                 max_fraction=cfg.max_fraction, ignore=cfg.ignore,
+                                 progress=self.progress)
+        analyses, evaluator, skipped = analysis.units, analysis.evaluator, analysis.skipped
+        units = [a.unit for a in analyses]
         logger.info("analysis and sensitivities: %.0f s, %d evaluations",
                     time.perf_counter() - start, evaluator.evaluations)
-        sensitivity = [{"unit": a.unit.name, "kind": a.unit.kind, "items": a.unit.items,
-                        "drops": {str(k): v for k, v in sorted(a.curve.items())}}
-                       for a in analyses]
+        sensitivity = analysis.to_dict()["units"]
         if cfg.target.kind == "latency":
             share = self._latency_share(analyses, evaluator, *self._need(units, 0)[1:],
                                         cfg.max_drop)
@@ -309,10 +298,8 @@ class _Search:
         result: SearchResult | None = None
         candidates_log: list[dict[str, object]] = []
         rounds_log: list[dict[str, object]] = []
+        only: str | None = None  # after a budget correction: rerun the winning allocator
         for round_ in range(cfg.rounds):
-            only = None if round_ == 0 else str(rounds_log[0]["allocation"])
-            if only is not None and only.startswith("uniform"):
-                break  # a uniform allocation has no budget to correct
             cands = self._candidates(analyses, evaluator, need, total, budget, only)
             for c in cands:
                 candidates_log.append({"round": round_ + 1, "label": c.label,
@@ -342,25 +329,33 @@ class _Search:
                                "budget_given": budget, "masked_drop": pick.drop,
                                "drop": drop, "share": real_share})
             ok = drop <= cfg.max_drop
-            key = (ok, real_share <= share + 1e-9, -real_share if ok else -drop)
+            on_target = real_share <= share + 1e-9
+            key = (ok, on_target, -real_share if ok else -drop)
             if best is None or key > best:
                 best = key
                 summary = {"target": str(cfg.target), "max_drop": cfg.max_drop,
                            "metric": evaluator.name, "base": evaluator.base,
                            "quality": quality, "drop": drop, "share": real_share}
                 plan = self._plan(kept_n, kept_h, summary)
-                result = SearchResult(plan, ok and pick.reached, evaluator.base, quality,
+                result = SearchResult(plan, ok and on_target, evaluator.base, quality,
                                       real_share, "")
                 self._best_model = trial
                 if self.on_plan is not None:
                     self.on_plan(plan)
-            if ok and pick.reached:
+            if ok and on_target:
                 break
+            if not on_target and pick.reached:
+                # Savings overlap where pruned units are chained (an MLP's next layer loses
+                # inputs too): the per-item costs overestimated them; ask for more.
+                need = min(total, math.ceil(need * (1 - share) / max(1 - real_share, 1e-9)))
+                only = None
+                continue
             # Correct the allocator's budget by how far the masked estimate was from the
             # real result, and try again.
             if drop <= 0 or pick.drop <= 0:
                 break
             budget = min(budget * 1.5, max(budget / 1.5, budget * pick.drop / drop))
+            only = pick.label
         assert result is not None
         result.candidates, result.rounds = candidates_log, rounds_log
         result.sensitivity, result.skipped = sensitivity, skipped
@@ -388,8 +383,8 @@ def search(model: ir.Model, config: SearchConfig, batches: Sequence[Batch], *,
     """Runs the search; returns the result and the pruned model (the input is untouched)."""
     if config.max_drop < 0:
         raise InputError(f"--max-drop must be >= 0, got {config.max_drop}")
-    fit, held, _ = split_holdout(batches, holdout)
+    fit, held, split = split_holdout(batches, holdout)
     calib = Calibration(fit, token_mask=token_mask, reconstruct="lstsq", ridge=ridge)
-    s = _Search(model, config, calib, held, progress, on_plan)
+    s = _Search(model, config, calib, held, progress, on_plan, split)
     result = s.run()
     return result, s._best_model

@@ -20,7 +20,8 @@ import math
 
 import numpy as np
 
-__all__ = ["Problem", "refit", "obs_select", "obs_order", "fold_bias", "cross_validated_ridge", "RIDGE_GRID"]
+__all__ = ["Problem", "refit", "obs_select", "obs_order", "fold_bias", "cross_validated_ridge",
+           "RIDGE_GRID"]
 
 # Candidate ridges (relative to the mean activation power) tried by cross-validation.
 RIDGE_GRID = (0.01, 0.03, 0.1, 0.3, 1.0)
