@@ -62,7 +62,16 @@ class Plan:
         }
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        text = json.dumps(self.to_dict(), indent=1, sort_keys=False)
+        # One line per unit: plans are read (and diffed) by people too.
+        d = self.to_dict()
+        lines = [f" {json.dumps(k)}: {json.dumps(v)}," for k, v in d.items()
+                 if k not in ("neurons", "heads", "summary")]
+        for key in ("neurons", "heads"):
+            units = [f"  {json.dumps(n)}: {json.dumps(v)}" for n, v in d[key].items()]
+            lines.append(f' "{key}": {{' + ("\n" + ",\n".join(units) + "\n }," if units
+                                           else "},"))
+        lines.append(f' "summary": {json.dumps(d["summary"])}')
+        text = "{\n" + "\n".join(lines) + "\n}"
         with atomic_path(Path(path)) as tmp:
             Path(tmp).write_text(text + "\n")
 
