@@ -375,6 +375,7 @@ def _cmd_prune(argv: Sequence[str], console: Console) -> int:
     if report.search is not None:
         _show_search(console, report.search)
         if not report.search.reached:
+            print(f"onnxprune: {report.search.message}", file=sys.stderr)
             code = EXIT_FAILED
     if args.save_plan and report.plan is not None:
         report.plan.save(args.save_plan)

@@ -1,0 +1,298 @@
+"""Target-driven pruning: masked evaluation, sensitivities, search, plans, and the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from helpers import residual_mlp_model, run, save, sha256, to_ir
+from onnx_ir.passes.common import NameFixPass
+
+from onnxprune.api import PruneConfig, analyze, prune_model
+from onnxprune.cli import main
+from onnxprune.errors import InputError
+from onnxprune.graph.accounting import model_stats
+from onnxprune.plan.masked import MaskedModel
+from onnxprune.plan.recipe import Plan
+from onnxprune.plan.search import Target, apply_decisions
+from onnxprune.plan.units import find_units
+
+DIM, HIDDEN = 8, 32
+
+
+def _silenced(model: onnx.ModelProto, silent: int) -> onnx.ModelProto:
+    """The residual MLP with `silent` channels of block 0 that contribute nothing."""
+    m = to_ir(model)
+    from onnxprune.graph.weights import const_array, set_const_array
+
+    for node in m.graph:
+        if node.name == "fc0b":
+            w = const_array(node.inputs[1]).copy()  # type: ignore[union-attr]
+            w[:silent] = 0
+            set_const_array(node.inputs[1], w)  # type: ignore[arg-type]
+    import onnx_ir as ir
+
+    return ir.serde.serialize_model(m)
+
+
+def _batches(n: int = 4, rows: int = 32, seed: int = 3) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.standard_normal((rows, DIM)).astype(np.float32)} for _ in range(n)]
+
+
+@pytest.fixture
+def work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    model = _silenced(residual_mlp_model(DIM, HIDDEN, blocks=2, seed=1), silent=8)
+    save(model, tmp_path / "m.onnx")
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i, b in enumerate(_batches()):
+        np.savez(calib / f"b{i}.npz", **b)
+    return tmp_path
+
+
+def _named(model: onnx.ModelProto):
+    m = to_ir(model)
+    NameFixPass()(m)
+    return m
+
+
+def test_units_and_their_costs_match_what_removal_saves() -> None:
+    m = _named(residual_mlp_model(DIM, HIDDEN, blocks=2, seed=1))
+    units, skipped = find_units(m)
+    assert [u.name for u in units] == ["fc0a", "fc1a"]
+    assert all(u.kind == "neurons" and u.items == HIDDEN for u in units)
+    assert any("graph input" in why for why in skipped.values())
+    before = model_stats(m)
+    apply_decisions(m, {"fc0a": 28}, {}, None)
+    after = model_stats(m)
+    assert before.weight_flops_per_row - after.weight_flops_per_row == 4 * units[0].flops
+    assert before.parameters - after.parameters == 4 * units[0].params
+
+
+def test_masked_model_reproduces_the_original_and_the_sliced_model() -> None:
+    proto = residual_mlp_model(DIM, HIDDEN, blocks=2, seed=1)
+    m = _named(proto)
+    units, _ = find_units(m)
+    masked = MaskedModel(m, units)
+    batch = _batches(1)[0]
+    original = run(proto, batch)[0]
+    np.testing.assert_array_equal(masked.run([batch], {})[0][0], original)
+    # Zero rows of the consumer weight == removing those channels for real.
+    keep = np.arange(0, HIDDEN, 2)
+    from onnxprune.passes.reconstruct import joined_weight
+
+    w = joined_weight(units[0].group).copy()
+    w[np.setdiff1d(np.arange(HIDDEN), keep)] = 0
+    got = masked.run([batch], {"fc0a": (w, np.zeros(w.shape[1]))})[0][0]
+    sliced = _named(proto)
+    apply_decisions(sliced, {"fc0a": keep}, {}, None)
+    np.testing.assert_allclose(got, run(sliced, batch)[0], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(got, original, atol=1e-3)
+
+
+def test_analysis_finds_silent_channels_first_and_measures_no_drop_for_them() -> None:
+    proto = _silenced(residual_mlp_model(DIM, HIDDEN, blocks=2, seed=1), silent=8)
+    a = analyze(proto, _batches(), levels=(0.25, 0.5))
+    first = next(u for u in a.units if u.unit.name == "fc0a")
+    assert set(first.order[:8].tolist()) == set(range(8))
+    assert first.curve[8] == pytest.approx(0.0, abs=1e-6)
+    assert first.curve[16] > 1e-4  # real channels do matter
+    other = next(u for u in a.units if u.unit.name == "fc1a")
+    assert other.curve[8] > first.curve[8]
+    assert a.to_dict()["units"][0]["drop"]
+
+
+def test_search_meets_a_params_target_and_the_plan_reproduces_the_bytes(work: Path) -> None:
+    rc = main(["m.onnx", "-o", "out.onnx", "--target", "params=0.8", "--max-drop", "0.05",
+               "--calibration", "calib", "--save-plan", "plan.json", "--report", "r.json",
+               "-q"])
+    assert rc == 0
+    report = json.loads(Path("r.json").read_text())
+    assert report["search"]["reached"]
+    assert report["after"]["parameters"] <= 0.8 * report["before"]["parameters"]
+    assert report["search"]["drop"] <= 0.05
+    plan = Plan.load("plan.json")
+    assert plan.neurons and plan.split == "batches:1"
+    ort.InferenceSession("out.onnx", providers=["CPUExecutionProvider"])
+    onnx.checker.check_model(onnx.load("out.onnx"), full_check=True)
+    rc = main(["m.onnx", "-o", "again.onnx", "--plan", "plan.json", "--calibration", "calib",
+               "-q"])
+    assert rc == 0
+    assert sha256("out.onnx") == sha256("again.onnx")
+
+
+def test_flops_target_through_the_api_keeps_the_silent_channels_out() -> None:
+    proto = _silenced(residual_mlp_model(DIM, HIDDEN, blocks=2, seed=1), silent=8)
+    m = to_ir(proto)
+    report = prune_model(m, PruneConfig(calibration=_batches(), target="flops=0.9",
+                                        max_drop=0.5))
+    assert report.search is not None and report.search.reached
+    assert report.after.weight_flops_per_row <= 0.9 * report.before.weight_flops_per_row
+    # 8 channels of block 0 are silent: removing 10 % of the FLOPs can cost nothing.
+    assert report.search.drop < 1e-4
+    assert report.plan is not None and "fc0a" in report.plan.neurons
+
+
+def test_unreachable_target_says_so_and_exits_1(work: Path, capsys) -> None:
+    rc = main(["m.onnx", "-o", "out.onnx", "--target", "params=0.3", "--max-drop", "0.001",
+               "--calibration", "calib", "--save-plan", "plan.json", "-q"])
+    assert rc == 1
+    plan = Plan.load("plan.json")
+    assert plan.summary["drop"] <= 0.001 and plan.summary["share"] > 0.3
+    out = capsys.readouterr()
+    assert "not reachable" in out.out + out.err
+
+
+def _metric_file(tmp: Path, body: str) -> str:
+    (tmp / "user_metric.py").write_text(body)
+    return "user_metric.py:score"
+
+
+@pytest.mark.parametrize("body, words", [
+    ("def score(session):\n    raise ValueError('no labels here')\n", "no labels here"),
+    ("def score(session):\n    return float('nan')\n", "nan"),
+    ("def score(session):\n    return 'high'\n", "not a number"),
+])
+def test_a_failing_user_metric_stops_with_its_error_and_writes_nothing(
+        work: Path, capsys, body: str, words: str) -> None:
+    spec = _metric_file(work, body)
+    rc = main(["m.onnx", "-o", "out.onnx", "--target", "params=0.8", "--calibration", "calib",
+               "--eval", spec, "-q"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert words in err and err.count("\n") == 1
+    assert not Path("out.onnx").exists()
+
+
+def test_a_user_metric_drives_the_search(work: Path) -> None:
+    spec = _metric_file(work, (
+        "import numpy as np\n"
+        "X = np.random.default_rng(5).standard_normal((16, 8)).astype(np.float32)\n"
+        "def score(session):\n"
+        "    names = [i.name for i in session.get_inputs()]\n"
+        "    assert names == ['x'], names\n"
+        "    y = session.run(None, {'x': X})[0]\n"
+        "    return -float(np.abs(y).mean())\n"))
+    rc = main(["m.onnx", "-o", "out.onnx", "--target", "params=0.85", "--max-drop", "10",
+               "--calibration", "calib", "--eval", spec, "--report", "r.json", "-q"])
+    assert rc == 0
+    search = json.loads(Path("r.json").read_text())["search"]
+    assert search["plan"]["summary"]["metric"] == spec
+    assert search["base"] < 0
+
+
+def test_interrupt_prints_the_best_plan_and_writes_no_model(work: Path, capsys) -> None:
+    spec = _metric_file(work, (
+        "def score(session):\n"
+        "    if type(session).__name__ == 'InferenceSession':  # the first real removal\n"
+        "        raise KeyboardInterrupt\n"
+        "    return 1.0\n"))
+    rc = main(["m.onnx", "-o", "out.onnx", "--target", "params=0.5", "--max-drop", "0.5",
+               "--calibration", "calib", "--eval", spec, "--save-plan", "best.json"])
+    assert rc == 130
+    err = capsys.readouterr().err
+    assert "best plan found so far" in err
+    assert json.loads(err.splitlines()[0])["format"] == "onnxprune-plan/1"
+    assert Plan.load("best.json").neurons
+    assert not Path("out.onnx").exists()
+    assert not list(work.glob(".out.onnx*"))
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--target", "flops=0.5", "--sparsity", "0.5", "--calibration", "calib"], "--sparsity"),
+    (["--target", "flops=0.5"], "--calibration"),
+    (["--target", "flops=1.5", "--calibration", "calib"], "(0, 1)"),
+    (["--target", "size=0.5", "--calibration", "calib"], "params=F"),
+    (["--max-drop", "0.1", "--sparsity", "0.5"], "--target"),
+    (["--target", "flops=0.5", "--plan", "p.json", "--calibration", "calib"], "give one"),
+    (["--target", "flops=0.5", "--calibration", "calib", "--metric", "top1", "--eval",
+      "m:f"], "not both"),
+    (["--sparsity", "0.5", "--save-plan", "p.json"], "--save-plan"),
+    (["--target", "flops=0.5", "--calibration", "calib", "--max-drop", "-1"], "--max-drop"),
+    (["--target", "flops=0.5", "--calibration", "calib", "--quantize", "int8"], "quantize"),
+    (["--target", "flops=0.5", "--calibration", "calib", "--eval", "nosuchmodule:f"],
+     "cannot import"),
+])
+def test_contradictory_or_bad_options_are_refused(work: Path, capsys, argv: list[str],
+                                                  words: str) -> None:
+    assert main(["m.onnx", "-o", "out.onnx", *argv]) == 2
+    err = capsys.readouterr().err
+    assert words in err and err.count("\n") == 1
+    assert not Path("out.onnx").exists()
+
+
+def test_bad_plans_are_refused(work: Path, capsys) -> None:
+    Path("bad.json").write_text("{not json")
+    assert main(["m.onnx", "-o", "o.onnx", "--plan", "bad.json"]) == 2
+    Path("other.json").write_text(json.dumps({"format": "onnxprune-plan/1", "repair": "none",
+                                              "neurons": {"no_such_group": [0, 1]}}))
+    assert main(["m.onnx", "-o", "o.onnx", "--plan", "other.json"]) == 2
+    assert "no_such_group" in capsys.readouterr().err
+    rc = main(["m.onnx", "-o", "o.onnx", "--target", "params=0.8", "--max-drop", "0.5",
+               "--calibration", "calib", "--save-plan", "p.json", "-q"])
+    assert rc == 0
+    other = work / "other_calib"
+    other.mkdir()
+    for i, b in enumerate(_batches(seed=9)):
+        np.savez(other / f"b{i}.npz", **b)
+    capsys.readouterr()
+    assert main(["m.onnx", "-o", "o2.onnx", "--plan", "p.json", "--calibration",
+                 "other_calib"]) == 2
+    assert "differs from the plan" in capsys.readouterr().err
+    assert main(["m.onnx", "-o", "o2.onnx", "--plan", "p.json"]) == 2
+    assert not Path("o2.onnx").exists()
+
+
+def test_a_plan_without_repair_applies_without_data(work: Path) -> None:
+    Path("p.json").write_text(json.dumps({"format": "onnxprune-plan/1", "repair": "none",
+                                          "neurons": {"fc1a": list(range(0, 32, 2))}}))
+    assert main(["m.onnx", "-o", "o.onnx", "--plan", "p.json", "-q"]) == 0
+    assert model_stats(to_ir(onnx.load("o.onnx"))).parameters < model_stats(
+        to_ir(onnx.load("m.onnx"))).parameters
+
+
+def test_analyze_writes_a_table_json_and_html(work: Path, capsys) -> None:
+    rc = main(["analyze", "m.onnx", "--calibration", "calib", "--levels", "0.25,0.5",
+               "--report", "s.json", "--plot", "s.html"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "fc0a" in out and "25.0%" in out
+    data = json.loads(Path("s.json").read_text())
+    assert [u["unit"] for u in data["units"]] == ["fc0a", "fc1a"]
+    assert set(data["units"][0]["drop"]) == {"8", "16"}
+    html = Path("s.html").read_text()
+    assert "<svg" in html and "polyline" in html and "fc1a" in html
+    assert main(["analyze", "m.onnx", "--calibration", "calib", "--plot", "s.gif"]) == 2
+    assert main(["analyze", "m.onnx", "--calibration", "calib", "--levels", "0.5,2"]) == 2
+
+
+def test_png_plot_or_a_clear_error_without_matplotlib(work: Path, capsys) -> None:
+    rc = main(["analyze", "m.onnx", "--calibration", "calib", "--levels", "0.5",
+               "--plot", "s.png", "-q"])
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert rc == 2 and "matplotlib" in capsys.readouterr().err
+        assert not Path("s.png").exists()
+        return
+    assert rc == 0 and Path("s.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_latency_target_is_measured(work: Path) -> None:
+    rc = main(["m.onnx", "-o", "o.onnx", "--target", "latency=0.9", "--max-drop", "0.5",
+               "--calibration", "calib", "--report", "r.json", "-q"])
+    search = json.loads(Path("r.json").read_text())["search"]
+    assert rc in (0, 1)  # a model this small may not get faster: then it says so
+    assert search["rounds"] and search["message"].startswith("target latency=0.9")
+
+
+def test_target_parsing() -> None:
+    assert Target.parse("flops=0.75") == Target("flops", 0.75)
+    with pytest.raises(InputError):
+        Target.parse("flops=abc")
