@@ -80,12 +80,14 @@ def main(argv: list[str] | None = None) -> int:
         dense_emb = metrics.embed(dense, sentences)
         dense_params = metrics.model_stats(dense)["parameters"]
 
+        # Called only within this iteration, so the loop variables it reads are current.
         def score(out: Path, method: str, cost: dict[str, object], **extra: object) -> None:
             emb = metrics.embed(out, sentences)
-            row = {"exporter": kind, "method": method, **metrics.compare(dense_emb, emb),
+            row = {"exporter": kind, "method": method,  # noqa: B023
+                   **metrics.compare(dense_emb, emb),  # noqa: B023
                    **metrics.model_stats(out), **cost, **extra}
-            row["param_share"] = row["parameters"] / dense_params
-            row["speedup"] = metrics.latency_ratio(dense, out,
+            row["param_share"] = row["parameters"] / dense_params  # noqa: B023
+            row["speedup"] = metrics.latency_ratio(dense, out,  # noqa: B023
                                                    repeats=args.latency_repeats)["speedup"]
             results.append(row)
             print(json.dumps(row), flush=True)
