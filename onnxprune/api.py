@@ -32,9 +32,10 @@ from onnxprune.passes.remove_heads import RemoveHeadsPass
 from onnxprune.passes.remove_neurons import Progress, RemoveNeuronsPass
 from onnxprune.passes.zero_weights import ZeroWeightsPass
 from onnxprune.plan.analyze import Analysis, analyze_model
-from onnxprune.plan.quality import BUILTIN_METRICS, load_user_metric
+from onnxprune.plan.quality import BUILTIN_METRICS, BuiltinMetric, UserMetric, load_user_metric
 from onnxprune.plan.recipe import Plan
 from onnxprune.plan.search import (
+    DEFAULT_MAX_DROP,
     SearchConfig,
     SearchResult,
     Target,
@@ -95,6 +96,12 @@ class PruneConfig:
     holdout: str | os.PathLike[str] | Sequence[Batch] | None = None
     plan: str | os.PathLike[str] | Plan | None = None  # reapply a saved plan
 
+    def holdout_batches(self, model: ir.Model) -> list[Batch] | None:
+        """The held-out batches given (None: the search holds out calibration batches)."""
+        if isinstance(self.holdout, (str, os.PathLike)):
+            return list(load_batches(self.holdout, input_specs(model)))
+        return None if self.holdout is None else list(self.holdout)
+
     def check_planning(self) -> None:
         """Refuses contradictory combinations of target search, plan and fixed options."""
         fixed = [n for n, v in (("--sparsity", self.sparsity), ("--heads", self.heads),
@@ -114,11 +121,7 @@ class PruneConfig:
             if self.quantize is not None:
                 raise InputError("--target with --quantize: the quality budget would not "
                                  "cover quantization; quantize the result afterwards")
-            if self.metric is not None and self.eval is not None:
-                raise InputError("give --metric or --eval, not both")
-            if self.metric is not None and self.metric not in BUILTIN_METRICS:
-                raise InputError(f"--metric '{self.metric}': choose from "
-                                 f"{', '.join(BUILTIN_METRICS)}")
+            _check_metric(self.metric, self.eval)
             if self.max_drop is not None and self.max_drop < 0:
                 raise InputError(f"--max-drop must be >= 0, got {self.max_drop}")
         elif search_only:
@@ -286,16 +289,10 @@ def _prune_planned(model: ir.Model, config: PruneConfig, progress: Progress | No
         report.plan = plan
     else:
         assert batches is not None and config.target is not None
-        holdout = config.holdout
-        if isinstance(holdout, (str, os.PathLike)):
-            holdout = list(load_batches(holdout, input_specs(model)))
-        metric = config.metric or "cosine"
-        if config.eval is not None:
-            metric = load_user_metric(config.eval) if isinstance(config.eval, str) else config.eval
         cfg = SearchConfig(Target.parse(config.target),
-                           0.01 if config.max_drop is None else config.max_drop,
-                           metric, ignore=config.ignore)  # type: ignore[arg-type]
-        result, pruned = search(model, cfg, batches, holdout=holdout,
+                           DEFAULT_MAX_DROP if config.max_drop is None else config.max_drop,
+                           _metric(config.metric, config.eval), ignore=config.ignore)
+        result, pruned = search(model, cfg, batches, holdout=config.holdout_batches(model),
                                 token_mask=config.token_mask, ridge=config.ridge,
                                 progress=progress, on_plan=on_plan)
         model.graph = pruned.graph
@@ -324,19 +321,30 @@ def analyze(
     """Sensitivity curves: each prunable unit's quality drop when pruned alone."""
     m = _to_ir(model)
     check_supported(m)
-    cfg = PruneConfig(calibration=calibration, target="flops=0.5", metric=metric, eval=eval,
-                      holdout=holdout)
-    cfg.check_planning()
+    _check_metric(metric, eval)
+    cfg = PruneConfig(calibration=calibration, holdout=holdout)
     batches = cfg.batches(m)
     assert batches is not None
-    held = list(load_batches(holdout, input_specs(m))) if isinstance(
-        holdout, (str, os.PathLike)) else holdout
-    fit, held_out, split = split_holdout(batches, held)
+    fit, held_out, split = split_holdout(batches, cfg.holdout_batches(m))
     source = "--holdout" if split is None else f"calibration data, held out: {split}"
-    chosen = load_user_metric(eval) if isinstance(eval, str) else eval or metric or "cosine"
     calib = Calibration(fit, token_mask=token_mask)
-    return analyze_model(m, calib, held_out, metric=chosen, levels=levels,  # type: ignore
+    return analyze_model(m, calib, held_out, metric=_metric(metric, eval), levels=levels,
                          heads=heads, ignore=ignore, holdout_source=source, progress=progress)
+
+
+def _check_metric(metric: str | None, eval: object) -> None:
+    if metric is not None and eval is not None:
+        raise InputError("give --metric or --eval, not both")
+    if metric is not None and metric not in BUILTIN_METRICS:
+        raise InputError(f"--metric '{metric}': choose from {', '.join(BUILTIN_METRICS)}")
+
+
+def _metric(metric: str | None, eval: str | Callable[[object], float] | None
+            ) -> BuiltinMetric | UserMetric:
+    """The quality measure chosen (checked by _check_metric): cosine unless told."""
+    if isinstance(eval, str):
+        return load_user_metric(eval)
+    return eval or metric or "cosine"  # type: ignore[return-value]
 
 
 def _refuse_if_nothing_prunable(passes: list[ir.passes.PassBase]) -> None:

@@ -26,6 +26,7 @@ from onnxprune.errors import InputError, OnnxPruneError
 from onnxprune.io import check_output_path, load_model, save_model
 from onnxprune.passes.reconstruct import DEFAULT_RIDGE
 from onnxprune.plan.plot import write_plot
+from onnxprune.plan.search import DEFAULT_MAX_DROP
 from onnxprune.quantize import QuantizeConfig
 from onnxprune.report import human_bytes, pass_table, stats_table, verify_table, write_json
 from onnxprune.runtime import parse_providers
@@ -144,7 +145,8 @@ def _main_parser() -> argparse.ArgumentParser:
                    help="params=F, flops=F (weight MatMul FLOPs) or latency=F (measured here "
                    "with onnxruntime): the share of the original to reach, e.g. flops=0.75")
     t.add_argument("--max-drop", type=float, metavar="D",
-                   help="quality budget: largest drop of the metric allowed (default 0.01)")
+                   help="quality budget: largest drop of the metric allowed (default "
+                   f"{DEFAULT_MAX_DROP:g})")
     _add_metric_options(t)
     t.add_argument("--save-plan", metavar="FILE.json",
                    help="write the chosen per-group decisions (with --target or --plan)")
@@ -333,7 +335,7 @@ def _cmd_prune(argv: Sequence[str], console: Console) -> int:
                 if args.save_plan:
                     best[-1].save(args.save_plan)
             raise
-        if report.search is not None and report.search.drop > (config.max_drop or 0.01):
+        if report.search is not None and report.search.over_budget:
             if args.save_plan and report.plan is not None:
                 report.plan.save(args.save_plan)
             print(f"onnxprune: {report.search.message}; no model written", file=sys.stderr)
@@ -399,8 +401,6 @@ def _show_search(console: Console, r: api.SearchResult) -> None:
 
 def _cmd_analyze(argv: Sequence[str], console: Console) -> int:
     args = _analyze_parser().parse_args(argv)
-    if args.metric is not None and args.eval is not None:
-        raise InputError("give --metric or --eval, not both")
     try:
         levels = tuple(float(x) for x in args.levels.split(",") if x.strip())
     except ValueError:

@@ -292,6 +292,16 @@ def test_latency_target_is_measured(work: Path) -> None:
     assert search["rounds"] and search["message"].startswith("target latency=0.9")
 
 
+def test_a_zero_budget_is_a_budget() -> None:
+    from onnxprune.plan.search import SearchResult
+
+    def result(max_drop: float) -> SearchResult:
+        return SearchResult(Plan(), False, 1.0, 0.995, 0.8, "", max_drop=max_drop)
+
+    assert result(0.0).over_budget
+    assert not result(0.01).over_budget
+
+
 def test_target_parsing() -> None:
     assert Target.parse("flops=0.75") == Target("flops", 0.75)
     with pytest.raises(InputError):

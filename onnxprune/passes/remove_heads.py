@@ -41,7 +41,7 @@ from onnxprune.passes.reconstruct import (
     consumer_target,
     reference_session,
 )
-from onnxprune.passes.remove_neurons import KeepSpec, check_keep
+from onnxprune.passes.remove_neurons import KeepSpec, fixed_indices, keep_counts
 from onnxprune.runtime import make_session
 from onnxprune.scoring.heads import contributions, obs_heads, value_bias_fold, weight_norms
 from onnxprune.scoring.lstsq import cross_validated_ridge, fold_bias, refit
@@ -140,18 +140,13 @@ class RemoveHeadsPass(ir.passes.InPlacePass):
 
     # -- how many heads each block keeps --------------------------------------------------
     def _fixed(self, block: AttentionBlock) -> np.ndarray | None:
-        spec = None if self.keep is None else self.keep.get(block.name)
-        if spec is None or isinstance(spec, (int, np.integer)):
-            return None
-        return np.sort(np.asarray(spec, dtype=np.int64))
+        return fixed_indices(None if self.keep is None else self.keep.get(block.name))
 
     def _counts(self, blocks: list[AttentionBlock], scores: list[np.ndarray]) -> list[int]:
         if self.keep is not None:
-            check_keep(self.keep, {b.name: b.num_heads for b in blocks}, "attention block")
-            return [b.num_heads if b.name not in self.keep else
-                    len(f) if (f := self._fixed(b)) is not None else
-                    int(self.keep[b.name])  # type: ignore[arg-type]
-                    for b in blocks]
+            counts = keep_counts(self.keep, {b.name: b.num_heads for b in blocks},
+                                 "attention block")
+            return [counts[b.name] for b in blocks]
         if not self.global_ranking:
             return [max(b.num_heads - math.floor(self.fraction * b.num_heads + 1e-9), 1)
                     for b in blocks]

@@ -31,7 +31,7 @@ from onnxprune.passes.reconstruct import (
 from onnxprune.scoring.criteria import CRITERIA, DATA_AWARE, ChannelWeights, score_channels
 
 __all__ = ["RemoveNeuronsPass", "GroupDecision", "RemoveNeuronsResult", "group_weights",
-           "KeepSpec", "check_keep"]
+           "KeepSpec", "keep_counts", "fixed_indices"]
 
 logger = logging.getLogger(__name__)
 
@@ -113,28 +113,32 @@ Progress = Callable[[int, int, str], None]  # (groups done, groups in all, curre
 KeepSpec = Mapping[str, "int | Sequence[int] | np.ndarray"]
 
 
-def _fixed(spec: int | Sequence[int] | np.ndarray | None) -> np.ndarray | None:
+def fixed_indices(spec: int | Sequence[int] | np.ndarray | None) -> np.ndarray | None:
     """The given kept indices, or None when only a count was given."""
     if spec is None or isinstance(spec, (int, np.integer)):
         return None
     return np.sort(np.asarray(spec, dtype=np.int64))
 
 
-def check_keep(spec: KeepSpec, sizes: Mapping[str, int], what: str) -> None:
-    """Every named unit exists and every count or index fits it."""
+def keep_counts(spec: KeepSpec, sizes: Mapping[str, int], what: str) -> dict[str, int]:
+    """How many items each unit keeps under `spec` (units it does not name keep all), after
+    checking that every named unit exists and every count or index fits it."""
     for name, k in spec.items():
         if name not in sizes:
             raise InputError(
                 f"the plan names {what} '{name}', which this model does not have (or cannot "
                 "prune); was the plan made for another model?"
             )
-        idx = _fixed(k)
+        idx = fixed_indices(k)
         n = int(k) if idx is None else len(idx)  # type: ignore[arg-type]
         bad = idx is not None and (len(np.unique(idx)) != n or n and (
             idx[0] < 0 or idx[-1] >= sizes[name]))
         if not 1 <= n <= sizes[name] or bad:
             raise InputError(f"the plan's entry for {what} '{name}' does not fit its "
                              f"{sizes[name]} channels")
+    return {name: size if name not in spec else
+            int(spec[name]) if (idx := fixed_indices(spec[name])) is None  # type: ignore[arg-type]
+            else len(idx) for name, size in sizes.items()}
 
 
 class RemoveNeuronsPass(ir.passes.InPlacePass):
@@ -195,14 +199,8 @@ class RemoveNeuronsPass(ir.passes.InPlacePass):
 
     def _keep_counts(self, groups: list[ChannelGroup], scores: list[np.ndarray]) -> list[int]:
         if self.keep is not None:
-            check_keep(self.keep, {g.name: g.size for g in groups}, "group")
-            given = {n: _fixed(k) for n, k in self.keep.items()}
-            return [
-                g.size if g.name not in self.keep else
-                int(self.keep[g.name]) if given[g.name] is None  # type: ignore[arg-type]
-                else len(given[g.name])  # type: ignore[arg-type]
-                for g in groups
-            ]
+            counts = keep_counts(self.keep, {g.name: g.size for g in groups}, "group")
+            return [counts[g.name] for g in groups]
         if not self.global_ranking:
             return [
                 _kept_count(g.size, _floor(self.sparsity * g.size), self.round_to)
@@ -248,7 +246,7 @@ class RemoveNeuronsPass(ir.passes.InPlacePass):
             s, count = plan[id(g)]
             decisions.append(GroupDecision.of(g, count))
             if count < before:
-                keep = _fixed(self.keep.get(g.name)) if self.keep else None
+                keep = fixed_indices(self.keep.get(g.name)) if self.keep else None
                 if keep is None:
                     keep = np.sort(np.argsort(-s, kind="stable")[:count])
                 keep_channels(model.graph, g, keep)
@@ -290,7 +288,7 @@ class RemoveNeuronsPass(ir.passes.InPlacePass):
             note = reasons.get(g0.name)
             decisions[g0.name] = GroupDecision.of(current, count, note)
             if count < before:
-                fixed = _fixed(self.keep.get(g0.name)) if self.keep else None
+                fixed = fixed_indices(self.keep.get(g0.name)) if self.keep else None
                 if note is None:
                     stats = collect_stats(model, reference, current, calib)
                     scores = None

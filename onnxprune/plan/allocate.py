@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from onnxprune.plan.sensitivity import Evaluator, UnitAnalysis, candidate_of
 from onnxprune.plan.units import Unit
 
-__all__ = ["Allocation", "allocate", "uniform"]
+__all__ = ["Allocation", "allocate", "uniform", "UNIFORM"]
 
+UNIFORM = "uniform"  # label prefix of uniform allocations
 Cost = Callable[[Unit], int]  # what one item of the unit costs (FLOPs or parameters)
 
 
@@ -119,5 +120,5 @@ def uniform(analyses: Sequence[UnitAnalysis], evaluator: Evaluator, *, cost: Cos
         saved = sum(cost(a.unit) * removed[a.unit.name] for a in units)
         if saved >= need:
             drop = evaluator.drop(candidate_of(analyses, removed))
-            return Allocation(removed, saved, drop, True, f"uniform {kind} {f:.0%}")
+            return Allocation(removed, saved, drop, True, f"{UNIFORM} {kind} {f:.0%}")
     return None

@@ -23,7 +23,7 @@ from onnxprune.graph.weights import const_array
 from onnxprune.plan.units import Unit
 from onnxprune.runtime import make_session
 
-__all__ = ["MaskedModel", "MaskedSession", "Candidate"]
+__all__ = ["MaskedModel", "MaskedSession", "Candidate", "run_batches"]
 
 # Per unit name: consumer weights joined as [C, sum D] (x W layout) and a bias delta [sum D].
 Candidate = Mapping[str, tuple[np.ndarray, np.ndarray]]
@@ -83,17 +83,23 @@ class MaskedModel:
 
     def run(self, batches: Sequence[Batch], candidate: Candidate) -> list[list[np.ndarray]]:
         """Every output for every batch, with the candidate's weights in place."""
-        extra = self.feeds(candidate)
-        names = {i.name for i in self.inputs}
-        out = []
-        for k, batch in enumerate(batches):
-            feeds = {n: v for n, v in batch.items() if n in names}
-            try:
-                out.append(self.session.run(self.output_names, {**feeds, **extra}))
-            except Exception as e:
-                text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise DataError(f"held-out batch {k} failed in onnxruntime: {text}") from e
-        return out
+        return run_batches(MaskedSession(self, candidate), batches)
+
+
+def run_batches(session: ort.InferenceSession | MaskedSession,
+                batches: Sequence[Batch]) -> list[list[np.ndarray]]:
+    """Every output for every batch, on a real session or a masked candidate's."""
+    names = {i.name for i in session.get_inputs()}
+    outputs = [o.name for o in session.get_outputs()]
+    out = []
+    for k, batch in enumerate(batches):
+        feeds = {n: v for n, v in batch.items() if n in names}
+        try:
+            out.append(session.run(outputs, feeds))
+        except Exception as e:
+            text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DataError(f"held-out batch {k} failed in onnxruntime: {text}") from e
+    return out
 
 
 class MaskedSession:

@@ -31,11 +31,11 @@ from onnx_ir.passes.common import NameFixPass, RemoveUnusedNodesPass
 
 from onnxprune.calibration.data import Batch
 from onnxprune.errors import InputError
-from onnxprune.graph.accounting import model_stats
+from onnxprune.graph.accounting import ModelStats, model_stats
 from onnxprune.passes.reconstruct import Calibration
 from onnxprune.passes.remove_heads import RemoveHeadsPass
-from onnxprune.passes.remove_neurons import KeepSpec, RemoveNeuronsPass
-from onnxprune.plan.allocate import Allocation, allocate, uniform
+from onnxprune.passes.remove_neurons import KeepSpec, RemoveNeuronsPass, keep_counts
+from onnxprune.plan.allocate import UNIFORM, Allocation, allocate, uniform
 from onnxprune.plan.analyze import analyze_model
 from onnxprune.plan.quality import BuiltinMetric, UserMetric
 from onnxprune.plan.recipe import Plan, apply_split, data_fingerprint, default_split
@@ -43,10 +43,12 @@ from onnxprune.plan.sensitivity import Evaluator, UnitAnalysis
 from onnxprune.plan.units import Unit, find_units
 from onnxprune.runtime import make_session
 
-__all__ = ["Target", "SearchConfig", "SearchResult", "search", "apply_decisions",
+__all__ = ["DEFAULT_MAX_DROP", "Target", "SearchConfig", "SearchResult", "search",
+           "apply_decisions",
            "split_holdout", "measure_latency"]
 
 logger = logging.getLogger(__name__)
+DEFAULT_MAX_DROP = 0.01
 Progress = Callable[[int, int, str], None]
 
 
@@ -76,7 +78,7 @@ class Target:
 @dataclass(frozen=True)
 class SearchConfig:
     target: Target
-    max_drop: float = 0.01
+    max_drop: float = DEFAULT_MAX_DROP
     metric: BuiltinMetric | UserMetric = "cosine"
     heads: bool = True  # consider attention heads as well as FFN neurons
     max_fraction: float = 0.8  # of any one unit's items
@@ -99,9 +101,16 @@ class SearchResult:
     skipped: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
 
+    max_drop: float = DEFAULT_MAX_DROP  # the budget it was searched under
+
     @property
     def drop(self) -> float:
         return self.base - self.quality
+
+    @property
+    def over_budget(self) -> bool:
+        """Even the best plan found loses more quality than allowed."""
+        return self.drop > self.max_drop
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -111,6 +120,9 @@ class SearchResult:
             "sensitivity": self.sensitivity, "skipped": self.skipped,
             "seconds": self.seconds, "plan": self.plan.to_dict(),
         }
+
+
+_GREEDY_ALL = "greedy, all units"
 
 
 def split_holdout(batches: Sequence[Batch],
@@ -140,6 +152,9 @@ def apply_decisions(model: ir.Model, neurons: KeepSpec, heads: KeepSpec,
     # then also absorbs what the units before it (neurons or heads) changed.
     reference = model.clone() if calib is not None else None
     units, _ = find_units(model, calib, ignore)
+    # Every entry is checked before anything is removed.
+    keep_counts(neurons, {u.name: u.items for u in units if u.kind == "neurons"}, "group")
+    keep_counts(heads, {u.name: u.items for u in units if u.kind == "heads"}, "attention block")
     todo = [u for u in units if u.name in (neurons if u.kind == "neurons" else heads)]
     for i, u in enumerate(todo):
         if progress is not None:
@@ -158,10 +173,6 @@ def apply_decisions(model: ir.Model, neurons: KeepSpec, heads: KeepSpec,
                 if b.heads_after < b.heads_before:
                     kept_h[b.block] = tuple(int(i) for i in np.setdiff1d(
                         np.arange(b.heads_before), b.removed))
-    missing = (set(neurons) | set(heads)) - {u.name for u in todo}
-    if missing:
-        raise InputError(f"the plan names '{sorted(missing)[0]}', which this model does not "
-                         "have (or cannot prune); was the plan made for another model?")
     RemoveUnusedNodesPass()(model)
     return kept_n, kept_h
 
@@ -217,13 +228,11 @@ class _Search:
         if self.progress is not None:
             self.progress(done, total, label)
 
-    def _need(self, units: Sequence[Unit], share: float) -> tuple[int, int]:
-        """(cost to save, cost of the whole model) for a target share of the measure."""
+    def _measure(self, stats: ModelStats) -> int:
+        """What the target counts: parameters, or weight FLOPs (latency goes by FLOPs)."""
         if self.config.target.kind == "params":
-            total = self.before.parameters
-        else:
-            total = self.before.weight_flops_per_row
-        return math.ceil(total * (1 - share) - 1e-9), total
+            return stats.parameters
+        return stats.weight_flops_per_row
 
     def _cost(self, unit: Unit) -> int:
         return unit.params if self.config.target.kind == "params" else unit.flops
@@ -232,25 +241,26 @@ class _Search:
                     total: int, budget: float, only: str | None = None) -> list[Allocation]:
         """Whole candidate allocations, each evaluated in the masked session.
 
-        `only` reruns just the allocator of that label (later rounds, new budget).
+        `only` (after a budget correction) reruns just the allocator that won; when uniform
+        won, the all-units greedy runs beside it, since the new budget may now favour it.
         """
         neurons = [a for a in analyses if a.unit.kind == "neurons"]
-        pools = [("greedy, all units", analyses)]
+        pools = [(_GREEDY_ALL, analyses)]
         if neurons and len(neurons) < len(analyses):
             pools.append(("greedy, FFN neurons only", neurons))
+        wanted = None if only is None else {only, _GREEDY_ALL} if only.startswith(
+            UNIFORM) else {only}
         out = []
         for label, pool in pools:
-            if only is None or only == label or only.startswith("uniform") and label == \
-                    pools[0][0]:
+            if wanted is None or label in wanted:
                 a = allocate(pool, evaluator, cost=self._cost, need=need, total=total,
                              max_drop=budget, label=label)
                 a.removed = {**{x.unit.name: 0 for x in analyses}, **a.removed}
                 out.append(a)
-        u = None
-        if only is None or only.startswith("uniform"):
+        if wanted is None or only.startswith(UNIFORM):  # type: ignore[union-attr]
             u = uniform(analyses, evaluator, cost=self._cost, need=need)
-        if u is not None:
-            out.append(u)
+            if u is not None:
+                out.append(u)
         return out
 
     def _latency_share(self, analyses: list[UnitAnalysis], evaluator: Evaluator,
@@ -275,7 +285,7 @@ class _Search:
             share = max(share * 0.5, share - (ratio - goal))
         return share
 
-    def run(self) -> SearchResult:
+    def run(self) -> tuple[SearchResult, ir.Model]:
         start = time.perf_counter()
         cfg = self.config
         analysis = analyze_model(self.model, self.calib, self.holdout, metric=cfg.metric,
@@ -283,19 +293,19 @@ class _Search:
                                  max_fraction=cfg.max_fraction, ignore=cfg.ignore,
                                  progress=self.progress)
         analyses, evaluator, skipped = analysis.units, analysis.evaluator, analysis.skipped
-        units = [a.unit for a in analyses]
         logger.info("analysis and sensitivities: %.0f s, %d evaluations",
                     time.perf_counter() - start, evaluator.evaluations)
         sensitivity = analysis.to_dict()["units"]
+        total = self._measure(self.before)
         if cfg.target.kind == "latency":
-            share = self._latency_share(analyses, evaluator, *self._need(units, 0)[1:],
-                                        cfg.max_drop)
+            share = self._latency_share(analyses, evaluator, total, cfg.max_drop)
         else:
             share = cfg.target.fraction
-        need, total = self._need(units, share)
+        need = math.ceil(total * (1 - share) - 1e-9)
         budget = cfg.max_drop
         best: tuple[float, ...] | None = None
         result: SearchResult | None = None
+        best_model: ir.Model | None = None
         candidates_log: list[dict[str, object]] = []
         rounds_log: list[dict[str, object]] = []
         only: str | None = None  # after a budget correction: rerun the winning allocator
@@ -318,10 +328,7 @@ class _Search:
                 _counts(analyses, pick.removed, "heads"), self.calib, self.progress, cfg.ignore)
             quality = evaluator.quality_of(make_session(trial, "cpu"))
             drop = evaluator.base - quality
-            after = model_stats(trial)
-            real_share = (after.parameters / self.before.parameters
-                          if cfg.target.kind == "params"
-                          else after.weight_flops_per_row / self.before.weight_flops_per_row)
+            real_share = self._measure(model_stats(trial)) / total
             logger.info("round %d: %s, masked drop %.4f, real %.4f at %.3f (%.0f s)",
                         round_ + 1, pick.label, pick.drop, drop, real_share,
                         time.perf_counter() - start)
@@ -338,8 +345,8 @@ class _Search:
                            "quality": quality, "drop": drop, "share": real_share}
                 plan = self._plan(kept_n, kept_h, summary)
                 result = SearchResult(plan, ok and on_target, evaluator.base, quality,
-                                      real_share, "")
-                self._best_model = trial
+                                      real_share, "", max_drop=cfg.max_drop)
+                best_model = trial
                 if self.on_plan is not None:
                     self.on_plan(plan)
             if ok and on_target:
@@ -356,12 +363,12 @@ class _Search:
                 break
             budget = min(budget * 1.5, max(budget / 1.5, budget * pick.drop / drop))
             only = pick.label
-        assert result is not None
+        assert result is not None and best_model is not None
         result.candidates, result.rounds = candidates_log, rounds_log
         result.sensitivity, result.skipped = sensitivity, skipped
         result.seconds = time.perf_counter() - start
         result.message = _message(result, cfg)
-        return result
+        return result, best_model
 
 
 def _message(r: SearchResult, cfg: SearchConfig) -> str:
@@ -369,7 +376,7 @@ def _message(r: SearchResult, cfg: SearchConfig) -> str:
           f"drop {r.drop:.4f}"
     if r.reached:
         return f"target {cfg.target} met within --max-drop {cfg.max_drop:g}: {got}"
-    if r.drop > cfg.max_drop:
+    if r.over_budget:
         return (f"target {cfg.target} not reached: even the best plan found drops quality by "
                 f"{r.drop:.4f} (> {cfg.max_drop:g}); {got}")
     return f"target {cfg.target} not reachable within --max-drop {cfg.max_drop:g}; best plan " \
@@ -385,6 +392,4 @@ def search(model: ir.Model, config: SearchConfig, batches: Sequence[Batch], *,
         raise InputError(f"--max-drop must be >= 0, got {config.max_drop}")
     fit, held, split = split_holdout(batches, holdout)
     calib = Calibration(fit, token_mask=token_mask, reconstruct="lstsq", ridge=ridge)
-    s = _Search(model, config, calib, held, progress, on_plan, split)
-    result = s.run()
-    return result, s._best_model
+    return _Search(model, config, calib, held, progress, on_plan, split).run()

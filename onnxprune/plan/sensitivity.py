@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
+import onnxruntime as ort
 
 from onnxprune.calibration.data import Batch
 from onnxprune.calibration.runner import capture, row_mask
 from onnxprune.passes.reconstruct import DEFAULT_RIDGE, joined_weight
-from onnxprune.plan.masked import Candidate, MaskedModel, MaskedSession
+from onnxprune.plan.masked import Candidate, MaskedModel, MaskedSession, run_batches
 from onnxprune.plan.quality import BuiltinMetric, UserMetric, builtin_score, call_user_metric
 from onnxprune.plan.units import Unit
 from onnxprune.scoring.heads import obs_head_order
@@ -124,12 +125,12 @@ class Evaluator:
         self.holdout = list(holdout)
         self.metric = metric
         self.evaluations = 0
+        self.reference: list[list[np.ndarray]] = []
         if isinstance(metric, str):
-            self.reference = masked.run(self.holdout, {})
+            self.reference = run_batches(MaskedSession(masked, {}), self.holdout)
             self.base = 1.0
         else:
-            self.reference = []
-            self.base = call_user_metric(metric, MaskedSession(masked, {}))
+            self.base = self.quality_of(MaskedSession(masked, {}))
 
     @property
     def name(self) -> str:
@@ -139,19 +140,12 @@ class Evaluator:
 
     def quality(self, candidate: Candidate) -> float:
         self.evaluations += 1
-        if isinstance(self.metric, str):
-            return builtin_score(self.metric, self.reference,
-                                 self.masked.run(self.holdout, candidate))
-        return call_user_metric(self.metric, MaskedSession(self.masked, candidate))
+        return self.quality_of(MaskedSession(self.masked, candidate))
 
-    def quality_of(self, session: object) -> float:
-        """The same measure for a real (sliced) model's onnxruntime session."""
+    def quality_of(self, session: ort.InferenceSession | MaskedSession) -> float:
+        """The measure on a session: a masked candidate's, or a real (sliced) model's."""
         if isinstance(self.metric, str):
-            names = [o.name for o in session.get_outputs()]  # type: ignore[attr-defined]
-            inputs = {i.name for i in session.get_inputs()}  # type: ignore[attr-defined]
-            outs = [session.run(names, {k: v for k, v in b.items() if k in inputs})  # type: ignore
-                    for b in self.holdout]
-            return builtin_score(self.metric, self.reference, outs)
+            return builtin_score(self.metric, self.reference, run_batches(session, self.holdout))
         return call_user_metric(self.metric, session)
 
     def drop(self, candidate: Candidate) -> float:
