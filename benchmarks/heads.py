@@ -149,10 +149,7 @@ COLUMNS = [
     ("exporter", metrics.cell("exporter")),
     ("method", metrics.cell("method")),
     ("params", metrics.cell("parameters", ".2f", "M", 1e-6)),
-    ("cosine mean", metrics.cell("mean_cosine", ".4f")),
-    ("cosine min", metrics.cell("min_cosine", ".4f")),
-    ("Spearman", metrics.cell("spearman", ".4f")),
-    ("probe acc", metrics.cell("probe", ".3f")),
+    *metrics.QUALITY_COLUMNS,
     ("tool time", metrics.cell("tool_s", ".1f", " s")),
     ("CPU speedup", metrics.cell("speedup", ".2f", "x")),
 ]

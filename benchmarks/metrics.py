@@ -289,3 +289,12 @@ def markdown_table(results: Sequence[dict[str, object]], columns: Sequence[Colum
     head = "| " + " | ".join(name for name, _ in columns) + " |"
     return "\n".join([head, "|" + "---|" * len(columns),
                       *(markdown_row(r, columns) for r in results)])
+
+
+# The embedding-quality columns every MiniLM table shows, in this order.
+QUALITY_COLUMNS: list[Column] = [
+    ("cosine mean", cell("mean_cosine", ".4f")),
+    ("cosine min", cell("min_cosine", ".4f")),
+    ("Spearman", cell("spearman", ".4f")),
+    ("probe acc", cell("probe", ".3f")),
+]

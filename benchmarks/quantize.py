@@ -205,10 +205,7 @@ COLUMNS = [
     ("exporter", metrics.cell("exporter")),
     ("method", metrics.cell("method")),
     ("file size", metrics.cell("size_ratio", ".1%")),
-    ("cosine mean", metrics.cell("mean_cosine", ".4f")),
-    ("cosine min", metrics.cell("min_cosine", ".4f")),
-    ("Spearman", metrics.cell("spearman", ".4f")),
-    ("probe acc", metrics.cell("probe", ".3f")),
+    *metrics.QUALITY_COLUMNS,
     ("tool time", metrics.cell("wall_s", ".1f", " s")),
     ("CPU speedup", metrics.cell("speedup", ".2f", "x")),
 ]

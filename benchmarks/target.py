@@ -124,7 +124,23 @@ def main(argv: list[str] | None = None) -> int:
                         **cost, "identical": filecmp.cmp(out, again, shallow=False)})
         print(json.dumps(results[-1]), flush=True)
     (BUILD / "bench_target.json").write_text(json.dumps(results, indent=1))
+    print("\n" + metrics.markdown_table(results, COLUMNS))
     return 0
+
+
+COLUMNS = [
+    ("exporter", metrics.cell("exporter")),
+    ("method", metrics.cell("method")),
+    ("params share", metrics.cell("param_share", ".4f")),
+    ("FLOPs share", metrics.cell("flops_share", ".4f")),
+    *metrics.QUALITY_COLUMNS[:3],
+    ("held-out drop (search)", metrics.cell("search_drop", ".4f")),
+    ("target met", metrics.cell("reached")),
+    ("tool time", metrics.cell("wall_s", ".0f", " s")),
+    ("peak mem", metrics.cell("peak_mib", ".0f", " MiB")),
+    ("CPU speedup", metrics.cell("speedup", ".2f", "x")),
+    ("same bytes", metrics.cell("identical")),
+]
 
 
 if __name__ == "__main__":

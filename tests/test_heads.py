@@ -247,6 +247,17 @@ def test_head_count_that_does_not_divide_is_declined() -> None:
     assert "do not make the Q width" in (block.skip_reason or "")
 
 
+def _attend(b: GraphBuilder, heads: dict[str, str], merge: str) -> onnx.ModelProto:
+    """Scores, softmax, context, head merge (Reshape target `merge`) and output projection
+    over per-head Q, K, V ([batch, heads, seq, D]); output y."""
+    k = b.op("Transpose", [heads["k"]], perm=[0, 1, 3, 2])
+    s = b.op("Softmax", [b.op("MatMul", [heads["q"], k])], axis=-1)
+    c = b.op("Transpose", [b.op("MatMul", [s, heads["v"]])], perm=[0, 2, 1, 3])
+    c = b.op("Reshape", [c, b.const(merge, np.array([0, 0, E]))])
+    b.op("MatMul", [c, b.weight("o.w", [E, E])], output="y")
+    return b.build(["y"])
+
+
 def _rotary(b: GraphBuilder, q: str) -> str:
     """q * cos + rotate_half(q) * sin, as Llama-style models write it."""
     half = D // 2
@@ -269,12 +280,7 @@ def test_rotary_embedding_is_declined() -> None:
         h = b.op("Reshape", [b.op("MatMul", [x, b.weight(f"{r}.w", [E, E])]), target])
         h = b.op("Transpose", [h], perm=[0, 2, 1, 3])
         heads[r] = _rotary(b, h) if r == "q" else h
-    k = b.op("Transpose", [heads["k"]], perm=[0, 1, 3, 2])
-    s = b.op("Softmax", [b.op("MatMul", [heads["q"], k])], axis=-1)
-    c = b.op("Transpose", [b.op("MatMul", [s, heads["v"]])], perm=[0, 2, 1, 3])
-    c = b.op("Reshape", [c, b.const("t2", np.array([0, 0, E]))])
-    b.op("MatMul", [c, b.weight("o.w", [E, E])], output="y")
-    [block] = find_attention_blocks(to_ir(b.build(["y"])))
+    [block] = find_attention_blocks(to_ir(_attend(b, heads, "t2")))
     assert "rotary" in (block.skip_reason or "")
 
 
@@ -292,12 +298,7 @@ def test_grouped_query_attention_is_declined() -> None:
             h = b.op("Expand", [h, b.const(f"{r}.rep", np.array([1, 1, 2, 1, 1]))])
             h = b.op("Reshape", [h, b.const(f"{r}.t2", np.array([0, H, -1, D]))])
         heads[r] = h
-    k = b.op("Transpose", [heads["k"]], perm=[0, 1, 3, 2])
-    s = b.op("Softmax", [b.op("MatMul", [heads["q"], k])], axis=-1)
-    c = b.op("Transpose", [b.op("MatMul", [s, heads["v"]])], perm=[0, 2, 1, 3])
-    c = b.op("Reshape", [c, b.const("t3", np.array([0, 0, E]))])
-    b.op("MatMul", [c, b.weight("o.w", [E, E])], output="y")
-    [block] = find_attention_blocks(to_ir(b.build(["y"])))
+    [block] = find_attention_blocks(to_ir(_attend(b, heads, "t3")))
     assert "grouped-query" in (block.skip_reason or ""), block.skip_reason
 
 
