@@ -40,6 +40,7 @@ from onnxprune.plan.search import (
     SearchResult,
     Target,
     apply_decisions,
+    decided_units,
     search,
     split_holdout,
 )
@@ -280,12 +281,14 @@ def _prune_planned(model: ir.Model, config: PruneConfig, progress: Progress | No
     report = PruneReport(before=before, after=before)
     if config.plan is not None:
         plan = config.plan if isinstance(config.plan, Plan) else Plan.load(config.plan)
+        # Does the plan fit this model? That error says more than one about the data.
+        units = decided_units(model, plan.neurons, plan.heads, None, config.ignore)
         fit = plan.fit_batches(batches)
         calib = None
         if fit is not None:
             calib = Calibration(fit, token_mask=config.token_mask or plan.token_mask,
                                 reconstruct=plan.repair, ridge=config.ridge)  # type: ignore
-        apply_decisions(model, plan.neurons, plan.heads, calib, progress, config.ignore)
+        apply_decisions(model, plan.neurons, plan.heads, calib, progress, config.ignore, units)
         report.plan = plan
     else:
         assert batches is not None and config.target is not None

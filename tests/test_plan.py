@@ -234,6 +234,13 @@ def test_bad_plans_are_refused(work: Path, capsys) -> None:
                                               "neurons": {"no_such_group": [0, 1]}}))
     assert main(["m.onnx", "-o", "o.onnx", "--plan", "other.json"]) == 2
     assert "no_such_group" in capsys.readouterr().err
+    # A plan for another model says so, before anything about the data.
+    Path("other2.json").write_text(json.dumps({
+        "format": "onnxprune-plan/1", "repair": "lstsq", "calibration_split": "batches:9",
+        "neurons": {"no_such_group": [0, 1]}}))
+    assert main(["m.onnx", "-o", "o.onnx", "--plan", "other2.json", "--calibration",
+                 "calib"]) == 2
+    assert "no_such_group" in capsys.readouterr().err
     rc = main(["m.onnx", "-o", "o.onnx", "--target", "params=0.8", "--max-drop", "0.5",
                "--calibration", "calib", "--save-plan", "p.json", "-q"])
     assert rc == 0

@@ -60,7 +60,8 @@ def analyze_model(model: ir.Model, calib: Calibration, holdout: Sequence[Batch],
     if not heads:
         units = [u for u in units if u.kind != "heads"]
     if not units:
-        reasons = "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:3]) or "no groups"
+        reasons = "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:3]) or (
+            "no MatMul/Gemm with a constant weight and no attention block")
         raise InputError(f"nothing prunable to analyse ({reasons}); see onnxprune inspect")
     analyses = analyse_units(model, units, calib.batches, token_mask=calib.token_mask,
                              max_fraction=max_fraction, progress=progress)

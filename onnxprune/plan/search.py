@@ -44,7 +44,7 @@ from onnxprune.plan.units import Unit, find_units
 from onnxprune.runtime import make_session
 
 __all__ = ["DEFAULT_MAX_DROP", "Target", "SearchConfig", "SearchResult", "search",
-           "apply_decisions",
+           "apply_decisions", "decided_units",
            "split_holdout", "measure_latency"]
 
 logger = logging.getLogger(__name__)
@@ -137,24 +137,35 @@ def split_holdout(batches: Sequence[Batch],
     return fit, held, split
 
 
-def apply_decisions(model: ir.Model, neurons: KeepSpec, heads: KeepSpec,
-                    calib: Calibration | None, progress: Progress | None = None,
-                    ignore: tuple[str, ...] = ()) -> tuple[dict[str, tuple[int, ...]],
-                                                           dict[str, tuple[int, ...]]]:
-    """Removes for real (in place): counts are chosen by OBS, indices are taken as given.
+def decided_units(model: ir.Model, neurons: KeepSpec, heads: KeepSpec,
+                  calib: Calibration | None = None, ignore: tuple[str, ...] = ()) -> list[Unit]:
+    """The model's units, after checking that every decision names one and fits it.
 
-    Returns the channels and heads actually kept, which is what a plan records.
+    Names the model's nodes (NameFixPass) first, as units are found by name.
     """
     NameFixPass()(model)
+    units, _ = find_units(model, calib, ignore)
+    keep_counts(neurons, {u.name: u.items for u in units if u.kind == "neurons"}, "group")
+    keep_counts(heads, {u.name: u.items for u in units if u.kind == "heads"}, "attention block")
+    return units
+
+
+def apply_decisions(model: ir.Model, neurons: KeepSpec, heads: KeepSpec,
+                    calib: Calibration | None, progress: Progress | None = None,
+                    ignore: tuple[str, ...] = (), units: Sequence[Unit] | None = None,
+                    ) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+    """Removes for real (in place): counts are chosen by OBS, indices are taken as given.
+
+    `units`: what decided_units() gave for this model, when the caller checked already.
+    Returns the channels and heads actually kept, which is what a plan records.
+    """
+    if units is None:  # every entry is checked before anything is removed
+        units = decided_units(model, neurons, heads, calib, ignore)
     kept_n: dict[str, tuple[int, ...]] = {}
     kept_h: dict[str, tuple[int, ...]] = {}
     # Unit by unit in graph order, every repair reproducing the original model: each one
     # then also absorbs what the units before it (neurons or heads) changed.
     reference = model.clone() if calib is not None else None
-    units, _ = find_units(model, calib, ignore)
-    # Every entry is checked before anything is removed.
-    keep_counts(neurons, {u.name: u.items for u in units if u.kind == "neurons"}, "group")
-    keep_counts(heads, {u.name: u.items for u in units if u.kind == "heads"}, "attention block")
     todo = [u for u in units if u.name in (neurons if u.kind == "neurons" else heads)]
     for i, u in enumerate(todo):
         if progress is not None:
