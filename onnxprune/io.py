@@ -21,7 +21,7 @@ from google.protobuf.message import DecodeError
 
 from onnxprune.errors import InputError
 from onnxprune.files import NAME_MAX, atomic_path, check_writable, fsync_path, same_file
-from onnxprune.validate import tensor_nbytes
+from onnxprune.validate import check_input_model, tensor_nbytes
 
 __all__ = [
     "load_model",
@@ -66,7 +66,7 @@ def check_external_file(
     with a single hard link (onnx_ir refuses shared files when it maps them), and long
     enough for the tensor's offset and length. Nothing is opened or read.
     """
-    if not location or "\x00" in location or os.path.isabs(location) or Path(location).is_absolute():
+    if not location or "\x00" in location or os.path.isabs(location):
         raise InputError(
             f"{where}, an absolute, empty or NUL-containing path; external data must sit "
             "beside the model"
@@ -182,6 +182,8 @@ def load_model(path: str | os.PathLike[str], *, validate: bool = True) -> ir.Mod
     if not proto.graph.node and not proto.graph.output:
         raise InputError(f"{p}: contains no ONNX graph (empty or not an ONNX file)")
     _check_external_locations(proto, p)
+    if validate:
+        check_input_model(proto, p)
     try:
         model = ir.serde.deserialize_model(proto)
     except Exception as e:  # onnx_ir raises plain exceptions on malformed protos
