@@ -26,7 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from onnxprune import api
-from onnxprune.calibration.data import Batch, parse_shape_overrides
+from onnxprune.calibration.data import Batch, data_budget, parse_shape_overrides
 from onnxprune.errors import InputError, OnnxPruneError
 from onnxprune.files import same_file
 from onnxprune.io import check_output_path, load_model, save_model
@@ -161,7 +161,35 @@ def _main_parser() -> argparse.ArgumentParser:
     _add_quantize_options(p)
     p.add_argument("--no-verify", action="store_true", help="skip verification")
     _add_verify_options(p)
+    _add_budget_option(p)
     return p
+
+
+def _add_budget_option(p: argparse.ArgumentParser) -> None:
+    # Read (and removed from argv) by main(), which applies it to every command.
+    p.add_argument("--max-calibration-bytes", type=int, metavar="N",
+                   help="memory budget for calibration/verification arrays, checked from the "
+                   "file headers before decompressing (default: a quarter of RAM)")
+
+
+def _take_budget(argv: list[str]) -> tuple[list[str], int | None]:
+    """Removes --max-calibration-bytes N from argv; returns the rest and the value."""
+    out: list[str] = []
+    value: str | None = None
+    it = iter(argv)
+    for arg in it:
+        if arg == "--max-calibration-bytes":
+            value = next(it, "")
+        elif arg.startswith("--max-calibration-bytes="):
+            value = arg.partition("=")[2]
+        else:
+            out.append(arg)
+    if value is None:
+        return out, None
+    try:
+        return out, int(value)
+    except ValueError:
+        raise InputError(f"--max-calibration-bytes '{value}': give a number of bytes") from None
 
 
 def _add_metric_options(g: argparse._ActionsContainer) -> None:
@@ -256,6 +284,7 @@ def _analyze_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", metavar="FILE.json", help="write the curves as JSON")
     p.add_argument("--plot", metavar="FILE.html|FILE.png", help="draw the curves")
     p.add_argument("-q", "--quiet", action="store_true")
+    _add_budget_option(p)
     return p
 
 
@@ -571,7 +600,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = {"verify": _cmd_verify, "inspect": _cmd_inspect, "quantize": _cmd_quantize,
                 "analyze": _cmd_analyze}
     try:
-        with _sigterm_as_exception(), _quiet_libraries():
+        argv, budget = _take_budget(argv)
+        with _sigterm_as_exception(), _quiet_libraries(), data_budget(budget):
             if argv and argv[0] in commands:
                 return commands[argv[0]](argv[1:], console)
             return _cmd_prune(argv, console)
