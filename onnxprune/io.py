@@ -11,7 +11,6 @@ import contextlib
 import hashlib
 import os
 import stat
-import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -342,10 +341,13 @@ def save_model(
 
 
 class ModelBytes(bytes):
-    """A serialized model that knows the folder its external data is resolved against.
+    """A serialized model whose external data has been read in from the model's folder.
 
     onnxruntime resolves the external data of a model given as bytes against the working
-    directory; runtime.make_session gives it `base_dir` instead (None: no external data).
+    directory (and some of its optimizers refuse external data without a model path), so
+    the bytes handed to a session or to onnx.checker carry every weight inline, read from
+    the folder the model was loaded from after the same containment checks as loading.
+    `base_dir` records that folder (None: the model had no external data).
     """
 
     base_dir: str | None = None
@@ -370,38 +372,55 @@ def _external_folder(model: ir.Model) -> str | None:
     return folders.pop() if folders else None
 
 
+def _inline_external(proto: onnx.ModelProto, base: str) -> None:
+    """Reads every external tensor of `proto` from `base` into raw_data."""
+    handles: dict[Path, object] = {}
+    try:
+        for tensor in _iter_tensor_protos(proto.graph):
+            if tensor.data_location != onnx.TensorProto.EXTERNAL:
+                continue
+            info = _external_info(tensor)
+            path = check_external_file(
+                Path(base), info.get("location", ""), where=f"tensor '{tensor.name}' has "
+                f"external data at '{info.get('location', '')}'", offset=info.get("offset"),
+                length=info.get("length"), nbytes=tensor_nbytes(tensor))
+            f = handles.get(path)
+            if f is None:
+                f = handles[path] = open(path, "rb")  # noqa: SIM115 - closed below
+            offset = int(info.get("offset") or 0)
+            size = int(info["length"]) if info.get("length") else tensor_nbytes(tensor)
+            f.seek(offset)  # type: ignore[attr-defined]
+            tensor.raw_data = f.read(size)  # type: ignore[attr-defined]
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
+    finally:
+        for f in handles.values():
+            f.close()  # type: ignore[attr-defined]
+
+
 def model_bytes(model: ir.Model, proto: onnx.ModelProto | None = None) -> ModelBytes:
-    """The model (or `proto`, a serialized variant of it) as ModelBytes."""
+    """The model (or `proto`, a serialized variant of it) as ModelBytes, weights inline."""
     proto = ir.serde.serialize_model(model) if proto is None else proto
-    if proto.ByteSize() >= _TWO_GB - 2**20:
+    base = _external_folder(model)
+    external = sum(v.const_value.nbytes for g in model.graphs()
+                   for v in g.initializers.values()
+                   if isinstance(v.const_value, ir.ExternalTensor))
+    if proto.ByteSize() + external >= _TWO_GB - 2**20:
         raise InputError(
-            "the model is over 2 GB with its rewritten weights held in memory; "
-            "this is not supported yet"
+            "the model is over 2 GB with its weights held in memory; this is not supported "
+            "yet"
         )
+    if base is not None:
+        _inline_external(proto, base)
     data = ModelBytes(proto.SerializeToString())
-    data.base_dir = _external_folder(model)
+    data.base_dir = base
     return data
-
-
-_CWD_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
 def serialized_model(model: ir.Model) -> Iterator[ModelBytes]:
-    """The model as ModelBytes, inside a context where onnx.checker resolves its data.
+    """The model as ModelBytes (weights inline), for onnx.checker and onnxruntime.
 
-    Sessions get the folder from ModelBytes.base_dir. onnx.checker has no such option for
-    bytes, so for the duration of the context the working directory is the data's folder
-    (held under a lock; nothing is written there).
+    Kept as a context for its callers; nothing depends on the working directory any more.
     """
-    data = model_bytes(model)
-    if data.base_dir is None:
-        yield data
-        return
-    with _CWD_LOCK:
-        previous = os.getcwd()
-        os.chdir(data.base_dir)
-        try:
-            yield data
-        finally:
-            os.chdir(previous)
+    yield model_bytes(model)

@@ -40,7 +40,7 @@ __all__ = [
 
 Batch = dict[str, np.ndarray]
 logger = logging.getLogger(__name__)
-MAX_GENERATED_BYTES = 2**28  # generated verification inputs, per batch
+MAX_GENERATED_BYTES = 2**26  # generated verification inputs, per batch
 
 
 @dataclass(frozen=True)
