@@ -19,11 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 from onnx import TensorProto
 
 from onnxprune.errors import InputError
 
-__all__ = ["check_input_model", "tensor_nbytes", "MAX_TENSOR_BYTES"]
+__all__ = ["check_input_model", "check_finite_weights", "tensor_nbytes", "MAX_TENSOR_BYTES"]
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +137,27 @@ def _check_names(graph: onnx.GraphProto, where: str) -> None:
             produced.add(out)
 
 
+_STRING = 9  # FieldDescriptor.TYPE_STRING
+_MESSAGE = 11  # FieldDescriptor.TYPE_MESSAGE
+
+
+def _check_strings(message: object, where: str, path: str = "model") -> None:
+    """Every string field decoded as text: protobuf hands back bytes for a string that is
+    not valid UTF-8, which onnx_ir and every name comparison then trip over."""
+    for field, value in message.ListFields():  # type: ignore[attr-defined]
+        if field.type == _STRING:
+            values = value if field.is_repeated else [value]
+            for v in values:
+                if not isinstance(v, str):
+                    raise InputError(f"{where}: {path}.{field.name} is not valid UTF-8 text "
+                                     f"({bytes(v)[:40]!r}); fix or re-export the model")
+        elif field.type == _MESSAGE:
+            values = value if field.is_repeated else [value]
+            for i, v in enumerate(values):
+                name = getattr(v, "name", "") or str(i)
+                _check_strings(v, where, f"{path}.{field.name}[{name!s:.60}]")
+
+
 def _run_checker(proto: onnx.ModelProto, path: Path) -> None:
     """onnx.checker with full shape inference, as one line naming the node or tensor.
 
@@ -175,6 +197,7 @@ def check_input_model(proto: onnx.ModelProto, path: str | os.PathLike[str]) -> N
     where = str(p)
     if not proto.HasField("graph"):
         raise InputError(f"{where}: contains no graph; re-export the model")
+    _check_strings(proto, where)
     for graph in _iter_graphs(proto.graph):
         for t in graph.initializer:
             _check_tensor(t, where)
@@ -192,3 +215,23 @@ def check_input_model(proto: onnx.ModelProto, path: str | os.PathLike[str]) -> N
     for vi in main.value_info:
         _check_value_info(vi, where, "value", fixed_zero_ok=True)
     _run_checker(proto, p)
+
+
+def check_finite_weights(model: ir.Model, where: str = "model") -> None:
+    """Refuses float initializers holding NaN or Inf before a pass reads them: scores,
+    repairs and int8 scales built on them are meaningless (verification of such a model
+    fails instead; only rewriting it is refused)."""
+    for graph in model.graphs():
+        for v in graph.initializers.values():
+            t = v.const_value
+            if t is None or v in graph.inputs:
+                continue
+            try:
+                dtype = t.dtype.numpy()
+            except Exception:  # types numpy cannot hold (e.g. float8): nothing to check
+                continue
+            if not np.issubdtype(dtype, np.floating):
+                continue
+            if not np.all(np.isfinite(t.numpy())):
+                raise InputError(f"{where}: initializer '{v.name}' holds NaN or Inf; fix the "
+                                 "model's weights first")
