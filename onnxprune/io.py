@@ -65,6 +65,8 @@ def check_external_file(
     with a single hard link (onnx_ir refuses shared files when it maps them), and long
     enough for the tensor's offset and length. Nothing is opened or read.
     """
+    if not isinstance(location, str):
+        raise InputError(f"{where}: the location is not valid UTF-8 text; re-export it")
     if not location or "\x00" in location or os.path.isabs(location):
         raise InputError(
             f"{where}, an absolute, empty or NUL-containing path; external data must sit "
@@ -124,7 +126,7 @@ def _check_external_locations(proto: onnx.ModelProto, path: Path) -> None:
             continue
         info = _external_info(tensor)
         location = info.get("location", "")
-        where = f"{path}: tensor '{tensor.name}' has external data at '{location[:80]}'"
+        where = f"{path}: tensor '{tensor.name}' has external data at {location[:80]!r}"
         check_external_file(base, location, where=where, offset=info.get("offset"),
                             length=info.get("length"), nbytes=tensor_nbytes(tensor))
 
@@ -146,7 +148,8 @@ def external_data_files(path: str | os.PathLike[str]) -> set[Path]:
     for tensor in _iter_tensor_protos(proto.graph):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             location = _external_info(tensor).get("location", "")
-            if location and "\x00" not in location and not os.path.isabs(location):
+            if (isinstance(location, str) and location and "\x00" not in location
+                    and not os.path.isabs(location)):
                 with contextlib.suppress(OSError, RuntimeError, ValueError):
                     files.add((p.parent / location).resolve())
     return files
