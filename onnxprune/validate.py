@@ -35,6 +35,10 @@ for _name in ("FLOAT4E2M1", "INT2", "UINT2"):
         _BITS[getattr(TensorProto, _name)] = 4 if _name == "FLOAT4E2M1" else 2
 
 
+_TYPED_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data",
+                 "uint64_data")
+
+
 def _itemsize(elem_type: int) -> int | None:
     """Bytes per element of a fixed-width element type (None: strings, sub-byte, unknown)."""
     if elem_type in _BITS or elem_type in (TensorProto.STRING, TensorProto.UNDEFINED):
@@ -78,9 +82,20 @@ def _check_tensor(tensor: TensorProto, where: str) -> None:
                          "any real model; the file is corrupt")
     if tensor.data_location == TensorProto.EXTERNAL:
         return  # sizes checked against the data file by io
-    if tensor.HasField("raw_data") and nbytes is not None and len(tensor.raw_data) != nbytes:
-        raise InputError(f"{name} holds {len(tensor.raw_data)} bytes but its dims "
-                         f"{list(tensor.dims)} need {nbytes}; re-export the model")
+    if tensor.HasField("raw_data"):
+        if nbytes is not None and len(tensor.raw_data) != nbytes:
+            raise InputError(f"{name} holds {len(tensor.raw_data)} bytes but its dims "
+                             f"{list(tensor.dims)} need {nbytes}; re-export the model")
+        return
+    if tensor.data_type in _BITS:
+        return  # packed several to a field value; left to the checker
+    count = sum(len(getattr(tensor, f)) for f in _TYPED_FIELDS)
+    numel = math.prod(int(d) for d in tensor.dims)
+    if tensor.data_type in (TensorProto.COMPLEX64, TensorProto.COMPLEX128):
+        numel *= 2
+    if count != numel:
+        raise InputError(f"{name} holds {count} values but its dims {list(tensor.dims)} need "
+                         f"{numel}; re-export the model")
 
 
 def _check_value_info(vi: onnx.ValueInfoProto, where: str, kind: str,
