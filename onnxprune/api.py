@@ -46,6 +46,7 @@ from onnxprune.plan.search import (
 )
 from onnxprune.quantize import QuantizeConfig, quantize_model
 from onnxprune.runtime import ModelSource, Provider, make_session
+from onnxprune.validate import check_finite_weights
 from onnxprune.verify import Tolerances, VerifyResult, compare_models
 
 __all__ = [
@@ -245,6 +246,7 @@ def prune_model(
     `on_plan(plan)` hears of every better plan a target search finds (for Ctrl-C).
     """
     check_supported(model)
+    check_finite_weights(model)
     config.check_planning()
     if config.target is not None or config.plan is not None:
         return _prune_planned(model, config, progress, on_plan)

@@ -9,20 +9,26 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
+import signal
 import sys
+import threading
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import onnx_ir as ir
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from onnxprune import api
-from onnxprune.calibration.data import Batch, parse_shape_overrides
+from onnxprune.calibration.data import Batch, data_budget, parse_shape_overrides
 from onnxprune.errors import InputError, OnnxPruneError
+from onnxprune.files import same_file
 from onnxprune.io import check_output_path, load_model, save_model
 from onnxprune.passes.reconstruct import DEFAULT_RIDGE
 from onnxprune.plan.plot import write_plot
@@ -155,7 +161,35 @@ def _main_parser() -> argparse.ArgumentParser:
     _add_quantize_options(p)
     p.add_argument("--no-verify", action="store_true", help="skip verification")
     _add_verify_options(p)
+    _add_budget_option(p)
     return p
+
+
+def _add_budget_option(p: argparse.ArgumentParser) -> None:
+    # Read (and removed from argv) by main(), which applies it to every command.
+    p.add_argument("--max-calibration-bytes", type=int, metavar="N",
+                   help="memory budget for calibration/verification arrays, checked from the "
+                   "file headers before decompressing (default: a quarter of RAM)")
+
+
+def _take_budget(argv: list[str]) -> tuple[list[str], int | None]:
+    """Removes --max-calibration-bytes N from argv; returns the rest and the value."""
+    out: list[str] = []
+    value: str | None = None
+    it = iter(argv)
+    for arg in it:
+        if arg == "--max-calibration-bytes":
+            value = next(it, "")
+        elif arg.startswith("--max-calibration-bytes="):
+            value = arg.partition("=")[2]
+        else:
+            out.append(arg)
+    if value is None:
+        return out, None
+    try:
+        return out, int(value)
+    except ValueError:
+        raise InputError(f"--max-calibration-bytes '{value}': give a number of bytes") from None
 
 
 def _add_metric_options(g: argparse._ActionsContainer) -> None:
@@ -250,6 +284,7 @@ def _analyze_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", metavar="FILE.json", help="write the curves as JSON")
     p.add_argument("--plot", metavar="FILE.html|FILE.png", help="draw the curves")
     p.add_argument("-q", "--quiet", action="store_true")
+    _add_budget_option(p)
     return p
 
 
@@ -309,10 +344,8 @@ def _cmd_prune(argv: Sequence[str], console: Console) -> int:
         raise InputError("--save-plan records a --target search or a --plan; with fixed "
                          "options the command line itself is the recipe")
     out = check_output_path(args.output, [args.model], force=args.force)
-    if args.report:
-        check_output_path(args.report, [args.model, out])
-    if args.save_plan:
-        check_output_path(args.save_plan, [args.model, out])
+    _check_distinct_outputs({"-o": out, "--report": args.report, "--save-plan": args.save_plan},
+                            args.model)
     model = load_model(args.model)
     api.check_supported(model, args.model)
     batches, generated = None, False
@@ -360,7 +393,7 @@ def _cmd_prune(argv: Sequence[str], console: Console) -> int:
         data["verification"] = result.to_dict()
         code = EXIT_OK if result.ok else EXIT_FAILED
     with console.status(f"saving {out} ..."):
-        save_model(model, out)
+        save_model(model, out, keep=[] if same_file(args.model, out) else [args.model])
     report.after = replace(report.after, file_bytes=out.stat().st_size)
     console.print(stats_table(report.before, report.after))
     for name, res in report.passes.items():
@@ -387,6 +420,29 @@ def _cmd_prune(argv: Sequence[str], console: Console) -> int:
     return code
 
 
+def _check_distinct_outputs(paths: dict[str, str | os.PathLike[str] | None],
+                            *inputs: str | os.PathLike[str]) -> None:
+    """Every output path is safe to write and names a different file from the others (a
+    --report equal to -o would replace the model with JSON) and from the inputs."""
+    given = [(flag, p) for flag, p in paths.items() if p]
+    for i, (flag, p) in enumerate(given):
+        if flag != "-o":
+            check_output_path(p, list(inputs))
+        for other_flag, other in given[:i]:
+            if same_file(p, other):
+                raise InputError(f"{p}: {flag} names the same file as {other_flag}; give "
+                                 "each output its own path")
+            if other_flag == "-o" and _is_data_name(Path(p), Path(other)):
+                raise InputError(f"{p}: {flag} names a data file of the model written to "
+                                 f"{other}; choose another path")
+
+
+def _is_data_name(path: Path, model: Path) -> bool:
+    """Whether `path` has the form save_model uses for the data of `model` (<name>[.*].data)."""
+    return (same_file(path.parent, model.parent) and path.name.startswith(f"{model.name}.")
+            and path.name.endswith(".data"))
+
+
 def _show_search(console: Console, r: api.SearchResult) -> None:
     t = Table(title="target search", show_lines=False)
     for col in ("round", "allocation", "masked drop", "real drop", "share"):
@@ -405,9 +461,7 @@ def _cmd_analyze(argv: Sequence[str], console: Console) -> int:
         levels = tuple(float(x) for x in args.levels.split(",") if x.strip())
     except ValueError:
         raise InputError(f"--levels '{args.levels}': use fractions like 0.25,0.5") from None
-    for path in (args.report, args.plot):
-        if path:
-            check_output_path(path, [args.model])
+    _check_distinct_outputs({"--report": args.report, "--plot": args.plot}, args.model)
     model = load_model(args.model)
     api.check_supported(model, args.model)
     with _progress_bar(console, "analysing") as progress:
@@ -448,6 +502,7 @@ def _cmd_quantize(argv: Sequence[str], console: Console) -> int:
 
 def _cmd_verify(argv: Sequence[str], console: Console) -> int:
     args = _verify_parser().parse_args(argv)
+    _check_distinct_outputs({"--report": args.report}, args.reference, args.candidate)
     for path in (args.reference, args.candidate):
         api.check_supported(load_model(path), path)
     result = _run_verify(console, args, args.reference, args.candidate,
@@ -465,6 +520,7 @@ def _cmd_verify(argv: Sequence[str], console: Console) -> int:
 
 def _cmd_inspect(argv: Sequence[str], console: Console) -> int:
     args = _inspect_parser().parse_args(argv)
+    _check_distinct_outputs({"--report": args.report}, args.model)
     info = api.inspect(args.model)
     console.print(f"{args.model}: {info.stats.parameters:,} parameters, opset {info.opset}, "
                   f"{human_bytes(info.stats.file_bytes)}, "
@@ -491,6 +547,50 @@ def _cmd_inspect(argv: Sequence[str], console: Console) -> int:
     return EXIT_OK
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised as an exception so every temporary file is removed on the way out."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
+@contextlib.contextmanager
+def _quiet_libraries() -> Iterator[None]:
+    """Library warnings (onnx_ir's logging, numpy's RuntimeWarnings) are kept off stderr:
+    the exit line must be the only line there. ONNXPRUNE_DEBUG=1 shows them again."""
+    if os.environ.get("ONNXPRUNE_DEBUG"):
+        yield
+        return
+    root = logging.getLogger()
+    handler = logging.NullHandler()  # stops logging's last-resort printing to stderr
+    root.addHandler(handler)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with np.errstate(all="ignore"):
+                yield
+    finally:
+        root.removeHandler(handler)
+
+
+@contextlib.contextmanager
+def _sigterm_as_exception() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     quiet = "-q" in argv or "--quiet" in argv
@@ -500,21 +600,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = {"verify": _cmd_verify, "inspect": _cmd_inspect, "quantize": _cmd_quantize,
                 "analyze": _cmd_analyze}
     try:
-        if argv and argv[0] in commands:
-            return commands[argv[0]](argv[1:], console)
-        return _cmd_prune(argv, console)
+        argv, budget = _take_budget(argv)
+        with _sigterm_as_exception(), _quiet_libraries(), data_budget(budget):
+            if argv and argv[0] in commands:
+                return commands[argv[0]](argv[1:], console)
+            return _cmd_prune(argv, console)
     except OnnxPruneError as e:
-        print(f"onnxprune: error: {e}", file=sys.stderr)
+        print(f"onnxprune: error: {_one_line(str(e))}", file=sys.stderr)
         return EXIT_USAGE
+    except _Terminated:
+        print("onnxprune: terminated; no output written", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("onnxprune: interrupted; no output written", file=sys.stderr)
         return 130
     except SystemExit as e:  # --help
-        return int(e.code or 0)
+        return int(e.code or 0) if not isinstance(e.code, str) else EXIT_USAGE
     except Exception as e:
         if os.environ.get("ONNXPRUNE_DEBUG"):
             raise
-        print(f"onnxprune: internal error: {type(e).__name__}: {e} "
+        print(f"onnxprune: internal error: {type(e).__name__}: {_one_line(str(e))[:300]} "
               "(rerun with ONNXPRUNE_DEBUG=1 for a traceback and report it)", file=sys.stderr)
         return EXIT_INTERNAL
 

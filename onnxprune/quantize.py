@@ -236,6 +236,12 @@ def quantize_model(
         model, ops=config.ops, embeddings=config.quantize_embeddings, exclude=config.exclude,
         activation_matmuls=config.activation_matmuls,
     )
+    for layer in layers:  # a NaN/Inf weight has no int8 scale
+        w = layer.weight.const_value if layer.weight is not None else None
+        if w is not None and np.issubdtype(w.dtype.numpy(), np.floating) and not np.all(
+                np.isfinite(w.numpy())):
+            raise InputError(f"weight '{layer.weight.name}' of node '{layer.node.name}' holds "
+                             "NaN or Inf; it cannot be quantized (fix the model first)")
     plan = _Plan()
     count = 0
     if batches is not None:

@@ -23,6 +23,7 @@ PROVIDERS: dict[str, str] = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecuti
 ModelSource = str | os.PathLike[str] | ir.Model | bytes
 
 _PROTO_LIMIT = 2**31 - 2**20
+_EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
 
 
 def parse_providers(text: str | Sequence[str]) -> list[Provider]:
@@ -75,10 +76,11 @@ def make_session(
         if isinstance(model, ir.Model):
             session = _session_from_ir(model, opts, providers)
         elif isinstance(model, bytes):
+            _resolve_external_in(opts, getattr(model, "base_dir", None))
             session = ort.InferenceSession(model, sess_options=opts, providers=providers)
         else:
             session = ort.InferenceSession(str(model), sess_options=opts, providers=providers)
-    except ProviderError:
+    except (ProviderError, InputError):
         raise
     except Exception as e:  # onnxruntime raises several unrelated exception types
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -94,7 +96,20 @@ def make_session(
 def _session_from_ir(
     model: ir.Model, opts: ort.SessionOptions, providers: list[str]
 ) -> ort.InferenceSession:
-    from onnxprune.io import serialized_model  # io sits beside runtime; imported late
+    from onnxprune.io import model_bytes  # io sits beside runtime; imported late
 
-    with serialized_model(model) as data:
-        return ort.InferenceSession(data, sess_options=opts, providers=providers)
+    data = model_bytes(model)  # checks every external reference as loading does
+    _resolve_external_in(opts, data.base_dir)
+    return ort.InferenceSession(data, sess_options=opts, providers=providers)
+
+
+def _resolve_external_in(opts: ort.SessionOptions, base_dir: str | None) -> None:
+    """Makes onnxruntime read the external data of a model given as bytes from `base_dir`.
+
+    Without this it resolves them against the working directory, where a file of the same
+    name may hold other weights. Bytes that do not say where their data is (plain bytes)
+    get a folder that does not exist, so external references fail instead of reading the
+    working directory.
+    """
+    folder = base_dir if base_dir is not None else os.path.join(os.sep, "nonexistent-onnxprune")
+    opts.add_session_config_entry(_EXTERNAL_FOLDER_KEY, str(folder))

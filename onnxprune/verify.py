@@ -144,6 +144,8 @@ def _finish(
         sqnr = math.inf
     elif acc.signal == 0:
         sqnr = -math.inf
+    elif not (acc.signal / acc.noise > 0):  # NaN from a reference that outputs NaN
+        sqnr = math.nan
     else:
         sqnr = 10 * math.log10(acc.signal / acc.noise)
     cos = np.asarray(acc.cosines) if acc.cosines else np.ones(1)

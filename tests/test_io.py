@@ -204,7 +204,7 @@ def test_save_failure_leaves_destination_unchanged(
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(ir, "save", broken_save)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(InputError, match="No space left"):
         save_model(ir.serde.deserialize_model(model), dest)
     assert folder_snapshot(tmp_path) == before  # no temp file, destination intact
 
@@ -228,7 +228,7 @@ def test_save_failure_at_rename_removes_temp(
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(os, "replace", broken_replace)
-    with pytest.raises(PermissionError):
+    with pytest.raises(InputError, match="Permission denied"):
         save_model(ir.serde.deserialize_model(model), tmp_path / "new.onnx")
     assert list(tmp_path.iterdir()) == []
 

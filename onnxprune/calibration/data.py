@@ -9,11 +9,16 @@ onnxruntime.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import math
 import os
+import stat
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import onnx_ir as ir
@@ -27,9 +32,15 @@ __all__ = [
     "load_batches",
     "random_batches",
     "parse_shape_overrides",
+    "data_budget",
+    "memory_budget",
+    "npz_nbytes",
+    "MAX_GENERATED_BYTES",
 ]
 
 Batch = dict[str, np.ndarray]
+logger = logging.getLogger(__name__)
+MAX_GENERATED_BYTES = 2**26  # generated verification inputs, per batch
 
 
 @dataclass(frozen=True)
@@ -95,36 +106,167 @@ def _check_batch(batch: Mapping[str, np.ndarray], specs: Sequence[InputSpec], wh
                     f"{spec.dtype}; convert the array"
                 )
             arr = arr.astype(spec.dtype)
+        if arr.ndim and arr.size == 0:
+            raise DataError(f"{where}: input '{spec.name}' has no rows (shape "
+                            f"{list(arr.shape)}); give at least one row")
+        if np.issubdtype(arr.dtype, np.floating):
+            finite = np.isfinite(arr)
+            if np.isnan(arr).any() or not finite.any():
+                raise DataError(f"{where}: input '{spec.name}' holds NaN or no finite value at "
+                                "all; statistics and comparisons built on it mean nothing")
         out[spec.name] = arr
     return out
+
+
+_NPY_MAGIC = b"\x93NUMPY"
+_budget: list[int | None] = [None]  # bytes all calibration arrays may take; None: default
+
+
+def default_budget() -> int:
+    """A quarter of physical memory: calibration batches are held in memory together."""
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        total = 8 * 2**30
+    return max(total // 4, 2**26)
+
+
+def memory_budget() -> int:
+    """The byte budget data files are checked against before anything is decompressed."""
+    return _budget[0] if _budget[0] is not None else default_budget()
+
+
+@contextlib.contextmanager
+def data_budget(nbytes: int | None) -> Iterator[None]:
+    """Sets the calibration memory budget for the duration of the block (None: default)."""
+    if nbytes is not None and nbytes <= 0:
+        raise DataError(f"--max-calibration-bytes must be positive, got {nbytes}")
+    previous = _budget[0]
+    _budget[0] = nbytes
+    try:
+        yield
+    finally:
+        _budget[0] = previous
+
+
+def _npy_header(f: IO[bytes], where: str) -> tuple[tuple[int, ...], np.dtype]:
+    try:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(f, max_header_size=100_000)
+        else:
+            shape, _, dtype = np.lib.format.read_array_header_2_0(f, max_header_size=100_000)
+    except (ValueError, OSError, EOFError, SyntaxError, TypeError) as e:
+        raise DataError(f"{where}: not a readable .npy array ({e}); save with numpy.savez") \
+            from None
+    if dtype.hasobject:
+        raise DataError(f"{where}: holds Python objects (pickled data is never loaded); save "
+                        "numeric arrays")
+    if any(int(d) < 0 for d in shape):
+        raise DataError(f"{where}: negative dims {shape}; the file is corrupt")
+    return tuple(int(d) for d in shape), dtype
+
+
+def npz_nbytes(path: Path) -> int:
+    """The bytes the arrays of a .npz file take once loaded, read from the zip's central
+    directory and each .npy header: nothing is decompressed beyond the headers.
+
+    Raises DataError for a .npy under a .npz name, a file that is not a zip, and a member
+    whose header claims more bytes than the member holds (a corrupt or hostile file).
+    """
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(len(_NPY_MAGIC))
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    if magic == _NPY_MAGIC:
+        raise DataError(f"{path}: is a plain .npy array saved under a .npz name; save the "
+                        "batch with numpy.savez(path, input_name=array, ...)")
+    total = 0
+    try:
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                where = f"{path}: array '{info.filename.removesuffix('.npy')}'"
+                with z.open(info) as member:
+                    shape, dtype = _npy_header(member, where)
+                nbytes = math.prod(shape) * dtype.itemsize
+                if nbytes > info.file_size:
+                    raise DataError(f"{where}: its header claims {nbytes} bytes but the file "
+                                    f"holds {info.file_size}; the file is corrupt")
+                total += info.file_size
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, NotImplementedError) as e:
+        raise DataError(f"{path}: not a readable .npz file ({e}); save with numpy.savez") \
+            from None
+    return total
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as f:
             return {k: f[k] for k in f.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, AttributeError, TypeError) as e:
         raise DataError(f"{path}: not a readable .npz file ({e}); save with numpy.savez") from e
 
 
+def _is_regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(path.stat().st_mode)
+    except OSError:
+        return False
+
+
 def batch_files(path: str | os.PathLike[str]) -> list[Path]:
-    """The .npz files a data source names, checked to exist and to be non-empty."""
+    """The .npz files a data source names, checked to exist and to be non-empty.
+
+    Only regular files are read: a FIFO or device named *.npz in a folder is skipped (it
+    could block forever or never end), and one given directly is refused.
+    """
     p = Path(path)
+    if "\x00" in str(p):
+        raise DataError(f"{str(p)!r}: the data path contains a NUL byte")
     if not p.exists():
         raise DataError(f"{p}: no such data file or folder")
     if p.is_dir():
-        files = sorted(f for f in p.iterdir() if f.suffix == ".npz")
+        files = []
+        for f in sorted(p.iterdir()):
+            if f.suffix != ".npz":
+                continue
+            if _is_regular(f):
+                files.append(f)
+            else:
+                logger.warning("%s: not a regular file; skipped", f)
         if not files:
             raise DataError(f"{p}: folder holds no .npz batches; put one .npz per batch there")
         return files
     if p.suffix != ".npz":
         raise DataError(f"{p}: data must be a .npz file or a folder of .npz files")
+    if not _is_regular(p):
+        raise DataError(f"{p}: not a regular file (a FIFO or device); give a .npz file")
     return [p]
 
 
+def check_budget(files: Sequence[Path], budget: int | None = None) -> int:
+    """Total loaded size of `files` from their headers; DataError when over the budget."""
+    limit = memory_budget() if budget is None else budget
+    total = 0
+    for f in files:
+        total += npz_nbytes(f)
+        if total > limit:
+            raise DataError(
+                f"{f}: the data reaches {total} bytes once loaded, over the memory budget of "
+                f"{limit} bytes; use fewer or smaller batches, or raise "
+                "--max-calibration-bytes"
+            )
+    return total
+
+
 def load_batches(path: str | os.PathLike[str], specs: Sequence[InputSpec]) -> Iterator[Batch]:
-    """Yields checked batches one at a time, so memory holds only the current one."""
-    for f in batch_files(path):
+    """Yields checked batches one at a time. Every file's size is first checked from its
+    headers against the memory budget, so a small file that unpacks to gigabytes (or
+    claims to) is refused before anything is decompressed."""
+    files = batch_files(path)
+    check_budget(files)
+    for f in files:
         yield _check_batch(_read_npz(f), specs, str(f))
 
 
@@ -211,6 +353,14 @@ def random_batches(
             )
         shapes[spec.name] = tuple(
             d if isinstance(d, int) else symbols.get(d or "", default_dim) for d in spec.dims
+        )
+    nbytes = sum(math.prod(shapes[s.name]) * s.dtype.itemsize for s in specs)
+    if nbytes > MAX_GENERATED_BYTES:
+        big = max(specs, key=lambda s: math.prod(shapes[s.name]) * s.dtype.itemsize)
+        raise DataError(
+            f"generated inputs would take {nbytes} bytes per batch (input '{big.name}' has "
+            f"shape {list(shapes[big.name])}), over the cap of {MAX_GENERATED_BYTES}; give "
+            "real data with --data, smaller --shape values, or skip verification"
         )
     return [
         {s.name: _random_array(s, shapes[s.name], rng) for s in specs} for _ in range(count)

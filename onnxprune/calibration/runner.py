@@ -16,12 +16,13 @@ import onnx_ir as ir
 
 from onnxprune.calibration.data import Batch
 from onnxprune.errors import DataError
+from onnxprune.io import ModelBytes, model_bytes
 from onnxprune.runtime import make_session
 
 __all__ = ["capture", "row_mask", "with_outputs"]
 
 
-def with_outputs(model: ir.Model, names: Sequence[str]) -> bytes:
+def with_outputs(model: ir.Model, names: Sequence[str]) -> ModelBytes:
     """The serialized model with `names` added as graph outputs."""
     proto = ir.serde.serialize_model(model)
     present = {o.name for o in proto.graph.output}
@@ -38,7 +39,7 @@ def with_outputs(model: ir.Model, names: Sequence[str]) -> bytes:
             raise DataError(f"cannot capture '{name}': no such tensor in the main graph")
         elem = value.dtype.value if value.dtype is not None else onnx.TensorProto.FLOAT
         proto.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
-    return proto.SerializeToString()
+    return model_bytes(model, proto)  # keeps the folder its external data is read from
 
 
 def capture(

@@ -112,7 +112,13 @@ class _Fill:
         )
         self.seen_nodes: set[ir.Node] = set()
         self.todo: list[ir.Value] = []
-        self._add_producer(start)
+        self.pending: str | None = None  # a decline met while seeding, raised by run()
+        try:
+            self._add_producer(start)
+        except _Decline as e:
+            self.pending = str(e)
+            self.group.producers.append(start)
+            self.seen_nodes.add(start.node)
         self._member(out, -1)
 
     # -- bookkeeping -------------------------------------------------------------------
@@ -139,7 +145,8 @@ class _Fill:
 
     def _const_operand(self, node: ir.Node, value: ir.Value, axis: int) -> None:
         arr = const_array(value)
-        assert arr is not None
+        if arr is None:  # e.g. a Gemm bias computed by an Identity: not a constant we can slice
+            raise _Decline(f"{_label(node)} takes '{value.name}', which is not a constant")
         if arr.ndim < -axis or arr.shape[axis] == 1:
             return
         if arr.shape[axis] != self.group.size:
@@ -151,6 +158,8 @@ class _Fill:
 
     # -- traversal ---------------------------------------------------------------------
     def run(self) -> ChannelGroup:
+        if self.pending is not None:
+            raise _Decline(self.pending)
         while self.todo:
             value = self.todo.pop()
             axis = self.group.members[value]

@@ -26,6 +26,8 @@ __all__ = ["Plan", "data_fingerprint", "FORMAT"]
 
 FORMAT = "onnxprune-plan/1"
 _REPAIRS = ("none", "bias", "lstsq")
+_MAX_INDEX = 2**31  # a channel or head index beyond this is not from a real model
+_MAX_PLAN_BYTES = 64 * 2**20
 
 
 def data_fingerprint(batches: Sequence[Batch]) -> str:
@@ -78,30 +80,52 @@ class Plan:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Plan:
         p = Path(path)
+        if not p.is_file():
+            raise InputError(f"{p}: no such plan file" if not p.exists() else
+                             f"{p}: not a regular file; give the plan's JSON file")
+        if p.stat().st_size > _MAX_PLAN_BYTES:
+            raise InputError(f"{p}: {p.stat().st_size} bytes, too large for a plan")
         try:
             data = json.loads(p.read_text())
-        except FileNotFoundError:
-            raise InputError(f"{p}: no such plan file") from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise InputError(f"{p}: not a JSON plan ({e})") from None
+            raise InputError(f"{p}: not a JSON plan ({str(e).splitlines()[0][:120]})") from None
+        except RecursionError:
+            raise InputError(f"{p}: JSON nested too deeply to be a plan") from None
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise InputError(f"{p}: not an onnxprune plan (expected \"format\": \"{FORMAT}\")")
 
         def decisions(key: str) -> dict[str, tuple[int, ...]]:
             raw = data.get(key, {})
             ok = isinstance(raw, dict) and all(
-                isinstance(v, list) and v and all(isinstance(i, int) and i >= 0 for i in v)
+                isinstance(v, list) and v and all(
+                    type(i) is int and 0 <= i < _MAX_INDEX for i in v)
                 for v in raw.values())
             if not ok:
-                raise InputError(f"{p}: \"{key}\" must map names to non-empty lists of indices")
+                raise InputError(f"{p}: \"{key}\" must map names to non-empty lists of indices "
+                                 f"(integers from 0 to {_MAX_INDEX - 1})")
             return {str(k): tuple(v) for k, v in raw.items()}
 
+        def text(key: str) -> str | None:
+            value = data.get(key)
+            if value is not None and not isinstance(value, str):
+                raise InputError(f"{p}: \"{key}\" must be a string or null, not "
+                                 f"{type(value).__name__}")
+            return value
+
         repair = data.get("repair", "lstsq")
-        if repair not in _REPAIRS:
+        if not isinstance(repair, str) or repair not in _REPAIRS:
             raise InputError(f"{p}: \"repair\" must be one of {', '.join(_REPAIRS)}")
-        return cls(decisions("neurons"), decisions("heads"), repair, data.get("token_mask"),
-                   data.get("calibration_sha256"), dict(data.get("summary") or {}),
-                   data.get("calibration_split"))
+        summary = data.get("summary") or {}
+        if not isinstance(summary, dict):
+            raise InputError(f"{p}: \"summary\" must be an object, not {type(summary).__name__}")
+        split = text("calibration_split")
+        if split is not None:
+            kind, _, count = split.partition(":")
+            if kind not in ("rows", "batches") or not count.isdigit() or len(count) > 9:
+                raise InputError(f"{p}: \"calibration_split\" must be rows:N or batches:N, "
+                                 f"not '{split[:40]}'")
+        return cls(decisions("neurons"), decisions("heads"), repair, text("token_mask"),
+                   text("calibration_sha256"), dict(summary), split)
 
     def fit_batches(self, batches: Sequence[Batch] | None) -> list[Batch] | None:
         """The batches the repair was fitted on: the given data, checked, less the held-out
