@@ -18,7 +18,7 @@ from onnx_ir.passes.common import NameFixPass
 
 from onnxprune.errors import InputError, OnnxPruneError
 from onnxprune.graph.channels import ChannelGroup, find_channel_groups
-from onnxprune.graph.slicing import keep_channels
+from onnxprune.graph.slicing import keep_channels, keep_many
 from onnxprune.graph.weights import const_array
 from onnxprune.passes.reconstruct import (
     Calibration,
@@ -27,6 +27,7 @@ from onnxprune.passes.reconstruct import (
     fit_group,
     reference_session,
     shared_input,
+    conv_repairable,
 )
 from onnxprune.scoring.criteria import CRITERIA, DATA_AWARE, ChannelWeights, score_channels
 
@@ -77,21 +78,48 @@ class RemoveNeuronsResult:
         }
 
 
+def _by_channel(w: np.ndarray, axis: int, cls: np.ndarray, size: int) -> np.ndarray:
+    """[size, n * fan] rows: the weight slices of each channel side by side (n positions per
+    channel at most; a channel with fewer is padded with zeros, which no criterion rewards)."""
+    flat = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1).astype(np.float64)
+    order = np.argsort(cls, kind="stable")
+    order = order[cls[order] >= 0]
+    counts = np.bincount(cls[order], minlength=size)
+    per = max(int(counts.max()) if counts.size else 1, 1)
+    if per == 1 and counts.size == size and np.all(counts == 1):
+        return flat[order]
+    out = np.zeros((size, per * flat.shape[1]))
+    slot = np.zeros(size, dtype=np.int64)
+    for p in order.tolist():
+        c = int(cls[p])
+        out[c, slot[c] * flat.shape[1]:(slot[c] + 1) * flat.shape[1]] = flat[p]
+        slot[c] += 1
+    return out
+
+
 def group_weights(
     group: ChannelGroup, *, seed: int = 0, stats: dict[str, np.ndarray] | None = None
 ) -> ChannelWeights:
-    """The group's weights, channel-first, for the scoring functions."""
+    """The group's weights, channel-first, for the scoring functions.
+
+    A Conv filter is one row (in-channels x kernel); a channel that a Flatten spreads over
+    several features, or a packed projection over several columns, is all of them."""
     incoming = []
     seen: set[ir.Value] = set()
     for u in group.producers:
         if u.weight not in seen:
             seen.add(u.weight)
-            incoming.append(np.moveaxis(const_array(u.weight), u.out_axis, 0))  # type: ignore[arg-type]
+            w = const_array(u.weight)
+            assert w is not None
+            incoming.append(_by_channel(w, u.out_axis, group.channel_map(u, "out"), group.size))
     outgoing = []
     for u in group.consumers:
         if u.weight not in seen:
             seen.add(u.weight)
-            outgoing.append(np.moveaxis(const_array(u.weight), u.reduce_axis, 0))  # type: ignore[arg-type]
+            w = const_array(u.weight)
+            assert w is not None
+            outgoing.append(_by_channel(w, u.reduce_axis, group.channel_map(u, "in"),
+                                        group.size))
     return ChannelWeights(tuple(incoming), tuple(outgoing), stats=stats or {}, seed=seed)
 
 
@@ -238,6 +266,7 @@ class RemoveNeuronsPass(ir.passes.InPlacePass):
         decisions: list[GroupDecision] = []
         modified = False
         plan = dict(zip((id(g) for g in prunable), zip(scores, counts, strict=True), strict=True))
+        cuts: list[tuple[ChannelGroup, np.ndarray]] = []
         for g in groups:
             before = g.size
             if not g.prunable:
@@ -249,10 +278,13 @@ class RemoveNeuronsPass(ir.passes.InPlacePass):
                 keep = fixed_indices(self.keep.get(g.name)) if self.keep else None
                 if keep is None:
                     keep = np.sort(np.argsort(-s, kind="stable")[:count])
-                keep_channels(model.graph, g, keep)
+                cuts.append((g, keep))
                 self.kept[g.name] = keep
                 modified = True
             logger.info("group %s: %d -> %d channels", g.name, before, count)
+        # All at once: two groups may cut the same tensor (a Concat feeding one consumer),
+        # and their positions refer to the original tensors.
+        keep_many(model.graph, cuts)
         self.result = RemoveNeuronsResult(self.criterion, tuple(decisions))
         return ir.passes.PassResult(model, modified=modified)
 
@@ -269,6 +301,8 @@ class RemoveNeuronsPass(ir.passes.InPlacePass):
         for g in prunable:
             if shared_input(g) is None:
                 reasons[g.name] = "consumers read different tensors; no calibration repair"
+            elif not g.is_matrix and not conv_repairable(g):
+                reasons[g.name] = "channels spread over blocks; no calibration repair"
         reference = (reference_session(self.reference or model, prunable)
                      if needs_targets else None)
         counts = self._calibrated_counts(model, prunable, calib)
