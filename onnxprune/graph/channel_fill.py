@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from contextvars import ContextVar
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
 from onnxprune.graph.channels import (
@@ -50,18 +52,42 @@ def _ints(node: ir.Node, name: str) -> list[int] | None:
     return None if attr is None else [int(v) for v in attr.as_ints()]
 
 
-def _rank(value: ir.Value) -> int | None:
-    if value.shape is not None:
-        return len(value.shape)
-    arr = const_array(value)
-    return None if arr is None else arr.ndim
+# Shapes onnx shape inference found for values the model leaves unannotated (the legacy
+# exporter's intermediate tensors), by name; set by find_channel_groups for one analysis.
+SHAPE_HINTS: ContextVar[dict[str, list[int | None]]] = ContextVar("SHAPE_HINTS", default={})
 
 
 def _dims(value: ir.Value) -> list[int | None] | None:
     if value.shape is None:
         arr = const_array(value)
-        return None if arr is None else list(arr.shape)
+        if arr is not None:
+            return list(arr.shape)
+        return SHAPE_HINTS.get().get(value.name or "")
     return [d if isinstance(d, int) else None for d in value.shape]
+
+
+def _rank(value: ir.Value) -> int | None:
+    dims = _dims(value)
+    return None if dims is None else len(dims)
+
+
+def shape_hints(model: ir.Model) -> dict[str, list[int | None]]:
+    """Shapes of the main graph's unannotated values, from onnx shape inference on a copy."""
+    graph = model.graph
+    if all(v.shape is not None for n in graph for v in n.outputs):
+        return {}
+    try:
+        proto = ir.serde.serialize_model(model)
+        inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+    except Exception:  # noqa: BLE001 - hints only; the analysis declines without them
+        return {}
+    hints: dict[str, list[int | None]] = {}
+    for vi in inferred.graph.value_info:
+        t = vi.type.tensor_type
+        if t.HasField("shape"):
+            hints[vi.name] = [d.dim_value if d.HasField("dim_value") else None
+                              for d in t.shape.dim]
+    return hints
 
 
 def _dim(value: ir.Value, axis: int) -> int | None:
@@ -270,7 +296,7 @@ class Fill:
 
     def _channel_axis(self, node: ir.Node, w: np.ndarray, output: bool) -> int:
         if node.op_type in ("Conv", "ConvTranspose"):
-            return -w.ndim
+            return 1 - w.ndim
         if node.op_type == "Gemm" and not output and _int(node, "transA") == 1:
             return -2
         return -1
@@ -347,7 +373,7 @@ class Fill:
     def _depthwise(self, node: ir.Node, value: ir.Value, axis: int, w: np.ndarray) -> None:
         groups = _int(node, "group", 1)
         mult = int(w.shape[0]) // groups
-        if axis != -w.ndim or value is not node.inputs[0] and value is not node.outputs[0]:
+        if axis != 1 - w.ndim or value is not node.inputs[0] and value is not node.outputs[0]:
             raise Decline(f"its channels reach {label(node)} on a non-channel axis")
         inp, out = node.inputs[0], node.outputs[0]
         assert inp is not None

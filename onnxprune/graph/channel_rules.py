@@ -74,7 +74,7 @@ def elementwise(fill: Fill, node: ir.Node, value: ir.Value, axis: int) -> None:
 
 def per_channel(fill: Fill, node: ir.Node, value: ir.Value, axis: int) -> None:
     """Pooling and BatchNorm/InstanceNorm: channel axis 1, each channel on its own."""
-    if axis != -_rank_of(node, value):
+    if axis != 1 - _rank_of(node, value):
         raise Decline(f"its channels reach {label(node)} on a non-channel axis")
     _unused_outputs(node)
     inp, out = node.inputs[0], node.outputs[0]
@@ -144,6 +144,8 @@ def reshape(fill: Fill, node: ir.Node, value: ir.Value, axis: int) -> None:
     if target is None:
         raise Decline(f"its channels reach {label(node)}, whose shape is computed at run time")
     target = [int(t) for t in target.reshape(-1)]
+    if value is out and inp in fill.axes:  # seen from the input side already
+        value, axis = inp, fill.axes[inp]
     n = fill._len(value, axis)
     if axis == -1 and target and (target[-1] == 0 or target[-1] == n and n is not None):
         if target[-1] > 0:
@@ -168,6 +170,8 @@ def flatten(fill: Fill, node: ir.Node, value: ir.Value, axis: int) -> None:
     inp, out = node.inputs[0], node.outputs[0]
     assert inp is not None
     dims = _dims(inp)
+    if value is out and inp in fill.axes:  # seen from the input side already
+        value, axis = inp, fill.axes[inp]
     if value is not inp or dims is None:
         raise Decline(f"its channels reach {label(node)} from its output or with unknown shape")
     r = len(dims)

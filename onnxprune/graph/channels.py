@@ -147,7 +147,17 @@ def _identity(m: np.ndarray) -> bool:
 
 def find_channel_groups(model: ir.Model, *, ignore: Sequence[str] = ()) -> list[ChannelGroup]:
     """Every channel group of the main graph, prunable or not (with the reason)."""
-    from onnxprune.graph.channel_fill import Fill, Decline, is_carry_through
+    from onnxprune.graph.channel_fill import SHAPE_HINTS, shape_hints
+
+    token = SHAPE_HINTS.set(shape_hints(model))
+    try:
+        return _find(model, ignore)
+    finally:
+        SHAPE_HINTS.reset(token)
+
+
+def _find(model: ir.Model, ignore: Sequence[str]) -> list[ChannelGroup]:
+    from onnxprune.graph.channel_fill import Decline, Fill, is_carry_through
 
     graph = model.graph
     uses = [u for u in weight_uses(graph) + conv_uses(graph) if u.node.graph is graph]
