@@ -391,7 +391,8 @@ class Fill:
         arr = const_array(value)
         if arr is None:
             raise Decline(f"{label(node)} has a non-constant parameter '{value.name}'")
-        n = self._len(ref, self.axes.get(ref, -1))
+        m = self.maps.get(ref)
+        n = None if m is None else int(m.size)
         if absolute:
             if arr.ndim <= axis or arr.shape[axis] == 1 and n != 1:
                 return

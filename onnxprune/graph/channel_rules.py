@@ -79,10 +79,10 @@ def per_channel(fill: Fill, node: ir.Node, value: ir.Value, axis: int) -> None:
     _unused_outputs(node)
     inp, out = node.inputs[0], node.outputs[0]
     assert inp is not None
+    fill.couple(inp, axis, out, axis)
     for idx in _NORM_PARAMS.get(node.op_type, ()):
         if idx < len(node.inputs) and node.inputs[idx] is not None:
             fill.const_operand(node, idx, node.inputs[idx], out, 0, absolute=True)  # type: ignore[arg-type]
-    fill.couple(inp, axis, out, axis)
 
 
 def _axes_input(node: ir.Node, index: int, attr: str) -> list[int] | None:
