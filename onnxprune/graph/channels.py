@@ -119,6 +119,14 @@ class ChannelGroup:
             return False
         return all(_identity(m) for m in self.use_maps.values())
 
+    @property
+    def consumers_are_matrices(self) -> bool:
+        """True when every consumer is a MatMul/Gemm reading channel p at position p (the
+        MatMul repair applies, whatever the producers are)."""
+        if any(np.ndim(const_array(u.weight)) != 2 for u in self.consumers):
+            return False
+        return all(_identity(self.use_maps[u]) for u in self.consumers if u in self.use_maps)
+
     def channel_map(self, use: WeightUse, role: str = "") -> np.ndarray:
         """Channel of every position on the use's sliced axis (producer: out, else reduce)."""
         m = self.use_maps.get(use)

@@ -20,6 +20,13 @@ from onnxprune.errors import InputError, OnnxPruneError
 from onnxprune.graph.channels import ChannelGroup, find_channel_groups
 from onnxprune.graph.slicing import keep_channels, keep_many
 from onnxprune.graph.weights import const_array
+from onnxprune.passes.conv_repair import (
+    apply_conv_fit,
+    channel_stats,
+    collect_conv_stats,
+    conv_geometry,
+    fit_conv_group,
+)
 from onnxprune.passes.reconstruct import (
     Calibration,
     apply_fit,
@@ -301,13 +308,16 @@ class RemoveNeuronsPass(ir.passes.InPlacePass):
         for g in prunable:
             if shared_input(g) is None:
                 reasons[g.name] = "consumers read different tensors; no calibration repair"
-            elif not g.is_matrix and not conv_repairable(g):
+            elif not g.consumers_are_matrices and (not conv_repairable(g)
+                                      or conv_geometry(g.consumers[0].node) is None):
                 reasons[g.name] = "channels spread over blocks; no calibration repair"
         reference = (reference_session(self.reference or model, prunable)
                      if needs_targets else None)
         counts = self._calibrated_counts(model, prunable, calib)
         decisions: dict[str, GroupDecision] = {}
         modified = False
+        # Original output channels each pruned producer still has (for Conv refit targets).
+        out_index: dict[str | None, np.ndarray] = {}
         for step, (g0, count) in enumerate(zip(prunable, counts, strict=True)):
             if self.progress is not None:
                 self.progress(step, len(prunable), g0.name)
@@ -323,7 +333,20 @@ class RemoveNeuronsPass(ir.passes.InPlacePass):
             decisions[g0.name] = GroupDecision.of(current, count, note)
             if count < before:
                 fixed = fixed_indices(self.keep.get(g0.name)) if self.keep else None
-                if note is None:
+                if note is None and not current.consumers_are_matrices:
+                    stats = collect_conv_stats(model, reference, current, calib,
+                                               out_index.get(current.consumers[0].node.name))
+                    scores = None
+                    if self.criterion != "obs" and fixed is None:
+                        block = stats.channels // current.size
+                        cw = group_weights(current, seed=self.seed,
+                                           stats=channel_stats(stats, block))
+                        scores = score_channels(self.criterion, cw)
+                    fit = fit_conv_group(current, stats, count, scores, calib, keep=fixed)
+                    keep_channels(model.graph, current, fit.keep)
+                    apply_conv_fit(model.graph, current, fit)
+                    self.kept[g0.name] = fit.keep
+                elif note is None:
                     stats = collect_stats(model, reference, current, calib)
                     scores = None
                     if self.criterion != "obs" and fixed is None:
@@ -340,6 +363,12 @@ class RemoveNeuronsPass(ir.passes.InPlacePass):
                     keep_channels(model.graph, current, fixed)
                     self.kept[g0.name] = fixed
                 modified = True
+                kept = self.kept[g0.name]
+                for u in current.producers:
+                    m = current.channel_map(u, "out")
+                    gone = np.nonzero((m >= 0) & ~np.isin(m, kept))[0]
+                    idx = out_index.get(u.node.name, np.arange(m.size))
+                    out_index[u.node.name] = np.delete(idx, gone)
             logger.info("group %s: %d -> %d channels", g0.name, before, count)
         out = [decisions.get(g.name) or GroupDecision.of(g, g.size, g.skip_reason) for g in groups]
         self.result = RemoveNeuronsResult(self.criterion, tuple(out))
@@ -354,7 +383,7 @@ class RemoveNeuronsPass(ir.passes.InPlacePass):
         criterion = "activation" if self.criterion == "obs" else self.criterion
         scores = []
         for g in groups:
-            if shared_input(g) is None:
+            if shared_input(g) is None or not g.consumers_are_matrices:
                 scores.append(score_channels("l1", group_weights(g, seed=self.seed)))
                 continue
             stats = collect_stats(model, None, g, calib)
