@@ -142,7 +142,8 @@ def reshape(fill: Fill, node: ir.Node, value: ir.Value, axis: int) -> None:
     assert inp is not None
     target = const_array(node.inputs[1])
     if target is None:
-        raise Decline(f"its channels reach {label(node)}, whose shape is computed at run time")
+        _run_time_reshape(fill, node, value, axis)
+        return
     target = [int(t) for t in target.reshape(-1)]
     if value is out and inp in fill.axes:  # seen from the input side already
         value, axis = inp, fill.axes[inp]
@@ -164,6 +165,26 @@ def reshape(fill: Fill, node: ir.Node, value: ir.Value, axis: int) -> None:
             fill.couple(inp, axis, out, -1, np.arange(n * inner) // inner)
             return
     raise Decline(f"{label(node)} does not keep the channel axis last")
+
+
+def _run_time_reshape(fill: Fill, node: ir.Node, value: ir.Value, axis: int) -> None:
+    """Reshape(x, Concat(<run-time leading dims>, [C])): a Gemm on a flattened input shaped
+    back at run time (GPT-2's Conv1D as the dynamo exporter writes it). Only the constant
+    last entry spells the channels; the leading dims must not come from the channels."""
+    inp, out = node.inputs[0], node.outputs[0]
+    assert inp is not None
+    cat = node.inputs[1].producer() if node.inputs[1] is not None else None
+    n = fill._len(value, axis)
+    last = const_array(cat.inputs[-1]) if cat is not None and cat.op_type == "Concat" \
+        and cat.inputs and cat.inputs[-1] is not None else None
+    if axis != -1 or last is None or last.size != 1 or n is None or int(last.reshape(-1)[0]) \
+            not in (n, 0):
+        raise Decline(f"its channels reach {label(node)}, whose shape is computed at run time")
+    if len(cat.outputs[0].uses()) != 1 or cat.outputs[0].is_graph_output():  # type: ignore[union-attr]
+        raise Decline(f"the run-time shape of {label(node)} is also used elsewhere")
+    if int(last.reshape(-1)[0]) == n:
+        fill.edit(ShapeEdit("concat_last", cat, out, -1, len(cat.inputs) - 1))  # type: ignore[arg-type]
+    fill.couple(inp, -1, out, -1)
 
 
 def flatten(fill: Fill, node: ir.Node, value: ir.Value, axis: int) -> None:

@@ -80,7 +80,8 @@ class ShapeEdit:
     kind: "reshape" (target entry `index` of `node` input 1 shrinks with `value`'s axis),
     "split" (the split sizes follow the outputs), "slice" (starts/ends follow the input),
     "group" (a depthwise Conv's group attribute follows its input channels),
-    "resize" (the sizes entry of the channel axis follows the output).
+    "resize" (the sizes entry of the channel axis follows the output), "concat_last" (the
+    constant last piece of a run-time Reshape target, input `index` of the Concat `node`).
     """
 
     kind: str

@@ -165,6 +165,11 @@ def _apply_edits(graph: ir.Graph, cuts: _Cuts) -> None:
             target = const_array(node.inputs[idx]).copy()  # type: ignore[union-attr]
             target.reshape(-1)[e.index] -= cuts.dropped(e.value)
             _write(graph, node.inputs[idx], {(node, idx): target})  # type: ignore[arg-type]
+        elif e.kind == "concat_last":
+            idx = e.index
+            last = const_array(node.inputs[idx]).copy()  # type: ignore[union-attr]
+            last.reshape(-1)[-1] -= cuts.dropped(e.value)
+            _write(graph, node.inputs[idx], {(node, idx): last})  # type: ignore[arg-type]
         elif e.kind == "group":
             old = int(node.attributes["group"].as_int())
             node.attributes["group"] = ir.AttrInt64("group", old - cuts.dropped(e.value))
