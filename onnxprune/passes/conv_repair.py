@@ -20,11 +20,12 @@ from onnxprune.calibration.runner import capture
 from onnxprune.calibration.stats import LayerStats
 from onnxprune.errors import DataError
 from onnxprune.graph.channels import ChannelGroup
+from onnxprune.graph.slicing import keep_channels
 from onnxprune.graph.weights import const_array, set_const_array
 from onnxprune.passes.reconstruct import DEFAULT_RIDGE, Calibration, GroupFit
 from onnxprune.scoring.lstsq import Problem, cross_validated_ridge, refit
 
-__all__ = ["conv_geometry", "collect_conv_stats", "fit_conv_group", "apply_conv_fit",
+__all__ = ["conv_repairable", "prune_conv_group", "conv_geometry", "collect_conv_stats", "fit_conv_group", "apply_conv_fit",
            "channel_stats", "obs_block_select", "im2col"]
 
 _MAX_ROWS = 8192  # output pixels per batch that enter the statistics (seeded subsample)
@@ -199,3 +200,73 @@ def apply_conv_fit(graph: ir.Graph, group: ChannelGroup, fit: GroupFit) -> None:
     if len(node.inputs) < 3:
         node.resize_inputs(3)
     node.replace_input_with(2, value)
+
+
+def conv_repairable(group: ChannelGroup) -> bool:
+    """Every consumer is a plain 2-D Conv (group 1) reading channel p at position p; they
+    may read different tensors (a residual stream read by every block)."""
+    if not group.consumers:
+        return False
+    for use in group.consumers:
+        node = use.node
+        attr = node.attributes.get("group")
+        if node.op_type != "Conv" or (attr is not None and attr.as_int() != 1):
+            return False
+        if conv_geometry(node) is None:
+            return False
+        m = group.use_maps.get(use)
+        if m is None or not np.array_equal(m, np.arange(group.size)):
+            return False
+    return True
+
+
+def _single(group: ChannelGroup, use: object) -> ChannelGroup:
+    return ChannelGroup(group.name, group.size, consumers=[use],  # type: ignore[list-item]
+                        use_maps={use: group.use_maps[use]})  # type: ignore[index]
+
+
+def _one_step_costs(problem: Problem, block: int) -> np.ndarray:
+    hinv = np.linalg.inv(problem.h)
+    w = hinv @ problem.b
+    nb = problem.channels // block
+    idx = np.arange(nb)[:, None] * block + np.arange(block)[None, :]
+    hb_inv = np.linalg.inv(hinv[idx[:, :, None], idx[:, None, :]] + 1e-12 * np.eye(block))
+    wb = w[idx]
+    return np.einsum("nij,njd,nid->n", hb_inv, wb, wb)
+
+
+def prune_conv_group(model: ir.Model, reference: ort.InferenceSession | None,
+                     group: ChannelGroup, count: int, calib: Calibration, *,
+                     criterion_scores: object = None, fixed: np.ndarray | None = None,
+                     out_index: dict[str | None, np.ndarray] | None = None) -> np.ndarray:
+    """Selects and removes channels of a group read by Conv layers, refitting each of them
+    on its own im2col statistics; returns the kept channels.
+
+    One consumer: block OBS. Several (a residual stream): each channel's one-step OBS cost
+    summed over the consumers. `criterion_scores(stats_by_channel)` replaces OBS when given.
+    """
+    subs = [_single(group, u) for u in group.consumers]
+    index = out_index or {}
+    stats = [collect_conv_stats(model, reference, s, calib, index.get(s.consumers[0].node.name))
+             for s in subs]
+    ridge = DEFAULT_RIDGE if calib.ridge is None else calib.ridge
+    keep = fixed
+    if keep is None and criterion_scores is not None:
+        block = stats[0].channels // group.size
+        scores = criterion_scores(channel_stats(stats[0], block))  # type: ignore[operator]
+        keep = np.sort(np.argsort(-scores, kind="stable")[:count])
+    if keep is None and len(subs) == 1:
+        keep = obs_block_select(Problem(stats[0].gram, stats[0].cross, ridge,  # type: ignore[arg-type]
+                                        _prior(subs[0].consumers[0].node)),
+                                count, stats[0].channels // group.size)
+    if keep is None:
+        cost = sum(_one_step_costs(Problem(st.gram, st.cross, ridge,  # type: ignore[arg-type]
+                                           _prior(s.consumers[0].node)),
+                                   st.channels // group.size) for s, st in zip(subs, stats, strict=True))
+        keep = np.sort(np.argsort(-np.asarray(cost), kind="stable")[:count])
+    fits = [fit_conv_group(s, st, count, None, calib, keep=keep)
+            for s, st in zip(subs, stats, strict=True)]
+    keep_channels(model.graph, group, keep)
+    for s, fit in zip(subs, fits, strict=True):
+        apply_conv_fit(model.graph, s, fit)
+    return keep

@@ -27,8 +27,7 @@ from onnxprune.runtime import make_session
 from onnxprune.scoring.lstsq import cross_validated_ridge, fold_bias, obs_select, refit
 
 __all__ = ["Calibration", "Reconstruct", "GroupFit", "collect_stats", "fit_group", "apply_fit",
-           "reference_session", "shared_input", "joined_weight", "DEFAULT_RIDGE",
-           "conv_repairable"]
+           "reference_session", "shared_input", "joined_weight", "DEFAULT_RIDGE"]
 
 logger = logging.getLogger(__name__)
 
@@ -322,14 +321,3 @@ def _add_bias(graph: ir.Graph, use: WeightUse, delta: np.ndarray) -> None:
     add.replace_input_with(0, out)  # replace_all_uses_with rewired the new node onto itself
     graph.insert_after(node, add)
 
-
-def conv_repairable(group: ChannelGroup) -> bool:
-    """One plain Conv (group 1) reads every channel of the group, position p = channel p."""
-    if len(group.consumers) != 1:
-        return False
-    use = group.consumers[0]
-    node = use.node
-    if node.op_type != "Conv" or int(getattr(node.attributes.get("group"), "value", 1)) != 1:
-        return False
-    m = group.use_maps.get(use)
-    return m is not None and bool(np.array_equal(m, np.arange(group.size)))

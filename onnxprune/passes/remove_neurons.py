@@ -20,13 +20,7 @@ from onnxprune.errors import InputError, OnnxPruneError
 from onnxprune.graph.channels import ChannelGroup, find_channel_groups
 from onnxprune.graph.slicing import keep_channels, keep_many
 from onnxprune.graph.weights import const_array
-from onnxprune.passes.conv_repair import (
-    apply_conv_fit,
-    channel_stats,
-    collect_conv_stats,
-    conv_geometry,
-    fit_conv_group,
-)
+from onnxprune.passes.conv_repair import conv_repairable, prune_conv_group
 from onnxprune.passes.reconstruct import (
     Calibration,
     apply_fit,
@@ -34,7 +28,6 @@ from onnxprune.passes.reconstruct import (
     fit_group,
     reference_session,
     shared_input,
-    conv_repairable,
 )
 from onnxprune.scoring.criteria import CRITERIA, DATA_AWARE, ChannelWeights, score_channels
 
@@ -306,10 +299,11 @@ class RemoveNeuronsPass(ir.passes.InPlacePass):
         needs_targets = calib.reconstruct == "lstsq" or self.criterion == "obs"
         reasons: dict[str, str] = {}
         for g in prunable:
+            if conv_repairable(g):
+                continue
             if shared_input(g) is None:
                 reasons[g.name] = "consumers read different tensors; no calibration repair"
-            elif not g.consumers_are_matrices and (not conv_repairable(g)
-                                      or conv_geometry(g.consumers[0].node) is None):
+            elif not g.consumers_are_matrices:
                 reasons[g.name] = "channels spread over blocks; no calibration repair"
         reference = (reference_session(self.reference or model, prunable)
                      if needs_targets else None)
@@ -334,18 +328,14 @@ class RemoveNeuronsPass(ir.passes.InPlacePass):
             if count < before:
                 fixed = fixed_indices(self.keep.get(g0.name)) if self.keep else None
                 if note is None and not current.consumers_are_matrices:
-                    stats = collect_conv_stats(model, reference, current, calib,
-                                               out_index.get(current.consumers[0].node.name))
-                    scores = None
-                    if self.criterion != "obs" and fixed is None:
-                        block = stats.channels // current.size
-                        cw = group_weights(current, seed=self.seed,
-                                           stats=channel_stats(stats, block))
-                        scores = score_channels(self.criterion, cw)
-                    fit = fit_conv_group(current, stats, count, scores, calib, keep=fixed)
-                    keep_channels(model.graph, current, fit.keep)
-                    apply_conv_fit(model.graph, current, fit)
-                    self.kept[g0.name] = fit.keep
+                    scorer = None
+                    if self.criterion != "obs":
+                        def scorer(st: dict, g: ChannelGroup = current) -> np.ndarray:
+                            cw = group_weights(g, seed=self.seed, stats=st)
+                            return score_channels(self.criterion, cw)
+                    self.kept[g0.name] = prune_conv_group(
+                        model, reference, current, count, calib, criterion_scores=scorer,
+                        fixed=fixed, out_index=out_index)
                 elif note is None:
                     stats = collect_stats(model, reference, current, calib)
                     scores = None
