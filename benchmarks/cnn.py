@@ -103,6 +103,23 @@ def integer_kernels(model: ir.Model) -> Counter:
 
 
 # ----------------------------------------------------------------------- ddddocr
+class _SeededSecrets:
+    """The captcha package draws fonts, noise and warps from `secrets`; a seeded stand-in
+    makes the images (not only their texts) the same on every run."""
+
+    def __init__(self, seed: int) -> None:
+        self._rng = random.Random(seed)
+
+    def randbelow(self, n: int) -> int:
+        return self._rng.randrange(n)
+
+    def choice(self, seq):  # noqa: ANN001, ANN201 - mirrors secrets.choice
+        return self._rng.choice(seq)
+
+    def randbits(self, k: int) -> int:
+        return self._rng.getrandbits(k)
+
+
 class OCR:
     """ddddocr's engine with our session: its preprocessing and decoding, unchanged."""
 
@@ -116,9 +133,11 @@ class OCR:
         from captcha.image import ImageCaptcha
         from ddddocr.utils.image_io import load_image_from_input
 
+        import captcha.image
+
+        captcha.image.secrets = _SeededSecrets(seed)  # type: ignore[attr-defined]
         gen = ImageCaptcha(width=160, height=60)
         gen_rng = random.Random(seed)
-        random.seed(seed)  # the captcha package draws its noise from `random`
         out = []
         for _ in range(n):
             text = "".join(gen_rng.choice(CHARS) for _ in range(4))
