@@ -40,9 +40,10 @@ from onnxprune.calibration.qerror import (
     sqnr_db,
 )
 from onnxprune.calibration.ranges import RangeCollector, collect_ranges
-from onnxprune.errors import InputError
+from onnxprune.errors import InputError, UnsupportedModelError
 from onnxprune.graph.qlayers import QLayer, check_not_quantized, find_layers
 from onnxprune.passes.canonical_gelu import CanonicalGeluPass
+from onnxprune.passes.fold_batchnorm import FoldBatchNormPass
 from onnxprune.passes.quantize_qdq import (
     ActivationQuant,
     EmbeddingLayout,
@@ -196,6 +197,36 @@ class QuantizeReport:
         }
 
 
+MIN_QDQ_OPSET = 13
+
+
+def upgrade_opset(model: ir.Model, target: int = MIN_QDQ_OPSET) -> int | None:
+    """Converts a model below opset 13 (per-channel DequantizeLinear) with onnx's version
+    converter, in place; returns the opset it had, or None when nothing changed.
+
+    Per-tensor int8 weights would also run on opset 10-12, but lose accuracy on Conv
+    filters of very different scales; the converter keeps the computation as it was.
+    """
+    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+    if opset >= target:
+        return None
+    from onnx import version_converter
+
+    proto = ir.serde.serialize_model(model)
+    try:
+        converted = version_converter.convert_version(proto, target)
+    except Exception as e:  # noqa: BLE001 - the converter raises many kinds
+        raise UnsupportedModelError(
+            f"the model uses opset {opset}; int8 needs opset {target}+ and onnx's version "
+            f"converter failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from e
+    new = ir.serde.deserialize_model(converted)
+    model.graph = new.graph
+    model.ir_version = max(model.ir_version, new.ir_version)
+    logger.info("converted the model from opset %d to %d for per-channel int8", opset, target)
+    return opset
+
+
 @dataclass
 class _Plan:
     choices: dict[str, ActivationChoice] = field(default_factory=dict)
@@ -226,6 +257,8 @@ def quantize_model(
         raise InputError(
             f"token mask '{config.token_mask}' is not a graph input (inputs: {', '.join(inputs)})"
         )
+    upgrade_opset(model)
+    FoldBatchNormPass()(model)  # one integer Conv per Conv + BatchNormalization
     QuantizeQDQPass().requires(model)  # opset check before anything changes
     gelus: tuple[str, ...] = ()
     if config.canonicalize_gelu:

@@ -15,7 +15,7 @@ import onnx_ir as ir
 
 from onnxprune.graph.weights import const_array, iter_nodes, weight_uses
 
-__all__ = ["ModelStats", "model_stats"]
+__all__ = ["ModelStats", "model_stats", "inference_flops"]
 
 
 @dataclass(frozen=True)
@@ -87,3 +87,56 @@ def _quantized_weight_flops(graph: ir.Graph) -> int:
         if q is not None and q.ndim == 2:
             total += 2 * int(q.shape[0]) * int(q.shape[1])
     return total
+
+
+def inference_flops(model: ir.Model, input_shapes: dict[str, list[int]]) -> int:
+    """FLOPs (2 x multiply-adds) of one run with the given input shapes: Conv,
+    ConvTranspose, MatMul/Gemm with a constant (or dequantized) weight, and LSTM.
+
+    Unlike `weight_flops_per_row`, this counts a CNN's convolutions, whose cost depends on
+    the image size; shapes come from onnx shape inference on a copy with fixed inputs.
+    """
+    import onnx
+
+    proto = ir.serde.serialize_model(model)
+    for inp in proto.graph.input:
+        dims = input_shapes.get(inp.name)
+        if dims is None:
+            continue
+        shape = inp.type.tensor_type.shape
+        del shape.dim[:]
+        for d in dims:
+            shape.dim.add().dim_value = int(d)
+    inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+    shapes: dict[str, list[int]] = {}
+    for vi in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
+        t = vi.type.tensor_type
+        if t.HasField("shape"):
+            shapes[vi.name] = [d.dim_value for d in t.shape.dim]
+    for init in inferred.graph.initializer:
+        shapes[init.name] = list(init.dims)
+    for node in inferred.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].HasField("t"):
+            shapes[node.output[0]] = list(node.attribute[0].t.dims)
+        if node.op_type in ("DequantizeLinear", "Identity") and node.input[0] in shapes:
+            shapes.setdefault(node.output[0], shapes[node.input[0]])
+    macs = 0
+    for node in inferred.graph.node:
+        ins = list(node.input)
+        out = shapes.get(node.output[0]) if node.output else None
+        w = shapes.get(ins[1]) if len(ins) > 1 else None
+        if out is None or w is None or not all(out) or not all(w):
+            continue
+        if node.op_type == "Conv":
+            macs += int(np.prod(out)) * int(np.prod(w[1:]))
+        elif node.op_type == "ConvTranspose":
+            x = shapes.get(ins[0])
+            if x and all(x):
+                macs += int(np.prod(x)) * int(np.prod(w[1:]))
+        elif node.op_type in ("MatMul", "Gemm") and len(w) == 2:
+            macs += int(np.prod(out[:-1])) * w[0] * w[1]
+        elif node.op_type == "LSTM" and len(ins) > 2:
+            x, r = shapes.get(ins[0]), shapes.get(ins[2])
+            if x and r and all(x):
+                macs += x[0] * x[1] * int(np.prod(w)) + x[0] * x[1] * int(np.prod(r))
+    return 2 * macs

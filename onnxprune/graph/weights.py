@@ -1,7 +1,8 @@
 """Reading and writing constant tensors, whether initializers or Constant nodes.
 
 Exporters store weights either way (the legacy torch exporter often as Constant nodes,
-the dynamo exporter as initializers); passes should not care which.
+the dynamo exporter as initializers), and the legacy exporter also de-duplicates equal
+initializers behind `Identity` nodes; passes should not care which.
 """
 
 from __future__ import annotations
@@ -16,10 +17,14 @@ __all__ = [
     "const_array",
     "set_const_array",
     "is_constant",
+    "is_plain_constant",
     "WeightUse",
     "weight_uses",
+    "conv_uses",
     "iter_nodes",
 ]
+
+_MAX_IDENTITY_CHAIN = 8
 
 
 def _constant_node(value: ir.Value) -> ir.Node | None:
@@ -29,7 +34,22 @@ def _constant_node(value: ir.Value) -> ir.Node | None:
     return None
 
 
-def is_constant(value: ir.Value | None) -> bool:
+def _identity_source(value: ir.Value) -> ir.Value | None:
+    """The value an `Identity` chain ending at `value` copies, or None."""
+    for _ in range(_MAX_IDENTITY_CHAIN):
+        node = value.producer()
+        if node is None or node.op_type != "Identity" or node.domain not in ("", "ai.onnx"):
+            return None
+        src = node.inputs[0]
+        if src is None:
+            return None
+        if is_plain_constant(src):
+            return src
+        value = src
+    return None
+
+
+def is_plain_constant(value: ir.Value | None) -> bool:
     """True for initializers that are not graph inputs and for Constant node outputs."""
     if value is None:
         return False
@@ -39,10 +59,20 @@ def is_constant(value: ir.Value | None) -> bool:
     return node is not None and "value" in node.attributes
 
 
+def is_constant(value: ir.Value | None) -> bool:
+    """A plain constant, or an `Identity` of one (the legacy exporter's de-duplication)."""
+    if value is None:
+        return False
+    return is_plain_constant(value) or _identity_source(value) is not None
+
+
 def const_array(value: ir.Value | None) -> np.ndarray | None:
-    """The value's constant contents, or None when it is not a plain constant."""
-    if value is None or not is_constant(value):
+    """The value's constant contents, or None when it is not a constant."""
+    if value is None:
         return None
+    if not is_plain_constant(value):
+        src = _identity_source(value)
+        return None if src is None else const_array(src)
     if value.const_value is not None:
         return value.const_value.numpy()
     node = _constant_node(value)
@@ -51,7 +81,27 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
 
 
 def set_const_array(value: ir.Value, array: np.ndarray) -> None:
-    """Replaces a constant's contents (initializer or Constant node) and its recorded shape."""
+    """Replaces a constant's contents and its recorded shape.
+
+    An `Identity` output is not written through (its source may be read elsewhere): the
+    Identity gets a fresh initializer as its input instead, so only this value changes.
+    """
+    if not is_plain_constant(value) and _identity_source(value) is not None:
+        node = value.producer()
+        assert node is not None and node.graph is not None
+        graph = node.graph
+        base = f"{value.name or 'const'}_data"
+        name, i = base, 0
+        while name in graph.initializers:
+            i += 1
+            name = f"{base}_{i}"
+        fresh = ir.Value(name=name, shape=ir.Shape(array.shape),
+                         type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                         const_value=ir.tensor(np.ascontiguousarray(array), name=name))
+        graph.register_initializer(fresh)
+        node.replace_input_with(0, fresh)
+        value.shape = ir.Shape(array.shape)
+        return
     tensor = ir.tensor(np.ascontiguousarray(array), name=value.name)
     node = _constant_node(value)
     if node is not None and value.const_value is None:
@@ -65,11 +115,12 @@ def set_const_array(value: ir.Value, array: np.ndarray) -> None:
 
 @dataclass(frozen=True)
 class WeightUse:
-    """A MatMul/Gemm whose second operand is a constant weight matrix.
+    """A MatMul/Gemm/Conv/ConvTranspose whose second operand is a constant weight.
 
-    `reduce_axis` is the weight axis summed over (the input features); `out_axis` is the
-    weight axis of the output features. For MatMul and Gemm(transB=0) the weight is [in, out];
-    for Gemm(transB=1) it is [out, in].
+    `reduce_axis` is the weight axis summed over (the input features or channels);
+    `out_axis` is the weight axis of the output features. For MatMul and Gemm(transB=0) the
+    weight is [in, out]; for Gemm(transB=1) it is [out, in]; Conv [out, in/group, *k];
+    ConvTranspose [in, out/group, *k].
     """
 
     node: ir.Node
@@ -99,6 +150,24 @@ def weight_uses(graph: ir.Graph) -> list[WeightUse]:
         uses.append(
             WeightUse(node, weight, reduce_axis=1 if trans_b else 0, out_axis=0 if trans_b else 1)
         )
+    return uses
+
+
+def conv_uses(graph: ir.Graph) -> list[WeightUse]:
+    """Every Conv/ConvTranspose of the graph (and subgraphs) with a constant float weight."""
+    uses = []
+    for node in iter_nodes(graph):
+        if node.domain not in ("", "ai.onnx") or node.op_type not in ("Conv", "ConvTranspose"):
+            continue
+        if len(node.inputs) < 2:
+            continue
+        weight = node.inputs[1]
+        arr = const_array(weight)
+        if arr is None or arr.ndim < 3 or not np.issubdtype(arr.dtype, np.floating):
+            continue
+        transposed = node.op_type == "ConvTranspose"
+        uses.append(WeightUse(node, weight, reduce_axis=0 if transposed else 1,
+                              out_axis=1 if transposed else 0))
     return uses
 
 

@@ -85,7 +85,35 @@ class Target:
     norm_scale: np.ndarray | None = None  # gain of a LayerNormalization reading the sum
 
 
+def _gemm_bias(use: WeightUse) -> np.ndarray | None:
+    """β·C of a Gemm consumer, broadcast to its output width (None: no constant bias)."""
+    node = use.node
+    if node.op_type != "Gemm" or len(node.inputs) < 3 or node.inputs[2] is None:
+        return None
+    c = const_array(node.inputs[2])
+    w = const_array(use.weight)
+    if c is None or w is None or c.size not in (1, w.shape[1 - use.reduce_axis]):
+        return None
+    beta = node.attributes["beta"].as_float() if "beta" in node.attributes else 1.0
+    return np.broadcast_to(beta * c.astype(np.float64).reshape(-1),
+                           (w.shape[1 - use.reduce_axis],)).copy()
+
+
 def consumer_target(group: ChannelGroup) -> Target:
+    """What to fit; a Gemm consumer's own bias C is part of its output, so it is taken off
+    the target (the fit's bias row is a correction added to C)."""
+    target = _consumer_target(group)
+    own = [_gemm_bias(u) for u in group.consumers]
+    if all(b is None for b in own) or target.residual is not None and len(own) != 1:
+        return target
+    widths = [int(np.shape(const_array(u.weight))[1 - u.reduce_axis]) for u in group.consumers]
+    joined = np.concatenate([np.zeros(d) if b is None else b
+                             for b, d in zip(own, widths, strict=True)])
+    bias = joined if target.bias is None else target.bias + joined
+    return Target(target.reference, target.residual, bias, target.norm_scale)
+
+
+def _consumer_target(group: ChannelGroup) -> Target:
     outputs = tuple(u.node.outputs[0].name or "" for u in group.consumers)
     if len(group.consumers) != 1:
         return Target(outputs)
@@ -191,7 +219,9 @@ def collect_stats(
 
 def reference_session(original: ir.Model, groups: Sequence[ChannelGroup]) -> ort.InferenceSession:
     """One session of the original model exposing every consumer output of `groups`."""
-    names = [name for g in groups for name in consumer_target(g).reference]
+    names = [name for g in groups for name in (
+        consumer_target(g).reference if g.consumers_are_matrices
+        else tuple(u.node.outputs[0].name or "" for u in g.consumers))]
     return make_session(with_outputs(original, names), "cpu")
 
 
@@ -290,3 +320,4 @@ def _add_bias(graph: ir.Graph, use: WeightUse, delta: np.ndarray) -> None:
     ir.convenience.replace_all_uses_with(out, new_out)
     add.replace_input_with(0, out)  # replace_all_uses_with rewired the new node onto itself
     graph.insert_after(node, add)
+

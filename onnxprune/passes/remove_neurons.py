@@ -18,8 +18,9 @@ from onnx_ir.passes.common import NameFixPass
 
 from onnxprune.errors import InputError, OnnxPruneError
 from onnxprune.graph.channels import ChannelGroup, find_channel_groups
-from onnxprune.graph.slicing import keep_channels
+from onnxprune.graph.slicing import keep_channels, keep_many
 from onnxprune.graph.weights import const_array
+from onnxprune.passes.conv_repair import conv_repairable, prune_conv_group
 from onnxprune.passes.reconstruct import (
     Calibration,
     apply_fit,
@@ -77,21 +78,48 @@ class RemoveNeuronsResult:
         }
 
 
+def _by_channel(w: np.ndarray, axis: int, cls: np.ndarray, size: int) -> np.ndarray:
+    """[size, n * fan] rows: the weight slices of each channel side by side (n positions per
+    channel at most; a channel with fewer is padded with zeros, which no criterion rewards)."""
+    flat = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1).astype(np.float64)
+    order = np.argsort(cls, kind="stable")
+    order = order[cls[order] >= 0]
+    counts = np.bincount(cls[order], minlength=size)
+    per = max(int(counts.max()) if counts.size else 1, 1)
+    if per == 1 and counts.size == size and np.all(counts == 1):
+        return flat[order]
+    out = np.zeros((size, per * flat.shape[1]))
+    slot = np.zeros(size, dtype=np.int64)
+    for p in order.tolist():
+        c = int(cls[p])
+        out[c, slot[c] * flat.shape[1]:(slot[c] + 1) * flat.shape[1]] = flat[p]
+        slot[c] += 1
+    return out
+
+
 def group_weights(
     group: ChannelGroup, *, seed: int = 0, stats: dict[str, np.ndarray] | None = None
 ) -> ChannelWeights:
-    """The group's weights, channel-first, for the scoring functions."""
+    """The group's weights, channel-first, for the scoring functions.
+
+    A Conv filter is one row (in-channels x kernel); a channel that a Flatten spreads over
+    several features, or a packed projection over several columns, is all of them."""
     incoming = []
     seen: set[ir.Value] = set()
     for u in group.producers:
         if u.weight not in seen:
             seen.add(u.weight)
-            incoming.append(np.moveaxis(const_array(u.weight), u.out_axis, 0))  # type: ignore[arg-type]
+            w = const_array(u.weight)
+            assert w is not None
+            incoming.append(_by_channel(w, u.out_axis, group.channel_map(u, "out"), group.size))
     outgoing = []
     for u in group.consumers:
         if u.weight not in seen:
             seen.add(u.weight)
-            outgoing.append(np.moveaxis(const_array(u.weight), u.reduce_axis, 0))  # type: ignore[arg-type]
+            w = const_array(u.weight)
+            assert w is not None
+            outgoing.append(_by_channel(w, u.reduce_axis, group.channel_map(u, "in"),
+                                        group.size))
     return ChannelWeights(tuple(incoming), tuple(outgoing), stats=stats or {}, seed=seed)
 
 
@@ -238,6 +266,7 @@ class RemoveNeuronsPass(ir.passes.InPlacePass):
         decisions: list[GroupDecision] = []
         modified = False
         plan = dict(zip((id(g) for g in prunable), zip(scores, counts, strict=True), strict=True))
+        cuts: list[tuple[ChannelGroup, np.ndarray]] = []
         for g in groups:
             before = g.size
             if not g.prunable:
@@ -249,10 +278,13 @@ class RemoveNeuronsPass(ir.passes.InPlacePass):
                 keep = fixed_indices(self.keep.get(g.name)) if self.keep else None
                 if keep is None:
                     keep = np.sort(np.argsort(-s, kind="stable")[:count])
-                keep_channels(model.graph, g, keep)
+                cuts.append((g, keep))
                 self.kept[g.name] = keep
                 modified = True
             logger.info("group %s: %d -> %d channels", g.name, before, count)
+        # All at once: two groups may cut the same tensor (a Concat feeding one consumer),
+        # and their positions refer to the original tensors.
+        keep_many(model.graph, cuts)
         self.result = RemoveNeuronsResult(self.criterion, tuple(decisions))
         return ir.passes.PassResult(model, modified=modified)
 
@@ -267,13 +299,19 @@ class RemoveNeuronsPass(ir.passes.InPlacePass):
         needs_targets = calib.reconstruct == "lstsq" or self.criterion == "obs"
         reasons: dict[str, str] = {}
         for g in prunable:
+            if conv_repairable(g):
+                continue
             if shared_input(g) is None:
                 reasons[g.name] = "consumers read different tensors; no calibration repair"
+            elif not g.consumers_are_matrices:
+                reasons[g.name] = "channels spread over blocks; no calibration repair"
         reference = (reference_session(self.reference or model, prunable)
                      if needs_targets else None)
         counts = self._calibrated_counts(model, prunable, calib)
         decisions: dict[str, GroupDecision] = {}
         modified = False
+        # Original output channels each pruned producer still has (for Conv refit targets).
+        out_index: dict[str | None, np.ndarray] = {}
         for step, (g0, count) in enumerate(zip(prunable, counts, strict=True)):
             if self.progress is not None:
                 self.progress(step, len(prunable), g0.name)
@@ -289,7 +327,16 @@ class RemoveNeuronsPass(ir.passes.InPlacePass):
             decisions[g0.name] = GroupDecision.of(current, count, note)
             if count < before:
                 fixed = fixed_indices(self.keep.get(g0.name)) if self.keep else None
-                if note is None:
+                if note is None and not current.consumers_are_matrices:
+                    scorer = None
+                    if self.criterion != "obs":
+                        def scorer(st: dict, g: ChannelGroup = current) -> np.ndarray:
+                            cw = group_weights(g, seed=self.seed, stats=st)
+                            return score_channels(self.criterion, cw)
+                    self.kept[g0.name] = prune_conv_group(
+                        model, reference, current, count, calib, criterion_scores=scorer,
+                        fixed=fixed, out_index=out_index)
+                elif note is None:
                     stats = collect_stats(model, reference, current, calib)
                     scores = None
                     if self.criterion != "obs" and fixed is None:
@@ -306,6 +353,12 @@ class RemoveNeuronsPass(ir.passes.InPlacePass):
                     keep_channels(model.graph, current, fixed)
                     self.kept[g0.name] = fixed
                 modified = True
+                kept = self.kept[g0.name]
+                for u in current.producers:
+                    m = current.channel_map(u, "out")
+                    gone = np.nonzero((m >= 0) & ~np.isin(m, kept))[0]
+                    idx = out_index.get(u.node.name, np.arange(m.size))
+                    out_index[u.node.name] = np.delete(idx, gone)
             logger.info("group %s: %d -> %d channels", g0.name, before, count)
         out = [decisions.get(g.name) or GroupDecision.of(g, g.size, g.skip_reason) for g in groups]
         self.result = RemoveNeuronsResult(self.criterion, tuple(out))
@@ -320,7 +373,7 @@ class RemoveNeuronsPass(ir.passes.InPlacePass):
         criterion = "activation" if self.criterion == "obs" else self.criterion
         scores = []
         for g in groups:
-            if shared_input(g) is None:
+            if shared_input(g) is None or not g.consumers_are_matrices:
                 scores.append(score_channels("l1", group_weights(g, seed=self.seed)))
                 continue
             stats = collect_stats(model, None, g, calib)

@@ -87,6 +87,9 @@ def find_units(model: ir.Model, calibration: Calibration | None = None,
             skipped[g.name] = g.skip_reason or "not prunable"
         elif shared_input(g) is None:
             skipped[g.name] = "its consumers read different tensors"
+        elif not g.is_matrix:
+            skipped[g.name] = "its channels are Conv filters or blocks; the planner weighs " \
+                "MatMul/Gemm channels only (use --sparsity)"
         elif any(u.node.graph is not model.graph for u in g.consumers):
             skipped[g.name] = "its consumer is inside a subgraph"
         else:

@@ -1,0 +1,65 @@
+"""int8 for CNNs: opset 11/12 models are converted, Conv biases behind Identity are read as
+constants, BatchNormalization is folded, and onnxruntime fuses the result into QLinearConv."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+from helpers import GraphBuilder, run, to_ir
+
+from onnxprune.quantize import QuantizeConfig, quantize_model
+
+
+def _cnn(opset: int) -> onnx.ModelProto:
+    """conv(bias via Identity) -> BN -> relu -> conv(bias via the same Identity'd tensor)
+    -> 1x1 conv."""
+    b = GraphBuilder(seed=1)
+    rng = np.random.default_rng(1)
+    x = b.input("x", [1, 3, 12, 12])
+    bias = b.const("shared_bias", rng.uniform(-0.2, 0.2, 8).astype(np.float32))
+    b1 = b.op("Identity", [bias], name="id1")
+    b2 = b.op("Identity", [bias], name="id2")
+    h = b.op("Conv", [x, b.const("w1", (rng.standard_normal((8, 3, 3, 3)) * 0.3).astype(
+        np.float32)), b1], name="conv1", kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    vec = [b.const(n, rng.uniform(lo, hi, 8).astype(np.float32))
+           for n, lo, hi in (("g", 0.5, 1.5), ("be", -0.3, 0.3), ("mu", -0.3, 0.3),
+                             ("va", 0.5, 1.5))]
+    h = b.op("Relu", [b.op("BatchNormalization", [h, *vec], name="bn")])
+    h = b.op("Conv", [h, b.const("w2", (rng.standard_normal((8, 8, 3, 3)) * 0.2).astype(
+        np.float32)), b2], name="conv2", kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    # The last Conv writes the float output, so onnxruntime leaves it DQ -> Conv.
+    b.op("Conv", [h, b.const("w3", (rng.standard_normal((4, 8, 1, 1)) * 0.3).astype(
+        np.float32))], name="conv3", kernel_shape=[1, 1], output="y")
+    return b.build(["y"], opset=opset)
+
+
+def _optimized_ops(proto: onnx.ModelProto) -> Counter:
+    with tempfile.TemporaryDirectory() as d:
+        so = ort.SessionOptions()
+        so.optimized_model_filepath = os.path.join(d, "opt.onnx")
+        ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        return Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+
+
+def test_opset_12_cnn_with_identity_biases_quantizes_to_qlinearconv() -> None:
+    model = _cnn(12)
+    rng = np.random.default_rng(0)
+    batches = [{"x": rng.standard_normal((1, 3, 12, 12)).astype(np.float32)} for _ in range(8)]
+    m = to_ir(model)
+    report = quantize_model(m, QuantizeConfig(), batches)
+    assert report.quantized == 3 and report.kept_float == 0, report.to_dict()["layers"]
+    assert m.opset_imports[""] == 13
+    proto = ir.serde.serialize_model(m)
+    onnx.checker.check_model(proto, full_check=True)
+    ops = _optimized_ops(proto)
+    assert ops["QLinearConv"] == 2, ops
+    feeds = {"x": rng.standard_normal((1, 3, 12, 12)).astype(np.float32)}
+    ref, out = run(model, feeds)[0], run(proto, feeds)[0]
+    cos = float((ref * out).sum() / np.linalg.norm(ref) / np.linalg.norm(out))
+    assert cos > 0.99, cos
