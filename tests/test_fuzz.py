@@ -323,3 +323,85 @@ class _FixedDraw:
 
     def __call__(self, strategy: object) -> object:
         return self.answers.pop(0)
+
+
+@st.composite
+def data_case(draw: st.DrawFn) -> tuple[bytes, str]:
+    """A calibration .npz with flipped or cut bytes, or a hostile header."""
+    buf = io.BytesIO()
+    np.savez(buf, x=random_input([8, 8], seed=2))
+    data, kind = _byte_mutation(buf.getvalue(), draw)
+    return data, kind
+
+
+def check_data_case(data: bytes, command: str) -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        (folder / "out").mkdir()
+        save(_base("matmul"), folder / "m.onnx")
+        (folder / "calib.npz").write_bytes(data)
+        if command == "quantize":
+            argv = ["quantize", str(folder / "m.onnx"), "-o", str(folder / "out" / "q.onnx"),
+                    "--calibration", str(folder / "calib.npz")]
+        else:
+            argv = ["verify", str(folder / "m.onnx"), str(folder / "m.onnx"), "--data",
+                    str(folder / "calib.npz")]
+        before = folder_snapshot(folder)
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            code = main(argv)
+        lines = [ln for ln in err.getvalue().splitlines() if ln.strip()]
+        where = f"{command}: exit {code}: {err.getvalue()!r}"
+        if code == 3:
+            where += _traceback(argv)
+        _log(command + "-data", [], code, lines)
+        assert code in (0, 1, 2), where
+        after = folder_snapshot(folder)
+        assert {k: v for k, v in after.items() if not k.startswith("out/")} == before, where
+        if code:
+            assert len(lines) == 1, where
+        if code == 2:
+            assert not any(k.startswith("out/") for k in after), where
+        return code
+
+
+@settings(max_examples=60, **_SETTINGS)  # type: ignore[arg-type]
+@given(case=data_case(), command=st.sampled_from(["quantize", "verify"]))
+def test_fuzz_calibration_files(case: tuple[bytes, str], command: str) -> None:
+    check_data_case(case[0], command)
+
+
+@pytest.mark.fuzz
+@settings(max_examples=int(os.environ.get("ONNXPRUNE_FUZZ_DATA_EXAMPLES", "1000")),
+          **{**_SETTINGS, "derandomize": False})  # type: ignore[arg-type]
+@given(case=data_case(), command=st.sampled_from(["quantize", "verify"]))
+def test_fuzz_calibration_files_many(case: tuple[bytes, str], command: str) -> None:
+    check_data_case(case[0], command)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_fuzz_in_a_real_process(tmp_path: Path, command: str) -> None:
+    """A few cases through `python -m onnxprune`: stderr is the real one there, with the
+    libraries' own logging and warnings (PYTHONWARNINGS=always)."""
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    model = _base("gemm")
+    model.graph.initializer[0].raw_data = model.graph.initializer[0].raw_data[:-4]
+    (tmp_path / "out").mkdir()
+    path = tmp_path / "m.onnx"
+    path.write_bytes(model.SerializeToString())
+    save(_base("matmul"), tmp_path / "ref.onnx")
+    np.savez(tmp_path / "calib.npz", x=random_input([8, 8], seed=2))
+    before = folder_snapshot(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+           "PYTHONWARNINGS": "always"}
+    done = subprocess.run([sys.executable, "-m", "onnxprune",
+                           *_argv(command, path, tmp_path, True)],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "fc0.weight" in done.stderr
+    assert folder_snapshot(tmp_path) == before
