@@ -133,13 +133,13 @@ def structural_mutation(draw: st.DrawFn, model: onnx.ModelProto) -> str:
         node.domain = draw(st.sampled_from(["com.microsoft", "x", "ai.onnx.ml", ""]))
     elif kind == "nan_weight":
         value = draw(st.sampled_from([np.nan, np.inf, -np.inf, 1e38]))
-        try:  # an earlier edit may have made the tensor unreadable
+        try:  # an earlier edit may have made the tensor unreadable or not float
             arr = onnx.numpy_helper.to_array(init).copy()
+            if arr.size:
+                arr.flat[0] = value
+            init.CopyFrom(onnx.numpy_helper.from_array(arr, init.name))
         except Exception:
             return "skip"
-        if arr.size:
-            arr.flat[0] = value
-        init.CopyFrom(onnx.numpy_helper.from_array(arr, init.name))
     elif kind == "drop_output":
         del g.output[:]
     elif kind == "value_info":
@@ -148,11 +148,11 @@ def structural_mutation(draw: st.DrawFn, model: onnx.ModelProto) -> str:
     elif kind == "typed_data":
         count = draw(st.integers(0, 200))
         try:
-            arr = onnx.numpy_helper.to_array(init)
+            values = np.resize(onnx.numpy_helper.to_array(init).ravel(), count).astype(float)
         except Exception:
             return "skip"
         init.ClearField("raw_data")
-        init.float_data.extend(np.resize(arr.ravel(), count).astype(float).tolist())
+        init.float_data.extend(values.tolist())
     return kind
 
 
