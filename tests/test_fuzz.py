@@ -63,7 +63,15 @@ def _tensor_types() -> st.SearchStrategy[int]:
 
 @st.composite
 def structural_mutation(draw: st.DrawFn, model: onnx.ModelProto) -> str:
-    """Applies one edit to `model` in place; returns its name (for the log)."""
+    """Applies one edit to `model` in place; returns its name (for the log), or "skip"
+    when an earlier edit left nothing for this one to apply to."""
+    try:
+        return _mutate(draw, model)
+    except (IndexError, ValueError, TypeError, KeyError):
+        return "skip"
+
+
+def _mutate(draw: st.DrawFn, model: onnx.ModelProto) -> str:
     g = model.graph
     kind = draw(st.sampled_from([
         "raw_bytes", "init_dims", "init_type", "input_type", "input_dim", "output_dim",
