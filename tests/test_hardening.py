@@ -900,3 +900,16 @@ def test_held_writing_over_the_input_is_refused_by_every_spelling(
         code, err = cli(capsys, "m.onnx", "-o", out, "--sparsity", "0.25")
         assert code == 2, out
     assert folder_snapshot(tmp_path) == before
+
+
+def test_held_api_prune_refuses_to_write_over_its_input(
+    tmp_path: Path, mlp: onnx.ModelProto
+) -> None:
+    import onnxprune.api as api
+
+    save(mlp, tmp_path / "m.onnx", external_data=True)
+    before = folder_snapshot(tmp_path)
+    for out in ("m.onnx", "m.onnx.data"):
+        with pytest.raises(InputError):
+            api.prune(str(tmp_path / "m.onnx"), output=tmp_path / out, sparsity=0.25)
+    assert folder_snapshot(tmp_path) == before
