@@ -26,7 +26,7 @@ from onnxprune.errors import InputError, OnnxPruneError, UnsupportedModelError
 from onnxprune.graph.accounting import ModelStats, model_stats
 from onnxprune.graph.attention import AttentionBlock, find_attention_blocks
 from onnxprune.graph.channels import ChannelGroup, find_channel_groups
-from onnxprune.io import MIN_OPSET, load_model, save_model, serialized_model
+from onnxprune.io import MIN_OPSET, check_output_path, load_model, save_model, serialized_model
 from onnxprune.passes.reconstruct import Calibration, Reconstruct
 from onnxprune.passes.remove_heads import RemoveHeadsPass
 from onnxprune.passes.remove_neurons import Progress, RemoveNeuronsPass
@@ -413,9 +413,10 @@ def prune(
         return ir.serde.serialize_model(m)  # type: ignore[return-value]
     if output is None:
         raise InputError("prune() on a path needs output=...")
+    check_output_path(output, [model])
     m = load_model(model)
     prune_model(m, cfg)
-    return save_model(m, output)  # type: ignore[return-value]
+    return save_model(m, output, keep=[model])  # type: ignore[return-value]
 
 
 def verification_batches(

@@ -256,6 +256,7 @@ def _verify_parser() -> argparse.ArgumentParser:
     p.add_argument("candidate")
     p.add_argument("-q", "--quiet", action="store_true")
     _add_verify_options(p)
+    _add_budget_option(p)
     return p
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from onnxprune.errors import InputError
 
-__all__ = ["atomic_path", "check_writable", "same_file", "NAME_MAX"]
+__all__ = ["atomic_path", "check_writable", "same_file", "sweep_stale", "NAME_MAX"]
 
 NAME_MAX = 255  # bytes in one path component on every common file system
 
@@ -68,6 +69,51 @@ def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
         return os.path.abspath(pa) == os.path.abspath(pb)
 
 
+def _temp_prefix(out: Path) -> str:
+    return f".{out.name[:200]}."
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def sweep_stale(out: Path) -> list[Path]:
+    """Removes temporary files a killed run left beside `out` (kill -9 runs no cleanup).
+
+    Only names this module makes (`.<name>.<pid>.<random>.tmp`, the `.tmp.data` beside
+    it, and the `..<that>.<random>` folder onnx_ir writes the data in) whose process no
+    longer exists are removed; a running writer's files are left alone.
+    """
+    removed = []
+    prefix = _temp_prefix(out)
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(out.parent):
+            name = entry.name
+            folder = name.startswith("." + prefix) and ".tmp.data." in name
+            rest = name[len(prefix) + (1 if folder else 0):]
+            if not folder and not (name.startswith(prefix) and (
+                    name.endswith(".tmp") or name.endswith(".tmp.data"))):
+                continue
+            pid = rest.split(".", 1)[0]
+            if not pid.isdigit() or _alive(int(pid)):
+                continue
+            with contextlib.suppress(OSError):
+                if folder and entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path)
+                elif not folder and entry.is_file(follow_symlinks=False):
+                    os.unlink(entry.path)
+                else:
+                    continue
+                removed.append(Path(entry.path))
+    return removed
+
+
 def _mode_for(path: Path) -> int:
     """The permissions a new file at `path` gets: the old file's, else 0o666 minus umask."""
     try:
@@ -97,8 +143,10 @@ def atomic_path(out: Path, what: str = "output") -> Iterator[Path]:
     """
     out = Path(out)
     check_writable(out, what)
+    sweep_stale(out)
     try:
-        fd, name = tempfile.mkstemp(prefix=f".{out.name[:200]}.", suffix=".tmp", dir=out.parent)
+        fd, name = tempfile.mkstemp(prefix=f"{_temp_prefix(out)}{os.getpid()}.", suffix=".tmp",
+                                    dir=out.parent)
     except OSError as e:
         raise InputError(f"{out.parent}: cannot write there ({e.strerror})") from None
     os.close(fd)

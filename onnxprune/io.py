@@ -10,8 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import stat
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import onnx
@@ -19,8 +18,17 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
 from onnxprune.errors import InputError
-from onnxprune.files import NAME_MAX, atomic_path, check_writable, fsync_path, same_file
-from onnxprune.validate import check_input_model, tensor_nbytes
+from onnxprune.external_data import (
+    ModelBytes,
+    check_external_file,
+    check_external_locations,
+    external_data_files,
+    iter_tensor_protos,
+    model_bytes,
+    serialized_model,
+)
+from onnxprune.files import atomic_path, check_writable, fsync_path, same_file
+from onnxprune.validate import check_input_model
 
 __all__ = [
     "load_model",
@@ -36,123 +44,6 @@ __all__ = [
 
 _TWO_GB = 2**31
 MIN_OPSET = 11  # Clip/Dropout take their parameters as inputs from here on
-
-
-def _iter_tensor_protos(graph: onnx.GraphProto):
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.TENSOR:
-                yield attr.t
-            elif attr.type == onnx.AttributeProto.GRAPH:
-                yield from _iter_tensor_protos(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from _iter_tensor_protos(g)
-
-
-def _external_info(tensor: onnx.TensorProto) -> dict[str, str]:
-    return {entry.key: entry.value for entry in tensor.external_data}
-
-
-def check_external_file(
-    base: Path, location: str, *, where: str, offset: object = None, length: object = None,
-    nbytes: int | None = None,
-) -> Path:
-    """Checks one external-data reference the way loading does, and returns its file.
-
-    The file must be a relative path inside `base` (after resolving links), a regular file
-    with a single hard link (onnx_ir refuses shared files when it maps them), and long
-    enough for the tensor's offset and length. Nothing is opened or read.
-    """
-    if not isinstance(location, str):
-        raise InputError(f"{where}: the location is not valid UTF-8 text; re-export it")
-    if not location or "\x00" in location or os.path.isabs(location):
-        raise InputError(
-            f"{where}, an absolute, empty or NUL-containing path; external data must sit "
-            "beside the model"
-        )
-    if any(len(part.encode("utf-8", "surrogateescape")) > NAME_MAX
-           for part in Path(location).parts):
-        raise InputError(f"{where}, a name over {NAME_MAX} bytes; rename the data file")
-    base = base.resolve()
-    try:
-        target = (base / location).resolve()
-    except (OSError, RuntimeError) as e:
-        raise InputError(f"{where}, which cannot be resolved ({e}); fix the location") from e
-    if not target.is_relative_to(base) or target == base:
-        raise InputError(
-            f"{where}, which escapes the model's folder; move the data next to the model"
-        )
-    try:
-        st = target.stat()
-    except OSError:
-        raise InputError(
-            f"{where}, which does not exist; copy the data file beside the model"
-        ) from None
-    if not stat.S_ISREG(st.st_mode):
-        raise InputError(f"{where}, which is not a regular file; give the data as a file")
-    if st.st_nlink > 1:
-        raise InputError(
-            f"{where}, a file with {st.st_nlink} hard links; onnx_ir refuses shared data "
-            "files, so copy it (cp) to give it one link"
-        )
-    try:
-        start = int(offset) if offset not in (None, "") else 0  # type: ignore[call-overload]
-        size = int(length) if length not in (None, "") else None  # type: ignore[call-overload]
-    except ValueError:
-        raise InputError(f"{where}, with a non-integer offset or length; re-export it") from None
-    if start < 0 or (size is not None and size < 0):
-        raise InputError(f"{where}, with a negative offset or length; re-export it")
-    if size is not None and nbytes is not None and size != nbytes:
-        raise InputError(
-            f"{where}, with length {size} where its dims need {nbytes} bytes; re-export it"
-        )
-    need = start + (size if size is not None else (nbytes or 0))
-    if need > st.st_size:
-        raise InputError(
-            f"{where}, which needs bytes up to {need} but the file holds {st.st_size} "
-            "(truncated, or an offset beyond the end); copy the complete data file"
-        )
-    return target
-
-
-def _check_external_locations(proto: onnx.ModelProto, path: Path) -> None:
-    """Refuses external-data references that point outside the model's folder or beyond
-    the end of their file."""
-    base = path.parent
-    for tensor in _iter_tensor_protos(proto.graph):
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        info = _external_info(tensor)
-        location = info.get("location", "")
-        where = f"{path}: tensor '{tensor.name}' has external data at {location[:80]!r}"
-        check_external_file(base, location, where=where, offset=info.get("offset"),
-                            length=info.get("length"), nbytes=tensor_nbytes(tensor))
-
-
-def external_data_files(path: str | os.PathLike[str]) -> set[Path]:
-    """The resolved data files a model file refers to (empty when it cannot be read).
-
-    Used to keep outputs off the input's data: never raises, since a model that cannot be
-    read is reported by load_model.
-    """
-    p = Path(path)
-    try:
-        if not p.is_file():
-            return set()
-        proto = onnx.load(str(p), load_external_data=False)
-    except Exception:  # any unreadable file simply has no data files we must protect
-        return set()
-    files: set[Path] = set()
-    for tensor in _iter_tensor_protos(proto.graph):
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            location = _external_info(tensor).get("location", "")
-            if (isinstance(location, str) and location and "\x00" not in location
-                    and not os.path.isabs(location)):
-                with contextlib.suppress(OSError, RuntimeError, ValueError):
-                    files.add((p.parent / location).resolve())
-    return files
 
 
 def load_model(path: str | os.PathLike[str], *, validate: bool = True) -> ir.Model:
@@ -183,7 +74,7 @@ def load_model(path: str | os.PathLike[str], *, validate: bool = True) -> ir.Mod
         raise InputError(f"{p}: cannot read ({e.strerror}); check permissions") from e
     if not proto.graph.node and not proto.graph.output:
         raise InputError(f"{p}: contains no ONNX graph (empty or not an ONNX file)")
-    _check_external_locations(proto, p)
+    check_external_locations(proto, p)
     if validate:
         check_input_model(proto, p)
     try:
@@ -270,7 +161,7 @@ def _free_data_name(out: Path, digest: str, taken: set[Path]) -> Path:
 
 def _relocate(proto_path: Path, old: str, new: str) -> None:
     proto = onnx.load(str(proto_path), load_external_data=False)
-    for tensor in _iter_tensor_protos(proto.graph):
+    for tensor in iter_tensor_protos(proto.graph):
         for entry in tensor.external_data:
             if entry.key == "location" and entry.value == old:
                 entry.value = new
@@ -341,89 +232,3 @@ def save_model(
         with contextlib.suppress(OSError):
             f.unlink()
     return out
-
-
-class ModelBytes(bytes):
-    """A serialized model whose external data has been read in from the model's folder.
-
-    onnxruntime resolves the external data of a model given as bytes against the working
-    directory (and some of its optimizers refuse external data without a model path), so
-    the bytes handed to a session or to onnx.checker carry every weight inline, read from
-    the folder the model was loaded from after the same containment checks as loading.
-    `base_dir` records that folder (None: the model had no external data).
-    """
-
-    base_dir: str | None = None
-
-
-def _external_folder(model: ir.Model) -> str | None:
-    """The one folder the model's external data sits in, each reference checked as at
-    load (inside the folder, a regular file, long enough)."""
-    folders: set[str] = set()
-    for graph in model.graphs():
-        for v in graph.initializers.values():
-            t = v.const_value
-            if not isinstance(t, ir.ExternalTensor):
-                continue
-            base = Path(t.base_dir or ".").resolve()
-            folders.add(str(base))
-            check_external_file(base, str(t.location), where=f"tensor '{v.name}' has external "
-                                f"data at '{t.location}'", offset=t.offset, length=t.length,
-                                nbytes=t.nbytes)
-    if len(folders) > 1:
-        raise InputError("external data spread over several folders is not supported")
-    return folders.pop() if folders else None
-
-
-def _inline_external(proto: onnx.ModelProto, base: str) -> None:
-    """Reads every external tensor of `proto` from `base` into raw_data."""
-    handles: dict[Path, object] = {}
-    try:
-        for tensor in _iter_tensor_protos(proto.graph):
-            if tensor.data_location != onnx.TensorProto.EXTERNAL:
-                continue
-            info = _external_info(tensor)
-            path = check_external_file(
-                Path(base), info.get("location", ""), where=f"tensor '{tensor.name}' has "
-                f"external data at '{info.get('location', '')}'", offset=info.get("offset"),
-                length=info.get("length"), nbytes=tensor_nbytes(tensor))
-            f = handles.get(path)
-            if f is None:
-                f = handles[path] = open(path, "rb")  # noqa: SIM115 - closed below
-            offset = int(info.get("offset") or 0)
-            size = int(info["length"]) if info.get("length") else tensor_nbytes(tensor)
-            f.seek(offset)  # type: ignore[attr-defined]
-            tensor.raw_data = f.read(size)  # type: ignore[attr-defined]
-            tensor.data_location = onnx.TensorProto.DEFAULT
-            del tensor.external_data[:]
-    finally:
-        for f in handles.values():
-            f.close()  # type: ignore[attr-defined]
-
-
-def model_bytes(model: ir.Model, proto: onnx.ModelProto | None = None) -> ModelBytes:
-    """The model (or `proto`, a serialized variant of it) as ModelBytes, weights inline."""
-    proto = ir.serde.serialize_model(model) if proto is None else proto
-    base = _external_folder(model)
-    external = sum(v.const_value.nbytes for g in model.graphs()
-                   for v in g.initializers.values()
-                   if isinstance(v.const_value, ir.ExternalTensor))
-    if proto.ByteSize() + external >= _TWO_GB - 2**20:
-        raise InputError(
-            "the model is over 2 GB with its weights held in memory; this is not supported "
-            "yet"
-        )
-    if base is not None:
-        _inline_external(proto, base)
-    data = ModelBytes(proto.SerializeToString())
-    data.base_dir = base
-    return data
-
-
-@contextlib.contextmanager
-def serialized_model(model: ir.Model) -> Iterator[ModelBytes]:
-    """The model as ModelBytes (weights inline), for onnx.checker and onnxruntime.
-
-    Kept as a context for its callers; nothing depends on the working directory any more.
-    """
-    yield model_bytes(model)

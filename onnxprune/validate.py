@@ -188,12 +188,11 @@ def _run_checker(proto: onnx.ModelProto, path: Path) -> None:
             else:
                 onnx.checker.check_model(proto, full_check=True)
     except Exception as e:  # ValidationError, InferenceError and friends
-        text = str(e).strip()
-        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-        first = next((ln for ln in lines if not ln.startswith("==>")), lines[0] if lines else "")
-        ctx = next((ln for ln in lines if "Context" in ln or "node" in ln.lower()), "")
-        detail = first if not ctx or ctx == first else f"{first} ({ctx[:160]})"
-        raise InputError(f"{path}: invalid input model: {detail[:400] or type(e).__name__}; "
+        lines = [ln.strip() for ln in str(e).splitlines()
+                 if ln.strip() and not ln.strip().startswith("==>")]
+        detail = " ".join(lines)
+        detail = detail if len(detail) <= 400 else detail[:397] + "..."
+        raise InputError(f"{path}: invalid input model: {detail or type(e).__name__}; "
                          "fix the model (onnx.checker.check_model(path, full_check=True) "
                          "shows the same)") from e
 
@@ -222,6 +221,8 @@ def check_input_model(proto: onnx.ModelProto, path: str | os.PathLike[str]) -> N
                     _check_tensor(attr.t, f"{where}: node '{node.name or node.op_type}'")
         _check_names(graph, where)
     main = proto.graph
+    if not main.output:
+        raise InputError(f"{where}: the graph has no outputs; re-export the model")
     init_names = {t.name for t in main.initializer}
     for vi in main.input:
         _check_value_info(vi, where, "input", fixed_zero_ok=vi.name in init_names)

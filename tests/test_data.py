@@ -302,3 +302,93 @@ def test_parse_shape_overrides_errors(item: str) -> None:
         parse_shape_overrides([item])
     message = str(info.value)
     assert f"'{item}'" in message and "NAME:D0,D1" in message
+
+
+# ------------------------------------------------------------------ limits (header checks)
+
+
+def test_npz_nbytes_reads_headers_only(tmp_path: Path) -> None:
+    from onnxprune.calibration.data import npz_nbytes
+
+    x = np.zeros((64, 3, 4), np.float32)
+    np.savez_compressed(tmp_path / "a.npz", x=x, y=np.ones(5, np.int64))
+    got = npz_nbytes(tmp_path / "a.npz")
+    assert x.nbytes + 40 <= got <= x.nbytes + 40 + 2 * 256  # arrays plus two .npy headers
+
+
+def test_data_budget_refuses_before_loading(
+    tmp_path: Path, image_specs: list[InputSpec], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from onnxprune.calibration.data import data_budget, memory_budget
+
+    for i in range(3):
+        np.savez(tmp_path / f"b{i}.npz", x=np.zeros((100, 3, 4), np.float32))
+    loads = []
+    real = np.load
+    monkeypatch.setattr(np, "load", lambda *a, **k: loads.append(a) or real(*a, **k))
+    with data_budget(10_000):
+        assert memory_budget() == 10_000
+        with pytest.raises(DataError, match="b2.npz.*memory budget of 10000"):
+            list(load_batches(tmp_path, image_specs))
+    assert loads == []  # refused from the headers, before any array was read
+    assert memory_budget() != 10_000
+    assert len(list(load_batches(tmp_path, image_specs))) == 3
+    with pytest.raises(DataError, match="positive"), data_budget(0):
+        pass
+
+
+def test_fifo_in_a_folder_is_skipped_and_refused_alone(
+    tmp_path: Path, image_specs: list[InputSpec]
+) -> None:
+    import os
+
+    np.savez(tmp_path / "a.npz", x=np.zeros((2, 3, 4), np.float32))
+    os.mkfifo(tmp_path / "b.npz")
+    assert [f.name for f in batch_files(tmp_path)] == ["a.npz"]
+    with pytest.raises(DataError, match="not a regular file"):
+        batch_files(tmp_path / "b.npz")
+
+
+def test_npy_under_npz_name_and_object_arrays(
+    tmp_path: Path, image_specs: list[InputSpec]
+) -> None:
+    np.save(tmp_path / "a.npy", np.zeros((2, 3, 4), np.float32))
+    (tmp_path / "a.npy").rename(tmp_path / "a.npz")
+    with pytest.raises(DataError, match="plain .npy array"):
+        list(load_batches(tmp_path / "a.npz", image_specs))
+    np.savez(tmp_path / "o.npz", x=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(DataError, match="Python objects"):
+        list(load_batches(tmp_path / "o.npz", image_specs))
+
+
+@pytest.mark.parametrize("arr,word", [
+    (np.full((2, 3, 4), np.nan, np.float32), "NaN"),
+    (np.full((2, 3, 4), np.inf, np.float32), "no finite value"),
+    (np.zeros((0, 3, 4), np.float32), "no rows"),
+])
+def test_unusable_arrays_are_refused(
+    tmp_path: Path, image_specs: list[InputSpec], arr: np.ndarray, word: str
+) -> None:
+    np.savez(tmp_path / "d.npz", x=arr)
+    with pytest.raises(DataError, match=word):
+        list(load_batches(tmp_path / "d.npz", image_specs))
+
+
+def test_some_infinities_are_data(tmp_path: Path, image_specs: list[InputSpec]) -> None:
+    """A float mask with -inf entries is real input: only all-non-finite is refused."""
+    x = np.zeros((2, 3, 4), np.float32)
+    x[0, 0, 0] = -np.inf
+    np.savez(tmp_path / "d.npz", x=x)
+    (batch,) = list(load_batches(tmp_path / "d.npz", image_specs))
+    assert batch["x"][0, 0, 0] == -np.inf
+
+
+def test_generated_inputs_are_capped() -> None:
+    from onnxprune.calibration.data import MAX_GENERATED_BYTES
+
+    spec = InputSpec("x", np.dtype(np.float32), (4_000_000, 8))
+    with pytest.raises(DataError, match="over the cap"):
+        random_batches([spec])
+    small = InputSpec("x", np.dtype(np.float32), ("batch", 8))
+    (batch, _) = random_batches([small])
+    assert batch["x"].nbytes < MAX_GENERATED_BYTES

@@ -63,7 +63,15 @@ def _tensor_types() -> st.SearchStrategy[int]:
 
 @st.composite
 def structural_mutation(draw: st.DrawFn, model: onnx.ModelProto) -> str:
-    """Applies one edit to `model` in place; returns its name (for the log)."""
+    """Applies one edit to `model` in place; returns its name (for the log), or "skip"
+    when an earlier edit left nothing for this one to apply to."""
+    try:
+        return _mutate(draw, model)
+    except (IndexError, ValueError, TypeError, KeyError):
+        return "skip"
+
+
+def _mutate(draw: st.DrawFn, model: onnx.ModelProto) -> str:
     g = model.graph
     kind = draw(st.sampled_from([
         "raw_bytes", "init_dims", "init_type", "input_type", "input_dim", "output_dim",
@@ -133,13 +141,13 @@ def structural_mutation(draw: st.DrawFn, model: onnx.ModelProto) -> str:
         node.domain = draw(st.sampled_from(["com.microsoft", "x", "ai.onnx.ml", ""]))
     elif kind == "nan_weight":
         value = draw(st.sampled_from([np.nan, np.inf, -np.inf, 1e38]))
-        try:  # an earlier edit may have made the tensor unreadable
+        try:  # an earlier edit may have made the tensor unreadable or not float
             arr = onnx.numpy_helper.to_array(init).copy()
+            if arr.size:
+                arr.flat[0] = value
+            init.CopyFrom(onnx.numpy_helper.from_array(arr, init.name))
         except Exception:
             return "skip"
-        if arr.size:
-            arr.flat[0] = value
-        init.CopyFrom(onnx.numpy_helper.from_array(arr, init.name))
     elif kind == "drop_output":
         del g.output[:]
     elif kind == "value_info":
@@ -148,11 +156,11 @@ def structural_mutation(draw: st.DrawFn, model: onnx.ModelProto) -> str:
     elif kind == "typed_data":
         count = draw(st.integers(0, 200))
         try:
-            arr = onnx.numpy_helper.to_array(init)
+            values = np.resize(onnx.numpy_helper.to_array(init).ravel(), count).astype(float)
         except Exception:
             return "skip"
         init.ClearField("raw_data")
-        init.float_data.extend(np.resize(arr.ravel(), count).astype(float).tolist())
+        init.float_data.extend(values.tolist())
     return kind
 
 
@@ -323,3 +331,85 @@ class _FixedDraw:
 
     def __call__(self, strategy: object) -> object:
         return self.answers.pop(0)
+
+
+@st.composite
+def data_case(draw: st.DrawFn) -> tuple[bytes, str]:
+    """A calibration .npz with flipped or cut bytes, or a hostile header."""
+    buf = io.BytesIO()
+    np.savez(buf, x=random_input([8, 8], seed=2))
+    data, kind = _byte_mutation(buf.getvalue(), draw)
+    return data, kind
+
+
+def check_data_case(data: bytes, command: str) -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        (folder / "out").mkdir()
+        save(_base("matmul"), folder / "m.onnx")
+        (folder / "calib.npz").write_bytes(data)
+        if command == "quantize":
+            argv = ["quantize", str(folder / "m.onnx"), "-o", str(folder / "out" / "q.onnx"),
+                    "--calibration", str(folder / "calib.npz")]
+        else:
+            argv = ["verify", str(folder / "m.onnx"), str(folder / "m.onnx"), "--data",
+                    str(folder / "calib.npz")]
+        before = folder_snapshot(folder)
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            code = main(argv)
+        lines = [ln for ln in err.getvalue().splitlines() if ln.strip()]
+        where = f"{command}: exit {code}: {err.getvalue()!r}"
+        if code == 3:
+            where += _traceback(argv)
+        _log(command + "-data", [], code, lines)
+        assert code in (0, 1, 2), where
+        after = folder_snapshot(folder)
+        assert {k: v for k, v in after.items() if not k.startswith("out/")} == before, where
+        if code:
+            assert len(lines) == 1, where
+        if code == 2:
+            assert not any(k.startswith("out/") for k in after), where
+        return code
+
+
+@settings(max_examples=60, **_SETTINGS)  # type: ignore[arg-type]
+@given(case=data_case(), command=st.sampled_from(["quantize", "verify"]))
+def test_fuzz_calibration_files(case: tuple[bytes, str], command: str) -> None:
+    check_data_case(case[0], command)
+
+
+@pytest.mark.fuzz
+@settings(max_examples=int(os.environ.get("ONNXPRUNE_FUZZ_DATA_EXAMPLES", "1000")),
+          **{**_SETTINGS, "derandomize": False})  # type: ignore[arg-type]
+@given(case=data_case(), command=st.sampled_from(["quantize", "verify"]))
+def test_fuzz_calibration_files_many(case: tuple[bytes, str], command: str) -> None:
+    check_data_case(case[0], command)
+
+
+@pytest.mark.parametrize("command", ["prune", "verify"])
+def test_fuzz_in_a_real_process(tmp_path: Path, command: str) -> None:
+    """A few cases through `python -m onnxprune`: stderr is the real one there, with the
+    libraries' own logging and warnings (PYTHONWARNINGS=always)."""
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    model = _base("gemm")
+    model.graph.initializer[0].raw_data = model.graph.initializer[0].raw_data[:-4]
+    (tmp_path / "out").mkdir()
+    path = tmp_path / "m.onnx"
+    path.write_bytes(model.SerializeToString())
+    save(_base("matmul"), tmp_path / "ref.onnx")
+    np.savez(tmp_path / "calib.npz", x=random_input([8, 8], seed=2))
+    before = folder_snapshot(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+           "PYTHONWARNINGS": "always"}
+    done = subprocess.run([sys.executable, "-m", "onnxprune",
+                           *_argv(command, path, tmp_path, True)],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "fc0.weight" in done.stderr
+    assert folder_snapshot(tmp_path) == before

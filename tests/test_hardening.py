@@ -204,6 +204,10 @@ def _kill_during_save(tmp_path: Path, tries: int, seed: int) -> int:
 
 def test_case02_kill_9_during_save_always_leaves_a_loadable_output(tmp_path: Path) -> None:
     assert _kill_during_save(tmp_path, tries=2, seed=0) == 2
+    # The next save sweeps what the killed runs left: no temporary file remains.
+    model = load_model(tmp_path / "out.onnx")
+    save_model(model, tmp_path / "out.onnx", external_data=True)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
 @pytest.mark.fuzz
@@ -218,7 +222,7 @@ def test_case02_sigterm_during_save_leaves_no_temp_files(tmp_path: Path) -> None
         "from onnxprune.io import save_model\nimport signal\n"
         "def stop(*a):\n    raise KeyboardInterrupt\nsignal.signal(signal.SIGTERM, stop)"))
     out = tmp_path / "out.onnx"
-    for delay in (0.2, 0.5):
+    for delay in (0.3,):
         child = subprocess.Popen([sys.executable, str(script), str(out)],
                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         assert child.stdout is not None and child.stdout.readline().strip() == b"ready"
@@ -424,10 +428,9 @@ def test_case08_fifo_in_calibration_folder_never_blocks(
     done = subprocess.run([*base, "data", "-o", "q.onnx"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    done = subprocess.run([*base, "fifo.npz", "-o", "q2.onnx"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
-    assert "regular file" in done.stderr
+    # Given directly, a FIFO is refused before it is opened (in process: no hang to fear).
+    code = main(["quantize", "m.onnx", "--calibration", "fifo.npz", "-o", "q2.onnx"])
+    assert code == 2 and not (tmp_path / "q2.onnx").exists()
 
 
 def test_case09_huge_fixed_batch_does_not_generate_gigabytes(
@@ -546,17 +549,20 @@ def test_case13_initializer_named_like_a_graph_input(
     tmp_path: Path, mlp: onnx.ModelProto, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """An initializer listed as a graph input is a default value (torch's
-    keep_initializers_as_inputs): every command handles it, without an assertion."""
+    keep_initializers_as_inputs): every command handles it, without an assertion. Its
+    weight may be overridden at run time, so pruning declines it (here that leaves nothing
+    prunable: a clear exit 2); inspect, verify and quantize work."""
     mlp.graph.input.append(helper.make_tensor_value_info("fc0.weight", TensorProto.FLOAT,
                                                          [8, 16]))
     save(mlp, tmp_path / "m.onnx")
     before = sha256(tmp_path / "m.onnx")
     _calib(tmp_path / "calib.npz")
-    for argv in (["m.onnx", "-o", "o.onnx", "--sparsity", "0.25"], ["inspect", "m.onnx"],
-                 ["verify", "m.onnx", "m.onnx"],
+    code, err = cli(capsys, "m.onnx", "-o", "o.onnx", "--sparsity", "0.25")
+    assert code == 2 and "nothing prunable" in err[0]
+    for argv in (["inspect", "m.onnx"], ["verify", "m.onnx", "m.onnx"],
                  ["quantize", "m.onnx", "-o", "q.onnx", "--calibration", "calib.npz"]):
         code, err = cli(capsys, *argv)
-        assert code in (0, 2), err
+        assert code == 0, err
     assert sha256(tmp_path / "m.onnx") == before
     # A graph input that shadows an initializer of another shape is refused by the gate.
     mlp.graph.input[-1].type.tensor_type.shape.dim[0].dim_value = 3
@@ -759,13 +765,10 @@ def test_case22_gemm_bias_behind_identity(
     onnx.checker.check_model(model, full_check=True)
     save(model, tmp_path / "m.onnx")
     code, err = cli(capsys, "m.onnx", "-o", "o.onnx", "--sparsity", "0.25")
-    if code == 0:
-        onnx.checker.check_model(str(tmp_path / "o.onnx"), full_check=True)
-        assert _outputs(tmp_path / "o.onnx").shape == (6, 4)
-    else:
-        assert code == 2 and "nothing prunable" in err[0]
-    code, _ = cli(capsys, "inspect", "m.onnx")
-    assert code == 0
+    assert code == 2 and "nothing prunable" in err[0] and "not a constant" in err[0]
+    assert not (tmp_path / "o.onnx").exists()
+    assert main(["inspect", "m.onnx"]) == 0
+    assert "'fc0.bias_id', which is not a constant" in capsys.readouterr().out
 
 
 # -------------------------------------------------------------- unclear messages (23-25)
@@ -896,4 +899,17 @@ def test_held_writing_over_the_input_is_refused_by_every_spelling(
                 "hard.onnx"):
         code, err = cli(capsys, "m.onnx", "-o", out, "--sparsity", "0.25")
         assert code == 2, out
+    assert folder_snapshot(tmp_path) == before
+
+
+def test_held_api_prune_refuses_to_write_over_its_input(
+    tmp_path: Path, mlp: onnx.ModelProto
+) -> None:
+    import onnxprune.api as api
+
+    save(mlp, tmp_path / "m.onnx", external_data=True)
+    before = folder_snapshot(tmp_path)
+    for out in ("m.onnx", "m.onnx.data"):
+        with pytest.raises(InputError):
+            api.prune(str(tmp_path / "m.onnx"), output=tmp_path / out, sparsity=0.25)
     assert folder_snapshot(tmp_path) == before

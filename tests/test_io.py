@@ -321,3 +321,57 @@ def test_check_output_path_accepts_new_file(tmp_path: Path, model: onnx.ModelPro
     assert check_output_path(tmp_path / "o.onnx", [src]) == tmp_path / "o.onnx"
     assert not (tmp_path / "o.onnx").exists()
     assert sha256(src) == before
+
+
+# ------------------------------------------------------------------ hardened output paths
+
+
+def test_check_output_path_refuses_links_and_special_files(
+    tmp_path: Path, model: onnx.ModelProto
+) -> None:
+    src = save(model, tmp_path / "m.onnx")
+    (tmp_path / "link.onnx").symlink_to(tmp_path / "elsewhere.onnx")
+    os.mkfifo(tmp_path / "fifo.onnx")
+    for name in ("link.onnx", "fifo.onnx"):
+        with pytest.raises(InputError):
+            check_output_path(tmp_path / name, [src])
+    (tmp_path / "o.onnx.data").symlink_to(tmp_path / "victim")
+    with pytest.raises(InputError, match="symbolic link"):
+        check_output_path(tmp_path / "o.onnx", [src])
+
+
+def test_save_never_reuses_a_data_file_the_model_reads(
+    ext_dir: Path, model: onnx.ModelProto
+) -> None:
+    """Saving a loaded external-data model over its own path (--force) writes new data
+    under a new name; the old data file stays, since the model in memory still reads it."""
+    before = sha256(ext_dir / "m.onnx.data")
+    loaded = load_model(ext_dir / "m.onnx")
+    out = save_model(loaded, ext_dir / "m.onnx")
+    proto = onnx.load(str(out), load_external_data=False)
+    (location,) = {e.value for t in proto.graph.initializer for e in t.external_data
+                   if e.key == "location"}
+    assert location.startswith("m.onnx.") and location != "m.onnx.data"
+    assert sha256(ext_dir / "m.onnx.data") == before
+    np.testing.assert_array_equal(run(out, {"x": X})[0], run(model, {"x": X})[0])
+    np.testing.assert_array_equal(run(loaded, {"x": X})[0], run(model, {"x": X})[0])
+
+
+def test_sessions_never_read_the_working_directory(
+    ext_dir: Path, tmp_path: Path, model: onnx.ModelProto, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from onnxprune.io import model_bytes
+    from onnxprune.runtime import make_session
+
+    decoy = tmp_path / "decoy"
+    decoy.mkdir()
+    (decoy / "m.onnx.data").write_bytes(b"\0" * (ext_dir / "m.onnx.data").stat().st_size)
+    monkeypatch.chdir(decoy)
+    loaded = load_model(ext_dir / "m.onnx")
+    got = make_session(loaded).run(None, {"x": X})[0]
+    np.testing.assert_array_equal(got, run(model, {"x": X})[0])
+    data = model_bytes(loaded)
+    assert data.base_dir == str(ext_dir.resolve())
+    plain = onnx.load(str(ext_dir / "m.onnx"), load_external_data=False).SerializeToString()
+    with pytest.raises(Exception, match="nonexistent"):  # plain bytes: never the cwd
+        make_session(plain)
