@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,7 +72,7 @@ class DistillResult:
 
     def to_dict(self) -> dict[str, object]:
         return {"distilled_blocks": self.distilled, "seconds": round(self.seconds, 2),
-                "blocks": [b.to_dict() for b in self.blocks]}
+                "repairs": [b.to_dict() for b in self.blocks]}
 
 
 def _samples(batch: Batch, lead: tuple[int, ...]) -> np.ndarray:
@@ -120,6 +120,25 @@ class _Decline(Exception):
     pass
 
 
+def _constants(model: ir.Model) -> dict[str, ir.Value]:
+    values = {v.name: v for v in model.graph.initializers.values() if v.name}
+    for node in model.graph:
+        if node.op_type == "Constant" and node.outputs[0].name:
+            values[node.outputs[0].name] = node.outputs[0]
+    return values
+
+
+def _pruned(group: ChannelGroup, reference: dict[str, ir.Value]) -> bool:
+    """Whether the group lost channels: its consumer weight is smaller than the original's
+    (a weight the original does not have by that name counts as changed)."""
+    w = group.consumers[0].weight if group.consumers else None
+    ref = reference.get(w.name or "") if w is not None else None
+    if w is None or ref is None:
+        return True
+    a, b = const_array(w), const_array(ref)
+    return a is None or b is None or a.shape != b.shape
+
+
 class DistillRepairPass(ir.passes.InPlacePass):
     """Optimises the weights of every pruned block against the original model's output."""
 
@@ -130,10 +149,13 @@ class DistillRepairPass(ir.passes.InPlacePass):
         calibration: Calibration,
         seconds: float = DEFAULT_REPAIR_SECONDS,
         groups: Collection[str] | None = None,
+        kept: Mapping[str, np.ndarray] | None = None,
         options: FitOptions | None = None,
     ) -> None:
         """`reference`: the original model (not modified). `groups`: names of the groups to
-        repair (default: every prunable group). `seconds`: the time budget for all blocks."""
+        repair (default: every group with fewer channels than in `reference`). `kept`: the
+        channels each pruned group kept (RemoveNeuronsPass.kept), needed where a block's
+        output is itself a pruned group (an MLP layer feeding the next). `seconds`: the time budget for all blocks."""
         super().__init__()
         if seconds <= 0:
             raise InputError(f"--repair-seconds must be > 0, got {seconds}")
@@ -141,13 +163,17 @@ class DistillRepairPass(ir.passes.InPlacePass):
         self.calibration = calibration
         self.seconds = seconds
         self.groups = None if groups is None else set(groups)
+        self.kept = kept if kept is not None else {}
         self.options = options or FitOptions()
+        self._all: list[ChannelGroup] = []
         self.result = DistillResult()
 
     def _blocks(self, model: ir.Model) -> tuple[list[ChannelGroup], list[BlockRepair]]:
+        ref = _constants(self.reference)
         order = {node: i for i, node in enumerate(model.graph)}
-        chosen = [g for g in find_channel_groups(model) if g.prunable
-                  and (self.groups is None or g.name in self.groups)]
+        self._all = find_channel_groups(model)
+        chosen = [g for g in self._all if g.prunable
+                  and (g.name in self.groups if self.groups is not None else _pruned(g, ref))]
         chosen.sort(key=lambda g: order[g.producers[0].node])
         return chosen, []
 
@@ -205,6 +231,18 @@ class DistillRepairPass(ir.passes.InPlacePass):
             return BlockRepair(name, "declined", str(e), target=out)
         target = targets[out]
         inputs = tuple(collect.rows(n) for n in names)
+        fn = BlockFunction(block, np.float32)
+        start = {v: np.asarray(const_array(v), dtype=np.float32) for v in block.params}
+        width = fn.forward({v: a[:1] for v, a in zip(block.inputs, inputs, strict=True)},
+                           start, keep=False)[0].shape[-1]
+        if width != target.shape[1]:
+            owner = next((g for g in self._all if block.output in g.members), None)
+            keep = None if owner is None else self.kept.get(owner.name)
+            if keep is None or len(keep) != width:
+                return BlockRepair(name, "declined", f"'{out}' has {width} channels here and "
+                                   f"{target.shape[1]} in the original, and which were kept "
+                                   "is not known", target=out)
+            target = target[:, np.asarray(keep)]
         if inputs[0].shape[0] != target.shape[0]:
             raise DataError(f"block '{name}': {inputs[0].shape[0]} input rows but "
                             f"{target.shape[0]} target rows in '{out}'; please report")
@@ -217,8 +255,6 @@ class DistillRepairPass(ir.passes.InPlacePass):
         held_mask = samples % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
         rows = Rows(inputs, target)
         fit_rows, held_rows = rows.take(~held_mask), rows.take(held_mask)
-        fn = BlockFunction(block, np.float32)
-        start = {v: np.asarray(const_array(v), dtype=np.float32) for v in block.params}
         options = FitOptions(**{**vars(self.options), "seconds": seconds})
         res = distill_block(fn, start, fit_rows, held_rows, options)
         status = "distilled" if res.improved else "kept least squares"

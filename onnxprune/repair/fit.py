@@ -104,14 +104,16 @@ def distill_block(fn: BlockFunction, start: dict[ir.Value, np.ndarray], fit: Row
     bad = 0
     stopped = "max epochs"
     d = fit.target.shape[1]
+    # Small calibration sets still get a few steps per epoch between held-out checks.
+    batch_rows = max(1, min(options.batch_rows, fit.count // 16 or 1))
     for epoch in range(options.max_epochs):
         order = rng.permutation(fit.count)
         out_of_time = False
-        for b in range(0, fit.count, options.batch_rows):
+        for b in range(0, fit.count, batch_rows):
             if time.perf_counter() > deadline:
                 out_of_time = True
                 break
-            part = fit.take(order[b : b + options.batch_rows])
+            part = fit.take(order[b : b + batch_rows])
             out, env = fn.forward(dict(zip(fn.block.inputs, part.inputs, strict=True)), theta)
             g = (2.0 / (part.count * d)) * (out - part.target)
             grads = fn.backward(env, g.astype(dtype, copy=False))
