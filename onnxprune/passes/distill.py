@@ -28,7 +28,9 @@ from onnxprune.errors import DataError, InputError
 from onnxprune.graph.channels import ChannelGroup, find_channel_groups
 from onnxprune.graph.weights import const_array, set_const_array
 from onnxprune.passes.reconstruct import Calibration
+from onnxprune.runtime import make_session
 from onnxprune.repair.block import Block, BlockFunction, find_block
+from onnxprune.repair.capture import cut_model
 from onnxprune.repair.fit import FitOptions, Rows, distill_block
 
 __all__ = ["DistillRepairPass", "DistillResult", "BlockRepair", "DEFAULT_REPAIR_SECONDS",
@@ -90,6 +92,9 @@ class _Collector:
         self.dtype = dtype
         self.parts: dict[str, list[np.ndarray]] = {n: [] for n in self.names}
         self.sample_parts: list[np.ndarray] = []
+        self.full: list[dict[str, np.ndarray]] = []  # every row, per batch (keep_full)
+        self.keep_full = False
+        self.leads: list[tuple[int, ...]] = []
         self.offset = 0
 
     def __call__(self, arrays: dict[str, np.ndarray], batch: Batch) -> None:
@@ -99,6 +104,7 @@ class _Collector:
         rows = int(np.prod(lead))
         mask = row_mask(batch, self.token_mask, rows, lead)
         samples = _samples(batch, lead) + self.offset
+        self.leads.append(tuple(first.shape[:-1]) if first.ndim > 1 else (first.shape[0],))
         self.offset += lead[0]
         for name in self.names:
             a = arrays[name]
@@ -108,6 +114,9 @@ class _Collector:
                                f"has {rows}; the block does not act row by row")
             self.parts[name].append((flat if mask is None else flat[mask]).astype(self.dtype))
         self.sample_parts.append(samples if mask is None else samples[mask])
+        if self.keep_full:
+            self.full.append({n: arrays[n].reshape(rows, -1).astype(self.dtype)
+                              for n in self.names})
 
     def rows(self, name: str) -> np.ndarray:
         return np.concatenate(self.parts[name], axis=0)
@@ -166,6 +175,7 @@ class DistillRepairPass(ir.passes.InPlacePass):
         self.kept = kept if kept is not None else {}
         self.options = options or FitOptions()
         self._all: list[ChannelGroup] = []
+        self._prev: tuple[str, list[np.ndarray]] | None = None  # last block output, per batch
         self.result = DistillResult()
 
     def _blocks(self, model: ir.Model) -> tuple[list[ChannelGroup], list[BlockRepair]]:
@@ -200,6 +210,7 @@ class DistillRepairPass(ir.passes.InPlacePass):
         modified = False
         if blocks:
             targets = self._targets(blocks)
+            self._prev = None
             for k, block in enumerate(blocks):
                 left = max(deadline - time.perf_counter(), 0.0) / (len(blocks) - k)
                 report = self._repair(model, block, targets, left)
@@ -210,6 +221,29 @@ class DistillRepairPass(ir.passes.InPlacePass):
         ordered = tuple(done[g.name] for g in groups)
         self.result = DistillResult(ordered, time.perf_counter() - t0)
         return ir.passes.PassResult(model, modified=modified)
+
+    def _block_inputs(self, model: ir.Model, names: Sequence[str],
+                      prev: tuple[str, list[np.ndarray]] | None, collect: _Collector) -> None:
+        """Runs the calibration batches up to the block's inputs. The previous block's output,
+        computed by the repair itself, is fed in, so only the layers in between run."""
+        graph_inputs = {v.name for v in model.graph.inputs}
+        wanted = [n for n in names if n not in graph_inputs]
+        session = None
+        if wanted:
+            session = make_session(cut_model(model, wanted, prev[0] if prev else None), "cpu")
+        fed = {i.name for i in session.get_inputs()} if session is not None else set()
+        for i, batch in enumerate(self.calibration.batches):
+            arrays: dict[str, np.ndarray] = {}
+            if session is not None:
+                feeds = {k: v for k, v in batch.items() if k in fed}
+                if prev is not None and prev[0] in fed:
+                    feeds[prev[0]] = prev[1][i]
+                try:
+                    arrays = dict(zip(wanted, session.run(wanted, feeds), strict=True))
+                except Exception as e:  # onnxruntime raises several unrelated types
+                    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                    raise DataError(f"calibration batch {i} failed in onnxruntime: {text}") from e
+            collect(arrays, batch)
 
     def _targets(self, blocks: Sequence[Block]) -> dict[str, np.ndarray]:
         """The original model's block outputs on the calibration rows, for every block."""
@@ -223,10 +257,10 @@ class DistillRepairPass(ir.passes.InPlacePass):
         name, out = block.name, block.output.name or ""
         names = [v.name or "" for v in block.inputs]
         collect = _Collector(names, self.calibration.token_mask, np.float32)
-        graph_inputs = {v.name for v in model.graph.inputs}
+        collect.keep_full = True
+        prev, self._prev = self._prev, None
         try:
-            capture(model, [n for n in names if n not in graph_inputs],
-                    self.calibration.batches, collect)
+            self._block_inputs(model, names, prev, collect)
         except _Decline as e:
             return BlockRepair(name, "declined", str(e), target=out)
         target = targets[out]
@@ -263,6 +297,9 @@ class DistillRepairPass(ir.passes.InPlacePass):
                 old = const_array(v)
                 assert old is not None
                 set_const_array(v, arr.astype(old.dtype).reshape(old.shape))
+        self._prev = (out, [fn.forward({v: f[v.name or ""] for v in block.inputs}, res.params,
+                                       keep=False)[0].reshape(*shape, -1)
+                            for f, shape in zip(collect.full, collect.leads, strict=True)])
         logger.info("block %s: held-out MSE %.4g -> %.4g in %d epochs (%s)", name,
                     res.held_before, res.held_after, res.epochs, res.stopped)
         return BlockRepair(name, status, None if res.improved else res.stopped,

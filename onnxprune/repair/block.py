@@ -123,8 +123,11 @@ def _tail(consumer: ir.Node) -> tuple[list[ir.Node], str | None]:
             if other is None:
                 break
             if not is_constant(other):
-                if op != "Add" or residual or other.shape is None or value.shape is None or (
-                        list(other.shape) != list(value.shape)):
+                # Shapes are often not recorded; rows that do not line up are caught when
+                # the captured tensors are compared.
+                known = other.shape is not None and value.shape is not None
+                if op != "Add" or residual or known and (
+                        list(other.shape) != list(value.shape)):  # type: ignore[union-attr]
                     break
                 residual = True
         elif op not in _TAIL_UNARY:
