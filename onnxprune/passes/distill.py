@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 # Every 8th calibration sample (sentence) is held out for early stopping.
 HOLDOUT_EVERY = 8
 MIN_SAMPLES = 2 * HOLDOUT_EVERY
-DEFAULT_REPAIR_SECONDS = 90.0
+DEFAULT_REPAIR_SECONDS = 120.0
 
 
 @dataclass(frozen=True)
