@@ -81,8 +81,6 @@ def quality(dense_emb, model: Path, sentences) -> dict[str, float]:
 
 
 def digits_rows(seconds: float | None) -> list[dict]:
-    import numpy as np
-
     sys.path.insert(0, str(ROOT / "models"))
     from build_digits import accuracy  # type: ignore[import-not-found]
 
@@ -90,7 +88,6 @@ def digits_rows(seconds: float | None) -> list[dict]:
     out = run_worker(ROOT / "models" / "digits_mlp.onnx", ROOT / "models" / "digits_calib.npz",
                      0.5, stem, seconds, None)
     dense = accuracy(ROOT / "models" / "digits_mlp.onnx")
-    del np
     return [{"model": "digits MLP", "FFN": "50%", "repair": r,
              "accuracy": accuracy(out[r]), "dense accuracy": dense,
              "time_s": out["lstsq_s"] + (out["distill_s"] if r == "distill" else 0.0),

@@ -28,10 +28,10 @@ from onnxprune.errors import DataError, InputError
 from onnxprune.graph.channels import ChannelGroup, find_channel_groups
 from onnxprune.graph.weights import const_array, set_const_array
 from onnxprune.passes.reconstruct import Calibration
-from onnxprune.runtime import make_session
 from onnxprune.repair.block import Block, BlockFunction, find_block
 from onnxprune.repair.capture import cut_model
 from onnxprune.repair.fit import FitOptions, Rows, distill_block
+from onnxprune.runtime import make_session
 
 __all__ = ["DistillRepairPass", "DistillResult", "BlockRepair", "DEFAULT_REPAIR_SECONDS",
            "HOLDOUT_EVERY"]
@@ -164,7 +164,8 @@ class DistillRepairPass(ir.passes.InPlacePass):
         """`reference`: the original model (not modified). `groups`: names of the groups to
         repair (default: every group with fewer channels than in `reference`). `kept`: the
         channels each pruned group kept (RemoveNeuronsPass.kept), needed where a block's
-        output is itself a pruned group (an MLP layer feeding the next). `seconds`: the time budget for all blocks."""
+        output is itself a pruned group (an MLP layer feeding the next). `seconds`: the time
+        budget for all blocks, captures included."""
         super().__init__()
         if seconds <= 0:
             raise InputError(f"--repair-seconds must be > 0, got {seconds}")
