@@ -126,7 +126,8 @@ def _main_parser() -> argparse.ArgumentParser:
                    help="repair after removal (default lstsq with --calibration, else none; "
                    "distill: lstsq, then each pruned block learns the original's output)")
     g.add_argument("--repair-seconds", type=float, default=None, metavar="S",
-                   help="time budget of --reconstruct distill (default 120)")
+                   help="optimisation time of --reconstruct distill, shared by the pruned "
+                   "blocks (default 120; capturing their inputs comes on top)")
     g.add_argument("--ridge", type=_ridge, default=None, metavar="F|auto",
                    help="ridge strength of the repair, relative to the mean activation power "
                    "(default auto: chosen per layer by cross-validation on the calibration "

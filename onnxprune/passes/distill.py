@@ -164,8 +164,9 @@ class DistillRepairPass(ir.passes.InPlacePass):
         """`reference`: the original model (not modified). `groups`: names of the groups to
         repair (default: every group with fewer channels than in `reference`). `kept`: the
         channels each pruned group kept (RemoveNeuronsPass.kept), needed where a block's
-        output is itself a pruned group (an MLP layer feeding the next). `seconds`: the time
-        budget for all blocks, captures included."""
+        output is itself a pruned group (an MLP layer feeding the next). `seconds`: the
+        optimisation time for all blocks, shared evenly, unused time passed on (running the
+        calibration batches to capture inputs and targets comes on top)."""
         super().__init__()
         if seconds <= 0:
             raise InputError(f"--repair-seconds must be > 0, got {seconds}")
@@ -190,7 +191,6 @@ class DistillRepairPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         t0 = time.perf_counter()
-        deadline = t0 + self.seconds
         groups, reports = self._blocks(model)
         ref_names = {o.name for n in self.reference.graph for o in n.outputs if o.name}
         blocks: list[Block] = []
@@ -212,9 +212,10 @@ class DistillRepairPass(ir.passes.InPlacePass):
         if blocks:
             targets = self._targets(blocks)
             self._prev = None
+            budget = self.seconds  # optimisation time; captures are not counted
             for k, block in enumerate(blocks):
-                left = max(deadline - time.perf_counter(), 0.0) / (len(blocks) - k)
-                report = self._repair(model, block, targets, left)
+                report = self._repair(model, block, targets, budget / (len(blocks) - k))
+                budget = max(budget - report.seconds, 0.0)  # unused time moves on
                 reports.append(report)
                 modified = modified or report.status == "distilled"
                 logger.info("block %s: %s", block.name, report.status)
