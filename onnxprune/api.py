@@ -27,6 +27,7 @@ from onnxprune.graph.accounting import ModelStats, model_stats
 from onnxprune.graph.attention import AttentionBlock, find_attention_blocks
 from onnxprune.graph.channels import ChannelGroup, find_channel_groups
 from onnxprune.io import MIN_OPSET, check_output_path, load_model, save_model, serialized_model
+from onnxprune.passes.distill import DEFAULT_REPAIR_SECONDS, DistillRepairPass
 from onnxprune.passes.reconstruct import Calibration, Reconstruct
 from onnxprune.passes.remove_heads import RemoveHeadsPass
 from onnxprune.passes.remove_neurons import Progress, RemoveNeuronsPass
@@ -79,8 +80,9 @@ class PruneConfig:
     criterion: str | None = None
     calibration: str | os.PathLike[str] | Sequence[Batch] | None = None
     token_mask: str | None = None
-    reconstruct: Reconstruct | None = None
+    reconstruct: Reconstruct | Literal["distill"] | None = None
     ridge: float | None = None  # None: per layer, by cross-validation on the batches
+    repair_seconds: float | None = None  # time budget of --reconstruct distill
     global_ranking: bool = False
     max_group_sparsity: float = 0.9
     round_to: int = 1
@@ -150,12 +152,15 @@ class PruneConfig:
             raise InputError(f"--reconstruct {self.reconstruct} needs --calibration data")
         if self.ridge is not None and self.ridge < 0:
             raise InputError(f"--ridge must be >= 0, got {self.ridge}")
+        if self.repair_seconds is not None and self.repair_seconds <= 0:
+            raise InputError(f"--repair-seconds must be > 0, got {self.repair_seconds}")
         calib = None
         if self.calibration is not None:
             calib = Calibration(
                 batches or [],  # empty when only validating options
                 token_mask=self.token_mask,
-                reconstruct=self.reconstruct or "lstsq",
+                reconstruct="lstsq" if self.reconstruct == "distill" else  # distill starts there
+                self.reconstruct or "lstsq",
                 ridge=self.ridge,
             )
         # With data, OBS selection (choose and refit jointly) beats scoring then refitting:
@@ -176,6 +181,11 @@ class PruneConfig:
                     seed=self.seed,
                 )
             )
+            if self.reconstruct == "distill" and model is not None and calib is not None:
+                out.append(DistillRepairPass(
+                    reference=ir.from_proto(ir.to_proto(model)), calibration=calib,
+                    seconds=self.repair_seconds or DEFAULT_REPAIR_SECONDS,
+                    kept=out[-1].kept))  # type: ignore[attr-defined]
         if self.heads is not None:
             out.append(
                 RemoveHeadsPass(

@@ -128,8 +128,12 @@ def _main_parser() -> argparse.ArgumentParser:
                    help=".npz batch or folder of .npz batches for data-aware pruning")
     g.add_argument("--token-mask", metavar="INPUT",
                    help="input whose zeros mark padding rows to ignore (e.g. attention_mask)")
-    g.add_argument("--reconstruct", choices=("none", "bias", "lstsq"),
-                   help="repair after removal (default lstsq with --calibration, else none)")
+    g.add_argument("--reconstruct", choices=("none", "bias", "lstsq", "distill"),
+                   help="repair after removal (default lstsq with --calibration, else none; "
+                   "distill: lstsq, then each pruned block learns the original's output)")
+    g.add_argument("--repair-seconds", type=float, default=None, metavar="S",
+                   help="optimisation time of --reconstruct distill, shared by the pruned "
+                   "blocks (default 120; capturing their inputs comes on top)")
     g.add_argument("--ridge", type=_ridge, default=None, metavar="F|auto",
                    help="ridge strength of the repair, relative to the mean activation power "
                    "(default auto: chosen per layer by cross-validation on the calibration "
@@ -331,6 +335,7 @@ def _cmd_prune(argv: Sequence[str], console: Console) -> int:
         sparsity=args.sparsity, mode=args.mode, threshold=args.threshold, nm=args.nm,
         criterion=args.criterion, calibration=args.calibration, token_mask=args.token_mask,
         reconstruct=args.reconstruct, ridge=args.ridge, global_ranking=args.global_ranking,
+        repair_seconds=args.repair_seconds,
         max_group_sparsity=args.max_group_sparsity, round_to=args.round_to,
         ignore=tuple(args.ignore), seed=args.seed, quantize=_quantize_config(args),
         heads=args.heads, global_heads=args.global_heads, target=args.target,

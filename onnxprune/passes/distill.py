@@ -1,0 +1,309 @@
+"""Distillation repair: each pruned block learns to reproduce the original model's block.
+
+Runs after neuron removal (whose least-squares refit is the starting point). Blocks are
+repaired in graph order. For each, the calibration batches run through the model repaired
+so far (giving the block's inputs) while the original model gives the target: the block
+output after the following norm, where one exists. All block weights - both matrices and
+their biases - are then optimised with mini-batch Adam (numpy, no torch), with early
+stopping on calibration sentences held out from the gradient. The least-squares weights
+are kept whenever distillation does not beat them on those held-out sentences.
+
+Blocks it cannot model (an op it has no gradient for, a value read outside the block, a
+target missing from the original) are left as they are and the result says why.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxprune.calibration.data import Batch
+from onnxprune.calibration.runner import capture, row_mask
+from onnxprune.errors import DataError, InputError
+from onnxprune.graph.channels import ChannelGroup, find_channel_groups
+from onnxprune.graph.weights import const_array, set_const_array
+from onnxprune.passes.reconstruct import Calibration
+from onnxprune.repair.block import Block, BlockFunction, find_block
+from onnxprune.repair.capture import cut_model
+from onnxprune.repair.fit import FitOptions, Rows, distill_block
+from onnxprune.runtime import make_session
+
+__all__ = ["DistillRepairPass", "DistillResult", "BlockRepair", "DEFAULT_REPAIR_SECONDS",
+           "HOLDOUT_EVERY"]
+
+logger = logging.getLogger(__name__)
+
+# Every 8th calibration sample (sentence) is held out for early stopping.
+HOLDOUT_EVERY = 8
+MIN_SAMPLES = 2 * HOLDOUT_EVERY
+DEFAULT_REPAIR_SECONDS = 120.0
+
+
+@dataclass(frozen=True)
+class BlockRepair:
+    """What happened to one block. Losses are mean squared errors per output element."""
+
+    group: str
+    status: str  # "distilled", "kept least squares", "declined"
+    reason: str | None = None
+    fit_before: float | None = None
+    fit_after: float | None = None
+    held_before: float | None = None
+    held_after: float | None = None
+    epochs: int = 0
+    seconds: float = 0.0
+    target: str | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        return dict(vars(self))
+
+
+@dataclass(frozen=True)
+class DistillResult:
+    blocks: tuple[BlockRepair, ...] = ()
+    seconds: float = 0.0
+
+    @property
+    def distilled(self) -> int:
+        return sum(b.status == "distilled" for b in self.blocks)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"distilled_blocks": self.distilled, "seconds": round(self.seconds, 2),
+                "repairs": [b.to_dict() for b in self.blocks]}
+
+
+def _samples(batch: Batch, lead: tuple[int, ...]) -> np.ndarray:
+    """Sample index (within the batch) of each flattened row: the first axis is the batch."""
+    per = int(np.prod(lead[1:])) if len(lead) > 1 else 1
+    return np.arange(int(np.prod(lead))) // per
+
+
+class _Collector:
+    """Keeps the unmasked rows of some tensors, batch by batch, and the sample of each row."""
+
+    def __init__(self, names: Sequence[str], token_mask: str | None, dtype: type) -> None:
+        self.names = list(names)
+        self.token_mask = token_mask
+        self.dtype = dtype
+        self.parts: dict[str, list[np.ndarray]] = {n: [] for n in self.names}
+        self.sample_parts: list[np.ndarray] = []
+        self.full: list[dict[str, np.ndarray]] = []  # every row, per batch (keep_full)
+        self.keep_full = False
+        self.leads: list[tuple[int, ...]] = []
+        self.offset = 0
+
+    def __call__(self, arrays: dict[str, np.ndarray], batch: Batch) -> None:
+        arrays = {**batch, **arrays}  # a block may read a graph input directly
+        first = arrays[self.names[0]]
+        lead = tuple(first.shape[:-1]) or (1,)
+        rows = int(np.prod(lead))
+        mask = row_mask(batch, self.token_mask, rows, lead)
+        samples = _samples(batch, lead) + self.offset
+        self.leads.append(tuple(first.shape[:-1]) if first.ndim > 1 else (first.shape[0],))
+        self.offset += lead[0]
+        for name in self.names:
+            a = arrays[name]
+            flat = a.reshape(-1, a.shape[-1]) if a.ndim > 1 else a.reshape(-1, 1)
+            if flat.shape[0] != rows:
+                raise _Decline(f"'{name}' has {flat.shape[0]} rows where '{self.names[0]}' "
+                               f"has {rows}; the block does not act row by row")
+            self.parts[name].append((flat if mask is None else flat[mask]).astype(self.dtype))
+        self.sample_parts.append(samples if mask is None else samples[mask])
+        if self.keep_full:
+            self.full.append({n: arrays[n].reshape(rows, -1).astype(self.dtype)
+                              for n in self.names})
+
+    def rows(self, name: str) -> np.ndarray:
+        return np.concatenate(self.parts[name], axis=0)
+
+    def samples(self) -> np.ndarray:
+        return np.concatenate(self.sample_parts)
+
+
+class _Decline(Exception):
+    pass
+
+
+def _constants(model: ir.Model) -> dict[str, ir.Value]:
+    values = {v.name: v for v in model.graph.initializers.values() if v.name}
+    for node in model.graph:
+        if node.op_type == "Constant" and node.outputs[0].name:
+            values[node.outputs[0].name] = node.outputs[0]
+    return values
+
+
+def _pruned(group: ChannelGroup, reference: dict[str, ir.Value]) -> bool:
+    """Whether the group lost channels: its consumer weight is smaller than the original's
+    (a weight the original does not have by that name counts as changed)."""
+    w = group.consumers[0].weight if group.consumers else None
+    ref = reference.get(w.name or "") if w is not None else None
+    if w is None or ref is None:
+        return True
+    a, b = const_array(w), const_array(ref)
+    return a is None or b is None or a.shape != b.shape
+
+
+class DistillRepairPass(ir.passes.InPlacePass):
+    """Optimises the weights of every pruned block against the original model's output."""
+
+    def __init__(
+        self,
+        *,
+        reference: ir.Model,
+        calibration: Calibration,
+        seconds: float = DEFAULT_REPAIR_SECONDS,
+        groups: Collection[str] | None = None,
+        kept: Mapping[str, np.ndarray] | None = None,
+        options: FitOptions | None = None,
+    ) -> None:
+        """`reference`: the original model (not modified). `groups`: names of the groups to
+        repair (default: every group with fewer channels than in `reference`). `kept`: the
+        channels each pruned group kept (RemoveNeuronsPass.kept), needed where a block's
+        output is itself a pruned group (an MLP layer feeding the next). `seconds`: the
+        optimisation time for all blocks, shared evenly, unused time passed on (running the
+        calibration batches to capture inputs and targets comes on top)."""
+        super().__init__()
+        if seconds <= 0:
+            raise InputError(f"--repair-seconds must be > 0, got {seconds}")
+        self.reference = reference
+        self.calibration = calibration
+        self.seconds = seconds
+        self.groups = None if groups is None else set(groups)
+        self.kept = kept if kept is not None else {}
+        self.options = options or FitOptions()
+        self._all: list[ChannelGroup] = []
+        self._prev: tuple[str, list[np.ndarray]] | None = None  # last block output, per batch
+        self.result = DistillResult()
+
+    def _blocks(self, model: ir.Model) -> tuple[list[ChannelGroup], list[BlockRepair]]:
+        ref = _constants(self.reference)
+        order = {node: i for i, node in enumerate(model.graph)}
+        self._all = find_channel_groups(model)
+        chosen = [g for g in self._all if g.prunable
+                  and (g.name in self.groups if self.groups is not None else _pruned(g, ref))]
+        chosen.sort(key=lambda g: order[g.producers[0].node])
+        return chosen, []
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        t0 = time.perf_counter()
+        groups, reports = self._blocks(model)
+        ref_names = {o.name for n in self.reference.graph for o in n.outputs if o.name}
+        blocks: list[Block] = []
+        for g in groups:
+            try:
+                block = find_block(g)
+            except ValueError as e:
+                reports.append(BlockRepair(g.name, "declined", str(e)))
+                continue
+            if block.output.name not in ref_names:
+                reports.append(BlockRepair(g.name, "declined", f"the original model has no "
+                                           f"tensor '{block.output.name}' to learn from"))
+                continue
+            if not block.params:
+                reports.append(BlockRepair(g.name, "declined", "no weight it may change"))
+                continue
+            blocks.append(block)
+        modified = False
+        if blocks:
+            targets = self._targets(blocks)
+            self._prev = None
+            budget = self.seconds  # optimisation time; captures are not counted
+            for k, block in enumerate(blocks):
+                report = self._repair(model, block, targets, budget / (len(blocks) - k))
+                budget = max(budget - report.seconds, 0.0)  # unused time moves on
+                reports.append(report)
+                modified = modified or report.status == "distilled"
+                logger.info("block %s: %s", block.name, report.status)
+        done = {r.group: r for r in reports}
+        ordered = tuple(done[g.name] for g in groups)
+        self.result = DistillResult(ordered, time.perf_counter() - t0)
+        return ir.passes.PassResult(model, modified=modified)
+
+    def _block_inputs(self, model: ir.Model, names: Sequence[str],
+                      prev: tuple[str, list[np.ndarray]] | None, collect: _Collector) -> None:
+        """Runs the calibration batches up to the block's inputs. The previous block's output,
+        computed by the repair itself, is fed in, so only the layers in between run."""
+        graph_inputs = {v.name for v in model.graph.inputs}
+        wanted = [n for n in names if n not in graph_inputs]
+        session = None
+        if wanted:
+            session = make_session(cut_model(model, wanted, prev[0] if prev else None), "cpu")
+        fed = {i.name for i in session.get_inputs()} if session is not None else set()
+        for i, batch in enumerate(self.calibration.batches):
+            arrays: dict[str, np.ndarray] = {}
+            if session is not None:
+                feeds = {k: v for k, v in batch.items() if k in fed}
+                if prev is not None and prev[0] in fed:
+                    feeds[prev[0]] = prev[1][i]
+                try:
+                    arrays = dict(zip(wanted, session.run(wanted, feeds), strict=True))
+                except Exception as e:  # onnxruntime raises several unrelated types
+                    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                    raise DataError(f"calibration batch {i} failed in onnxruntime: {text}") from e
+            collect(arrays, batch)
+
+    def _targets(self, blocks: Sequence[Block]) -> dict[str, np.ndarray]:
+        """The original model's block outputs on the calibration rows, for every block."""
+        names = [b.output.name or "" for b in blocks]
+        collect = _Collector(names, self.calibration.token_mask, np.float32)
+        capture(self.reference, names, self.calibration.batches, collect)
+        return {n: collect.rows(n) for n in names}
+
+    def _repair(self, model: ir.Model, block: Block, targets: dict[str, np.ndarray],
+                seconds: float) -> BlockRepair:
+        name, out = block.name, block.output.name or ""
+        names = [v.name or "" for v in block.inputs]
+        collect = _Collector(names, self.calibration.token_mask, np.float32)
+        collect.keep_full = True
+        prev, self._prev = self._prev, None
+        try:
+            self._block_inputs(model, names, prev, collect)
+        except _Decline as e:
+            return BlockRepair(name, "declined", str(e), target=out)
+        target = targets[out]
+        inputs = tuple(collect.rows(n) for n in names)
+        fn = BlockFunction(block, np.float32)
+        start = {v: np.asarray(const_array(v), dtype=np.float32) for v in block.params}
+        width = fn.forward({v: a[:1] for v, a in zip(block.inputs, inputs, strict=True)},
+                           start, keep=False)[0].shape[-1]
+        if width != target.shape[1]:
+            owner = next((g for g in self._all if block.output in g.members), None)
+            keep = None if owner is None else self.kept.get(owner.name)
+            if keep is None or len(keep) != width:
+                return BlockRepair(name, "declined", f"'{out}' has {width} channels here and "
+                                   f"{target.shape[1]} in the original, and which were kept "
+                                   "is not known", target=out)
+            target = target[:, np.asarray(keep)]
+        if inputs[0].shape[0] != target.shape[0]:
+            raise DataError(f"block '{name}': {inputs[0].shape[0]} input rows but "
+                            f"{target.shape[0]} target rows in '{out}'; please report")
+        samples = collect.samples()
+        n_samples = int(samples.max()) + 1 if samples.size else 0
+        if n_samples < MIN_SAMPLES:
+            return BlockRepair(name, "declined", f"{n_samples} calibration samples; "
+                               f"distillation needs at least {MIN_SAMPLES} to hold some out",
+                               target=out)
+        held_mask = samples % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
+        rows = Rows(inputs, target)
+        fit_rows, held_rows = rows.take(~held_mask), rows.take(held_mask)
+        options = FitOptions(**{**vars(self.options), "seconds": seconds})
+        res = distill_block(fn, start, fit_rows, held_rows, options)
+        status = "distilled" if res.improved else "kept least squares"
+        if res.improved:
+            for v, arr in res.params.items():
+                old = const_array(v)
+                assert old is not None
+                set_const_array(v, arr.astype(old.dtype).reshape(old.shape))
+        self._prev = (out, [fn.forward({v: f[v.name or ""] for v in block.inputs}, res.params,
+                                       keep=False)[0].reshape(*shape, -1)
+                            for f, shape in zip(collect.full, collect.leads, strict=True)])
+        logger.info("block %s: held-out MSE %.4g -> %.4g in %d epochs (%s)", name,
+                    res.held_before, res.held_after, res.epochs, res.stopped)
+        return BlockRepair(name, status, None if res.improved else res.stopped,
+                           res.fit_before, res.fit_after, res.held_before, res.held_after,
+                           res.epochs, res.seconds, out)

@@ -1,0 +1,1 @@
+"""Distillation repair: numpy gradients of pruned blocks and their optimisation."""

@@ -1,0 +1,160 @@
+"""Mini-batch Adam on one block, with early stopping on held-out rows.
+
+The block starts from the weights it has (the least-squares repair) and learns to reproduce
+the original model's block output. Held-out rows (whole calibration sentences, never used
+for the gradient) decide when to stop and which weights to keep; if no step beats the start
+there, the start is kept, so the result is never worse than the least-squares repair on
+data the optimiser did not fit.
+
+A ridge towards the starting weights (relative to each tensor's size) keeps the solution near
+the trained one when the calibration data is small.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxprune.repair.block import BlockFunction
+
+__all__ = ["FitOptions", "FitResult", "Rows", "distill_block"]
+
+logger = logging.getLogger(__name__)
+
+_PROBE_ROWS = 4096
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """How hard to optimise one block. The defaults were tuned on MiniLM (benchmarks/distill.py)."""
+
+    seconds: float = 30.0
+    max_epochs: int = 40
+    batch_rows: int = 256
+    lr: float = 2e-3  # Adam step relative to each tensor's RMS
+    prior: float = 0.0  # ridge towards the start, relative to the starting loss
+    patience: int = 3  # epochs without held-out gain before stopping
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Block inputs (2-D, one array per block input) and the target output rows."""
+
+    inputs: tuple[np.ndarray, ...]
+    target: np.ndarray
+
+    @property
+    def count(self) -> int:
+        return int(self.target.shape[0])
+
+    def take(self, idx: np.ndarray | slice) -> Rows:
+        return Rows(tuple(a[idx] for a in self.inputs), self.target[idx])
+
+
+@dataclass(frozen=True)
+class FitResult:
+    params: dict[ir.Value, np.ndarray]  # the weights to write (the start when not improved)
+    improved: bool
+    fit_before: float
+    fit_after: float
+    held_before: float
+    held_after: float
+    epochs: int
+    seconds: float
+    stopped: str
+
+
+def _loss(fn: BlockFunction, rows: Rows, params: dict[ir.Value, np.ndarray],
+          chunk: int = 4096) -> float:
+    """Mean squared error per element over all rows (forward only, in chunks)."""
+    total = 0.0
+    for s in range(0, rows.count, chunk):
+        part = rows.take(slice(s, s + chunk))
+        out, _ = fn.forward(dict(zip(fn.block.inputs, part.inputs, strict=True)), params,
+                            keep=False)
+        total += float(np.square(out - part.target, dtype=np.float64).sum())
+    return total / max(rows.count * rows.target.shape[1], 1)
+
+
+def distill_block(fn: BlockFunction, start: dict[ir.Value, np.ndarray], fit: Rows,
+                  held: Rows, options: FitOptions) -> FitResult:
+    """Adam from `start` on `fit`; the best weights on `held` (or `start`) are returned."""
+    t0 = time.perf_counter()
+    deadline = t0 + options.seconds
+    dtype = fn.dtype
+    theta = {v: a.astype(dtype, copy=True) for v, a in start.items()}
+    prior = {v: a.astype(dtype, copy=True) for v, a in start.items()}
+    scale = {v: float(np.sqrt(np.mean(np.square(a, dtype=np.float64)))) or 1e-3
+             for v, a in theta.items()}
+    m = {v: np.zeros_like(a) for v, a in theta.items()}
+    s = {v: np.zeros_like(a) for v, a in theta.items()}
+    rng = np.random.default_rng(options.seed)
+    # The fitted rows' loss is reported on a fixed sample: a full pass costs an epoch's forward.
+    probe = fit if fit.count <= _PROBE_ROWS else fit.take(
+        np.sort(rng.choice(fit.count, _PROBE_ROWS, replace=False)))
+    fit_before = _loss(fn, probe, theta)
+    held_before = _loss(fn, held, theta)
+    best, best_held, best_fit = theta, held_before, fit_before
+    lr = options.lr
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
+    # Ridge weight per tensor: `prior` x starting loss per unit relative squared change.
+    ridge = {v: options.prior * fit_before / (scale[v] ** 2 * theta[v].size) for v in theta}
+    step = 0
+    epochs = 0
+    bad = 0
+    stopped = "max epochs"
+    d = fit.target.shape[1]
+    # Small calibration sets still get a few steps per epoch between held-out checks.
+    batch_rows = max(1, min(options.batch_rows, fit.count // 16 or 1))
+    for epoch in range(options.max_epochs):
+        order = rng.permutation(fit.count)
+        out_of_time = False
+        for b in range(0, fit.count, batch_rows):
+            if time.perf_counter() > deadline:
+                out_of_time = True
+                break
+            part = fit.take(order[b : b + batch_rows])
+            out, env = fn.forward(dict(zip(fn.block.inputs, part.inputs, strict=True)), theta)
+            g = (2.0 / (part.count * d)) * (out - part.target)
+            grads = fn.backward(env, g.astype(dtype, copy=False))
+            step += 1
+            c1, c2 = 1 - beta1**step, 1 - beta2**step
+            for v, p in theta.items():
+                gr = grads.get(v)
+                if gr is None:
+                    continue
+                if ridge[v]:
+                    gr = gr + 2 * ridge[v] * (p - prior[v])
+                m[v] = beta1 * m[v] + (1 - beta1) * gr
+                s[v] = beta2 * s[v] + (1 - beta2) * gr * gr
+                upd = (m[v] / c1) / (np.sqrt(s[v] / c2) + eps)
+                theta[v] = p - (lr * scale[v]) * upd.astype(dtype, copy=False)
+        epochs = epoch + 1
+        held_now = _loss(fn, held, theta)
+        logger.debug("block %s epoch %d: held-out %.4g (start %.4g)", fn.block.name, epochs,
+                     held_now, held_before)
+        if held_now < best_held:
+            best, best_held, bad = {v: a.copy() for v, a in theta.items()}, held_now, 0
+        else:
+            bad += 1
+            lr *= 0.5  # the held-out loss stalled: smaller steps before giving up
+            if bad >= options.patience:
+                stopped = "held-out loss stopped improving"
+                break
+        if out_of_time:
+            stopped = "time budget"
+            break
+    improved = best_held < held_before
+    if improved:
+        best_fit = _loss(fn, probe, best)
+    return FitResult(
+        params=best if improved else {v: a.copy() for v, a in start.items()},
+        improved=improved, fit_before=fit_before, fit_after=best_fit if improved else fit_before,
+        held_before=held_before, held_after=best_held, epochs=epochs,
+        seconds=time.perf_counter() - t0, stopped=stopped,
+    )

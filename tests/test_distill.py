@@ -1,0 +1,311 @@
+"""Distillation repair: numpy gradients, the block optimiser and the pass on small models."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from helpers import BATCH, GraphBuilder, activation, dense, residual_mlp_model, run, to_ir
+
+from onnxprune.api import PruneConfig, prune_model
+from onnxprune.errors import InputError
+from onnxprune.graph.channels import find_channel_groups
+from onnxprune.passes.distill import DistillRepairPass
+from onnxprune.passes.reconstruct import Calibration
+from onnxprune.repair.block import BlockFunction, find_block
+from onnxprune.repair.fit import FitOptions, Rows, distill_block
+from onnxprune.repair.ops import OPS
+
+# ----------------------------------------------------------------- gradient checks
+
+_RNG = np.random.default_rng(0)
+_ROWS, _C = 5, 6
+
+
+def _x(shape: tuple[int, ...] = (_ROWS, _C), positive: bool = False) -> np.ndarray:
+    x = _RNG.standard_normal(shape)
+    return np.abs(x) + 0.5 if positive else x
+
+
+# (op, inputs, attrs, which inputs to check)
+CASES = [
+    ("MatMul", [_x(), _x((_C, 4))], {}, (0, 1)),
+    ("Gemm", [_x(), _x((4, _C)), _x((4,))], {"transB": 1, "alpha": 0.7, "beta": 1.3}, (0, 1, 2)),
+    ("Gemm", [_x(), _x((_C, 4))], {}, (0, 1)),
+    ("Add", [_x(), _x((_C,))], {}, (0, 1)),
+    ("Sub", [_x((_C,)), _x()], {}, (0, 1)),
+    ("Mul", [_x(), _x((1, _C))], {}, (0, 1)),
+    ("Div", [_x(), _x((_C,), positive=True)], {}, (0, 1)),
+    ("Pow", [_x(positive=True), np.array(3.0)], {}, (0,)),
+    ("Neg", [_x()], {}, (0,)),
+    ("Relu", [_x()], {}, (0,)),
+    ("Erf", [_x()], {}, (0,)),
+    ("Tanh", [_x()], {}, (0,)),
+    ("Sigmoid", [_x() * 4], {}, (0,)),
+    ("Gelu", [_x()], {}, (0,)),
+    ("Gelu", [_x()], {"approximate": "tanh"}, (0,)),
+    ("Sqrt", [_x(positive=True)], {}, (0,)),
+    ("Reciprocal", [_x(positive=True)], {}, (0,)),
+    ("Exp", [_x()], {}, (0,)),
+    ("Identity", [_x()], {}, (0,)),
+    ("LayerNormalization", [_x(), _x((_C,)), _x((_C,))], {"epsilon": 1e-5}, (0, 1, 2)),
+    ("LayerNormalization", [_x()], {}, (0,)),
+    ("RMSNormalization", [_x(), _x((_C,))], {"epsilon": 1e-5}, (0, 1)),
+    ("ReduceMean", [_x()], {}, (0,)),
+]
+
+
+@pytest.mark.parametrize(("op", "inputs", "attrs", "check"), CASES,
+                         ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+def test_op_gradient_matches_finite_differences(op, inputs, attrs, check) -> None:
+    """d<w, f(x)>/dx by the backward function equals central differences, in float64."""
+    impl = OPS[op]
+    y = impl.forward(inputs, attrs)
+    w = np.random.default_rng(1).standard_normal(np.shape(y))
+    grads = impl.backward(inputs, y, w, [i in check for i in range(len(inputs))], attrs)
+    h = 1e-6
+    for i in check:
+        num = np.zeros_like(inputs[i], dtype=np.float64)
+        flat = num.reshape(-1)
+        for k in range(flat.size):
+            plus = [a.copy() for a in inputs]
+            minus = [a.copy() for a in inputs]
+            plus[i].reshape(-1)[k] += h
+            minus[i].reshape(-1)[k] -= h
+            flat[k] = (np.sum(w * impl.forward(plus, attrs))
+                       - np.sum(w * impl.forward(minus, attrs))) / (2 * h)
+        assert grads[i] is not None and grads[i].shape == np.shape(inputs[i])
+        np.testing.assert_allclose(grads[i], num, rtol=1e-5, atol=1e-6, err_msg=f"input {i}")
+
+
+# ----------------------------------------------------------------- models
+
+
+def _ffn_model(act: str, *, norm: bool = True, seed: int = 0, dim: int = 8,
+               hidden: int = 32) -> ir.Model:
+    """x[batch, seq, dim] -> LN -> s; s + fc2(act(fc1(s))) -> LN -> y: a transformer FFN."""
+    b = GraphBuilder(seed=seed)
+    x = b.input("x", [BATCH, 5, dim])
+    s = b.op("LayerNormalization", [x, b.const("ln0.g", np.ones(dim, np.float32)),
+                                    b.const("ln0.b", np.zeros(dim, np.float32))],
+             name="ln0", axis=-1)
+    h = dense(b, s, dim, hidden, name="fc1")
+    h = activation(b, h, act, name="act")
+    f = dense(b, h, hidden, dim, name="fc2")
+    r = b.op("Add", [f, s], name="res")
+    if norm:
+        gamma = (1 + 0.1 * b.rng.standard_normal(dim)).astype(np.float32)
+        r = b.op("LayerNormalization", [r, b.const("ln1.g", gamma),
+                                        b.const("ln1.b", np.zeros(dim, np.float32))],
+                 name="ln1", axis=-1)
+    y = b.op("Mul", [r, b.const("out.scale", np.float32(2.0))], name="out", output="y")
+    return to_ir(b.build([y], infer_shapes=True, name="ffn", opset=20 if act == "Gelu" else 17))
+
+
+def _batches(n: int, seed: int, shape: tuple[int, ...] = (4, 5, 8)) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.standard_normal(shape).astype(np.float32)} for _ in range(n)]
+
+
+def _mse(a: ir.Model, b: ir.Model, batches: list[dict]) -> float:
+    return float(np.mean([np.mean((run(a, f)[0] - run(b, f)[0]) ** 2) for f in batches]))
+
+
+@pytest.mark.parametrize("act", ["erf_gelu", "erf_gelu_dynamo", "Gelu", "silu", "Relu",
+                                 "tanh_gelu_pow"])
+def test_block_function_reproduces_onnxruntime(act: str) -> None:
+    """The numpy block (after the norm) equals the model's own tensor as ORT computes it."""
+    model = _ffn_model(act)
+    group = next(g for g in find_channel_groups(model) if g.prunable)
+    block = find_block(group)
+    assert block.norm == "LayerNormalization" and block.output.name == "ln1_out"
+    assert {v.name for v in block.params} == {"fc1.weight", "fc1.bias", "fc2.weight",
+                                              "fc2.bias"}
+    feeds = _batches(1, 3)[0]
+    from onnxprune.calibration.runner import with_outputs
+    from onnxprune.runtime import make_session
+    sess = make_session(with_outputs(model, ["ln0_out", "ln1_out"]), "cpu")
+    s, want = sess.run(["ln0_out", "ln1_out"], feeds)
+    fn = BlockFunction(block, np.float64)
+    got, _ = fn.forward({block.inputs[0]: s.reshape(-1, 8).astype(np.float64)},
+                        {v: fn.consts[v] for v in block.params})
+    np.testing.assert_allclose(got, want.reshape(-1, 8), rtol=1e-4, atol=1e-4)
+
+
+def test_block_gradient_matches_finite_differences() -> None:
+    """End to end through GELU, residual and LayerNorm: parameter gradients are right."""
+    model = _ffn_model("erf_gelu_dynamo", dim=4, hidden=6)
+    block = find_block(next(g for g in find_channel_groups(model) if g.prunable))
+    fn = BlockFunction(block, np.float64)
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((7, 4))
+    t = rng.standard_normal((7, 4))
+    params = {v: fn.consts[v].copy() for v in block.params}
+
+    def loss(p: dict) -> float:
+        out, _ = fn.forward({block.inputs[0]: x}, p)
+        return float(np.sum((out - t) ** 2))
+
+    out, env = fn.forward({block.inputs[0]: x}, params)
+    grads = fn.backward(env, 2 * (out - t))
+    for v, g in grads.items():
+        num = np.zeros_like(g)
+        for k in range(g.size):
+            p1 = {u: a.copy() for u, a in params.items()}
+            p2 = {u: a.copy() for u, a in params.items()}
+            p1[v].reshape(-1)[k] += 1e-6
+            p2[v].reshape(-1)[k] -= 1e-6
+            num.reshape(-1)[k] = (loss(p1) - loss(p2)) / 2e-6
+        np.testing.assert_allclose(g, num, rtol=1e-5, atol=1e-6, err_msg=v.name)
+
+
+def _prune_pair(model: ir.Model, fit: list[dict], reconstruct: str, sparsity: float = 0.5,
+                seconds: float = 20.0) -> tuple[ir.Model, DistillRepairPass | None]:
+    pruned = ir.from_proto(ir.to_proto(model))
+    prune_model(pruned, PruneConfig(sparsity=sparsity, calibration=fit,
+                                    reconstruct="lstsq"))  # type: ignore[arg-type]
+    if reconstruct == "lstsq":
+        return pruned, None
+    p = DistillRepairPass(reference=model, calibration=Calibration(fit), seconds=seconds,
+                          options=FitOptions(seed=0))
+    p(pruned)
+    return pruned, p
+
+
+@pytest.mark.parametrize("act", ["erf_gelu", "silu"])
+def test_distillation_is_not_worse_than_least_squares_on_held_out_data(act: str) -> None:
+    """A tiny FFN pruned to half: distilled weights beat (or equal) the least-squares refit
+    on batches the repair never saw, and the model still checks and runs."""
+    model = _ffn_model(act, seed=1)
+    fit, held = _batches(24, 10), _batches(8, 99)
+    lstsq, _ = _prune_pair(model, fit, "lstsq")
+    distilled, p = _prune_pair(model, fit, "distill")
+    assert p is not None
+    (rep,) = p.result.blocks
+    assert rep.status in ("distilled", "kept least squares")
+    assert rep.held_after <= rep.held_before  # type: ignore[operator]
+    e_lstsq, e_distill = _mse(model, lstsq, held), _mse(model, distilled, held)
+    assert e_distill <= e_lstsq * 1.02
+    assert rep.status == "distilled" and e_distill < 0.9 * e_lstsq, (e_lstsq, e_distill)
+    onnx.checker.check_model(ir.to_proto(distilled), full_check=True)
+
+
+def test_distillation_on_a_residual_mlp_with_gemm_free_blocks() -> None:
+    """Two Relu blocks in a residual stream (no norm): every block is handled in order."""
+    model = to_ir(residual_mlp_model(dim=8, hidden=32, blocks=2))
+    fit = [{"x": np.random.default_rng(i).standard_normal((16, 8)).astype(np.float32)}
+           for i in range(8)]
+    held = [{"x": np.random.default_rng(100 + i).standard_normal((16, 8)).astype(np.float32)}
+            for i in range(4)]
+    lstsq, _ = _prune_pair(model, fit, "lstsq")
+    distilled, p = _prune_pair(model, fit, "distill")
+    assert p is not None and len(p.result.blocks) == 2
+    assert all(b.status != "declined" for b in p.result.blocks), p.result.blocks
+    assert _mse(model, distilled, held) <= _mse(model, lstsq, held) * 1.02
+
+
+def test_keeps_the_start_when_the_held_out_loss_does_not_improve() -> None:
+    """An optimiser that cannot help (zero steps) leaves the least-squares weights as they
+    were and says so."""
+    model = _ffn_model("Relu")
+    block = find_block(next(g for g in find_channel_groups(model) if g.prunable))
+    fn = BlockFunction(block)
+    start = {v: fn.consts[v].copy() for v in block.params}
+    rng = np.random.default_rng(0)
+    rows = Rows((rng.standard_normal((40, 8)).astype(np.float32),),
+                rng.standard_normal((40, 8)).astype(np.float32))
+    res = distill_block(fn, start, rows.take(slice(0, 30)), rows.take(slice(30, 40)),
+                        FitOptions(lr=0.0, max_epochs=3))
+    assert not res.improved
+    assert all(np.array_equal(res.params[v], start[v]) for v in start)
+
+
+def test_declines_a_block_it_does_not_understand() -> None:
+    """A Softplus between the matrices has no numpy gradient here: the block is declined
+    with the reason and its weights are left exactly as they were."""
+    b = GraphBuilder(seed=0)
+    x = b.input("x", [BATCH, 8])
+    h = dense(b, x, 8, 16, name="fc1")
+    h = b.op("Softplus", [h], name="soft")
+    dense(b, h, 16, 4, name="fc2")
+    b.nodes[-1].output[0] = "y"
+    model = to_ir(b.build(["y"]))
+    fit = [{"x": np.random.default_rng(i).standard_normal((8, 8)).astype(np.float32)}
+           for i in range(4)]
+    pruned = ir.from_proto(ir.to_proto(model))
+    before = {n: v.const_value.numpy().copy() for n, v in pruned.graph.initializers.items()}
+    p = DistillRepairPass(reference=model, calibration=Calibration(fit), seconds=5,
+                          groups=["fc1"])
+    assert not p(pruned).modified
+    (rep,) = p.result.blocks
+    assert rep.status == "declined" and "Softplus 'soft'" in (rep.reason or "")
+    after = {n: v.const_value.numpy() for n, v in pruned.graph.initializers.items()}
+    assert all(np.array_equal(before[n], after[n]) for n in before)
+
+
+def test_declines_with_too_few_samples_to_hold_out() -> None:
+    model = _ffn_model("Relu")
+    p = DistillRepairPass(reference=model, calibration=Calibration(_batches(1, 0, (3, 5, 8))),
+                          seconds=5, groups=["fc1"])
+    assert not p(ir.from_proto(ir.to_proto(model))).modified
+    assert "at least" in (p.result.blocks[0].reason or "")
+
+
+def test_only_pruned_groups_are_repaired_by_default() -> None:
+    """An unpruned model has nothing to repair: no block is touched."""
+    model = _ffn_model("Relu")
+    p = DistillRepairPass(reference=model, calibration=Calibration(_batches(8, 0)), seconds=5)
+    assert not p(ir.from_proto(ir.to_proto(model))).modified
+    assert p.result.blocks == ()
+
+
+def test_bad_time_budget_is_refused() -> None:
+    with pytest.raises(InputError, match="repair-seconds"):
+        DistillRepairPass(reference=_ffn_model("Relu"), calibration=Calibration([]),
+                          seconds=0)
+
+
+def test_cli_distill_on_the_digits_model(tmp_path, capsys) -> None:
+    """`--reconstruct distill` end to end: a valid model, the pass in the report, and digits
+    accuracy at 50 % no worse than the least-squares repair's by more than a few samples."""
+    import json
+
+    from helpers import DIGITS, DIGITS_CALIB, digits_accuracy
+
+    from onnxprune.cli import main
+
+    common = [str(DIGITS), "--sparsity", "0.5", "--calibration", str(DIGITS_CALIB),
+              "--no-verify"]
+    assert main([*common, "-o", str(tmp_path / "l.onnx")]) == 0
+    code = main([*common, "-o", str(tmp_path / "d.onnx"), "--reconstruct", "distill",
+                 "--repair-seconds", "10", "--report", str(tmp_path / "r.json")])
+    assert code == 0, capsys.readouterr().err
+    onnx.checker.check_model(str(tmp_path / "d.onnx"), full_check=True)
+    report = json.loads((tmp_path / "r.json").read_text())
+    blocks = report["passes"]["DistillRepairPass"]["repairs"]
+    assert [b["group"] for b in blocks] == ["fc1", "fc2"]
+    assert all(b["held_after"] <= b["held_before"] for b in blocks)
+    assert digits_accuracy(tmp_path / "d.onnx") >= digits_accuracy(tmp_path / "l.onnx") - 0.006
+    assert main([*common, "-o", str(tmp_path / "x.onnx"), "--reconstruct", "distill",
+                 "--repair-seconds", "0"]) == 2
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_cut_model_runs_only_the_layers_after_the_fed_tensor() -> None:
+    """Feeding the first block's output gives the second block's hidden activation exactly,
+    and the first block's nodes are not in the cut model."""
+    from onnxprune.calibration.runner import with_outputs
+    from onnxprune.repair.capture import cut_model
+    from onnxprune.runtime import make_session
+
+    model = to_ir(residual_mlp_model(dim=8, hidden=16, blocks=2))
+    x = np.random.default_rng(0).standard_normal((5, 8)).astype(np.float32)
+    full = make_session(with_outputs(model, ["s0", "relu1_out"]), "cpu")
+    s0, hidden = full.run(["s0", "relu1_out"], {"x": x})
+    data = cut_model(model, ["relu1_out"], cut="s0")
+    part = onnx.load_from_string(data)
+    assert {n.name for n in part.graph.node} == {"fc1a", "fc1a_bias", "relu1"}
+    sess = make_session(data, "cpu")
+    feeds = {i.name: {"x": x, "s0": s0}[i.name] for i in sess.get_inputs()}
+    np.testing.assert_array_equal(sess.run(["relu1_out"], feeds)[0], hidden)
