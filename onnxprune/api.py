@@ -46,6 +46,8 @@ from onnxprune.plan.search import (
 )
 from onnxprune.quantize import QuantizeConfig, quantize_model
 from onnxprune.runtime import ModelSource, Provider, make_session
+from onnxprune.golden import Golden, compare_golden, load_golden
+from onnxprune.golden import save_golden as write_golden
 from onnxprune.verify import Tolerances, VerifyResult, compare_models
 
 __all__ = [
@@ -55,6 +57,8 @@ __all__ = [
     "prune",
     "prune_model",
     "verify",
+    "verify_golden",
+    "save_golden",
     "inspect",
     "check_supported",
     "check_written",
@@ -431,18 +435,30 @@ def verification_batches(
 def verify(
     reference: ModelSource | onnx.ModelProto,
     candidate: ModelSource | onnx.ModelProto,
-    *,
     data: str | os.PathLike[str] | Sequence[Batch] | None = None,
-    providers: Sequence[Provider] = ("cpu",),
+    *,
+    min_cosine: float | None = None,
+    atol: float | None = None,
+    rtol: float | None = None,
+    min_sqnr_db: float | None = None,
+    min_top1: float | None = None,
+    top1: bool | None = None,
     tolerances: Tolerances | None = None,
+    providers: Sequence[Provider] = ("cpu",),
     shapes: dict[str, tuple[int, ...]] | None = None,
     generated_inputs: bool = False,
 ) -> VerifyResult:
-    """Compares candidate against reference on onnxruntime; see VerifyResult.ok.
+    """Compares candidate against reference on onnxruntime; the result is true when ok.
 
     `data` is a path, a list of batches (then `generated_inputs` says whether they were
-    made up from the signature), or None to generate inputs.
+    made up from the signature), or None to generate inputs. Tolerances follow the CLI's
+    rule, so both give the same verdict: none given enforces the defaults
+    (Tolerances.defaults(): cosine 0.99 for embeddings and other outputs, top-1 agreement
+    0.99 for class scores); any given enforces exactly those. `tolerances=` passes a
+    Tolerances object instead (Tolerances() enforces only finite outputs).
     """
+    tol = _resolve_tolerances(tolerances, min_cosine=min_cosine, atol=atol, rtol=rtol,
+                              min_sqnr_db=min_sqnr_db, min_top1=min_top1, top1=top1)
     # Paths go to onnxruntime as paths; only the reference's input signature is read here.
     ref_src = _session_source(reference)
     cand_src = _session_source(candidate)
@@ -451,9 +467,55 @@ def verify(
     else:
         batches, generated = list(data), generated_inputs
     return compare_models(
-        ref_src, cand_src, batches, providers=providers, tolerances=tolerances or Tolerances(),
+        ref_src, cand_src, batches, providers=providers, tolerances=tol,
         generated_inputs=generated,
     )
+
+
+def verify_golden(
+    candidate: ModelSource | onnx.ModelProto,
+    golden: str | os.PathLike[str],
+    *,
+    min_cosine: float | None = None,
+    atol: float | None = None,
+    rtol: float | None = None,
+    min_sqnr_db: float | None = None,
+    min_top1: float | None = None,
+    top1: bool | None = None,
+    tolerances: Tolerances | None = None,
+    providers: Sequence[Provider] = ("cpu",),
+) -> VerifyResult:
+    """Compares candidate with outputs saved by save_golden (`onnxprune verify --save-golden`),
+    with the same metrics and tolerance rule as verify()."""
+    tol = _resolve_tolerances(tolerances, min_cosine=min_cosine, atol=atol, rtol=rtol,
+                              min_sqnr_db=min_sqnr_db, min_top1=min_top1, top1=top1)
+    return compare_golden(load_golden(golden), _session_source(candidate),
+                          providers=providers, tolerances=tol)
+
+
+def save_golden(
+    model: ModelSource | onnx.ModelProto,
+    golden: str | os.PathLike[str],
+    data: str | os.PathLike[str] | Sequence[Batch] | None = None,
+    *,
+    shapes: dict[str, tuple[int, ...]] | None = None,
+) -> Golden:
+    """Runs `model` on `data` (or generated inputs) and saves inputs + outputs to `golden`."""
+    src = _session_source(model)
+    if data is None or isinstance(data, (str, os.PathLike)):
+        batches, _ = verification_batches(_to_ir(src), data, shapes)
+    else:
+        batches = list(data)
+    return write_golden(src, batches, golden)
+
+
+def _resolve_tolerances(tolerances: Tolerances | None, **options: object) -> Tolerances:
+    given = [k for k, v in options.items() if v is not None and k != "top1"]
+    if tolerances is not None:
+        if given:
+            raise InputError(f"give tolerances=Tolerances(...) or {given[0]}=..., not both")
+        return tolerances
+    return Tolerances.from_options(**options)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)

@@ -81,20 +81,28 @@ def _add_verify_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rtol", type=float, help="relative tolerance")
     g.add_argument("--min-sqnr", type=float, help="fail below this SQNR in dB")
     g.add_argument("--min-top1", type=float, help="fail below this top-1 agreement")
+    g.add_argument("--top1", action="store_true",
+                   help="report top-1 agreement for every output, not only class scores")
     g.add_argument("--report", help="write a JSON report to this file")
 
 
-def _tolerances(args: argparse.Namespace, default_cosine: float | None) -> Tolerances:
-    given = any(
-        getattr(args, k) is not None for k in ("min_cosine", "atol", "rtol", "min_sqnr", "min_top1")
+def _tolerances(args: argparse.Namespace) -> Tolerances:
+    """The same rule as onnxprune.verify(): none given means Tolerances.defaults()."""
+    return Tolerances.from_options(
+        min_cosine=args.min_cosine, atol=args.atol, rtol=args.rtol,
+        min_sqnr_db=args.min_sqnr, min_top1=args.min_top1, top1=True if args.top1 else None,
     )
-    return Tolerances(
-        min_cosine=args.min_cosine if given else default_cosine,
-        atol=args.atol,
-        rtol=args.rtol,
-        min_sqnr_db=args.min_sqnr,
-        min_top1=args.min_top1,
-    )
+
+
+def _prune_tolerances(args: argparse.Namespace) -> Tolerances:
+    """The built-in check after pruning: `onnxprune verify`'s rule, except that a --target
+    search or a --plan, told no tolerance, is gated by its quality budget on held-out data
+    (the check then reports, and the note says so)."""
+    given = any(getattr(args, k) is not None
+                for k in ("min_cosine", "atol", "rtol", "min_sqnr", "min_top1"))
+    if not given and (args.target is not None or args.plan is not None):
+        return Tolerances(top1=True if args.top1 else None)
+    return _tolerances(args)
 
 
 def _main_parser() -> argparse.ArgumentParser:
@@ -217,9 +225,18 @@ def _quantize_config(args: argparse.Namespace) -> QuantizeConfig | None:
 
 def _verify_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="onnxprune verify",
-                description="Compare CANDIDATE against REFERENCE; exit 1 when out of tolerance.")
-    p.add_argument("reference")
-    p.add_argument("candidate")
+                usage="onnxprune verify REFERENCE CANDIDATE [options] | MODEL --save-golden "
+                "FILE.npz [--data D] | MODEL --golden FILE.npz [options]",
+                description="Compare CANDIDATE against REFERENCE, or MODEL against golden "
+                "outputs saved earlier; exit 0 within tolerance, 1 outside, 2 on bad input. "
+                "Without tolerance options: cosine min >= 0.99 for embeddings and other "
+                "outputs, top-1 agreement >= 0.99 for class scores.")
+    p.add_argument("models", nargs="+", metavar="MODEL",
+                   help="REFERENCE CANDIDATE, or one MODEL with --golden / --save-golden")
+    p.add_argument("--golden", metavar="FILE.npz",
+                   help="compare MODEL with the inputs and outputs saved in this file")
+    p.add_argument("--save-golden", metavar="FILE.npz",
+                   help="run MODEL on --data (or generated inputs) and save inputs + outputs")
     p.add_argument("-q", "--quiet", action="store_true")
     _add_verify_options(p)
     return p
@@ -287,6 +304,7 @@ def _show_verify(console: Console, result: VerifyResult) -> None:
         console.print("[yellow]no --data given: verified on inputs generated from the input "
                       "signature (random values); give --data for a meaningful check[/]")
     console.print(verify_table(result))
+    console.print(f"enforced: {result.tolerances.describe()}")
 
 
 def _cmd_prune(argv: Sequence[str], console: Console) -> int:
@@ -355,7 +373,7 @@ def _cmd_prune(argv: Sequence[str], console: Console) -> int:
     result = None
     if not args.no_verify:
         # Verify the model in memory first: a run that cannot verify writes nothing.
-        result = _run_verify(console, args, args.model, model, _tolerances(args, None),
+        result = _run_verify(console, args, args.model, model, _prune_tolerances(args),
                              batches, generated, show=False)
         data["verification"] = result.to_dict()
         code = EXIT_OK if result.ok else EXIT_FAILED
@@ -448,16 +466,57 @@ def _cmd_quantize(argv: Sequence[str], console: Console) -> int:
 
 def _cmd_verify(argv: Sequence[str], console: Console) -> int:
     args = _verify_parser().parse_args(argv)
-    for path in (args.reference, args.candidate):
+    models = list(args.models)
+    if args.golden and args.save_golden:
+        raise InputError("give --golden (compare) or --save-golden (write), not both")
+    if args.save_golden or args.golden:
+        if len(models) != 1:
+            raise InputError("--golden / --save-golden take one MODEL, got "
+                             f"{len(models)}: {' '.join(models)}")
+    elif len(models) != 2:
+        raise InputError("verify needs REFERENCE CANDIDATE, or MODEL --golden FILE.npz "
+                         "(see onnxprune verify --help)")
+    if args.golden and args.data:
+        raise InputError("--golden files hold their own inputs; drop --data")
+    if args.save_golden:
+        out = check_output_path(args.save_golden, models)
+        if args.report:
+            check_output_path(args.report, [*models, out])
+        tolerances_given = any(getattr(args, k) is not None for k in
+                               ("min_cosine", "atol", "rtol", "min_sqnr", "min_top1"))
+        if tolerances_given:
+            raise InputError("tolerances apply when comparing: give them with --golden")
+        model = load_model(models[0])
+        api.check_supported(model, models[0])
+        batches, generated = api.verification_batches(model, args.data,
+                                                      parse_shape_overrides(args.shape))
+        golden = api.save_golden(models[0], out, batches)
+        if generated:
+            console.print("[yellow]no --data given: saved outputs on inputs generated from the "
+                          "input signature (random values); give --data for a meaningful "
+                          "gate[/]")
+        console.print(f"wrote {len(golden.batches)} batch(es) of inputs and outputs "
+                      f"({', '.join(golden.names)}) to {out} "
+                      f"({human_bytes(out.stat().st_size)})")
+        return EXIT_OK
+    if args.report:
+        check_output_path(args.report, models)
+    for path in models:
         api.check_supported(load_model(path), path)
-    result = _run_verify(console, args, args.reference, args.candidate,
-                         _tolerances(args, default_cosine=0.99))
+    tolerances = _tolerances(args)
+    if args.golden:
+        providers = parse_providers(args.providers)
+        with console.status("verifying on onnxruntime ..."):
+            result = api.verify_golden(models[0], args.golden, tolerances=tolerances,
+                                       providers=providers)
+        _show_verify(console, result)
+    else:
+        result = _run_verify(console, args, models[0], models[1], tolerances)
     if args.report:
         write_json(args.report, result.to_dict())
     if not result.ok:
-        failed = [f"{o.name}[{o.provider}]: {'; '.join(o.failures)}" for o in result.outputs
-                  if not o.ok]
-        print(f"onnxprune: verification failed: {failed[0]}", file=sys.stderr)
+        for line in result.failures:
+            print(f"onnxprune: verification failed: {line}", file=sys.stderr)
         return EXIT_FAILED
     console.print("[green]verification passed[/]")
     return EXIT_OK
