@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, TypeVar
 
@@ -22,11 +22,13 @@ from onnxprune.calibration.data import (
     load_batches,
     random_batches,
 )
+from onnxprune.calibration.mask import AUTO, NONE, resolve_token_mask
 from onnxprune.errors import InputError, OnnxPruneError, UnsupportedModelError
 from onnxprune.graph.accounting import ModelStats, model_stats
 from onnxprune.graph.attention import AttentionBlock, find_attention_blocks
 from onnxprune.graph.channels import ChannelGroup, find_channel_groups
 from onnxprune.io import MIN_OPSET, load_model, save_model, serialized_model
+from onnxprune.passes.cleanup import CleanupPass
 from onnxprune.passes.reconstruct import Calibration, Reconstruct
 from onnxprune.passes.remove_heads import RemoveHeadsPass
 from onnxprune.passes.remove_neurons import Progress, RemoveNeuronsPass
@@ -107,6 +109,12 @@ class PruneConfig:
             return list(load_batches(self.holdout, input_specs(model)))
         return None if self.holdout is None else list(self.holdout)
 
+    @property
+    def is_default(self) -> bool:
+        """No pruning option given: the default recipe (see prune_model)."""
+        return all(v is None for v in (self.sparsity, self.threshold, self.nm, self.heads,
+                                       self.quantize, self.target, self.plan))
+
     def check_planning(self) -> None:
         """Refuses contradictory combinations of target search, plan and fixed options."""
         fixed = [n for n, v in (("--sparsity", self.sparsity), ("--heads", self.heads),
@@ -129,8 +137,13 @@ class PruneConfig:
             _check_metric(self.metric, self.eval)
             if self.max_drop is not None and self.max_drop < 0:
                 raise InputError(f"--max-drop must be >= 0, got {self.max_drop}")
+        elif search_only and not (self.is_default and self.calibration is not None):
+            raise InputError(f"{search_only[0]} only applies to a --target search (or to "
+                             "--calibration given alone)")
         elif search_only:
-            raise InputError(f"{search_only[0]} only applies to a --target search")
+            _check_metric(self.metric, self.eval)
+            if self.max_drop is not None and self.max_drop < 0:
+                raise InputError(f"--max-drop must be >= 0, got {self.max_drop}")
         if self.plan is not None and (fixed or self.criterion is not None):
             raise InputError(f"--plan decides what to prune; drop {(fixed or ['--criterion'])[0]}")
 
@@ -198,10 +211,8 @@ class PruneConfig:
                 )
             )
         if not out and self.quantize is None:
-            raise InputError(
-                "nothing to do: give --sparsity, --heads, --threshold, --nm or --quantize int8 "
-                "(see onnxprune --help)"
-            )
+            # The default recipe without data: only what provably changes no output.
+            out.append(CleanupPass(batches=batches, ignore=self.ignore))
         return out
 
 
@@ -214,10 +225,12 @@ class PruneReport:
     notes: list[str] = field(default_factory=list)
     plan: Plan | None = None  # the per-unit decisions, when a plan was searched or applied
     search: SearchResult | None = None
+    token_mask: str | None = None  # the input whose zeros marked padding rows, if any
 
     def to_dict(self) -> dict[str, object]:
         return {
             "modified": self.modified,
+            "token_mask": self.token_mask,
             "before": self.before.to_dict(),
             "after": self.after.to_dict(),
             "passes": self.passes,
@@ -250,8 +263,26 @@ def prune_model(
     """
     check_supported(model)
     config.check_planning()
+    config, mask_note = _with_token_mask(model, config)
+    if config.is_default and config.calibration is not None:
+        original = model.graph  # the search prunes a copy; kept if nothing fits the budget
+        report = _prune_planned(model, replace(config, target=_AS_MUCH_AS_ALLOWED), progress,
+                                on_plan)
+        _as_default_recipe(report, config)
+        if report.search is not None and report.search.over_budget:
+            model.graph = original
+            report.after, report.modified, report.plan, report.search = (
+                report.before, False, None, None)
+        report.token_mask = config.token_mask
+        if mask_note:
+            report.notes.insert(0, mask_note)
+        return report
     if config.target is not None or config.plan is not None:
-        return _prune_planned(model, config, progress, on_plan)
+        report = _prune_planned(model, config, progress, on_plan)
+        report.token_mask = config.token_mask
+        if mask_note:
+            report.notes.insert(0, mask_note)
+        return report
     batches = config.batches(model)
     passes = config.passes(model, progress, batches)
     before = model_stats(model)
@@ -272,9 +303,61 @@ def prune_model(
     if quantized is not None:
         report.passes["QuantizeQDQ"] = quantized.to_dict()
     _refuse_if_nothing_prunable(passes)
-    if not report.modified:
+    report.token_mask = config.token_mask
+    if mask_note:
+        report.notes.insert(0, mask_note)
+    if config.is_default:
+        report.notes.extend(_cleanup_notes(passes))
+    elif not report.modified:
         report.notes.append("the model was left unchanged: nothing met the pruning criteria")
     return report
+
+
+# The default recipe with data asks the planner for an unreachable share, so it removes as
+# much as the quality budget allows and no more.
+_AS_MUCH_AS_ALLOWED = "flops=0.01"
+MORE_OPTIONS = ("--calibration DATA (removes as much as --max-drop, default "
+                f"{DEFAULT_MAX_DROP:g}, allows), --sparsity F, --heads F, --target flops=F, "
+                "--quantize int8")
+
+
+def _cleanup_notes(passes: list[ir.passes.PassBase]) -> list[str]:
+    """What the default recipe without data did, and what would do more."""
+    res = next(p.result for p in passes if isinstance(p, CleanupPass))
+    unread, constant = sum(res.unread.values()), sum(res.constant.values())
+    did = (f"{unread} never-read channel(s) removed, {constant} constant channel(s) folded "
+           f"into the next bias, {res.shared_constants} duplicate constant(s) shared"
+           if unread or constant or res.shared_constants else "nothing dead or duplicated found")
+    return [f"default recipe (no pruning option): lossless clean-up only: {did}. Weights stay "
+            "float: int8 storage slowed onnxruntime down in our measurements (see README)",
+            f"to make it smaller: {MORE_OPTIONS}"]
+
+
+def _as_default_recipe(report: PruneReport, config: PruneConfig) -> None:
+    """A search for as much as the budget allows succeeds when it stays within budget."""
+    r = report.search
+    assert r is not None
+    budget = DEFAULT_MAX_DROP if config.max_drop is None else config.max_drop
+    r.reached = not r.over_budget
+    metric = r.plan.summary.get("metric", "cosine")
+    r.message = (f"default recipe with --calibration: removed as much as --max-drop {budget:g} "
+                 f"allows: FLOPs at {r.share:.1%} of the original, {metric} drop {r.drop:.4f}"
+                 if r.reached else f"default recipe with --calibration: nothing removable "
+                 f"within --max-drop {budget:g} ({metric} drop {r.drop:.4f} at best)")
+    report.notes = [n for n in report.notes if not n.startswith("target ")]
+    report.notes.append(r.message)
+
+
+def _with_token_mask(model: ir.Model, config: PruneConfig) -> tuple[PruneConfig, str | None]:
+    """The config with its token mask resolved: named, detected from the graph (None or
+    "auto"), or off ("none"); and a note when it was detected. Only data-driven steps read
+    it, so without calibration data nothing is said."""
+    uses_data = config.calibration is not None
+    mask, note = resolve_token_mask(model, config.token_mask)
+    quantize = config.quantize
+    if quantize is not None and quantize.token_mask in (None, AUTO, NONE):
+        quantize = replace(quantize, token_mask=mask)
+    return replace(config, token_mask=mask, quantize=quantize), note if uses_data else None
 
 
 def _prune_planned(model: ir.Model, config: PruneConfig, progress: Progress | None,
@@ -334,7 +417,7 @@ def analyze(
     assert batches is not None
     fit, held_out, split = split_holdout(batches, cfg.holdout_batches(m))
     source = "--holdout" if split is None else f"calibration data, held out: {split}"
-    calib = Calibration(fit, token_mask=token_mask)
+    calib = Calibration(fit, token_mask=resolve_token_mask(m, token_mask)[0])
     return analyze_model(m, calib, held_out, metric=_metric(metric, eval), levels=levels,
                          heads=heads, ignore=ignore, holdout_source=source, progress=progress)
 

@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
@@ -23,7 +24,8 @@ from rich.table import Table
 from onnxprune import api
 from onnxprune.calibration.data import Batch, parse_shape_overrides
 from onnxprune.errors import InputError, OnnxPruneError
-from onnxprune.io import check_output_path, load_model, save_model
+from onnxprune.files import atomic_path
+from onnxprune.io import check_output_path, load_model, save_model, uses_external_data
 from onnxprune.passes.reconstruct import DEFAULT_RIDGE
 from onnxprune.plan.plot import write_plot
 from onnxprune.plan.search import DEFAULT_MAX_DROP
@@ -100,7 +102,9 @@ def _prune_tolerances(args: argparse.Namespace) -> Tolerances:
     (the check then reports, and the note says so)."""
     given = any(getattr(args, k) is not None
                 for k in ("min_cosine", "atol", "rtol", "min_sqnr", "min_top1"))
-    if not given and (args.target is not None or args.plan is not None):
+    searched = args.calibration is not None and all(
+        getattr(args, k) is None for k in ("sparsity", "threshold", "nm", "heads", "quantize"))
+    if not given and (args.target is not None or args.plan is not None or searched):
         return Tolerances(top1=True if args.top1 else None)
     return _tolerances(args)
 
@@ -128,8 +132,10 @@ def _main_parser() -> argparse.ArgumentParser:
                    "OBS-style selection that chooses and refits jointly)")
     g.add_argument("--calibration", metavar="PATH",
                    help=".npz batch or folder of .npz batches for data-aware pruning")
-    g.add_argument("--token-mask", metavar="INPUT",
-                   help="input whose zeros mark padding rows to ignore (e.g. attention_mask)")
+    g.add_argument("--token-mask", metavar="INPUT|auto|none",
+                   help="input whose zeros mark padding rows to leave out of the calibration "
+                   "statistics (default auto: an integer [batch, seq] input named "
+                   "attention_mask or *_mask; none: use every row)")
     g.add_argument("--reconstruct", choices=("none", "bias", "lstsq"),
                    help="repair after removal (default lstsq with --calibration, else none)")
     g.add_argument("--ridge", type=_ridge, default=None, metavar="F|auto",
@@ -257,8 +263,9 @@ def _analyze_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--calibration", required=True, metavar="PATH",
                    help=".npz batch or folder of .npz batches")
-    p.add_argument("--token-mask", metavar="INPUT",
-                   help="input whose zeros mark padding rows (e.g. attention_mask)")
+    p.add_argument("--token-mask", metavar="INPUT|auto|none",
+                   help="input whose zeros mark padding rows (default auto: attention_mask "
+                   "or another integer [batch, seq] *_mask input; none: every row)")
     _add_metric_options(p)
     p.add_argument("--levels", default="0.125,0.25,0.375,0.5,0.75", metavar="F,F,...",
                    help="fractions of each unit to measure (default 0.125,0.25,0.375,0.5,0.75)")
@@ -320,6 +327,11 @@ def _cmd_prune(argv: Sequence[str], console: Console) -> int:
         plan=args.plan,
     )
     planned = args.target is not None or args.plan is not None
+    if config.is_default and not args.quiet:
+        console.print("no pruning option given: " + (
+            "removing as much as the quality budget (--max-drop) allows on --calibration data"
+            if args.calibration else "lossless clean-up only (give --calibration DATA to "
+            "remove as much as the quality budget allows)"))
     config.check_planning()  # validates the options before any file is touched
     if not planned:
         config.passes()
@@ -378,11 +390,17 @@ def _cmd_prune(argv: Sequence[str], console: Console) -> int:
         data["verification"] = result.to_dict()
         code = EXIT_OK if result.ok else EXIT_FAILED
     with console.status(f"saving {out} ..."):
-        save_model(model, out)
+        if config.is_default and not report.modified and not uses_external_data(model):
+            # Nothing changed: the input's own bytes, so the output is never larger.
+            with atomic_path(out) as tmp:
+                shutil.copyfile(args.model, tmp)
+        else:
+            save_model(model, out)
     report.after = replace(report.after, file_bytes=out.stat().st_size)
     console.print(stats_table(report.before, report.after))
     for name, res in report.passes.items():
-        console.print(pass_table(name, res))
+        if name != "CleanupPass":  # the default recipe's notes say what it did
+            console.print(pass_table(name, res))
     for note in report.notes:
         console.print(f"[yellow]{note}[/]")
     if result is not None:

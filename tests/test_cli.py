@@ -237,7 +237,6 @@ BAD_INPUTS = {
                                                   "--sparsity", "0.5"],
     "unknown provider": lambda f: ["digits.onnx", "-o", "out.onnx", "--sparsity", "0.5",
                                    "--providers", "tpu"],
-    "no pruning option": lambda f: ["digits.onnx", "-o", "out.onnx"],
     "sparsity out of range": lambda f: ["digits.onnx", "-o", "out.onnx", "--sparsity", "1.5"],
     "bad --nm": lambda f: ["digits.onnx", "-o", "out.onnx", "--nm", "4:2"],
     "bad --shape": lambda f: ["digits.onnx", "-o", "out.onnx", "--sparsity", "0.5",

@@ -85,33 +85,57 @@ class Target:
     norm_scale: np.ndarray | None = None  # gain of a LayerNormalization reading the sum
 
 
+def _gemm_bias(use: WeightUse) -> np.ndarray:
+    """beta * C of a Gemm consumer as a [D] vector (zeros for MatMul or no C).
+
+    The refit's intercept is written as a *change* of this bias (apply_fit), so the target
+    it is fitted to must not contain it.
+    """
+    node = use.node
+    w = const_array(use.weight)
+    assert w is not None
+    d = int(w.shape[1 - use.reduce_axis])
+    if node.op_type != "Gemm" or len(node.inputs) < 3 or node.inputs[2] is None:
+        return np.zeros(d)
+    c = const_array(node.inputs[2])
+    if c is None or c.size not in (1, d):
+        raise DataError(f"Gemm '{node.name}': bias C is not a constant [{d}] vector; use "
+                        "--reconstruct bias or none")
+    beta = node.attributes.get_float("beta", 1.0)
+    return beta * np.broadcast_to(c.astype(np.float64).reshape(-1), (d,))
+
+
 def consumer_target(group: ChannelGroup) -> Target:
     outputs = tuple(u.node.outputs[0].name or "" for u in group.consumers)
+    own = np.concatenate([_gemm_bias(u) for u in group.consumers])
+    own_bias = own if np.any(own) else None
     if len(group.consumers) != 1:
-        return Target(outputs)
+        return Target(outputs, bias=own_bias)
     value = group.consumers[0].node.outputs[0]
     bias = None
     for _ in range(2):
         uses = list(value.uses())
         if value.is_graph_output() or len(uses) != 1 or uses[0].node.op_type != "Add":
-            return Target(outputs)
+            return Target(outputs, bias=own_bias)
         add = uses[0].node
         other = add.inputs[1 - uses[0].idx]
         if other is None:
-            return Target(outputs)
+            return Target(outputs, bias=own_bias)
         out_shape, in_shape = add.outputs[0].shape, value.shape
         if out_shape is not None and in_shape is not None and list(out_shape) != list(in_shape):
-            return Target(outputs)  # the Add broadcasts the consumer output: not a residual
+            # the Add broadcasts the consumer output: not a residual
+            return Target(outputs, bias=own_bias)
         b = const_array(other)
         if b is not None:
             if bias is not None:
-                return Target(outputs)
+                return Target(outputs, bias=own_bias)
             bias = b.astype(np.float64)
             value = add.outputs[0]
             continue
-        return Target((add.outputs[0].name or "",), residual=other.name, bias=bias,
+        total = bias if own_bias is None else own_bias if bias is None else bias + own_bias
+        return Target((add.outputs[0].name or "",), residual=other.name, bias=total,
                       norm_scale=_layer_norm_scale(add.outputs[0]))
-    return Target(outputs)
+    return Target(outputs, bias=own_bias)
 
 
 def _layer_norm_scale(value: ir.Value) -> np.ndarray | None:
