@@ -26,6 +26,7 @@ from onnxprune.errors import (
 from onnxprune.graph.channels import ChannelGroup, find_channel_groups
 from onnxprune.passes.base import ReportPassResult
 from onnxprune.passes.canonical_gelu import CanonicalGeluPass
+from onnxprune.passes.cleanup import CleanupPass
 from onnxprune.passes.quantize_qdq import QuantizeQDQPass
 from onnxprune.passes.reconstruct import Calibration
 from onnxprune.passes.remove_heads import RemoveHeadsPass
@@ -39,6 +40,7 @@ __all__ = [
     "Calibration",
     "CanonicalGeluPass",
     "ChannelGroup",
+    "CleanupPass",
     "DataError",
     "InputError",
     "OnnxPruneError",

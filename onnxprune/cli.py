@@ -26,6 +26,7 @@ from onnxprune.calibration.data import Batch, parse_shape_overrides
 from onnxprune.errors import InputError, OnnxPruneError
 from onnxprune.files import atomic_path
 from onnxprune.io import check_output_path, load_model, save_model, uses_external_data
+from onnxprune.optimum import check_copy_config, copy_config, layer_sizes
 from onnxprune.passes.reconstruct import DEFAULT_RIDGE
 from onnxprune.plan.plot import write_plot
 from onnxprune.plan.search import DEFAULT_MAX_DROP
@@ -168,6 +169,10 @@ def _main_parser() -> argparse.ArgumentParser:
                    help="apply a saved plan exactly (same model + data: same bytes)")
     _add_quantize_options(p)
     p.add_argument("--no-verify", action="store_true", help="skip verification")
+    p.add_argument("--copy-config", action="store_true",
+                   help="export folder (Optimum): copy config.json and the tokenizer files "
+                   "beside --output; config.json's intermediate_size / num_attention_heads "
+                   "are updated when every layer was pruned alike")
     _add_verify_options(p)
     return p
 
@@ -311,7 +316,13 @@ def _show_verify(console: Console, result: VerifyResult) -> None:
         console.print("[yellow]no --data given: verified on inputs generated from the input "
                       "signature (random values); give --data for a meaningful check[/]")
     console.print(verify_table(result))
-    console.print(f"enforced: {result.tolerances.describe()}")
+    tol = result.tolerances
+    if tol.by_kind or any(v is not None for v in (tol.min_cosine, tol.atol, tol.rtol,
+                                                    tol.min_sqnr_db, tol.min_top1)):
+        console.print(f"enforced: {tol.describe()}")
+    else:  # a search or plan told no tolerance: its budget was the gate
+        console.print("enforced here: finite outputs only; the quality budget (--max-drop) "
+                      "on held-out calibration batches is the gate")
 
 
 def _cmd_prune(argv: Sequence[str], console: Console) -> int:
@@ -343,8 +354,11 @@ def _cmd_prune(argv: Sequence[str], console: Console) -> int:
         check_output_path(args.report, [args.model, out])
     if args.save_plan:
         check_output_path(args.save_plan, [args.model, out])
+    if args.copy_config:
+        check_copy_config(args.model, out)
     model = load_model(args.model)
     api.check_supported(model, args.model)
+    sizes_before = layer_sizes(model) if args.copy_config else None
     batches, generated = None, False
     if not args.no_verify:  # bad verification options must fail before anything is written
         parse_providers(args.providers)
@@ -415,6 +429,9 @@ def _cmd_prune(argv: Sequence[str], console: Console) -> int:
         if not report.search.reached:
             print(f"onnxprune: {report.search.message}", file=sys.stderr)
             code = EXIT_FAILED
+    if sizes_before is not None:
+        for note in copy_config(args.model, out, sizes_before, layer_sizes(model)):
+            console.print(note, soft_wrap=True)
     if args.save_plan and report.plan is not None:
         report.plan.save(args.save_plan)
         console.print(f"wrote the plan to {args.save_plan}")
