@@ -341,8 +341,9 @@ def _cmd_prune(argv: Sequence[str], console: Console) -> int:
     if config.is_default and not args.quiet:
         console.print("no pruning option given: " + (
             "removing as much as the quality budget (--max-drop) allows on --calibration data"
-            if args.calibration else "lossless clean-up only (give --calibration DATA to "
-            "remove as much as the quality budget allows)"))
+            if args.calibration else "lossless clean-up, and int8 embedding tables where they "
+            "pass the default tolerances (give --calibration DATA to remove as much as the "
+            "quality budget allows)"))
     config.check_planning()  # validates the options before any file is touched
     if not planned:
         config.passes()
@@ -413,7 +414,7 @@ def _cmd_prune(argv: Sequence[str], console: Console) -> int:
     report.after = replace(report.after, file_bytes=out.stat().st_size)
     console.print(stats_table(report.before, report.after))
     for name, res in report.passes.items():
-        if name != "CleanupPass":  # the default recipe's notes say what it did
+        if name not in ("CleanupPass", "Int8Embeddings"):  # the notes say what these did
             console.print(pass_table(name, res))
     for note in report.notes:
         console.print(f"[yellow]{note}[/]")

@@ -76,7 +76,7 @@ def test_cli_default_recipe_on_digits(tmp_path: Path, capsys: pytest.CaptureFixt
     out = tmp_path / "small.onnx"
     assert main([str(DIGITS), "-o", str(out), "--report", str(tmp_path / "r.json")]) == 0
     text = capsys.readouterr().out
-    assert "default recipe (no pruning option): lossless clean-up only" in text
+    assert "default recipe (no pruning option): lossless clean-up" in text
     assert "--calibration DATA" in text  # what would do more
     assert out.stat().st_size <= DIGITS.stat().st_size
     report = json.loads((tmp_path / "r.json").read_text())
@@ -99,3 +99,44 @@ def test_cli_calibration_alone_meets_the_default_budget(tmp_path: Path) -> None:
     assert r["search"]["reached"] and r["search"]["drop"] <= 0.01
     assert r["after"]["weight_flops_per_row"] < 0.8 * r["before"]["weight_flops_per_row"]
     assert any(n.startswith("default recipe with --calibration") for n in r["notes"])
+
+
+def _embedding_model(tied: bool) -> onnx.ModelProto:
+    from onnx import TensorProto as T
+    from onnx import helper as h
+    from onnx import numpy_helper
+
+    from helpers import make_model, value_info
+
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((500, 16)).astype(np.float32)
+    w = rng.standard_normal((16, 4)).astype(np.float32)
+    nodes = [h.make_node("Gather", ["table", "ids"], ["e"], name="embed"),
+             h.make_node("MatMul", ["e", "tableT" if tied else "w"], ["y"], name="head")]
+    if tied:  # the output projection reads the same table (GPT-2's lm_head)
+        nodes.insert(0, h.make_node("Transpose", ["table"], ["tableT"], perm=[1, 0]))
+    inits = [numpy_helper.from_array(table, "table")]
+    if not tied:
+        inits.append(numpy_helper.from_array(w, "w"))
+    out = ["B", "S", 500 if tied else 4]
+    return make_model(nodes, [value_info("ids", ["B", "S"], T.INT64)],
+                      [value_info("y", out)], inits)
+
+
+def test_default_recipe_stores_embedding_tables_in_int8(tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    src, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    onnx.save(_embedding_model(tied=False), src)
+    assert main([str(src), "-o", str(out)]) == 0
+    assert "embedding tables stored in int8" in capsys.readouterr().out
+    assert out.stat().st_size < 0.4 * src.stat().st_size
+    written = onnx.load(str(out))
+    dtypes = {t.name: t.data_type for t in written.graph.initializer}
+    assert onnx.TensorProto.INT8 in dtypes.values()  # the table, gathered then scaled
+    assert dtypes["w"] == onnx.TensorProto.FLOAT  # the MatMul weight stays float
+    assert onnxprune.verify(src, out)  # the defaults, on generated ids
+    # A table also read by a MatMul (tied weights) would be stored twice: left alone.
+    onnx.save(_embedding_model(tied=True), src)
+    assert main([str(src), "-o", str(out)]) == 0
+    assert "embedding tables stored in int8" not in capsys.readouterr().out
+    assert out.read_bytes() == src.read_bytes()
