@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, TypeVar
 
@@ -22,12 +22,15 @@ from onnxprune.calibration.data import (
     load_batches,
     random_batches,
 )
+from onnxprune.calibration.mask import AUTO, NONE, resolve_token_mask
 from onnxprune.errors import InputError, OnnxPruneError, UnsupportedModelError
 from onnxprune.graph.accounting import ModelStats, model_stats
 from onnxprune.graph.attention import AttentionBlock, find_attention_blocks
 from onnxprune.graph.channels import ChannelGroup, find_channel_groups
 from onnxprune.io import MIN_OPSET, check_output_path, load_model, save_model, serialized_model
+from onnxprune.passes.cleanup import CleanupPass
 from onnxprune.passes.distill import DEFAULT_REPAIR_SECONDS, DistillRepairPass
+from onnxprune.passes.quantize_qdq import QuantizeQDQPass, QuantizeQDQResult
 from onnxprune.passes.reconstruct import Calibration, Reconstruct
 from onnxprune.passes.remove_heads import RemoveHeadsPass
 from onnxprune.passes.remove_neurons import Progress, RemoveNeuronsPass
@@ -47,6 +50,8 @@ from onnxprune.plan.search import (
 )
 from onnxprune.quantize import QuantizeConfig, quantize_model
 from onnxprune.runtime import ModelSource, Provider, make_session
+from onnxprune.golden import Golden, compare_golden, load_golden
+from onnxprune.golden import save_golden as write_golden
 from onnxprune.validate import check_finite_weights
 from onnxprune.verify import Tolerances, VerifyResult, compare_models
 
@@ -57,6 +62,8 @@ __all__ = [
     "prune",
     "prune_model",
     "verify",
+    "verify_golden",
+    "save_golden",
     "inspect",
     "check_supported",
     "check_written",
@@ -106,6 +113,12 @@ class PruneConfig:
             return list(load_batches(self.holdout, input_specs(model)))
         return None if self.holdout is None else list(self.holdout)
 
+    @property
+    def is_default(self) -> bool:
+        """No pruning option given: the default recipe (see prune_model)."""
+        return all(v is None for v in (self.sparsity, self.threshold, self.nm, self.heads,
+                                       self.quantize, self.target, self.plan))
+
     def check_planning(self) -> None:
         """Refuses contradictory combinations of target search, plan and fixed options."""
         fixed = [n for n, v in (("--sparsity", self.sparsity), ("--heads", self.heads),
@@ -128,8 +141,13 @@ class PruneConfig:
             _check_metric(self.metric, self.eval)
             if self.max_drop is not None and self.max_drop < 0:
                 raise InputError(f"--max-drop must be >= 0, got {self.max_drop}")
+        elif search_only and not (self.is_default and self.calibration is not None):
+            raise InputError(f"{search_only[0]} only applies to a --target search (or to "
+                             "--calibration given alone)")
         elif search_only:
-            raise InputError(f"{search_only[0]} only applies to a --target search")
+            _check_metric(self.metric, self.eval)
+            if self.max_drop is not None and self.max_drop < 0:
+                raise InputError(f"--max-drop must be >= 0, got {self.max_drop}")
         if self.plan is not None and (fixed or self.criterion is not None):
             raise InputError(f"--plan decides what to prune; drop {(fixed or ['--criterion'])[0]}")
 
@@ -205,10 +223,8 @@ class PruneConfig:
                 )
             )
         if not out and self.quantize is None:
-            raise InputError(
-                "nothing to do: give --sparsity, --heads, --threshold, --nm or --quantize int8 "
-                "(see onnxprune --help)"
-            )
+            # The default recipe without data: only what provably changes no output.
+            out.append(CleanupPass(batches=batches, ignore=self.ignore))
         return out
 
 
@@ -221,10 +237,12 @@ class PruneReport:
     notes: list[str] = field(default_factory=list)
     plan: Plan | None = None  # the per-unit decisions, when a plan was searched or applied
     search: SearchResult | None = None
+    token_mask: str | None = None  # the input whose zeros marked padding rows, if any
 
     def to_dict(self) -> dict[str, object]:
         return {
             "modified": self.modified,
+            "token_mask": self.token_mask,
             "before": self.before.to_dict(),
             "after": self.after.to_dict(),
             "passes": self.passes,
@@ -258,8 +276,26 @@ def prune_model(
     check_supported(model)
     check_finite_weights(model)
     config.check_planning()
+    config, mask_note = _with_token_mask(model, config)
+    if config.is_default and config.calibration is not None:
+        original = model.graph  # the search prunes a copy; kept if nothing fits the budget
+        report = _prune_planned(model, replace(config, target=_AS_MUCH_AS_ALLOWED), progress,
+                                on_plan)
+        _as_default_recipe(report, config)
+        if report.search is not None and report.search.over_budget:
+            model.graph = original
+            report.after, report.modified, report.plan, report.search = (
+                report.before, False, None, None)
+        report.token_mask = config.token_mask
+        if mask_note:
+            report.notes.insert(0, mask_note)
+        return report
     if config.target is not None or config.plan is not None:
-        return _prune_planned(model, config, progress, on_plan)
+        report = _prune_planned(model, config, progress, on_plan)
+        report.token_mask = config.token_mask
+        if mask_note:
+            report.notes.insert(0, mask_note)
+        return report
     batches = config.batches(model)
     passes = config.passes(model, progress, batches)
     before = model_stats(model)
@@ -280,9 +316,95 @@ def prune_model(
     if quantized is not None:
         report.passes["QuantizeQDQ"] = quantized.to_dict()
     _refuse_if_nothing_prunable(passes)
-    if not report.modified:
+    report.token_mask = config.token_mask
+    if mask_note:
+        report.notes.insert(0, mask_note)
+    if config.is_default:
+        report.notes.extend(_cleanup_notes(passes))
+        stored = _int8_embeddings(model, batches)
+        if stored is not None:
+            report.passes["Int8Embeddings"] = stored.to_dict()
+            report.modified = True
+            report.after = model_stats(model)
+            mib = (stored.constant_bytes_before - stored.constant_bytes_after) / 2**20
+            report.notes.insert(-1, f"default recipe: embedding tables stored in int8 "
+                                f"({mib:.1f} MiB less; checked within the default "
+                                "tolerances before it was kept)")
+    elif not report.modified:
         report.notes.append("the model was left unchanged: nothing met the pruning criteria")
     return report
+
+
+# The default recipe with data asks the planner for an unreachable share, so it removes as
+# much as the quality budget allows and no more.
+_AS_MUCH_AS_ALLOWED = "flops=0.01"
+MORE_OPTIONS = ("--calibration DATA (removes as much as --max-drop, default "
+                f"{DEFAULT_MAX_DROP:g}, allows), --sparsity F, --heads F, --target flops=F, "
+                "--quantize int8")
+
+
+def _cleanup_notes(passes: list[ir.passes.PassBase]) -> list[str]:
+    """What the default recipe without data did, and what would do more."""
+    res = next(p.result for p in passes if isinstance(p, CleanupPass))
+    unread, constant = sum(res.unread.values()), sum(res.constant.values())
+    did = (f"{unread} never-read channel(s) removed, {constant} constant channel(s) folded "
+           f"into the next bias, {res.shared_constants} duplicate constant(s) shared"
+           if unread or constant or res.shared_constants else "nothing dead or duplicated found")
+    return [f"default recipe (no pruning option): lossless clean-up: {did}. MatMul/Gemm "
+            "weights stay float: int8 storage of those made onnxruntime slower (see README)",
+            f"to make it smaller: {MORE_OPTIONS}"]
+
+
+def _int8_embeddings(model: ir.Model, batches: list[Batch] | None) -> QuantizeQDQResult | None:
+    """The default recipe's one storage change: embedding tables (Gather of a constant) in
+    int8, rows gathered before dequantizing. Measured on MiniLM: 60.6 % of the file, cosine
+    min 0.9997, onnxruntime not slower (benchmarks/weight_storage.py); int8 for MatMul
+    weights made onnxruntime slower there, so those stay float. Kept only when it saves
+    bytes (a table tied to an output projection would be stored twice) and the model still
+    passes the default tolerances against the input on the given or generated batches."""
+    qdq = QuantizeQDQPass(weight_only=True, ops=())
+    try:
+        qdq.requires(model)
+    except OnnxPruneError:
+        return None  # opset < 13 or already quantized: left alone
+    trial = model.clone()
+    qdq(trial)
+    res = qdq.result
+    if not any(layer.quantized for layer in res.layers) or res.float_weights_kept or (
+            res.constant_bytes_after >= res.constant_bytes_before):
+        return None
+    check = batches or random_batches(input_specs(model))
+    if not compare_models(model, trial, check, tolerances=Tolerances.defaults()).ok:
+        return None
+    model.graph = trial.graph
+    return res
+
+
+def _as_default_recipe(report: PruneReport, config: PruneConfig) -> None:
+    """A search for as much as the budget allows succeeds when it stays within budget."""
+    r = report.search
+    assert r is not None
+    budget = DEFAULT_MAX_DROP if config.max_drop is None else config.max_drop
+    r.reached = not r.over_budget
+    metric = r.plan.summary.get("metric", "cosine")
+    r.message = (f"default recipe with --calibration: removed as much as --max-drop {budget:g} "
+                 f"allows: FLOPs at {r.share:.1%} of the original, {metric} drop {r.drop:.4f}"
+                 if r.reached else f"default recipe with --calibration: nothing removable "
+                 f"within --max-drop {budget:g} ({metric} drop {r.drop:.4f} at best)")
+    report.notes = [n for n in report.notes if not n.startswith("target ")]
+    report.notes.append(r.message)
+
+
+def _with_token_mask(model: ir.Model, config: PruneConfig) -> tuple[PruneConfig, str | None]:
+    """The config with its token mask resolved: named, detected from the graph (None or
+    "auto"), or off ("none"); and a note when it was detected. Only data-driven steps read
+    it, so without calibration data nothing is said."""
+    uses_data = config.calibration is not None
+    mask, note = resolve_token_mask(model, config.token_mask)
+    quantize = config.quantize
+    if quantize is not None and quantize.token_mask in (None, AUTO, NONE):
+        quantize = replace(quantize, token_mask=mask)
+    return replace(config, token_mask=mask, quantize=quantize), note if uses_data else None
 
 
 def _prune_planned(model: ir.Model, config: PruneConfig, progress: Progress | None,
@@ -342,7 +464,7 @@ def analyze(
     assert batches is not None
     fit, held_out, split = split_holdout(batches, cfg.holdout_batches(m))
     source = "--holdout" if split is None else f"calibration data, held out: {split}"
-    calib = Calibration(fit, token_mask=token_mask)
+    calib = Calibration(fit, token_mask=resolve_token_mask(m, token_mask)[0])
     return analyze_model(m, calib, held_out, metric=_metric(metric, eval), levels=levels,
                          heads=heads, ignore=ignore, holdout_source=source, progress=progress)
 
@@ -444,18 +566,30 @@ def verification_batches(
 def verify(
     reference: ModelSource | onnx.ModelProto,
     candidate: ModelSource | onnx.ModelProto,
-    *,
     data: str | os.PathLike[str] | Sequence[Batch] | None = None,
-    providers: Sequence[Provider] = ("cpu",),
+    *,
+    min_cosine: float | None = None,
+    atol: float | None = None,
+    rtol: float | None = None,
+    min_sqnr_db: float | None = None,
+    min_top1: float | None = None,
+    top1: bool | None = None,
     tolerances: Tolerances | None = None,
+    providers: Sequence[Provider] = ("cpu",),
     shapes: dict[str, tuple[int, ...]] | None = None,
     generated_inputs: bool = False,
 ) -> VerifyResult:
-    """Compares candidate against reference on onnxruntime; see VerifyResult.ok.
+    """Compares candidate against reference on onnxruntime; the result is true when ok.
 
     `data` is a path, a list of batches (then `generated_inputs` says whether they were
-    made up from the signature), or None to generate inputs.
+    made up from the signature), or None to generate inputs. Tolerances follow the CLI's
+    rule, so both give the same verdict: none given enforces the defaults
+    (Tolerances.defaults(): cosine 0.99 for embeddings and other outputs, top-1 agreement
+    0.99 for class scores); any given enforces exactly those. `tolerances=` passes a
+    Tolerances object instead (Tolerances() enforces only finite outputs).
     """
+    tol = _resolve_tolerances(tolerances, min_cosine=min_cosine, atol=atol, rtol=rtol,
+                              min_sqnr_db=min_sqnr_db, min_top1=min_top1, top1=top1)
     # Paths go to onnxruntime as paths; only the reference's input signature is read here.
     ref_src = _session_source(reference)
     cand_src = _session_source(candidate)
@@ -464,9 +598,55 @@ def verify(
     else:
         batches, generated = list(data), generated_inputs
     return compare_models(
-        ref_src, cand_src, batches, providers=providers, tolerances=tolerances or Tolerances(),
+        ref_src, cand_src, batches, providers=providers, tolerances=tol,
         generated_inputs=generated,
     )
+
+
+def verify_golden(
+    candidate: ModelSource | onnx.ModelProto,
+    golden: str | os.PathLike[str],
+    *,
+    min_cosine: float | None = None,
+    atol: float | None = None,
+    rtol: float | None = None,
+    min_sqnr_db: float | None = None,
+    min_top1: float | None = None,
+    top1: bool | None = None,
+    tolerances: Tolerances | None = None,
+    providers: Sequence[Provider] = ("cpu",),
+) -> VerifyResult:
+    """Compares candidate with outputs saved by save_golden (`onnxprune verify --save-golden`),
+    with the same metrics and tolerance rule as verify()."""
+    tol = _resolve_tolerances(tolerances, min_cosine=min_cosine, atol=atol, rtol=rtol,
+                              min_sqnr_db=min_sqnr_db, min_top1=min_top1, top1=top1)
+    return compare_golden(load_golden(golden), _session_source(candidate),
+                          providers=providers, tolerances=tol)
+
+
+def save_golden(
+    model: ModelSource | onnx.ModelProto,
+    golden: str | os.PathLike[str],
+    data: str | os.PathLike[str] | Sequence[Batch] | None = None,
+    *,
+    shapes: dict[str, tuple[int, ...]] | None = None,
+) -> Golden:
+    """Runs `model` on `data` (or generated inputs) and saves inputs + outputs to `golden`."""
+    src = _session_source(model)
+    if data is None or isinstance(data, (str, os.PathLike)):
+        batches, _ = verification_batches(_to_ir(src), data, shapes)
+    else:
+        batches = list(data)
+    return write_golden(src, batches, golden)
+
+
+def _resolve_tolerances(tolerances: Tolerances | None, **options: object) -> Tolerances:
+    given = [k for k, v in options.items() if v is not None and k != "top1"]
+    if tolerances is not None:
+        if given:
+            raise InputError(f"give tolerances=Tolerances(...) or {given[0]}=..., not both")
+        return tolerances
+    return Tolerances.from_options(**options)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -28,8 +29,9 @@ from rich.table import Table
 from onnxprune import api
 from onnxprune.calibration.data import Batch, data_budget, parse_shape_overrides
 from onnxprune.errors import InputError, OnnxPruneError
-from onnxprune.files import same_file
-from onnxprune.io import check_output_path, load_model, save_model
+from onnxprune.files import atomic_path, same_file
+from onnxprune.io import check_output_path, load_model, save_model, uses_external_data
+from onnxprune.optimum import check_copy_config, copy_config, layer_sizes
 from onnxprune.passes.reconstruct import DEFAULT_RIDGE
 from onnxprune.plan.plot import write_plot
 from onnxprune.plan.search import DEFAULT_MAX_DROP
@@ -87,20 +89,30 @@ def _add_verify_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rtol", type=float, help="relative tolerance")
     g.add_argument("--min-sqnr", type=float, help="fail below this SQNR in dB")
     g.add_argument("--min-top1", type=float, help="fail below this top-1 agreement")
+    g.add_argument("--top1", action="store_true",
+                   help="report top-1 agreement for every output, not only class scores")
     g.add_argument("--report", help="write a JSON report to this file")
 
 
-def _tolerances(args: argparse.Namespace, default_cosine: float | None) -> Tolerances:
-    given = any(
-        getattr(args, k) is not None for k in ("min_cosine", "atol", "rtol", "min_sqnr", "min_top1")
+def _tolerances(args: argparse.Namespace) -> Tolerances:
+    """The same rule as onnxprune.verify(): none given means Tolerances.defaults()."""
+    return Tolerances.from_options(
+        min_cosine=args.min_cosine, atol=args.atol, rtol=args.rtol,
+        min_sqnr_db=args.min_sqnr, min_top1=args.min_top1, top1=True if args.top1 else None,
     )
-    return Tolerances(
-        min_cosine=args.min_cosine if given else default_cosine,
-        atol=args.atol,
-        rtol=args.rtol,
-        min_sqnr_db=args.min_sqnr,
-        min_top1=args.min_top1,
-    )
+
+
+def _prune_tolerances(args: argparse.Namespace) -> Tolerances:
+    """The built-in check after pruning: `onnxprune verify`'s rule, except that a --target
+    search or a --plan, told no tolerance, is gated by its quality budget on held-out data
+    (the check then reports, and the note says so)."""
+    given = any(getattr(args, k) is not None
+                for k in ("min_cosine", "atol", "rtol", "min_sqnr", "min_top1"))
+    searched = args.calibration is not None and all(
+        getattr(args, k) is None for k in ("sparsity", "threshold", "nm", "heads", "quantize"))
+    if not given and (args.target is not None or args.plan is not None or searched):
+        return Tolerances(top1=True if args.top1 else None)
+    return _tolerances(args)
 
 
 def _main_parser() -> argparse.ArgumentParser:
@@ -126,8 +138,10 @@ def _main_parser() -> argparse.ArgumentParser:
                    "OBS-style selection that chooses and refits jointly)")
     g.add_argument("--calibration", metavar="PATH",
                    help=".npz batch or folder of .npz batches for data-aware pruning")
-    g.add_argument("--token-mask", metavar="INPUT",
-                   help="input whose zeros mark padding rows to ignore (e.g. attention_mask)")
+    g.add_argument("--token-mask", metavar="INPUT|auto|none",
+                   help="input whose zeros mark padding rows to leave out of the calibration "
+                   "statistics (default auto: an integer [batch, seq] input named "
+                   "attention_mask or *_mask; none: use every row)")
     g.add_argument("--reconstruct", choices=("none", "bias", "lstsq", "distill"),
                    help="repair after removal (default lstsq with --calibration, else none; "
                    "distill: lstsq, then each pruned block learns the original's output)")
@@ -164,6 +178,10 @@ def _main_parser() -> argparse.ArgumentParser:
                    help="apply a saved plan exactly (same model + data: same bytes)")
     _add_quantize_options(p)
     p.add_argument("--no-verify", action="store_true", help="skip verification")
+    p.add_argument("--copy-config", action="store_true",
+                   help="export folder (Optimum): copy config.json and the tokenizer files "
+                   "beside --output; config.json's intermediate_size / num_attention_heads "
+                   "are updated when every layer was pruned alike")
     _add_verify_options(p)
     _add_budget_option(p)
     return p
@@ -255,9 +273,18 @@ def _quantize_config(args: argparse.Namespace) -> QuantizeConfig | None:
 
 def _verify_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="onnxprune verify",
-                description="Compare CANDIDATE against REFERENCE; exit 1 when out of tolerance.")
-    p.add_argument("reference")
-    p.add_argument("candidate")
+                usage="onnxprune verify REFERENCE CANDIDATE [options] | MODEL --save-golden "
+                "FILE.npz [--data D] | MODEL --golden FILE.npz [options]",
+                description="Compare CANDIDATE against REFERENCE, or MODEL against golden "
+                "outputs saved earlier; exit 0 within tolerance, 1 outside, 2 on bad input. "
+                "Without tolerance options: cosine min >= 0.99 for embeddings and other "
+                "outputs, top-1 agreement >= 0.99 for class scores.")
+    p.add_argument("models", nargs="+", metavar="MODEL",
+                   help="REFERENCE CANDIDATE, or one MODEL with --golden / --save-golden")
+    p.add_argument("--golden", metavar="FILE.npz",
+                   help="compare MODEL with the inputs and outputs saved in this file")
+    p.add_argument("--save-golden", metavar="FILE.npz",
+                   help="run MODEL on --data (or generated inputs) and save inputs + outputs")
     p.add_argument("-q", "--quiet", action="store_true")
     _add_verify_options(p)
     _add_budget_option(p)
@@ -279,8 +306,9 @@ def _analyze_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--calibration", required=True, metavar="PATH",
                    help=".npz batch or folder of .npz batches")
-    p.add_argument("--token-mask", metavar="INPUT",
-                   help="input whose zeros mark padding rows (e.g. attention_mask)")
+    p.add_argument("--token-mask", metavar="INPUT|auto|none",
+                   help="input whose zeros mark padding rows (default auto: attention_mask "
+                   "or another integer [batch, seq] *_mask input; none: every row)")
     _add_metric_options(p)
     p.add_argument("--levels", default="0.125,0.25,0.375,0.5,0.75", metavar="F,F,...",
                    help="fractions of each unit to measure (default 0.125,0.25,0.375,0.5,0.75)")
@@ -327,6 +355,13 @@ def _show_verify(console: Console, result: VerifyResult) -> None:
         console.print("[yellow]no --data given: verified on inputs generated from the input "
                       "signature (random values); give --data for a meaningful check[/]")
     console.print(verify_table(result))
+    tol = result.tolerances
+    if tol.by_kind or any(v is not None for v in (tol.min_cosine, tol.atol, tol.rtol,
+                                                    tol.min_sqnr_db, tol.min_top1)):
+        console.print(f"enforced: {tol.describe()}")
+    else:  # a search or plan told no tolerance: its budget was the gate
+        console.print("enforced here: finite outputs only; the quality budget (--max-drop) "
+                      "on held-out calibration batches is the gate")
 
 
 def _cmd_prune(argv: Sequence[str], console: Console) -> int:
@@ -343,6 +378,12 @@ def _cmd_prune(argv: Sequence[str], console: Console) -> int:
         plan=args.plan,
     )
     planned = args.target is not None or args.plan is not None
+    if config.is_default and not args.quiet:
+        console.print("no pruning option given: " + (
+            "removing as much as the quality budget (--max-drop) allows on --calibration data"
+            if args.calibration else "lossless clean-up, and int8 embedding tables where they "
+            "pass the default tolerances (give --calibration DATA to remove as much as the "
+            "quality budget allows)"))
     config.check_planning()  # validates the options before any file is touched
     if not planned:
         config.passes()
@@ -352,8 +393,11 @@ def _cmd_prune(argv: Sequence[str], console: Console) -> int:
     out = check_output_path(args.output, [args.model], force=args.force)
     _check_distinct_outputs({"-o": out, "--report": args.report, "--save-plan": args.save_plan},
                             args.model)
+    if args.copy_config:
+        check_copy_config(args.model, out)
     model = load_model(args.model)
     api.check_supported(model, args.model)
+    sizes_before = layer_sizes(model) if args.copy_config else None
     batches, generated = None, False
     if not args.no_verify:  # bad verification options must fail before anything is written
         parse_providers(args.providers)
@@ -394,16 +438,22 @@ def _cmd_prune(argv: Sequence[str], console: Console) -> int:
     result = None
     if not args.no_verify:
         # Verify the model in memory first: a run that cannot verify writes nothing.
-        result = _run_verify(console, args, args.model, model, _tolerances(args, None),
+        result = _run_verify(console, args, args.model, model, _prune_tolerances(args),
                              batches, generated, show=False)
         data["verification"] = result.to_dict()
         code = EXIT_OK if result.ok else EXIT_FAILED
     with console.status(f"saving {out} ..."):
-        save_model(model, out, keep=[] if same_file(args.model, out) else [args.model])
+        if config.is_default and not report.modified and not uses_external_data(model):
+            # Nothing changed: the input's own bytes, so the output is never larger.
+            with atomic_path(out) as tmp:
+                shutil.copyfile(args.model, tmp)
+        else:
+            save_model(model, out, keep=[] if same_file(args.model, out) else [args.model])
     report.after = replace(report.after, file_bytes=out.stat().st_size)
     console.print(stats_table(report.before, report.after))
     for name, res in report.passes.items():
-        console.print(pass_table(name, res))
+        if name not in ("CleanupPass", "Int8Embeddings"):  # the notes say what these did
+            console.print(pass_table(name, res))
     for note in report.notes:
         console.print(f"[yellow]{note}[/]")
     if result is not None:
@@ -411,13 +461,20 @@ def _cmd_prune(argv: Sequence[str], console: Console) -> int:
     console.print(f"wrote {out} ({human_bytes(report.after.file_bytes)}, "
                   f"{report.after.file_bytes / max(report.before.file_bytes or 1, 1):.1%} "
                   "of the input)")
-    if code == EXIT_FAILED:
-        console.print("[red]the written model is outside the verification tolerances[/]")
+    failed = []  # the one stderr line of an exit 1
+    if code == EXIT_FAILED and result is not None:
+        failed.append("the written model is outside the verification tolerances: "
+                      + "; ".join(result.failures))
     if report.search is not None:
         _show_search(console, report.search)
         if not report.search.reached:
-            print(f"onnxprune: {report.search.message}", file=sys.stderr)
+            failed.append(report.search.message)
             code = EXIT_FAILED
+    if failed:
+        print(f"onnxprune: {'; '.join(failed)}", file=sys.stderr)
+    if sizes_before is not None:
+        for note in copy_config(args.model, out, sizes_before, layer_sizes(model)):
+            console.print(note, soft_wrap=True)
     if args.save_plan and report.plan is not None:
         report.plan.save(args.save_plan)
         console.print(f"wrote the plan to {args.save_plan}")
@@ -508,17 +565,56 @@ def _cmd_quantize(argv: Sequence[str], console: Console) -> int:
 
 def _cmd_verify(argv: Sequence[str], console: Console) -> int:
     args = _verify_parser().parse_args(argv)
-    _check_distinct_outputs({"--report": args.report}, args.reference, args.candidate)
-    for path in (args.reference, args.candidate):
+    models = list(args.models)
+    _check_distinct_outputs({"--save-golden": args.save_golden, "--report": args.report},
+                            *models)
+    if args.golden and args.save_golden:
+        raise InputError("give --golden (compare) or --save-golden (write), not both")
+    if args.save_golden or args.golden:
+        if len(models) != 1:
+            raise InputError("--golden / --save-golden take one MODEL, got "
+                             f"{len(models)}: {' '.join(models)}")
+    elif len(models) != 2:
+        raise InputError("verify needs REFERENCE CANDIDATE, or MODEL --golden FILE.npz "
+                         "(see onnxprune verify --help)")
+    if args.golden and args.data:
+        raise InputError("--golden files hold their own inputs; drop --data")
+    if args.save_golden:
+        out = check_output_path(args.save_golden, models)
+        if args.report:
+            check_output_path(args.report, [*models, out])
+        tolerances_given = any(getattr(args, k) is not None for k in
+                               ("min_cosine", "atol", "rtol", "min_sqnr", "min_top1"))
+        if tolerances_given:
+            raise InputError("tolerances apply when comparing: give them with --golden")
+        model = load_model(models[0])
+        api.check_supported(model, models[0])
+        batches, generated = api.verification_batches(model, args.data,
+                                                      parse_shape_overrides(args.shape))
+        golden = api.save_golden(models[0], out, batches)
+        if generated:
+            console.print("[yellow]no --data given: saved outputs on inputs generated from the "
+                          "input signature (random values); give --data for a meaningful "
+                          "gate[/]")
+        console.print(f"wrote {len(golden.batches)} batch(es) of inputs and outputs "
+                      f"({', '.join(golden.names)}) to {out} "
+                      f"({human_bytes(out.stat().st_size)})")
+        return EXIT_OK
+    for path in models:
         api.check_supported(load_model(path), path)
-    result = _run_verify(console, args, args.reference, args.candidate,
-                         _tolerances(args, default_cosine=0.99))
+    tolerances = _tolerances(args)
+    if args.golden:
+        providers = parse_providers(args.providers)
+        with console.status("verifying on onnxruntime ..."):
+            result = api.verify_golden(models[0], args.golden, tolerances=tolerances,
+                                       providers=providers)
+        _show_verify(console, result)
+    else:
+        result = _run_verify(console, args, models[0], models[1], tolerances)
     if args.report:
         write_json(args.report, result.to_dict())
     if not result.ok:
-        failed = [f"{o.name}[{o.provider}]: {'; '.join(o.failures)}" for o in result.outputs
-                  if not o.ok]
-        print(f"onnxprune: verification failed: {failed[0]}", file=sys.stderr)
+        print(f"onnxprune: verification failed: {'; '.join(result.failures)}", file=sys.stderr)
         return EXIT_FAILED
     console.print("[green]verification passed[/]")
     return EXIT_OK

@@ -103,7 +103,7 @@ def test_conv_with_subgraphs_prunes_what_it_can(opset: int, tmp_path: Path) -> N
     src, out, rep = tmp_path / "m.onnx", tmp_path / "o.onnx", tmp_path / "r.json"
     onnx.save(conv_if_loop_model(opset), src)
     code = main([str(src), "-o", str(out), "--sparsity", "0.5", "--shape", "x:2,3,8,8",
-                 "--report", str(rep), "-q"])
+                 "--min-cosine", "-1", "--report", str(rep), "-q"])
     assert code == 0
     groups = {g["group"]: g for g in json.loads(rep.read_text())["passes"]["RemoveNeuronsPass"]
               ["groups"]}

@@ -112,10 +112,16 @@ def test_broken_model_fails_min_cosine(reference: onnx.ModelProto, batches: list
     assert o.top1_agreement == pytest.approx(np.mean(ref.argmax(1) == cand.argmax(1)))
 
 
-def test_without_tolerances_nothing_is_enforced(reference: onnx.ModelProto, batches) -> None:
+def test_without_tolerances_the_defaults_are_enforced(reference: onnx.ModelProto,
+                                                      batches) -> None:
     broken = _scaled(reference, "fc0.weight", -1.0)
     result = api.verify(reference, broken, data=batches)
-    assert result.ok and result.outputs[0].cosine_min < 0.99
+    assert not result and not result.ok  # bool(result) is the verdict
+    (o,) = result.outputs
+    assert o.kind == "scores"  # [16, 4] class scores: the default gate is top-1 agreement
+    assert o.failures == (f"top-1 agreement {o.top1_agreement:.4f} < 0.99",)
+    # An explicit empty Tolerances() enforces only finite outputs.
+    assert api.verify(reference, broken, data=batches, tolerances=Tolerances()).ok
 
 
 def test_small_perturbation_passes_loose_fails_tight(reference: onnx.ModelProto, batches) -> None:

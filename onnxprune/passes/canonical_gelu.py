@@ -17,6 +17,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxprune.graph.weights import const_array
+from onnxprune.passes.base import ReportingPass
 
 __all__ = ["CanonicalGeluPass", "CanonicalGeluResult"]
 
@@ -73,7 +74,7 @@ def _match(node: ir.Node) -> tuple[int, ir.Node, int] | None:
     return None
 
 
-class CanonicalGeluPass(ir.passes.InPlacePass):
+class CanonicalGeluPass(ReportingPass):
     """Rewrites x * (0.5 * (1 + erf(x/sqrt2))) as (x * (1 + erf(x/sqrt2))) * 0.5."""
 
     def __init__(self) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import onnx_ir as ir
@@ -30,6 +30,10 @@ from onnxprune.graph.qdq_build import QdqBuilder, constant_bytes
 from onnxprune.graph.qlayers import QLayer, check_not_quantized, find_layers, layer_name
 from onnxprune.graph.scale_fold import fold_channel_scale
 from onnxprune.graph.weights import const_array
+from onnxprune.passes.base import CalibrationLike, ReportingPass, as_calibration
+
+if TYPE_CHECKING:
+    from onnxprune.quantize import QuantizeConfig
 
 __all__ = [
     "EmbeddingLayout", "ActivationQuant", "QuantizedLayer", "QuantizeQDQResult", "QuantizeQDQPass",
@@ -86,13 +90,19 @@ class QuantizeQDQResult:
         }
 
 
-class QuantizeQDQPass(ir.passes.InPlacePass):
+class QuantizeQDQPass(ReportingPass):
     """Inserts QDQ around MatMul/Gemm/Conv inputs and int8 embedding tables.
 
     `activations` maps an activation tensor name to its quantization; a layer whose
     activation is missing there stays float (unless `weight_only`). `outputs` does the same
     for Conv outputs (QLinearConv needs a quantized output). `keep_float` maps layer names
     to the reason they must stay float (e.g. measured sensitivity).
+
+    With `calibration` (a path, a list or iterator of batches, or a Calibration) the pass
+    makes those choices itself, as `onnxprune quantize` does (`config`: its options; the
+    token mask is detected from the graph unless the config names one); `result` is then
+    the QuantizeReport. Without calibration or ranges only weight-only layers and embedding
+    tables are quantized.
     """
 
     def __init__(
@@ -108,8 +118,15 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
         keep_float: Mapping[str, str] | None = None,
         activation_matmuls: bool = False,
         embedding_layout: EmbeddingLayout = "gather-first",
+        calibration: CalibrationLike | None = None,
+        config: QuantizeConfig | None = None,
     ) -> None:
         super().__init__()
+        self.calibration = as_calibration(calibration)
+        self.config = config
+        if config is not None and activations:
+            raise InputError("give QuantizeQDQPass activations= (ranges chosen elsewhere) or "
+                             "config= (chosen from calibration data here), not both")
         if embedding_layout not in ("gather-first", "dequantize-first"):
             raise InputError(
                 f"embedding layout must be gather-first or dequantize-first, got "
@@ -142,6 +159,8 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
             )
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        if self.calibration is not None or self.config is not None:
+            return self._call_driven(model)
         graph = model.graph
         self._b = QdqBuilder(graph)
         self._weights: dict[tuple[int, int], ir.Value] = {}
@@ -182,6 +201,27 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
         self.result = QuantizeQDQResult(tuple(done), before, constant_bytes(graph), kept,
                                         tuple(self._folded))
         return ir.passes.PassResult(model, modified=modified)
+
+    def _call_driven(self, model: ir.Model) -> ir.passes.PassResult:
+        """Calibrates and quantizes through onnxprune.quantize (which runs this pass with the
+        ranges it chose); the report goes to `self.result`."""
+        from dataclasses import replace
+
+        from onnxprune.quantize import QuantizeConfig, quantize_model
+
+        config = self.config or QuantizeConfig(
+            activation_dtype=self.dtype, weight_only=self.weight_only, ops=self.ops,
+            exclude=self.exclude, quantize_embeddings=self.embeddings,
+            activation_matmuls=self.activation_matmuls, embedding_layout=self.embedding_layout,
+        )
+        batches = None
+        if self.calibration is not None:  # completed against the model by ReportingPass
+            batches = list(self.calibration.batches)
+            if config.token_mask is None:
+                config = replace(config, token_mask=self.calibration.token_mask)
+        report = quantize_model(model, config, batches)
+        self.result = report
+        return ir.passes.PassResult(model, modified=report.quantized > 0)
 
     def _fold_smoothing(self, todo: list[QLayer]) -> list[str]:
         """Folds each smoothing division into the tensor's producers where that is exact.

@@ -32,6 +32,7 @@ from onnxprune.graph.attention import AttentionBlock, find_attention_blocks
 from onnxprune.graph.channels import ChannelGroup
 from onnxprune.graph.head_slicing import head_columns, keep_heads
 from onnxprune.graph.weights import WeightUse, const_array
+from onnxprune.passes.base import CalibrationLike, ReportingPass, as_calibration
 from onnxprune.passes.reconstruct import (
     DEFAULT_RIDGE,
     Calibration,
@@ -93,7 +94,7 @@ def _x_w(use_weight: np.ndarray, reduce_axis: int) -> np.ndarray:
     return use_weight.T if reduce_axis == 1 else use_weight
 
 
-class RemoveHeadsPass(ir.passes.InPlacePass):
+class RemoveHeadsPass(ReportingPass):
     """Removes the least important heads of every prunable attention block."""
 
     def __init__(
@@ -103,7 +104,7 @@ class RemoveHeadsPass(ir.passes.InPlacePass):
         criterion: HeadCriterion | None = None,
         global_ranking: bool = False,
         max_block_fraction: float = 0.75,
-        calibration: Calibration | None = None,
+        calibration: CalibrationLike | None = None,
         ignore: Sequence[str] = (),
         keep: KeepSpec | None = None,
         reference: ir.Model | None = None,
@@ -115,6 +116,7 @@ class RemoveHeadsPass(ir.passes.InPlacePass):
         model the repair reproduces when `model` was already pruned (default: as given).
         """
         super().__init__()
+        calibration = as_calibration(calibration)  # a path or batches work too
         if not 0 <= fraction < 1:
             raise InputError(f"--heads must be in [0, 1), got {fraction}")
         if not 0 < max_block_fraction < 1:

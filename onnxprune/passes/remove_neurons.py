@@ -20,6 +20,7 @@ from onnxprune.errors import InputError, OnnxPruneError
 from onnxprune.graph.channels import ChannelGroup, find_channel_groups
 from onnxprune.graph.slicing import keep_channels, keep_many
 from onnxprune.graph.weights import const_array
+from onnxprune.passes.base import CalibrationLike, ReportingPass, as_calibration
 from onnxprune.passes.conv_repair import conv_repairable, prune_conv_group
 from onnxprune.passes.reconstruct import (
     Calibration,
@@ -169,29 +170,33 @@ def keep_counts(spec: KeepSpec, sizes: Mapping[str, int], what: str) -> dict[str
             else len(idx) for name, size in sizes.items()}
 
 
-class RemoveNeuronsPass(ir.passes.InPlacePass):
+class RemoveNeuronsPass(ReportingPass):
     """Removes the least important channels of every prunable channel group."""
 
     def __init__(
         self,
         *,
         sparsity: float = 0.0,
-        criterion: str = "l1",
+        criterion: str | None = None,
         global_ranking: bool = False,
         max_group_sparsity: float = 0.9,
         round_to: int = 1,
         ignore: Sequence[str] = (),
         seed: int = 0,
         scorer: Scorer | None = None,
-        calibration: Calibration | None = None,
+        calibration: CalibrationLike | None = None,
         progress: Progress | None = None,
         keep: KeepSpec | None = None,
         reference: ir.Model | None = None,
     ) -> None:
         """`keep`, when given, decides each named group instead of `sparsity`; groups it
         does not name are left whole. `reference` is the model the repair reproduces when
-        `model` was already pruned by an earlier pass (default: the model as given)."""
+        `model` was already pruned by an earlier pass (default: the model as given).
+        `calibration`: a Calibration, a path to .npz data, or a list / iterator of batches."""
         super().__init__()
+        calibration = as_calibration(calibration)
+        # OBS with data (chooses and refits jointly), l1 without: the CLI's defaults.
+        criterion = criterion or ("obs" if calibration is not None else "l1")
         if not 0 <= sparsity < 1:
             raise InputError(f"--sparsity must be in [0, 1), got {sparsity}")
         if not 0 < max_group_sparsity < 1:

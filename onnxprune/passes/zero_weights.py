@@ -17,6 +17,7 @@ import onnx_ir as ir
 
 from onnxprune.errors import InputError
 from onnxprune.graph.weights import WeightUse, const_array, set_const_array, weight_uses
+from onnxprune.passes.base import ReportingPass
 
 __all__ = ["ZeroWeightsPass", "ZeroedLayer", "ZeroWeightsResult", "nm_mask"]
 
@@ -72,7 +73,7 @@ def nm_mask(weight: np.ndarray, reduce_axis: int, n: int, m: int) -> np.ndarray:
     return np.moveaxis(keep, -1, reduce_axis)
 
 
-class ZeroWeightsPass(ir.passes.InPlacePass):
+class ZeroWeightsPass(ReportingPass):
     """Zeroes small MatMul/Gemm weights; each distinct weight tensor is treated once."""
 
     def __init__(
