@@ -180,7 +180,7 @@ def agreement(dense: ort.InferenceSession, other: ir.Model, feeds: list[dict]
 
 
 # ----------------------------------------------------------------------- runner
-def variants(path: Path, calib: list[dict], sparsities: list[float]):
+def variants(path: Path, calib: list[dict], sparsities: list[float], calibrated: bool = True):
     yield "dense", ir.load(str(path)), {}
     for sp in sparsities:
         m = ir.load(str(path))
@@ -189,6 +189,8 @@ def variants(path: Path, calib: list[dict], sparsities: list[float]):
         p(m)
         yield f"{int(sp * 100)}% l1 (data-free)", m, {"removed": p.result.removed,
                                                      "s": time.perf_counter() - t}
+        if not calibrated:
+            continue
         m = ir.load(str(path))
         t = time.perf_counter()
         p = RemoveNeuronsPass(sparsity=sp, criterion="obs", calibration=Calibration(calib))
@@ -203,8 +205,8 @@ def variants(path: Path, calib: list[dict], sparsities: list[float]):
 
 
 def run_model(name: str, path: Path, input_shape: dict[str, list[int]], quality,
-              calib: list[dict], speed_feeds: dict, sparsities: list[float], reps: int
-              ) -> list[dict]:
+              calib: list[dict], speed_feeds: dict, sparsities: list[float], reps: int,
+              calibrated: bool = True) -> list[dict]:
     rows = []
     dense_sess = session(path)
     base = ir.load(str(path))
@@ -214,7 +216,7 @@ def run_model(name: str, path: Path, input_shape: dict[str, list[int]], quality,
         print(f"   declined: {d}")
     base_params = model_stats(base).parameters
     base_flops = inference_flops(base, input_shape)
-    for label, m, info in variants(path, calib, sparsities):
+    for label, m, info in variants(path, calib, sparsities, calibrated):
         proto = ir.serde.serialize_model(m)
         onnx.checker.check_model(proto)
         stats = model_stats(m)
@@ -244,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calib-n", type=int, default=64)
     ap.add_argument("--sparsities", default="0.3,0.5")
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--data-free-only", action="store_true",
+                    help="resnet18/mobilenet: skip the calibrated variants (slow on 2 cores)")
     args = ap.parse_args(argv)
     sparsities = [float(s) for s in args.sparsities.split(",")]
     models = args.models.split(",")
@@ -272,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
                               lambda m, d=dense: dict(zip(("top1_agree", "cosine"),
                                                           agreement(d, m, feeds),
                                                           strict=True)),
-                              calib, {"input": feeds[0]["input"][:1]}, sparsities, args.reps)
+                              calib, {"input": feeds[0]["input"][:1]}, sparsities, args.reps,
+                              not args.data_free_only)
     BUILD.mkdir(exist_ok=True)
     (BUILD / "bench_cnn.json").write_text(json.dumps(rows, indent=1, default=str))
     return 0
