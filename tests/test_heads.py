@@ -222,7 +222,7 @@ def test_block_is_recognised(style: str, literal_heads: bool, literal_width: boo
     ("kwargs", "reason"),
     [
         ({"mask": "per_head"}, "mask per head"),
-        ({"kv_heads": 1}, "multi-query"),
+        ({"kv_heads": 1}, "4 query heads read 1 key/value heads"),
     ],
 )
 def test_unsupported_layouts_are_declined(kwargs: dict, reason: str) -> None:
@@ -258,20 +258,21 @@ def _attend(b: GraphBuilder, heads: dict[str, str], merge: str) -> onnx.ModelPro
     return b.build(["y"])
 
 
-def _rotary(b: GraphBuilder, q: str) -> str:
-    """q * cos + rotate_half(q) * sin, as Llama-style models write it."""
+def _rotary(b: GraphBuilder, q: str, tag: str = "") -> str:
+    """q * cos + rotate_half(q) * sin, as Llama-style models write it (tables shared)."""
     half = D // 2
-    lo = b.op("Slice", [q, b.const("r0", np.array([0])), b.const("r1", np.array([half])),
-                        b.const("ra", np.array([-1]))])
-    hi = b.op("Slice", [q, b.const("r2", np.array([half])), b.const("r3", np.array([D])),
-                        b.const("rb", np.array([-1]))])
+    lo = b.op("Slice", [q, b.const(f"{tag}r0", np.array([0])),
+                        b.const(f"{tag}r1", np.array([half])), b.const(f"{tag}ra", np.array([-1]))])
+    hi = b.op("Slice", [q, b.const(f"{tag}r2", np.array([half])),
+                        b.const(f"{tag}r3", np.array([D])), b.const(f"{tag}rb", np.array([-1]))])
     rot = b.op("Concat", [b.op("Neg", [hi]), lo], axis=-1)
-    cos = b.const("cos", np.cos(np.arange(SEQ * D).reshape(SEQ, D)).astype(np.float32))
-    sin = b.const("sin", np.sin(np.arange(SEQ * D).reshape(SEQ, D)).astype(np.float32))
-    return b.op("Add", [b.op("Mul", [q, cos]), b.op("Mul", [rot, sin])])
+    if not any(i.name == "cos" for i in b.inits):
+        b.const("cos", np.cos(np.arange(SEQ * D).reshape(SEQ, D)).astype(np.float32))
+        b.const("sin", np.sin(np.arange(SEQ * D).reshape(SEQ, D)).astype(np.float32))
+    return b.op("Add", [b.op("Mul", [q, "cos"]), b.op("Mul", [rot, "sin"])])
 
 
-def test_rotary_embedding_is_declined() -> None:
+def _rotary_model(per_head_cos: bool = False) -> onnx.ModelProto:
     b = GraphBuilder(seed=0)
     x = b.input("x", [BATCH, SEQ, E])
     target = b.const("t", np.array([0, 0, H, D]))
@@ -279,27 +280,84 @@ def test_rotary_embedding_is_declined() -> None:
     for r in "qkv":
         h = b.op("Reshape", [b.op("MatMul", [x, b.weight(f"{r}.w", [E, E])]), target])
         h = b.op("Transpose", [h], perm=[0, 2, 1, 3])
-        heads[r] = _rotary(b, h) if r == "q" else h
-    [block] = find_attention_blocks(to_ir(_attend(b, heads, "t2")))
-    assert "rotary" in (block.skip_reason or "")
+        heads[r] = _rotary(b, h, r) if r != "v" else h
+    proto = _attend(b, heads, "t2")
+    if per_head_cos:  # a table that differs per head: removing one would change the others
+        for init in proto.graph.initializer:
+            if init.name == "cos":
+                init.CopyFrom(numpy_helper.from_array(np.cos(np.arange(H * SEQ * D).reshape(
+                    H, SEQ, D)).astype(np.float32), "cos"))
+    return proto
 
 
-def test_grouped_query_attention_is_declined() -> None:
-    """K and V have 2 heads, repeated to 4 by Unsqueeze -> Expand -> Reshape (repeat_kv)."""
+def _exact_after_silencing(model: ir.Model, block: AttentionBlock, unit: int) -> None:
+    """Zero the output rows of `unit`, remove exactly it: the output must not change."""
+    rows = block.v_head_size
+    w = const_array(block.output.weight).copy()  # type: ignore[union-attr]
+    w[unit * rows: (unit + 1) * rows] = 0
+    set_const_array(block.output.weight, w)  # type: ignore[union-attr]
+    feeds = {"x": np.random.default_rng(1).standard_normal((2, SEQ, E)).astype(np.float32)}
+    zeroed = run(check(model), feeds)
+    keep = [u for u in range(block.num_heads) if u != unit]
+    p = RemoveHeadsPass(fraction=0.0, keep={block.name: keep})
+    p(model)
+    assert p.result.removed == 1
+    np.testing.assert_allclose(run(check(model), feeds), zeroed, atol=1e-5)
+
+
+def test_rotary_embedding_is_recognised_and_exact() -> None:
+    """q*cos + rotate_half(q)*sin on Q and K: the tables are shared by all heads."""
+    model = to_ir(_rotary_model())
+    [block] = find_attention_blocks(model)
+    assert block.prunable, block.skip_reason
+    assert block.num_heads == H
+    _exact_after_silencing(model, block, ZERO)
+
+
+def test_rotary_table_per_head_is_declined() -> None:
+    [block] = find_attention_blocks(to_ir(_rotary_model(per_head_cos=True)))
+    assert "constant with a head axis" in (block.skip_reason or ""), block.skip_reason
+
+
+def _gqa_model(kv: int = 2):
+    """K and V have `kv` heads, repeated to H by Unsqueeze -> Expand -> Reshape (repeat_kv)."""
     b = GraphBuilder(seed=0)
     x = b.input("x", [BATCH, SEQ, E])
     heads = {}
-    for r, n in (("q", H), ("k", 2), ("v", 2)):
+    for r, n in (("q", H), ("k", kv), ("v", kv)):
         h = b.op("MatMul", [x, b.weight(f"{r}.w", [E, n * D])])
         h = b.op("Reshape", [h, b.const(f"{r}.t", np.array([0, 0, n, D]))])
         h = b.op("Transpose", [h], perm=[0, 2, 1, 3])
         if r != "q":
             h = b.op("Unsqueeze", [h, b.const(f"{r}.ax", np.array([2]))])
-            h = b.op("Expand", [h, b.const(f"{r}.rep", np.array([1, 1, 2, 1, 1]))])
+            h = b.op("Expand", [h, b.const(f"{r}.rep", np.array([1, kv, H // kv, 1, 1]))])
             h = b.op("Reshape", [h, b.const(f"{r}.t2", np.array([0, H, -1, D]))])
         heads[r] = h
-    [block] = find_attention_blocks(to_ir(_attend(b, heads, "t3")))
-    assert "grouped-query" in (block.skip_reason or ""), block.skip_reason
+    return _attend(b, heads, "t3")
+
+
+def test_grouped_query_attention_removes_whole_kv_groups() -> None:
+    """A unit is one K/V head with the query heads that read it; every literal follows."""
+    model = to_ir(_gqa_model())
+    [block] = find_attention_blocks(model)
+    assert block.prunable, block.skip_reason
+    assert (block.num_heads, block.group) == (2, H // 2)
+    assert block.to_dict()["heads"] == H
+    feeds = {"x": np.random.default_rng(1).standard_normal((2, SEQ, E)).astype(np.float32)}
+    # zero the output rows of unit 0 (query heads 0 .. H/2-1), then remove exactly that unit
+    w = const_array(block.output.weight)
+    w = w.copy()
+    w[: (H // 2) * D] = 0
+    set_const_array(block.output.weight, w)
+    zeroed = run(check(model), feeds)
+    p = RemoveHeadsPass(fraction=0.0, keep={block.name: [1]})
+    p(model)
+    assert p.result.removed == 1
+    pruned = check(model)
+    np.testing.assert_allclose(run(pruned, feeds), zeroed, atol=1e-5)
+    shapes = {i.name: numpy_helper.to_array(i).tolist() for i in pruned.graph.initializer
+              if i.name.startswith(("k.", "v.", "q.")) and i.name.endswith((".t", ".rep", ".t2"))}
+    assert shapes["k.rep"] == [1, 1, H // 2, 1, 1] and shapes["k.t2"] == [0, H // 2, -1, D]
 
 
 def test_a_softmax_that_is_not_attention_is_not_listed() -> None:

@@ -381,6 +381,8 @@ def _value_bias_delta(block: AttentionBlock, removed: np.ndarray) -> np.ndarray 
     total = np.zeros(w_o.shape[1])
     for value, offset in biases:
         b = np.asarray(const_array(value)).reshape(-1)[offset: offset + width]
+        if block.group > 1:  # one K/V head serves `group` query heads: repeat its bias
+            b = np.repeat(b.reshape(block.num_heads, 1, -1), block.group, axis=1).reshape(-1)
         total += value_bias_fold(b, w_o, block.num_heads, removed)
     return total
 
