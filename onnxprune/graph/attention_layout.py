@@ -211,9 +211,10 @@ def _one_read(piece: ir.Value) -> list[tuple[ir.Value, int] | None] | None:
 
 def is_self_reshape(node: ir.Node, rank: int, head: int) -> bool:
     """True when the Reshape keeps the head axis where it is: its target has the input's
-    rank, infers the head axis (-1) and spells every other axis from the shapes of tensors
-    (batch, sequence: Shape reads, copies) or as a literal (the head size). The decomposed
-    SDPA of both exporters reshapes its output to itself this way."""
+    rank, infers the head axis (-1) or spells it as a literal (then rewritten), and spells
+    every other axis from the shapes of tensors (batch, sequence: Shape reads, copies) or as
+    a literal (the head size). The decomposed SDPA of both exporters reshapes its output to
+    itself this way."""
     from onnxprune.graph.shape_literals import target_entries
 
     entries = target_entries(node.inputs[1])
@@ -224,9 +225,9 @@ def is_self_reshape(node: ir.Node, rank: int, head: int) -> bool:
         return False
     for pos, e in enumerate(entries):
         if pos == rank + head:
-            if e.kind != "infer":
+            if e.kind not in ("infer", "literal"):  # a literal head count is rewritten
                 return False
-        elif e.kind == "infer":
+        elif e.kind == "infer" and entries[rank + head].kind == "infer":
             return False
     return True
 

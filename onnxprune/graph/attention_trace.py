@@ -479,7 +479,9 @@ class Trace:
                 head, dim = perm.index(r + head) - r, perm.index(r + dim) - r
             elif op == "Reshape" and not merged and uses[0].idx == 0 and is_self_reshape(
                     node, len(value.shape) if value.shape is not None else 4, head):
-                pass  # reads its own shape back, head count inferred: changes nothing
+                entries = target_entries(node.inputs[1])  # reshapes to itself
+                if entries and entries[head].kind == "literal":
+                    self.site(node, head, "head")
             elif op == "Reshape" and not merged and uses[0].idx == 0:
                 self._merge(node, head, dim)
                 merged = True

@@ -101,7 +101,7 @@ class RemoveHeadsPass(ir.passes.InPlacePass):
         *,
         fraction: float,
         criterion: HeadCriterion | None = None,
-        global_ranking: bool = False,
+        global_ranking: bool | None = None,
         max_block_fraction: float = 0.75,
         calibration: Calibration | None = None,
         ignore: Sequence[str] = (),
@@ -127,7 +127,12 @@ class RemoveHeadsPass(ir.passes.InPlacePass):
             raise InputError(f"head criterion '{criterion}' needs calibration data")
         self.fraction = fraction
         self.criterion: HeadCriterion = criterion
-        self.global_ranking = global_ranking
+        # One ranking across blocks by default when data measure the heads: on MiniLM
+        # (--sparsity 0.5 --heads 0.25, 256 calibration sentences, 400 held-out) mean cosine
+        # 0.9517 vs 0.9409 per block, on both exporters. Without data, weight norms of
+        # different layers do not compare well, so each block loses its own share.
+        self.global_ranking = (calibration is not None) if global_ranking is None \
+            else global_ranking
         self.max_block_fraction = max_block_fraction
         self.calibration = calibration
         self.ignore = tuple(ignore)
