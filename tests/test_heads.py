@@ -619,6 +619,14 @@ def _calibration(proto: onnx.ModelProto, reconstruct: str = "lstsq") -> Calibrat
     return Calibration(batches, reconstruct=reconstruct)  # type: ignore[arg-type]
 
 
+def test_heads_are_ranked_across_blocks_by_default_only_with_data() -> None:
+    proto = attention_model("dynamo", layers=2, seed=4)
+    assert not RemoveHeadsPass(fraction=0.5).global_ranking
+    assert RemoveHeadsPass(fraction=0.5, calibration=_calibration(proto)).global_ranking
+    assert not RemoveHeadsPass(fraction=0.5, calibration=_calibration(proto),
+                               global_ranking=False).global_ranking
+
+
 def _error(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(a))
 
@@ -632,7 +640,7 @@ def test_calibrated_removal_beats_data_free(criterion: str) -> None:
     RemoveHeadsPass(fraction=0.5)(free)
     calibrated = to_ir(proto)
     p = RemoveHeadsPass(fraction=0.5, criterion=criterion,  # type: ignore[arg-type]
-                        calibration=_calibration(proto))
+                        calibration=_calibration(proto), global_ranking=False)
     p(calibrated)
     assert heads_of(calibrated) == [2, 2]
     e_free = _error(expected, run(check(free), f)[0])
