@@ -668,3 +668,61 @@ def test_block_dict_for_inspect() -> None:
     d = blocks[0].to_dict()
     assert d["prunable"] is False and "matches --ignore" in str(d["reason"])
     assert isinstance(blocks[0], AttentionBlock)
+
+
+# ------------------------------------------------------------- today's export spellings
+
+
+def _packed_model(cut: str) -> onnx.ModelProto:
+    """GPT-2 / Phi-3 style: one [E, 3E] projection (+ bias) cut into Q, K, V by Split or
+    Slice on the last axis, with a NaN guard after Softmax as exporters now write it."""
+    b = GraphBuilder(seed=0)
+    x = b.input("x", [BATCH, SEQ, E])
+    qkv = b.op("Add", [b.op("MatMul", [x, b.weight("qkv.w", [E, 3 * E])]),
+                       b.weight("qkv.b", [3 * E])])
+    if cut == "split":
+        parts = b.op_multi("Split", [qkv, b.const("sizes", np.array([E, E, E]))], outputs=3,
+                           axis=-1)
+    else:
+        parts = [b.op("Slice", [qkv, b.const(f"s{i}", np.array([i * E])),
+                                b.const(f"e{i}", np.array([(i + 1) * E if i < 2 else 2**62])),
+                                b.const(f"a{i}", np.array([-1]))]) for i in range(3)]
+    heads = {}
+    for r, part in zip("qkv", parts, strict=True):
+        h = b.op("Reshape", [part, b.const(f"{r}.t", np.array([0, 0, H, D]))])
+        heads[r] = b.op("Transpose", [h], perm=[0, 2, 1, 3])
+    k = b.op("Transpose", [heads["k"]], perm=[0, 1, 3, 2])
+    s = b.op("Softmax", [b.op("MatMul", [heads["q"], k])], axis=-1)
+    guard = b.op("Where", [b.op("IsNaN", [s]), b.const("zero", np.array(0.0)), s])
+    c = b.op("Transpose", [b.op("MatMul", [guard, heads["v"]])], perm=[0, 2, 1, 3])
+    c = b.op("Reshape", [c, b.const("merge", np.array([0, 0, E]))])
+    b.op("MatMul", [c, b.weight("o.w", [E, E])], output="y")
+    return b.build(["y"])
+
+
+@pytest.mark.parametrize("cut", ["split", "slice"])
+def test_packed_qkv_is_recognised_and_exact(cut: str) -> None:
+    model = to_ir(_packed_model(cut))
+    [block] = find_attention_blocks(model)
+    assert block.prunable, block.skip_reason
+    assert sorted(p.offset for p in block.projections) == [0, E, 2 * E]
+    _exact_after_silencing(model, block, ZERO)
+    w = next(v for v in model.graph.initializers.values() if v.name == "qkv.w")
+    assert const_array(w).shape == (E, 3 * (H - 1) * D)
+
+
+def test_packed_split_with_a_foreign_part_is_declined() -> None:
+    proto = _packed_model("split")
+    rng = np.random.default_rng(0)
+    new = {"sizes": np.array([E, E, E, 4]),  # a fourth part, 4 wide, that is not attention
+           "qkv.w": rng.standard_normal((E, 3 * E + 4)).astype(np.float32),
+           "qkv.b": rng.standard_normal(3 * E + 4).astype(np.float32)}
+    for init in proto.graph.initializer:
+        if init.name in new:
+            init.CopyFrom(numpy_helper.from_array(new[init.name], init.name))
+    for node in proto.graph.node:
+        if node.op_type == "Split":
+            node.output.append("extra")
+    proto.graph.output.append(helper.make_tensor_value_info("extra", TensorProto.FLOAT, None))
+    [block] = find_attention_blocks(to_ir(proto))
+    assert "output 3 of Split" in (block.skip_reason or ""), block.skip_reason
