@@ -20,7 +20,7 @@ import onnx_ir as ir
 
 from onnxprune.graph.weights import const_array
 
-__all__ = ["chain_permutation", "shape_reads", "is_self_reshape"]
+__all__ = ["chain_permutation", "is_self_reshape", "reads_own_last_dim"]
 
 _PRIMES = (2, 3, 5, 7, 11, 13, 17, 19)
 _LAYOUT = frozenset({"Reshape", "Transpose"})
@@ -160,53 +160,6 @@ def _try(start: ir.Value, chain: list[ir.Node], rank: int) -> list[int] | None:
         return None
     perm = [dims.index(d) for d in x.shape]
     return perm if np.array_equal(np.transpose(data, perm), x) else None
-
-
-def shape_reads(value: ir.Value) -> list[tuple[ir.Value, int] | None]:
-    """For each entry of a 1-D shape tensor built by Concat: (tensor, axis) when the entry
-    is dim `axis` of Shape(tensor), None for anything else (literal or computed)."""
-    node = value.producer()
-    pieces = list(node.inputs) if node is not None and node.op_type == "Concat" else [value]
-    out: list[tuple[ir.Value, int] | None] = []
-    for piece in pieces:
-        if piece is None:
-            return []
-        arr = const_array(piece)
-        if arr is not None:
-            out.extend([None] * max(arr.size, 1))
-            continue
-        read = _one_read(piece)
-        if read is None:
-            return []
-        out.extend(read)
-    return out
-
-
-def _one_read(piece: ir.Value) -> list[tuple[ir.Value, int] | None] | None:
-    node = piece.producer()
-    while node is not None and node.op_type in ("Unsqueeze", "Cast", "Identity", "Squeeze"):
-        node = node.inputs[0].producer() if node.inputs[0] is not None else None
-    if node is None:
-        return None
-    if node.op_type == "Gather":
-        idx = const_array(node.inputs[1])
-        src = node.inputs[0].producer() if node.inputs[0] is not None else None
-        if idx is None or idx.size != 1 or src is None or src.op_type != "Shape":
-            return None
-        start = _attr_int(src, "start", 0) or 0
-        return [(src.inputs[0], start + int(idx.reshape(-1)[0]))]  # type: ignore[list-item]
-    if node.op_type == "Slice":
-        src = node.inputs[0].producer() if node.inputs[0] is not None else None
-        s, e = const_array(node.inputs[1]), const_array(node.inputs[2])
-        if src is None or src.op_type != "Shape" or s is None or e is None or len(
-                node.inputs) > 3:
-            return None
-        base = _attr_int(src, "start", 0) or 0
-        a, b = int(s.reshape(-1)[0]), int(e.reshape(-1)[0])
-        if a < 0 or b < a or b > 64:
-            return None
-        return [(src.inputs[0], base + i) for i in range(a, b)]  # type: ignore[misc]
-    return None
 
 
 def is_self_reshape(node: ir.Node, rank: int, head: int) -> bool:
