@@ -37,6 +37,11 @@ ExporterKind = Literal["legacy", "dynamo"]
 OUTPUT_NAME = "sentence_embedding"
 OPSET = {"legacy": 17, "dynamo": 18}
 FILE_NAME = {"legacy": "minilm_legacy.onnx", "dynamo": "minilm_dynamo.onnx"}
+
+
+def file_name(kind: str, attention: str = "sdpa") -> str:
+    """``minilm_legacy.onnx`` for the default attention, ``minilm_legacy_eager.onnx`` else."""
+    return FILE_NAME[kind] if attention == "sdpa" else f"minilm_{kind}_{attention}.onnx"
 CHECK_SENTENCES = (
     "The for statement is used to iterate over the elements of a sequence.",
     "Assignments to __debug__ are illegal.",
@@ -50,12 +55,15 @@ CHECK_BATCHES = (
 )
 
 
-def load_torch_model():  # -> SentenceEmbedder
+AttentionKind = Literal["sdpa", "eager"]
+
+
+def load_torch_model(attention: AttentionKind = "sdpa"):  # -> SentenceEmbedder
     """The pretrained BERT from the installed package wrapped with mean pooling, in eval mode.
 
-    ``attn_implementation="eager"`` keeps attention as explicit MatMul/Softmax in both
-    exports (the SDPA path makes each exporter decompose scaled_dot_product_attention its
-    own way), which is what the pruning code must recognise in exported BERTs.
+    ``attention`` is transformers' ``attn_implementation``: ``"sdpa"`` is its default and
+    what users export (each exporter decomposes scaled_dot_product_attention its own way);
+    ``"eager"`` writes attention as explicit MatMul/Softmax.  Both must prune alike.
     """
     import torch
     from transformers import BertModel
@@ -83,7 +91,7 @@ def load_torch_model():  # -> SentenceEmbedder
             return torch.nn.functional.normalize(pooled, p=2.0, dim=1)
 
     bert = BertModel.from_pretrained(
-        str(textdata.model_dir()), attn_implementation="eager", local_files_only=True
+        str(textdata.model_dir()), attn_implementation=attention, local_files_only=True
     )
     return SentenceEmbedder(bert).eval()
 
@@ -93,7 +101,8 @@ def _sample_feeds() -> dict[str, np.ndarray]:
     return textdata.encode_batch(list(CHECK_SENTENCES[:2]))
 
 
-def export(kind: ExporterKind, out_path: str | Path, opset: int | None = None) -> Path:
+def export(kind: ExporterKind, out_path: str | Path, opset: int | None = None,
+           attention: AttentionKind = "sdpa") -> Path:
     """Export the MiniLM sentence embedder with one exporter to a single .onnx file.
 
     ``opset`` defaults to 17 (legacy) / 18 (dynamo).  Note that at opset 18 the dynamo
@@ -107,7 +116,7 @@ def export(kind: ExporterKind, out_path: str | Path, opset: int | None = None) -
     # Write next to the target and rename at the end: a crashed export must not leave a
     # partial file that the next run would take as done.
     tmp = out.with_name(out.name + ".partial")
-    model = load_torch_model()
+    model = load_torch_model(attention)
     feeds = _sample_feeds()
     args = tuple(torch.from_numpy(feeds[name]) for name in textdata.INPUT_NAMES)
     names = list(textdata.INPUT_NAMES)
@@ -177,7 +186,8 @@ def check(path: str | Path, model=None) -> float:
 
 
 def ensure_inputs(calib_n: int, build: Path) -> Path:
-    """Exports both models and writes the calibration batches when they are missing."""
+    """Exports both models (default attention) and writes the calibration batches when they
+    are missing."""
     import textdata
 
     build.mkdir(exist_ok=True)
@@ -202,6 +212,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--dynamo-opset", type=int, default=OPSET["dynamo"], help="20 gives a Gelu op"
     )
+    parser.add_argument(
+        "--attention", choices=["sdpa", "eager"], default="sdpa",
+        help="transformers attn_implementation (default sdpa, transformers' own default); "
+        "eager files get an _eager suffix",
+    )
     opts = parser.parse_args(argv)
 
     import torch
@@ -210,16 +225,16 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     kinds: list[ExporterKind] = ["legacy", "dynamo"] if opts.kind == "both" else [opts.kind]
-    model = load_torch_model()
+    model = load_torch_model(opts.attention)
     failed = False
     for kind in kinds:
-        path = opts.out_dir / FILE_NAME[kind]
+        path = opts.out_dir / file_name(kind, opts.attention)
         if path.exists() and not opts.force:
             print(f"{kind}: {path} exists, not re-exported (use --force)")
         else:
             start = time.perf_counter()
             opset = opts.dynamo_opset if kind == "dynamo" else OPSET[kind]
-            export(kind, path, opset=opset)
+            export(kind, path, opset=opset, attention=opts.attention)
             seconds = time.perf_counter() - start
             print(f"{kind}: exported {path} in {seconds:.1f} s (opset {opset})")
         diff = check(path, model)

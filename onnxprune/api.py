@@ -208,7 +208,7 @@ class PruneConfig:
             out.append(
                 RemoveHeadsPass(
                     fraction=self.heads,
-                    global_ranking=self.global_heads,
+                    global_ranking=self.global_heads or None,  # None: global with data
                     max_block_fraction=self.max_block_heads,
                     calibration=calib,
                     ignore=self.ignore,

@@ -162,7 +162,8 @@ def _main_parser() -> argparse.ArgumentParser:
     g.add_argument("--heads", type=_fraction, metavar="F",
                    help="fraction of attention heads to remove from each block")
     g.add_argument("--global-heads", action="store_true",
-                   help="rank heads across blocks (each keeps at least 25 %%)")
+                   help="rank heads across blocks (the default with --calibration; each keeps "
+                   "at least 25 %%)")
     g.add_argument("--seed", type=int, default=0)
     t = p.add_argument_group("target search (instead of --sparsity/--heads; needs --calibration)")
     t.add_argument("--target", metavar="KIND=F",

@@ -222,7 +222,7 @@ def test_block_is_recognised(style: str, literal_heads: bool, literal_width: boo
     ("kwargs", "reason"),
     [
         ({"mask": "per_head"}, "mask per head"),
-        ({"kv_heads": 1}, "multi-query"),
+        ({"kv_heads": 1}, "4 query heads read 1 key/value heads"),
     ],
 )
 def test_unsupported_layouts_are_declined(kwargs: dict, reason: str) -> None:
@@ -258,20 +258,21 @@ def _attend(b: GraphBuilder, heads: dict[str, str], merge: str) -> onnx.ModelPro
     return b.build(["y"])
 
 
-def _rotary(b: GraphBuilder, q: str) -> str:
-    """q * cos + rotate_half(q) * sin, as Llama-style models write it."""
+def _rotary(b: GraphBuilder, q: str, tag: str = "") -> str:
+    """q * cos + rotate_half(q) * sin, as Llama-style models write it (tables shared)."""
     half = D // 2
-    lo = b.op("Slice", [q, b.const("r0", np.array([0])), b.const("r1", np.array([half])),
-                        b.const("ra", np.array([-1]))])
-    hi = b.op("Slice", [q, b.const("r2", np.array([half])), b.const("r3", np.array([D])),
-                        b.const("rb", np.array([-1]))])
+    lo = b.op("Slice", [q, b.const(f"{tag}r0", np.array([0])),
+                        b.const(f"{tag}r1", np.array([half])), b.const(f"{tag}ra", np.array([-1]))])
+    hi = b.op("Slice", [q, b.const(f"{tag}r2", np.array([half])),
+                        b.const(f"{tag}r3", np.array([D])), b.const(f"{tag}rb", np.array([-1]))])
     rot = b.op("Concat", [b.op("Neg", [hi]), lo], axis=-1)
-    cos = b.const("cos", np.cos(np.arange(SEQ * D).reshape(SEQ, D)).astype(np.float32))
-    sin = b.const("sin", np.sin(np.arange(SEQ * D).reshape(SEQ, D)).astype(np.float32))
-    return b.op("Add", [b.op("Mul", [q, cos]), b.op("Mul", [rot, sin])])
+    if not any(i.name == "cos" for i in b.inits):
+        b.const("cos", np.cos(np.arange(SEQ * D).reshape(SEQ, D)).astype(np.float32))
+        b.const("sin", np.sin(np.arange(SEQ * D).reshape(SEQ, D)).astype(np.float32))
+    return b.op("Add", [b.op("Mul", [q, "cos"]), b.op("Mul", [rot, "sin"])])
 
 
-def test_rotary_embedding_is_declined() -> None:
+def _rotary_model(per_head_cos: bool = False) -> onnx.ModelProto:
     b = GraphBuilder(seed=0)
     x = b.input("x", [BATCH, SEQ, E])
     target = b.const("t", np.array([0, 0, H, D]))
@@ -279,27 +280,84 @@ def test_rotary_embedding_is_declined() -> None:
     for r in "qkv":
         h = b.op("Reshape", [b.op("MatMul", [x, b.weight(f"{r}.w", [E, E])]), target])
         h = b.op("Transpose", [h], perm=[0, 2, 1, 3])
-        heads[r] = _rotary(b, h) if r == "q" else h
-    [block] = find_attention_blocks(to_ir(_attend(b, heads, "t2")))
-    assert "rotary" in (block.skip_reason or "")
+        heads[r] = _rotary(b, h, r) if r != "v" else h
+    proto = _attend(b, heads, "t2")
+    if per_head_cos:  # a table that differs per head: removing one would change the others
+        for init in proto.graph.initializer:
+            if init.name == "cos":
+                init.CopyFrom(numpy_helper.from_array(np.cos(np.arange(H * SEQ * D).reshape(
+                    H, SEQ, D)).astype(np.float32), "cos"))
+    return proto
 
 
-def test_grouped_query_attention_is_declined() -> None:
-    """K and V have 2 heads, repeated to 4 by Unsqueeze -> Expand -> Reshape (repeat_kv)."""
+def _exact_after_silencing(model: ir.Model, block: AttentionBlock, unit: int) -> None:
+    """Zero the output rows of `unit`, remove exactly it: the output must not change."""
+    rows = block.v_head_size
+    w = const_array(block.output.weight).copy()  # type: ignore[union-attr]
+    w[unit * rows: (unit + 1) * rows] = 0
+    set_const_array(block.output.weight, w)  # type: ignore[union-attr]
+    feeds = {"x": np.random.default_rng(1).standard_normal((2, SEQ, E)).astype(np.float32)}
+    zeroed = run(check(model), feeds)
+    keep = [u for u in range(block.num_heads) if u != unit]
+    p = RemoveHeadsPass(fraction=0.0, keep={block.name: keep})
+    p(model)
+    assert p.result.removed == 1
+    np.testing.assert_allclose(run(check(model), feeds), zeroed, atol=1e-5)
+
+
+def test_rotary_embedding_is_recognised_and_exact() -> None:
+    """q*cos + rotate_half(q)*sin on Q and K: the tables are shared by all heads."""
+    model = to_ir(_rotary_model())
+    [block] = find_attention_blocks(model)
+    assert block.prunable, block.skip_reason
+    assert block.num_heads == H
+    _exact_after_silencing(model, block, ZERO)
+
+
+def test_rotary_table_per_head_is_declined() -> None:
+    [block] = find_attention_blocks(to_ir(_rotary_model(per_head_cos=True)))
+    assert "constant with a head axis" in (block.skip_reason or ""), block.skip_reason
+
+
+def _gqa_model(kv: int = 2):
+    """K and V have `kv` heads, repeated to H by Unsqueeze -> Expand -> Reshape (repeat_kv)."""
     b = GraphBuilder(seed=0)
     x = b.input("x", [BATCH, SEQ, E])
     heads = {}
-    for r, n in (("q", H), ("k", 2), ("v", 2)):
+    for r, n in (("q", H), ("k", kv), ("v", kv)):
         h = b.op("MatMul", [x, b.weight(f"{r}.w", [E, n * D])])
         h = b.op("Reshape", [h, b.const(f"{r}.t", np.array([0, 0, n, D]))])
         h = b.op("Transpose", [h], perm=[0, 2, 1, 3])
         if r != "q":
             h = b.op("Unsqueeze", [h, b.const(f"{r}.ax", np.array([2]))])
-            h = b.op("Expand", [h, b.const(f"{r}.rep", np.array([1, 1, 2, 1, 1]))])
+            h = b.op("Expand", [h, b.const(f"{r}.rep", np.array([1, kv, H // kv, 1, 1]))])
             h = b.op("Reshape", [h, b.const(f"{r}.t2", np.array([0, H, -1, D]))])
         heads[r] = h
-    [block] = find_attention_blocks(to_ir(_attend(b, heads, "t3")))
-    assert "grouped-query" in (block.skip_reason or ""), block.skip_reason
+    return _attend(b, heads, "t3")
+
+
+def test_grouped_query_attention_removes_whole_kv_groups() -> None:
+    """A unit is one K/V head with the query heads that read it; every literal follows."""
+    model = to_ir(_gqa_model())
+    [block] = find_attention_blocks(model)
+    assert block.prunable, block.skip_reason
+    assert (block.num_heads, block.group) == (2, H // 2)
+    assert block.to_dict()["heads"] == H
+    feeds = {"x": np.random.default_rng(1).standard_normal((2, SEQ, E)).astype(np.float32)}
+    # zero the output rows of unit 0 (query heads 0 .. H/2-1), then remove exactly that unit
+    w = const_array(block.output.weight)
+    w = w.copy()
+    w[: (H // 2) * D] = 0
+    set_const_array(block.output.weight, w)
+    zeroed = run(check(model), feeds)
+    p = RemoveHeadsPass(fraction=0.0, keep={block.name: [1]})
+    p(model)
+    assert p.result.removed == 1
+    pruned = check(model)
+    np.testing.assert_allclose(run(pruned, feeds), zeroed, atol=1e-5)
+    shapes = {i.name: numpy_helper.to_array(i).tolist() for i in pruned.graph.initializer
+              if i.name.startswith(("k.", "v.", "q.")) and i.name.endswith((".t", ".rep", ".t2"))}
+    assert shapes["k.rep"] == [1, 1, H // 2, 1, 1] and shapes["k.t2"] == [0, H // 2, -1, D]
 
 
 def test_a_softmax_that_is_not_attention_is_not_listed() -> None:
@@ -561,6 +619,14 @@ def _calibration(proto: onnx.ModelProto, reconstruct: str = "lstsq") -> Calibrat
     return Calibration(batches, reconstruct=reconstruct)  # type: ignore[arg-type]
 
 
+def test_heads_are_ranked_across_blocks_by_default_only_with_data() -> None:
+    proto = attention_model("dynamo", layers=2, seed=4)
+    assert not RemoveHeadsPass(fraction=0.5).global_ranking
+    assert RemoveHeadsPass(fraction=0.5, calibration=_calibration(proto)).global_ranking
+    assert not RemoveHeadsPass(fraction=0.5, calibration=_calibration(proto),
+                               global_ranking=False).global_ranking
+
+
 def _error(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(a))
 
@@ -574,7 +640,7 @@ def test_calibrated_removal_beats_data_free(criterion: str) -> None:
     RemoveHeadsPass(fraction=0.5)(free)
     calibrated = to_ir(proto)
     p = RemoveHeadsPass(fraction=0.5, criterion=criterion,  # type: ignore[arg-type]
-                        calibration=_calibration(proto))
+                        calibration=_calibration(proto), global_ranking=False)
     p(calibrated)
     assert heads_of(calibrated) == [2, 2]
     e_free = _error(expected, run(check(free), f)[0])
@@ -602,3 +668,61 @@ def test_block_dict_for_inspect() -> None:
     d = blocks[0].to_dict()
     assert d["prunable"] is False and "matches --ignore" in str(d["reason"])
     assert isinstance(blocks[0], AttentionBlock)
+
+
+# ------------------------------------------------------------- today's export spellings
+
+
+def _packed_model(cut: str) -> onnx.ModelProto:
+    """GPT-2 / Phi-3 style: one [E, 3E] projection (+ bias) cut into Q, K, V by Split or
+    Slice on the last axis, with a NaN guard after Softmax as exporters now write it."""
+    b = GraphBuilder(seed=0)
+    x = b.input("x", [BATCH, SEQ, E])
+    qkv = b.op("Add", [b.op("MatMul", [x, b.weight("qkv.w", [E, 3 * E])]),
+                       b.weight("qkv.b", [3 * E])])
+    if cut == "split":
+        parts = b.op_multi("Split", [qkv, b.const("sizes", np.array([E, E, E]))], outputs=3,
+                           axis=-1)
+    else:
+        parts = [b.op("Slice", [qkv, b.const(f"s{i}", np.array([i * E])),
+                                b.const(f"e{i}", np.array([(i + 1) * E if i < 2 else 2**62])),
+                                b.const(f"a{i}", np.array([-1]))]) for i in range(3)]
+    heads = {}
+    for r, part in zip("qkv", parts, strict=True):
+        h = b.op("Reshape", [part, b.const(f"{r}.t", np.array([0, 0, H, D]))])
+        heads[r] = b.op("Transpose", [h], perm=[0, 2, 1, 3])
+    k = b.op("Transpose", [heads["k"]], perm=[0, 1, 3, 2])
+    s = b.op("Softmax", [b.op("MatMul", [heads["q"], k])], axis=-1)
+    guard = b.op("Where", [b.op("IsNaN", [s]), b.const("zero", np.array(0.0)), s])
+    c = b.op("Transpose", [b.op("MatMul", [guard, heads["v"]])], perm=[0, 2, 1, 3])
+    c = b.op("Reshape", [c, b.const("merge", np.array([0, 0, E]))])
+    b.op("MatMul", [c, b.weight("o.w", [E, E])], output="y")
+    return b.build(["y"])
+
+
+@pytest.mark.parametrize("cut", ["split", "slice"])
+def test_packed_qkv_is_recognised_and_exact(cut: str) -> None:
+    model = to_ir(_packed_model(cut))
+    [block] = find_attention_blocks(model)
+    assert block.prunable, block.skip_reason
+    assert sorted(p.offset for p in block.projections) == [0, E, 2 * E]
+    _exact_after_silencing(model, block, ZERO)
+    w = next(v for v in model.graph.initializers.values() if v.name == "qkv.w")
+    assert const_array(w).shape == (E, 3 * (H - 1) * D)
+
+
+def test_packed_split_with_a_foreign_part_is_declined() -> None:
+    proto = _packed_model("split")
+    rng = np.random.default_rng(0)
+    new = {"sizes": np.array([E, E, E, 4]),  # a fourth part, 4 wide, that is not attention
+           "qkv.w": rng.standard_normal((E, 3 * E + 4)).astype(np.float32),
+           "qkv.b": rng.standard_normal(3 * E + 4).astype(np.float32)}
+    for init in proto.graph.initializer:
+        if init.name in new:
+            init.CopyFrom(numpy_helper.from_array(new[init.name], init.name))
+    for node in proto.graph.node:
+        if node.op_type == "Split":
+            node.output.append("extra")
+    proto.graph.output.append(helper.make_tensor_value_info("extra", TensorProto.FLOAT, None))
+    [block] = find_attention_blocks(to_ir(proto))
+    assert "output 3 of Split" in (block.skip_reason or ""), block.skip_reason

@@ -55,7 +55,7 @@ def _softmax_block(graph: ir.Graph, softmax: ir.Node,
                 if node.op_type in ("Mul", "Div") and not is_scalar(other):
                     raise Decline(f"{label(node)} scales the scores per element")
                 if node.op_type in ("Add", "Sub", "Where"):
-                    walk.masks.append(other)
+                    walk.masks.append((other, -3, "head"))
         mm = scores.matmul
         walk.block.nodes.add(mm)
         walk.member(mm.outputs[0], -3, "head")
@@ -97,10 +97,32 @@ def _find_scores(value: ir.Value, depth: int = 8) -> _Scores | None:
     return None
 
 
+def _nan_guard(value: ir.Value) -> ir.Node | None:
+    """Where(IsNaN(p), c, p): what exporters add after Softmax for fully masked rows.
+
+    It acts on each probability alone, so heads pass through it unchanged."""
+    uses = list(value.uses())
+    if len(uses) != 2 or value.is_graph_output():
+        return None
+    isnan = next((u.node for u in uses if u.node.op_type == "IsNaN"), None)
+    where = next((u.node for u in uses if u.node.op_type == "Where" and u.idx == 2), None)
+    if isnan is None or where is None or where.inputs[0] is not isnan.outputs[0]:
+        return None
+    if len(list(isnan.outputs[0].uses())) != 1 or not is_scalar(where.inputs[1]):
+        return None
+    return where
+
+
 def _context_matmul(softmax: ir.Node, walk: Trace) -> ir.Node:
     value = softmax.outputs[0]
     while True:
         walk.member(value, -3, "head")
+        guard = _nan_guard(value)
+        if guard is not None:
+            walk.block.nodes.update({guard, guard.inputs[0].producer()})  # type: ignore[arg-type]
+            walk.member(guard.inputs[0], -3, "head")  # type: ignore[arg-type]
+            value = guard.outputs[0]
+            continue
         uses = list(value.uses())
         if value.is_graph_output() or len(uses) != 1:
             raise Decline(f"the attention probabilities '{value.name}' are used elsewhere")
@@ -166,6 +188,9 @@ def _display_name(block: AttentionBlock) -> str:
     a dotted prefix: the same name for both exporters, where node names differ."""
     names = [p.bias.value.name for p in block.projections if p.bias is not None]
     names = [n for n in names if n] or [p.use.weight.name or "" for p in block.projections]
+    names = list(dict.fromkeys(names))
+    if len(names) == 1 and names[0].count(".") >= 3:  # one packed projection: drop 'c_attn.weight'
+        return names[0].rsplit(".", 2)[0]
     if len(names) < 2:
         return block.name
     parts = [n.split(".") for n in names]

@@ -31,7 +31,8 @@ class Projection:
 class HeadCountSite:
     """A literal equal to heads * per_head that must be rewritten when heads go.
 
-    Either entry `position` (negative) of a Reshape target, or attribute `attribute` of a
+    Either entry `position` of a constant shape-like input (a Reshape or Expand target,
+    Split sizes, Slice starts/ends: input `input_index`), or attribute `attribute` of a
     fused node (entry `position` of it when the attribute is a list).
     """
 
@@ -39,6 +40,7 @@ class HeadCountSite:
     per_head: int
     position: int = -1
     attribute: str | None = None
+    input_index: int = 1  # which input holds the literal (Slice ends: 2)
 
 
 @dataclass
@@ -48,7 +50,8 @@ class AttentionBlock:
     name: str  # the weights' common name prefix when they have one, else the anchor's name
     kind: str
     anchor: str = ""  # the Softmax or fused attention node the block was found from
-    num_heads: int = 0
+    num_heads: int = 0  # removable units: heads, or K/V groups (grouped-query attention)
+    group: int = 1  # query heads per unit: 1 for multi-head, heads / kv_heads for GQA
     projections: list[Projection] = field(default_factory=list)
     output: WeightUse | None = None
     sites: list[HeadCountSite] = field(default_factory=list)
@@ -66,7 +69,12 @@ class AttentionBlock:
 
     @property
     def v_head_size(self) -> int:
-        return next(p.head_size for p in self.projections if p.role == "v")
+        """Rows of the output projection per unit (group x the V head size)."""
+        return self.group * next(p.head_size for p in self.projections if p.role == "v")
+
+    @property
+    def out_head_size(self) -> int:
+        return self.v_head_size
 
     def projection(self, role: str) -> Projection:
         return next(p for p in self.projections if p.role == role)
@@ -82,7 +90,8 @@ class AttentionBlock:
             "name": self.name,
             "kind": self.kind,
             "node": self.anchor,
-            "heads": self.num_heads,
+            "heads": self.num_heads * self.group,
+            "kv_heads": self.num_heads,
             "head_size": self.projections[0].head_size if self.projections else None,
             "projections": {p.role: p.use.node.name for p in self.projections},
             "output": None if self.output is None else self.output.node.name,

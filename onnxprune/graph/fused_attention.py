@@ -79,7 +79,7 @@ def _ms_attention(walk: Trace, node: ir.Node) -> None:
     walk.site(node, 0, "head", "num_heads")
     attention_bias = _present(node, 5)
     if attention_bias is not None:
-        walk.masks.append(attention_bias)
+        walk.masks.append((attention_bias, -3, "head"))
     walk.trace_output(node.outputs[0], merged=True)
     walk.finish(heads_attr=heads)
 
@@ -110,7 +110,7 @@ def _ms_multihead(walk: Trace, node: ir.Node) -> None:
     for i in (4, 5):  # key padding mask [B, L] broadcasts; attention bias may be per head
         mask = _present(node, i)
         if mask is not None and i == 5:
-            walk.masks.append(mask)
+            walk.masks.append((mask, -3, "head"))
     walk.trace_output(node.outputs[0], merged=True)
     walk.finish(heads_attr=heads)
 
@@ -124,7 +124,7 @@ def _onnx_attention(walk: Trace, node: ir.Node) -> None:
     kv_heads = int_attr(node, "kv_num_heads", 0)
     mask = _present(node, 3)
     if mask is not None:
-        walk.masks.append(mask)
+        walk.masks.append((mask, -3, "head"))
     if q_heads or kv_heads:  # 3-D inputs [B, S, heads * size]
         if q_heads != kv_heads:
             raise Decline(f"{label(node)} has {q_heads} query and {kv_heads} key/value "

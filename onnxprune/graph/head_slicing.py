@@ -51,27 +51,29 @@ def keep_heads(graph: ir.Graph, block: AttentionBlock, keep: Sequence[int]) -> N
         raise ValueError(f"attention block '{block.name}' is not prunable: {block.skip_reason}")
     new_heads = len(keep)
     readers = set(block.nodes) | {block.output.node}
-    # Projections that share one constant (a packed QKV weight or bias) are cut together.
+    # Projections that share one constant through one node (a packed QKV weight or bias)
+    # are cut together; a constant that separate nodes read (the exporters de-duplicate
+    # equal biases) gets one cut per node, copied where others still read it.
     weight_cols: dict[ir.Value, list[np.ndarray]] = {}
-    bias_cols: dict[ir.Value, tuple[int, ir.Node, list[tuple[int, np.ndarray]]]] = {}
+    bias_cols: dict[tuple[ir.Value, ir.Node], tuple[int, list[tuple[int, np.ndarray]]]] = {}
     sizes = {p.role: p.head_size for p in block.projections}
     for p in sorted(block.projections, key=lambda p: p.offset):
         cols = head_columns(keep, p.head_size, p.offset)
         weight_cols.setdefault(p.use.weight, []).append(cols)
         if p.bias is not None:
-            bias_cols.setdefault(p.bias.value, (p.bias.axis, p.bias.node, []))[2].append(
+            bias_cols.setdefault((p.bias.value, p.bias.node), (p.bias.axis, []))[1].append(
                 (p.offset, cols))
     for c, role, offset in block.packed:
         cols = head_columns(keep, sizes[role], offset)
-        bias_cols.setdefault(c.value, (c.axis, c.node, []))[2].append((offset, cols))
+        bias_cols.setdefault((c.value, c.node), (c.axis, []))[1].append((offset, cols))
     out_axes = {p.use.weight: p.use.out_axis for p in block.projections}
     for weight, parts in weight_cols.items():
         arr = const_array(weight)
         assert arr is not None
         set_const_array(weight, np.take(arr, np.concatenate(parts), axis=out_axes[weight]))
-    for bias, (axis, node, parts) in bias_cols.items():
+    for (bias, node), (axis, parts) in bias_cols.items():
         idx = np.concatenate([cols for _, cols in sorted(parts, key=lambda t: t[0])])
-        _cut(graph, bias, axis, idx, readers, node)
+        _cut(graph, bias, axis, idx, {node}, node)
     for c in block.head_constants:
         _cut(graph, c.value, c.axis, np.asarray(keep, dtype=np.int64), readers, c.node)
     w = const_array(block.output.weight)
@@ -82,7 +84,7 @@ def keep_heads(graph: ir.Graph, block: AttentionBlock, keep: Sequence[int]) -> N
     for site in block.sites:
         new = new_heads * site.per_head
         if site.attribute is None:
-            edits.append((site.node, site.position, new))
+            edits.append((site.node, site.position, new, site.input_index))
             continue
         attr = site.node.attributes[site.attribute]
         if attr.type == ir.AttributeType.INTS:

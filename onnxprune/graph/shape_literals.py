@@ -73,9 +73,16 @@ def _is_scalar(value: ir.Value) -> bool:
     if node.op_type == "Gather":
         idx = const_array(node.inputs[1])
         return idx is not None and idx.ndim == 0
+    if node.op_type in ("Mul", "Add", "Sub", "Div", "Cast"):  # arithmetic on scalars
+        return all(i is not None and (_is_scalar(i) or _const_scalar(i)) for i in node.inputs)
     if node.op_type in ("Squeeze", "ReduceProd", "ReduceSum"):
         return False  # could be scalar, but not provably from here
     return False
+
+
+def _const_scalar(value: ir.Value) -> bool:
+    arr = const_array(value)
+    return arr is not None and arr.ndim == 0
 
 
 def _kind(v: int) -> EntryKind:
@@ -135,16 +142,21 @@ def _exclusive(value: ir.Value, readers: set[ir.Node]) -> bool:
     return not value.is_graph_output() and all(u.node in readers for u in value.uses())
 
 
-def rewrite_targets(graph: ir.Graph, edits: Sequence[tuple[ir.Node, int, int]]) -> None:
-    """Sets entry `position` of each Reshape's target to `new`: (reshape, position, new).
+def rewrite_targets(graph: ir.Graph, edits: Sequence[tuple[ir.Node, int, int] | tuple[
+        ir.Node, int, int, int]]) -> None:
+    """Sets entry `position` of a node's shape-like input to `new`: (node, position, new[,
+    input index, default 1: a Reshape or Expand target, Split sizes, Slice starts]).
 
-    A target (or Concat piece) that only these Reshapes read is edited in place; one that
+    A target (or Concat piece) that only these nodes read is edited in place; one that
     others read too is copied first, so no other layer changes.
     """
-    by_target: dict[ir.Value, list[tuple[ir.Node, int, int]]] = {}
-    for reshape, position, new in edits:
-        by_target.setdefault(reshape.inputs[1], []).append((reshape, position, new))  # type: ignore[arg-type]
-    for target, items in by_target.items():
+    by_target: dict[tuple[ir.Value, int], list[tuple[ir.Node, int, int]]] = {}
+    for edit in edits:
+        reshape, position, new = edit[:3]
+        index = edit[3] if len(edit) > 3 else 1  # type: ignore[misc]
+        by_target.setdefault((reshape.inputs[index], index), []).append(  # type: ignore[index]
+            (reshape, position, new))
+    for (target, index), items in by_target.items():
         reshapes = {n for n, _, _ in items}
         changes: dict[int, int] = {}
         for _, position, new in items:
@@ -161,7 +173,7 @@ def rewrite_targets(graph: ir.Graph, edits: Sequence[tuple[ir.Node, int, int]]) 
             else:
                 fresh = fresh_constant(graph, f"{target.name or 'shape'}_heads", new_arr)
                 for n in reshapes:
-                    n.replace_input_with(1, fresh)
+                    n.replace_input_with(index, fresh)
             continue
         cat = target.producer()
         assert cat is not None
@@ -171,7 +183,7 @@ def rewrite_targets(graph: ir.Graph, edits: Sequence[tuple[ir.Node, int, int]]) 
                             outputs=[out], name=f"{cat.name or 'concat'}_heads")
             graph.insert_after(cat, clone)
             for n in reshapes:
-                n.replace_input_with(1, out)
+                n.replace_input_with(index, out)
             cat = clone
         entries = target_entries(cat.outputs[0])
         assert entries is not None

@@ -102,7 +102,7 @@ class RemoveHeadsPass(ReportingPass):
         *,
         fraction: float,
         criterion: HeadCriterion | None = None,
-        global_ranking: bool = False,
+        global_ranking: bool | None = None,
         max_block_fraction: float = 0.75,
         calibration: CalibrationLike | None = None,
         ignore: Sequence[str] = (),
@@ -129,7 +129,12 @@ class RemoveHeadsPass(ReportingPass):
             raise InputError(f"head criterion '{criterion}' needs calibration data")
         self.fraction = fraction
         self.criterion: HeadCriterion = criterion
-        self.global_ranking = global_ranking
+        # One ranking across blocks by default when data measure the heads: on MiniLM
+        # (--sparsity 0.5 --heads 0.25, 256 calibration sentences, 400 held-out) mean cosine
+        # 0.9517 vs 0.9409 per block, on both exporters. Without data, weight norms of
+        # different layers do not compare well, so each block loses its own share.
+        self.global_ranking = (calibration is not None) if global_ranking is None \
+            else global_ranking
         self.max_block_fraction = max_block_fraction
         self.calibration = calibration
         self.ignore = tuple(ignore)
@@ -383,6 +388,8 @@ def _value_bias_delta(block: AttentionBlock, removed: np.ndarray) -> np.ndarray 
     total = np.zeros(w_o.shape[1])
     for value, offset in biases:
         b = np.asarray(const_array(value)).reshape(-1)[offset: offset + width]
+        if block.group > 1:  # one K/V head serves `group` query heads: repeat its bias
+            b = np.repeat(b.reshape(block.num_heads, 1, -1), block.group, axis=1).reshape(-1)
         total += value_bias_fold(b, w_o, block.num_heads, removed)
     return total
 

@@ -1,0 +1,45 @@
+"""What users export: small random-init transformers models through both torch exporters.
+
+Each case builds the smallest config of an architecture (two layers, hidden 32, 4 heads)
+with transformers' default attention (sdpa), exports it, and checks that every attention
+block is recognised, that ``--sparsity 0.5 --heads 0.25`` writes a model that passes the
+checker and runs, and that removing heads whose output rows are zero changes nothing.
+The full table is ``python benchmarks/zoo.py``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import zoo  # noqa: E402
+
+pytestmark = pytest.mark.zoo
+
+CASES = [
+    ("bert", "legacy", "sdpa"),
+    ("bert", "dynamo", "eager"),
+    ("llama-gqa", "legacy", "sdpa"),
+    ("llama-gqa", "dynamo", "sdpa"),
+    ("gpt2", "dynamo", "sdpa"),
+    ("phi3", "dynamo", "sdpa"),
+]
+
+
+@pytest.mark.parametrize(("arch", "exporter", "attention"), CASES)
+def test_heads_are_removed_exactly(tmp_path: Path, arch: str, exporter: str,
+                                   attention: str) -> None:
+    path = zoo.export(zoo.ARCHS[arch], exporter, attention, True, tmp_path / f"{arch}.onnx")
+    row = zoo.analyse(path, zoo.Row(arch, exporter, attention))
+    found, total = (int(x) for x in row.heads.split("/"))
+    assert total == 2 and found == 2, row.reason
+    assert row.runs == "yes", row.error
+    assert row.removed > 0
+    assert row.exact is not None and row.exact < 1e-5
+    assert row.prunable >= 0.4
