@@ -20,6 +20,7 @@ from onnxprune.graph.channels import (
     _DATA_INPUTS,
     _NORM_PARAMS,
     BINARY,
+    MS_ELEMENTWISE,
     POOLING,
     REDUCE,
     UNARY,
@@ -249,11 +250,15 @@ class Fill:
 
         if node.graph is not self.graph:
             raise Decline(f"its channels are used inside a subgraph ({label(node)})")
-        if node.domain not in ("", "ai.onnx"):
+        microsoft = node.domain == "com.microsoft" and node.op_type in MS_ELEMENTWISE
+        if node.op_type in ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization"):
+            raise Decline(f"its channels reach {label(node)}, which normalises over them "
+                          "(the residual stream)")
+        if node.domain not in ("", "ai.onnx") and not microsoft:
             raise Decline(f"its channels reach {label(node)} of domain '{node.domain}'")
         axis = self.axes[value]
         op = node.op_type
-        if op in UNARY or op in BINARY:
+        if op in UNARY or op in BINARY or microsoft:
             rules.elementwise(self, node, value, axis)
         elif op in _LAYERS:
             self._layer(node, value, axis)

@@ -40,6 +40,9 @@ UNARY = frozenset(
     }
 )
 BINARY = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean"})
+# com.microsoft ops (onnxruntime's transformer optimizer) that act on each channel alone;
+# a bias operand (BiasGelu's B, FastGelu's bias) is a per-channel constant, sliced.
+MS_ELEMENTWISE = frozenset({"BiasGelu", "FastGelu", "Gelu", "QuickGelu"})
 # For these, only the inputs listed may carry channels; the rest must be scalar constants.
 _DATA_INPUTS = {"Clip": (0,), "Dropout": (0,), "PRelu": (0, 1)}
 # Ops that keep the channel axis (1, NCHW) and work on each channel alone.
