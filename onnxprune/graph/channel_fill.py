@@ -125,8 +125,14 @@ class Fill:
         self.edits: dict[tuple[str, ir.Node, int], ShapeEdit] = {}
         self.start = start
         self.name = start.node.name or start.node.outputs[0].name or "group"
-        self.first_size = self._out_channels(start.node)
-        self._producer(start.node, start.node.outputs[0])
+        self.pending: str | None = None  # a decline met while seeding, raised by run()
+        self.first_size = 0
+        try:
+            self.first_size = self._out_channels(start.node)
+            self._producer(start.node, start.node.outputs[0])
+        except Decline as e:
+            self.pending = str(e)
+            self.producers.setdefault(start.node, start)
 
     # -- union-find and maps ----------------------------------------------------------
     def _find(self, i: int) -> int:
@@ -224,6 +230,8 @@ class Fill:
 
     # -- traversal ---------------------------------------------------------------------
     def run(self) -> ChannelGroup:
+        if self.pending is not None:
+            raise Decline(self.pending)
         while self.todo:
             value = self.todo.pop()
             try:
@@ -357,6 +365,18 @@ class Fill:
 
     def _share(self, node: ir.Node, use: WeightUse, value: ir.Value, axis: int) -> None:
         """Every other layer reading the same weight must lose the same channels."""
+        root, chain = use.weight, []
+        while root.producer() is not None and root.producer().op_type == "Identity":
+            chain.append(root.producer())
+            root = root.producer().inputs[0]  # type: ignore[assignment]
+        if chain:
+            others = [u.node for u in root.uses() if u.node not in chain]
+            if others:
+                # The exporter de-duplicated equal tensors (or shares one weight between
+                # layers, ALBERT); cutting one reader would write a second, resized copy.
+                raise Decline(f"weight '{use.weight.name}' is the tensor '{root.name}', also "
+                              f"read by {label(others[0])} through Identity (a shared "
+                              "weight); pruning one reader would copy it")
         for u in list(use.weight.uses()):
             other = u.node
             if other is node:
