@@ -14,6 +14,7 @@ import numpy as np
 import onnx_ir as ir
 
 __all__ = [
+    "new_initializer",
     "const_array",
     "set_const_array",
     "is_constant",
@@ -89,16 +90,7 @@ def set_const_array(value: ir.Value, array: np.ndarray) -> None:
     if not is_plain_constant(value) and _identity_source(value) is not None:
         node = value.producer()
         assert node is not None and node.graph is not None
-        graph = node.graph
-        base = f"{value.name or 'const'}_data"
-        name, i = base, 0
-        while name in graph.initializers:
-            i += 1
-            name = f"{base}_{i}"
-        fresh = ir.Value(name=name, shape=ir.Shape(array.shape),
-                         type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                         const_value=ir.tensor(np.ascontiguousarray(array), name=name))
-        graph.register_initializer(fresh)
+        fresh = new_initializer(node.graph, f"{value.name or 'const'}_data", array)
         node.replace_input_with(0, fresh)
         value.shape = ir.Shape(array.shape)
         return
@@ -174,3 +166,16 @@ def conv_uses(graph: ir.Graph) -> list[WeightUse]:
 def _int_attr(node: ir.Node, name: str, default: int = 0) -> int:
     attr = node.attributes.get(name)
     return default if attr is None else int(attr.as_int())
+
+
+def new_initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
+    """A new initializer holding `array`, named `base` (or `base_N` if that is taken)."""
+    name, i = base, 0
+    while name in graph.initializers:
+        i += 1
+        name = f"{base}_{i}"
+    value = ir.Value(name=name, shape=ir.Shape(array.shape),
+                     type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                     const_value=ir.tensor(np.ascontiguousarray(array), name=name))
+    graph.register_initializer(value)
+    return value

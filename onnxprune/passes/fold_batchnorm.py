@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from onnxprune.graph.weights import const_array, set_const_array
+from onnxprune.graph.weights import const_array, new_initializer, set_const_array
 
 __all__ = ["FoldBatchNormPass", "FoldBatchNormResult"]
 
@@ -29,18 +29,6 @@ class FoldBatchNormResult:
 
     def to_dict(self) -> dict[str, object]:
         return {"folded": list(self.folded), "skipped": [list(s) for s in self.skipped]}
-
-
-def _fresh(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
-    name, i = base, 0
-    while name in graph.initializers:
-        i += 1
-        name = f"{base}_{i}"
-    value = ir.Value(name=name, shape=ir.Shape(array.shape),
-                     type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                     const_value=ir.tensor(np.ascontiguousarray(array), name=name))
-    graph.register_initializer(value)
-    return value
 
 
 def _why_not(bn: ir.Node) -> str | None:
@@ -110,11 +98,11 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
         if len(weight.uses()) == 1 and not weight.is_graph_output():
             set_const_array(weight, new_w)
         else:
-            conv.replace_input_with(1, _fresh(graph, f"{weight.name}_bn", new_w))
+            conv.replace_input_with(1, new_initializer(graph, f"{weight.name}_bn", new_w))
         if bias_in is not None and len(bias_in.uses()) == 1 and not bias_in.is_graph_output():
             set_const_array(bias_in, new_b)
         else:
-            fresh = _fresh(graph, f"{conv.name or 'conv'}_bn_bias", new_b)
+            fresh = new_initializer(graph, f"{conv.name or 'conv'}_bn_bias", new_b)
             if len(conv.inputs) > 2:
                 conv.replace_input_with(2, fresh)
             else:
