@@ -43,3 +43,14 @@ def test_heads_are_removed_exactly(tmp_path: Path, arch: str, exporter: str,
     assert row.removed > 0
     assert row.exact is not None and row.exact < 1e-5
     assert row.prunable >= 0.4
+
+
+def test_albert_shared_layers_are_declined_not_copied(tmp_path: Path) -> None:
+    """ALBERT's legacy export reads one set of weights through Identity nodes in every
+    layer: nothing is pruned (a pruned copy would grow the model), and nothing crashes."""
+    path = zoo.export(zoo.ARCHS["albert"], "legacy", "sdpa", True, tmp_path / "albert.onnx")
+    row = zoo.analyse(path, zoo.Row("albert", "legacy", "sdpa"))
+    assert row.error is None or "nothing prunable" in row.error, row.error
+    assert row.removed == 0
+    assert row.heads.startswith("0/")
+    assert "shared" in (row.reason or "")

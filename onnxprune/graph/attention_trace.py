@@ -30,7 +30,12 @@ from onnxprune.graph.attention_projection import (
 )
 from onnxprune.graph.channels import ConstSlice
 from onnxprune.graph.shape_literals import target_entries
-from onnxprune.graph.weights import WeightUse, const_array, is_constant
+from onnxprune.graph.weights import (
+    WeightUse,
+    const_array,
+    is_constant,
+    other_reader_through_identity,
+)
 
 __all__ = ["Decline", "Trace", "STD", "PASS", "int_attr", "label", "is_scalar"]
 
@@ -511,6 +516,10 @@ class Trace(ProjectionTrace):
             users.setdefault(p.use.weight, set()).add(p.use.node)
         users.setdefault(b.output.weight, set()).add(b.output.node)  # type: ignore[union-attr]
         for weight, nodes in users.items():
+            shared = other_reader_through_identity(weight)
+            if shared is not None:
+                raise Decline(f"weight '{weight.name}' is the tensor '{shared[0].name}', also "
+                               f"read by {label(shared[1])} through Identity (a shared weight)")
             other = [u.node for u in weight.uses() if u.node not in nodes]
             if other or weight.is_graph_output() or weight.is_graph_input():
                 where = label(other[0]) if other else "the graph interface"

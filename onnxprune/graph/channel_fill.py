@@ -28,7 +28,12 @@ from onnxprune.graph.channels import (
     ConstSlice,
     ShapeEdit,
 )
-from onnxprune.graph.weights import WeightUse, const_array, is_constant
+from onnxprune.graph.weights import (
+    WeightUse,
+    const_array,
+    is_constant,
+    other_reader_through_identity,
+)
 
 __all__ = ["Fill", "Decline", "is_carry_through", "label"]
 
@@ -365,18 +370,11 @@ class Fill:
 
     def _share(self, node: ir.Node, use: WeightUse, value: ir.Value, axis: int) -> None:
         """Every other layer reading the same weight must lose the same channels."""
-        root, chain = use.weight, []
-        while root.producer() is not None and root.producer().op_type == "Identity":
-            chain.append(root.producer())
-            root = root.producer().inputs[0]  # type: ignore[assignment]
-        if chain:
-            others = [u.node for u in root.uses() if u.node not in chain]
-            if others:
-                # The exporter de-duplicated equal tensors (or shares one weight between
-                # layers, ALBERT); cutting one reader would write a second, resized copy.
-                raise Decline(f"weight '{use.weight.name}' is the tensor '{root.name}', also "
-                              f"read by {label(others[0])} through Identity (a shared "
-                              "weight); pruning one reader would copy it")
+        shared = other_reader_through_identity(use.weight)
+        if shared is not None:
+            raise Decline(f"weight '{use.weight.name}' is the tensor '{shared[0].name}', also "
+                          f"read by {label(shared[1])} through Identity (a shared weight); "
+                          "pruning one reader would copy it")
         for u in list(use.weight.uses()):
             other = u.node
             if other is node:

@@ -15,6 +15,7 @@ import onnx_ir as ir
 
 __all__ = [
     "new_initializer",
+    "other_reader_through_identity",
     "const_array",
     "set_const_array",
     "is_constant",
@@ -179,3 +180,23 @@ def new_initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
                      const_value=ir.tensor(np.ascontiguousarray(array), name=name))
     graph.register_initializer(value)
     return value
+
+
+def other_reader_through_identity(value: ir.Value) -> tuple[ir.Value, ir.Node] | None:
+    """For a weight read through Identity nodes: its source tensor and another node that
+    reads that source (None when the weight is not behind Identity or is not shared).
+
+    The legacy exporter de-duplicates equal tensors behind Identity nodes, and models that
+    share one weight between layers (ALBERT) export that way too; cutting one reader would
+    write a second, resized copy of the shared tensor.
+    """
+    root, chain = value, []
+    while (node := root.producer()) is not None and node.op_type == "Identity":
+        chain.append(node)
+        if node.inputs[0] is None:
+            return None
+        root = node.inputs[0]
+    if not chain:
+        return None
+    others = [u.node for u in root.uses() if u.node not in chain]
+    return (root, others[0]) if others else None
