@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from onnxprune.graph.rewire import take_over_output
 from onnxprune.graph.weights import const_array, new_initializer, set_const_array
 
 __all__ = ["FoldBatchNormPass", "FoldBatchNormResult"]
@@ -111,11 +112,6 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
         out, y = conv.outputs[0], bn.outputs[0]
         out.shape = y.shape or out.shape
         out.type = out.type or y.type
-        if y.is_graph_output():
-            name = y.name
-            y.name = f"{name}_bn_unused"
-            out.name = name
-            outputs = graph.outputs
-            outputs[outputs.index(y)] = out
+        take_over_output(graph, y, out, "_bn_unused")
         ir.convenience.replace_all_uses_with(y, out)
         graph.remove(bn, safe=True)

@@ -22,6 +22,7 @@ from onnxprune.calibration.runner import capture, row_mask, with_outputs
 from onnxprune.calibration.stats import LayerStats
 from onnxprune.errors import DataError
 from onnxprune.graph.channels import ChannelGroup
+from onnxprune.graph.rewire import take_over_output
 from onnxprune.graph.weights import WeightUse, const_array, set_const_array
 from onnxprune.runtime import make_session
 from onnxprune.scoring.lstsq import cross_validated_ridge, fold_bias, obs_select, refit
@@ -310,13 +311,7 @@ def _add_bias(graph: ir.Graph, use: WeightUse, delta: np.ndarray) -> None:
     graph.register_initializer(bias_value)
     new_out = ir.Value(name=f"{out.name}_biased", shape=out.shape, type=out.type)
     add = ir.Node("", "Add", [out, bias_value], outputs=[new_out], name=f"{node.name}_bias_fix")
-    if out.is_graph_output():
-        # The graph output moves to the new Add and keeps its name, so callers see no change.
-        name = out.name
-        out.name = f"{name}_unbiased"
-        new_out.name = name
-        outputs = graph.outputs
-        outputs[outputs.index(out)] = new_out
+    take_over_output(graph, out, new_out, "_unbiased")
     ir.convenience.replace_all_uses_with(out, new_out)
     add.replace_input_with(0, out)  # replace_all_uses_with rewired the new node onto itself
     graph.insert_after(node, add)
