@@ -131,3 +131,31 @@ def test_weight_shared_by_two_layers_is_pruned_for_both() -> None:
     g = _exact(b.build(["y"]), "in_0", _feeds((3, K)))
     assert sorted(u.node.name for u in g.producers) == ["in_0", "in_1"]
     assert sorted(u.node.name for u in g.consumers) == ["out_0", "out_1"]
+
+
+def test_run_time_shape_shared_by_several_layers_gets_a_copy_per_reshape() -> None:
+    """The dynamo exporter builds one Concat shape and reads it in every layer's Reshape:
+    pruning one layer gives its Reshape its own Concat, the other layers keep theirs."""
+    b = GraphBuilder(seed=3)
+    x = b.input("x", [3, 4, K])
+    lead = b.op("Slice", [b.op("Shape", [x], name="shape_x"),
+                          b.const("z", np.array([0], np.int64)),
+                          b.const("two", np.array([2], np.int64))], name="lead")
+    wide = b.op("Concat", [lead, b.const("f", np.array([F], np.int64))], axis=0, name="wide")
+    narrow = b.op("Concat", [lead, b.const("k", np.array([K], np.int64))], axis=0,
+                  name="narrow")
+    h = x
+    for layer in range(2):
+        flat = b.op("Reshape", [h, b.const(f"flat{layer}", np.array([-1, K], np.int64))])
+        up = b.op("Gemm", [flat, b.weight(f"up{layer}.w", [K, F])], name=f"up{layer}")
+        act = b.op("Relu", [b.op("Reshape", [up, wide], name=f"up{layer}.back")])
+        flat2 = b.op("Reshape", [act, b.const(f"flat2{layer}", np.array([-1, F], np.int64))])
+        down = b.op("Gemm", [flat2, b.weight(f"down{layer}.w", [F, K])], name=f"down{layer}")
+        h = b.op("Reshape", [down, narrow], name=f"down{layer}.back")
+    b.op("Identity", [h], output="y")
+    model = b.build(["y"])
+    g = _exact(model, "up0", _feeds())
+    assert g.size == F - 2
+    # Both layers' FFNs are prunable, each with its own shape once cut.
+    names = {g.name: g.prunable for g in find_channel_groups(to_ir(model))}
+    assert names.get("up0") and names.get("up1"), names

@@ -180,8 +180,12 @@ def _run_time_reshape(fill: Fill, node: ir.Node, value: ir.Value, axis: int) -> 
     if axis != -1 or last is None or last.size != 1 or n is None or int(last.reshape(-1)[0]) \
             not in (n, 0):
         raise Decline(f"its channels reach {label(node)}, whose shape is computed at run time")
-    if len(cat.outputs[0].uses()) != 1 or cat.outputs[0].is_graph_output():  # type: ignore[union-attr]
+    shape = cat.outputs[0]  # type: ignore[union-attr]
+    if shape.is_graph_output() or any(u.node.op_type != "Reshape" or u.idx != 1
+                                      for u in shape.uses()):
         raise Decline(f"the run-time shape of {label(node)} is also used elsewhere")
+    # Read by other Reshapes too (the dynamo exporter shares one shape between layers):
+    # slicing gives this Reshape its own copy of the Concat (see slicing._own_concat).
     if int(last.reshape(-1)[0]) == n:
         fill.edit(ShapeEdit("concat_last", cat, out, -1, len(cat.inputs) - 1))  # type: ignore[arg-type]
     fill.couple(inp, -1, out, -1)

@@ -155,7 +155,7 @@ def keep_channels(graph: ir.Graph, group: ChannelGroup, keep: np.ndarray) -> Non
 def _apply_edits(graph: ir.Graph, cuts: _Cuts) -> None:
     seen: set[tuple[str, int, int]] = set()
     for e in cuts.edits:
-        key = (e.kind, id(e.node), e.index)
+        key = (e.kind, id(e.value) if e.kind == "concat_last" else id(e.node), e.index)
         if key in seen:
             continue
         seen.add(key)
@@ -167,6 +167,7 @@ def _apply_edits(graph: ir.Graph, cuts: _Cuts) -> None:
             _write(graph, node.inputs[idx], {(node, idx): target})  # type: ignore[arg-type]
         elif e.kind == "concat_last":
             idx = e.index
+            node = _own_concat(graph, node, e.value)
             last = const_array(node.inputs[idx]).copy()  # type: ignore[union-attr]
             last.reshape(-1)[-1] -= cuts.dropped(e.value)
             _write(graph, node.inputs[idx], {(node, idx): last})  # type: ignore[arg-type]
@@ -228,3 +229,19 @@ def _edit_slice(graph: ir.Graph, node: ir.Node, e: object, cuts: _Cuts) -> None:
             v = min(v + n if v < 0 else v, n)
         flat[e.index] = v - sum(1 for p in drop if p < v)  # type: ignore[attr-defined]
         _write(graph, node.inputs[idx], {(node, idx): bounds})  # type: ignore[arg-type]
+
+
+def _own_concat(graph: ir.Graph, cat: ir.Node, reshaped: ir.Value) -> ir.Node:
+    """The Concat that builds the shape of the Reshape producing `reshaped`, copied for that
+    Reshape alone when other Reshapes read it too (their channel count does not change)."""
+    shape = cat.outputs[0]
+    reshape = reshaped.producer()
+    if reshape is None or len(shape.uses()) == 1:
+        return cat
+    copy = ir.Node(cat.domain, "Concat", list(cat.inputs), attributes=list(cat.attributes.values()),
+                   outputs=[ir.Value(name=f"{shape.name}_{reshape.name or 'own'}",
+                                     shape=shape.shape, type=shape.type)],
+                   name=f"{cat.name}_{reshape.name or 'own'}")
+    graph.insert_after(cat, copy)
+    reshape.replace_input_with(1, copy.outputs[0])
+    return copy
