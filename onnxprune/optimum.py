@@ -16,7 +16,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from onnxprune.errors import InputError
-from onnxprune.files import atomic_path
+from onnxprune.files import atomic_path, check_writable
 from onnxprune.graph.attention import find_attention_blocks
 from onnxprune.graph.channels import find_channel_groups
 
@@ -35,7 +35,15 @@ def check_copy_config(model: str | Path, output: str | Path) -> Path:
     if src == out:
         raise InputError(f"--copy-config: the output folder is the model's own folder {src}; "
                          "write to another folder")
+    for name in ("config.json", *(f.name for f in _files_to_copy(src))):
+        check_writable(out / name, "copied file")  # a link there is refused before pruning
     return config
+
+
+def _files_to_copy(src: Path) -> list[Path]:
+    """The export folder's files other than the model, its data and config.json."""
+    return [f for f in sorted(src.iterdir()) if f.is_file()
+            and not f.name.endswith(_MODEL_SUFFIXES) and f.name != "config.json"]
 
 
 def layer_sizes(model: ir.Model) -> tuple[list[int], list[int]]:
@@ -52,10 +60,11 @@ def copy_config(model: str | Path, output: str | Path,
     src_config = check_copy_config(model, output)
     src, out = src_config.parent, Path(output).resolve().parent
     copied = []
-    for f in sorted(src.iterdir()):
-        if not f.is_file() or f.name.endswith(_MODEL_SUFFIXES) or f.name == "config.json":
-            continue
-        shutil.copy2(f, out / f.name)
+    for f in _files_to_copy(src):
+        # Through the same atomic, non-following path as every other write: a link or a
+        # device already at the destination is refused, not written through.
+        with atomic_path(out / f.name, "copied file") as tmp:
+            shutil.copyfile(f, tmp)
         copied.append(f.name)
     try:
         config = json.loads(src_config.read_text())

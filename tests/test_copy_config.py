@@ -56,3 +56,16 @@ def test_copy_config_refusals(folder: Path, capsys) -> None:
     out = folder.parent / "out" / "model.onnx"
     assert main([str(folder / "model.onnx"), "-o", str(out), "--copy-config"]) == 2
     assert "no config.json" in capsys.readouterr().err and not out.exists()
+
+
+def test_copy_config_never_writes_through_a_link(folder: Path, capsys) -> None:
+    """A link already at a destination of the copied files is refused before anything is
+    written, and the file it points to is left alone."""
+    target = folder.parent / "elsewhere.json"
+    target.write_text("keep")
+    (folder.parent / "out" / "tokenizer.json").symlink_to(target)
+    out = folder.parent / "out" / "model.onnx"
+    assert main([str(folder / "model.onnx"), "-o", str(out), "--sparsity", "0.5",
+                 "--copy-config", "--min-cosine", "-1"]) == 2
+    assert "symbolic link" in capsys.readouterr().err
+    assert target.read_text() == "keep" and not out.exists()
