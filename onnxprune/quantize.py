@@ -221,6 +221,11 @@ def upgrade_opset(model: ir.Model, target: int = MIN_QDQ_OPSET) -> int | None:
             f"converter failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
         ) from e
     new = ir.serde.deserialize_model(converted)
+    # Weights kept in external data are still read from the model's folder, not the cwd.
+    folders = {v.const_value.base_dir for v in model.graph.initializers.values()
+               if isinstance(v.const_value, ir.ExternalTensor)}
+    for folder in folders:
+        ir.external_data.set_base_dir(new.graph, folder)
     model.graph = new.graph
     model.ir_version = max(model.ir_version, new.ir_version)
     logger.info("converted the model from opset %d to %d for per-channel int8", opset, target)

@@ -63,3 +63,23 @@ def test_opset_12_cnn_with_identity_biases_quantizes_to_qlinearconv() -> None:
     ref, out = run(model, feeds)[0], run(proto, feeds)[0]
     cos = float((ref * out).sum() / np.linalg.norm(ref) / np.linalg.norm(out))
     assert cos > 0.99, cos
+
+
+def test_opset_12_model_with_external_data_quantizes_from_another_folder(
+    tmp_path, monkeypatch  # type: ignore[no-untyped-def]
+) -> None:
+    """The opset conversion keeps external weights pointing at the model's folder: run from
+    elsewhere (cwd without the data file), quantize succeeds and the output loads."""
+    from onnxprune.cli import main
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    ir.save(to_ir(_cnn(12)), folder / "m.onnx", external_data="m.onnx.data")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((1, 3, 12, 12)).astype(np.float32))
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["quantize", str(folder / "m.onnx"), "-o", str(tmp_path / "q.onnx"),
+                 "--calibration", str(tmp_path / "calib.npz"), "--min-cosine", "0.9"]) == 0
+    ort.InferenceSession(str(tmp_path / "q.onnx"))
