@@ -922,3 +922,23 @@ def test_held_api_prune_refuses_to_write_over_its_input(
         with pytest.raises(InputError):
             api.prune(str(tmp_path / "m.onnx"), output=tmp_path / out, sparsity=0.25)
     assert folder_snapshot(tmp_path) == before
+
+
+def test_case13_bias_listed_as_graph_input_with_calibration(
+    tmp_path: Path, mlp: onnx.ModelProto, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bias initializer listed as a graph input looks like a residual to the repair; the
+    data does not feed it, so the calibrated run says so (exit 2), never a KeyError."""
+    bias = next(t for t in mlp.graph.initializer if t.name.endswith(".bias") and
+                t.name != "fc0.bias")
+    mlp.graph.input.append(helper.make_tensor_value_info(bias.name, TensorProto.FLOAT,
+                                                         list(bias.dims)))
+    save(mlp, tmp_path / "m.onnx")
+    before = sha256(tmp_path / "m.onnx")
+    _calib(tmp_path / "calib.npz")
+    code, err = cli(capsys, "m.onnx", "-o", "o.onnx", "--sparsity", "0.25",
+                    "--calibration", "calib.npz")
+    assert code in (0, 2), err
+    if code == 2:
+        assert len(err) == 1 and not (tmp_path / "o.onnx").exists()
+    assert sha256(tmp_path / "m.onnx") == before

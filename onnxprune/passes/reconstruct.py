@@ -200,8 +200,14 @@ def collect_stats(
             y = np.concatenate([a.reshape(-1, a.shape[-1]) for a in parts], axis=1)
             y = y.astype(np.float64)
             if target.residual is not None:
-                r = batch[target.residual] if target.residual in batch else arrays[
-                    target.residual]
+                if target.residual in batch:
+                    r = batch[target.residual]
+                elif target.residual in arrays:
+                    r = arrays[target.residual]
+                else:  # a graph input with a default (an initializer listed as an input)
+                    raise DataError(
+                        f"residual '{target.residual}' is a graph input the calibration data "
+                        "does not feed; feed it in the batches or use --reconstruct bias")
                 if r.shape != parts[0].shape:
                     raise DataError(
                         f"residual '{target.residual}' has shape {list(r.shape)}, the sum "
