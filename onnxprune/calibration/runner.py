@@ -11,13 +11,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 
 from onnxprune.calibration.data import Batch
+from onnxprune.calibration.propagate import Propagator, run_batches, value_info
 from onnxprune.errors import DataError
 from onnxprune.io import ModelBytes, model_bytes
-from onnxprune.runtime import make_session
+from onnxprune.runtime import Provider, make_session
 
 __all__ = ["capture", "row_mask", "with_outputs"]
 
@@ -37,45 +37,29 @@ def with_outputs(model: ir.Model, names: Sequence[str]) -> ModelBytes:
         value = known.get(name)
         if value is None:
             raise DataError(f"cannot capture '{name}': no such tensor in the main graph")
-        elem = value.dtype.value if value.dtype is not None else onnx.TensorProto.FLOAT
-        proto.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
+        proto.graph.output.append(
+            value_info(name, None if value.dtype is None else value.dtype.value))
     return model_bytes(model, proto)  # keeps the folder its external data is read from
 
 
 def capture(
-    model: ir.Model,
+    model: ir.Model | Propagator,
     names: Sequence[str],
     batches: Iterable[Batch],
     on_batch: Callable[[dict[str, np.ndarray], Batch], None],
+    *,
+    provider: Provider = "cpu",
 ) -> int:
     """Runs every batch and hands `on_batch` the captured tensors; returns the batch count.
 
-    Raises DataError naming the tensor when a captured value holds NaN or Inf, because
-    statistics built on them would turn into NaN weights.
+    A Propagator runs only the section of the graph its cut leaves to do, on its own
+    batches (the same ones). Raises DataError naming the tensor when a captured value holds
+    NaN or Inf, because statistics built on them would turn into NaN weights.
     """
-    session = make_session(with_outputs(model, names), "cpu")
-    wanted = list(dict.fromkeys(names))
-    inputs = {i.name for i in session.get_inputs()}
-    count = 0
-    for batch in batches:
-        feeds = {k: v for k, v in batch.items() if k in inputs}
-        try:
-            arrays = session.run(wanted, feeds)
-        except Exception as e:
-            text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise DataError(f"calibration batch {count} failed in onnxruntime: {text}") from e
-        captured = dict(zip(wanted, arrays, strict=False))
-        for name, arr in captured.items():
-            if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
-                raise DataError(
-                    f"tensor '{name}' holds NaN/Inf on calibration batch {count}; "
-                    "check the calibration data or leave this layer out with --ignore"
-                )
-        on_batch(captured, batch)
-        count += 1
-    if count == 0:
-        raise DataError("the calibration data holds no batches")
-    return count
+    if isinstance(model, Propagator):
+        return model.capture(names, on_batch)
+    session = make_session(with_outputs(model, names), provider)
+    return run_batches(session, list(dict.fromkeys(names)), batches, on_batch)
 
 
 def row_mask(batch: Batch, mask_input: str | None, rows: int, lead_shape: tuple[int, ...]) -> (

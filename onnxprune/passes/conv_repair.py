@@ -13,9 +13,9 @@ import math
 
 import numpy as np
 import onnx_ir as ir
-import onnxruntime as ort
 
 from onnxprune.calibration.data import Batch
+from onnxprune.calibration.propagate import Propagator, TargetStore
 from onnxprune.calibration.runner import capture
 from onnxprune.calibration.stats import LayerStats
 from onnxprune.errors import DataError
@@ -77,11 +77,13 @@ def _bias(node: ir.Node) -> np.ndarray:
     return np.zeros(w.shape[0]) if b is None else b.astype(np.float64)
 
 
-def collect_conv_stats(current: ir.Model, reference: ort.InferenceSession | None,
+def collect_conv_stats(current: ir.Model | Propagator, reference: TargetStore | None,
                        group: ChannelGroup, calib: Calibration,
                        out_index: np.ndarray | None = None) -> LayerStats:
-    """`out_index`: which original output channels the consumer still has (an earlier group
-    may have pruned them, when the consumer also produces a residual stream)."""
+    """`current`: the model pruned so far, best as a Propagator; `reference`: the original
+    model's Conv outputs. `out_index`: which original output channels the consumer still
+    has (an earlier group may have pruned them, when the consumer also produces a residual
+    stream)."""
     node = group.consumers[0].node
     geo = conv_geometry(node)
     assert geo is not None
@@ -92,13 +94,14 @@ def collect_conv_stats(current: ir.Model, reference: ort.InferenceSession | None
     folds = min(4, len(calib.batches)) if calib.ridge is None else 1
     stats = LayerStats(prior.shape[0], targets=prior.shape[1] if reference else 0, folds=folds)
     rng = np.random.default_rng(0)
+    index = iter(range(len(calib.batches)))
 
     def on_batch(arrays: dict[str, np.ndarray], batch: Batch) -> None:
+        i = next(index)
         cols = im2col(arrays[x_name], geo).astype(np.float64)  # type: ignore[index]
         y = None
         if reference is not None:
-            feeds = {i.name: batch[i.name] for i in reference.get_inputs()}
-            out = reference.run([y_name], feeds)[0]  # type: ignore[list-item]
+            out = reference.get([y_name], i)[0]  # type: ignore[list-item]
             if out_index is not None:
                 out = out[:, out_index]
             y = out.transpose(0, 2, 3, 1).reshape(-1, out.shape[1]).astype(np.float64) - bias
@@ -111,7 +114,8 @@ def collect_conv_stats(current: ir.Model, reference: ort.InferenceSession | None
             y = None if y is None else y[pick]
         stats.add(cols, y)
 
-    capture(current, [x_name], calib.batches, on_batch)  # type: ignore[list-item]
+    capture(current, [x_name], calib.batches, on_batch,  # type: ignore[list-item]
+            provider=calib.provider)
     if stats.rows == 0:
         raise DataError("calibration data has no rows")
     return stats
@@ -235,20 +239,22 @@ def _one_step_costs(problem: Problem, block: int) -> np.ndarray:
     return np.einsum("nij,njd,nid->n", hb_inv, wb, wb)
 
 
-def prune_conv_group(model: ir.Model, reference: ort.InferenceSession | None,
+def prune_conv_group(model: ir.Model, reference: TargetStore | None,
                      group: ChannelGroup, count: int, calib: Calibration, *,
                      criterion_scores: object = None, fixed: np.ndarray | None = None,
-                     out_index: dict[str | None, np.ndarray] | None = None) -> np.ndarray:
+                     out_index: dict[str | None, np.ndarray] | None = None,
+                     source: Propagator | None = None) -> np.ndarray:
     """Selects and removes channels of a group read by Conv layers, refitting each of them
     on its own im2col statistics; returns the kept channels.
 
+    `source` gives the activations of `model` (a Propagator over it), else it is run whole.
     One consumer: block OBS. Several (a residual stream): each channel's one-step OBS cost
     summed over the consumers. `criterion_scores(stats_by_channel)` replaces OBS when given.
     """
     subs = [_single(group, u) for u in group.consumers]
     index = out_index or {}
-    stats = [collect_conv_stats(model, reference, s, calib, index.get(s.consumers[0].node.name))
-             for s in subs]
+    stats = [collect_conv_stats(source or model, reference, s, calib,
+                                index.get(s.consumers[0].node.name)) for s in subs]
     ridge = DEFAULT_RIDGE if calib.ridge is None else calib.ridge
     keep = fixed
     if keep is None and criterion_scores is not None:

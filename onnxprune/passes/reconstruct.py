@@ -15,20 +15,20 @@ from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
-import onnxruntime as ort
 
 from onnxprune.calibration.data import Batch
-from onnxprune.calibration.runner import capture, row_mask, with_outputs
+from onnxprune.calibration.propagate import Propagator, TargetStore
+from onnxprune.calibration.runner import capture, row_mask
 from onnxprune.calibration.stats import LayerStats
 from onnxprune.errors import DataError
 from onnxprune.graph.channels import ChannelGroup
 from onnxprune.graph.rewire import take_over_output
 from onnxprune.graph.weights import WeightUse, const_array, set_const_array
-from onnxprune.runtime import make_session
+from onnxprune.runtime import Provider
 from onnxprune.scoring.lstsq import cross_validated_ridge, fold_bias, obs_select, refit
 
 __all__ = ["Calibration", "Reconstruct", "GroupFit", "collect_stats", "fit_group", "apply_fit",
-           "reference_session", "shared_input", "joined_weight", "DEFAULT_RIDGE"]
+           "reference_targets", "shared_input", "joined_weight", "DEFAULT_RIDGE"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ class Calibration:
     token_mask: str | None = None
     reconstruct: Reconstruct = "lstsq"
     ridge: float | None = None  # None: chosen per layer by cross-validation
+    provider: Provider = "cpu"  # where calibration batches run
 
 
 @dataclass
@@ -161,15 +162,16 @@ def _layer_norm_scale(value: ir.Value) -> np.ndarray | None:
 
 
 def collect_stats(
-    current: ir.Model,
-    reference: ort.InferenceSession | None,
+    current: ir.Model | Propagator,
+    reference: TargetStore | None,
     group: ChannelGroup,
     calib: Calibration,
 ) -> LayerStats:
-    """Streams the batches through the current model (x) and the reference, if given (y).
+    """Streams the batches through the current model (x) and reads the reference targets (y).
 
-    `reference` is a session of the original model exposing the targets' tensors
-    (see reference_session); without it only per-channel statistics are gathered.
+    `current` is best a Propagator (only the section up to the group runs). `reference`
+    holds the original model's target tensors (see reference_targets); without it only
+    per-channel statistics are gathered.
     """
     x_value = shared_input(group)
     assert x_value is not None and x_value.name
@@ -178,19 +180,22 @@ def collect_stats(
     folds = min(4, len(calib.batches)) if calib.ridge is None else 1
     stats = LayerStats(group.size, targets=d if reference is not None else 0, folds=folds)
     names = [x_value.name]
-    graph_inputs = {v.name for v in current.graph.inputs}
+    graph = current.model.graph if isinstance(current, Propagator) else current.graph
+    graph_inputs = {v.name for v in graph.inputs}
     if reference is not None and target.residual not in (None, *graph_inputs):
         names.append(target.residual)  # type: ignore[arg-type]
 
+    index = iter(range(len(calib.batches)))
+
     def on_batch(arrays: dict[str, np.ndarray], batch: Batch) -> None:
+        i = next(index)
         x = arrays[x_value.name]  # type: ignore[index]
         lead = x.shape[:-1]
         mask = row_mask(batch, calib.token_mask, int(np.prod(lead)), tuple(lead))
         y = None
         w = None
         if reference is not None:
-            feeds = {i.name: batch[i.name] for i in reference.get_inputs()}
-            parts = reference.run(list(target.reference), feeds)
+            parts = reference.get(list(target.reference), i)
             if target.norm_scale is not None:
                 # LayerNorm divides each row by its spread: an error on a row of small
                 # spread is amplified, so weight rows by 1 / variance (first-order LN).
@@ -218,18 +223,20 @@ def collect_stats(
                 y -= target.bias.reshape(-1)
         stats.add(x, y, mask, w)
 
-    capture(current, names, calib.batches, on_batch)
+    capture(current, names, calib.batches, on_batch, provider=calib.provider)
     if stats.rows == 0:
         raise DataError("calibration data has no unmasked rows; check --token-mask")
     return stats
 
 
-def reference_session(original: ir.Model, groups: Sequence[ChannelGroup]) -> ort.InferenceSession:
-    """One session of the original model exposing every consumer output of `groups`."""
+def reference_targets(original: ir.Model, groups: Sequence[ChannelGroup], calib: Calibration
+                      ) -> TargetStore:
+    """The original model's tensors every group of `groups` fits to, from one pass."""
     names = [name for g in groups for name in (
         consumer_target(g).reference if g.consumers_are_matrices
         else tuple(u.node.outputs[0].name or "" for u in g.consumers))]
-    return make_session(with_outputs(original, names), "cpu")
+    check = [u.node.inputs[0].name or "" for g in groups for u in g.consumers]
+    return TargetStore(original, names, calib.batches, provider=calib.provider, check=check)
 
 
 def fit_group(

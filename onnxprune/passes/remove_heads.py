@@ -25,13 +25,14 @@ import onnx_ir as ir
 from onnx_ir.passes.common import NameFixPass
 
 from onnxprune.calibration.data import Batch, input_specs, random_batches
+from onnxprune.calibration.propagate import Propagator
 from onnxprune.calibration.runner import with_outputs
 from onnxprune.calibration.stats import LayerStats
 from onnxprune.errors import InputError, OnnxPruneError
 from onnxprune.graph.attention import AttentionBlock, find_attention_blocks
 from onnxprune.graph.channels import ChannelGroup
 from onnxprune.graph.head_slicing import head_columns, keep_heads
-from onnxprune.graph.weights import WeightUse, const_array
+from onnxprune.graph.weights import const_array
 from onnxprune.passes.base import CalibrationLike, ReportingPass, as_calibration
 from onnxprune.passes.reconstruct import (
     DEFAULT_RIDGE,
@@ -40,7 +41,7 @@ from onnxprune.passes.reconstruct import (
     apply_fit,
     collect_stats,
     consumer_target,
-    reference_session,
+    reference_targets,
 )
 from onnxprune.passes.remove_neurons import KeepSpec, fixed_indices, keep_counts
 from onnxprune.runtime import make_session
@@ -227,31 +228,33 @@ class RemoveHeadsPass(ReportingPass):
     def _prune_calibrated(self, model: ir.Model, blocks: list[AttentionBlock],
                           calib: Calibration) -> dict[int, HeadDecision]:
         needs_targets = calib.reconstruct == "lstsq" or self.criterion == "obs"
-        # Tensors are shared, not copied: slicing replaces them, so the clone stays original.
-        original = (self.reference or model.clone()) if needs_targets else None
+        groups = {id(b): output_group(b) for b in blocks}
+        # One pass of the original model for every block's targets, before any edit.
+        reference = (reference_targets(self.reference or model, list(groups.values()), calib)
+                     if needs_targets else None)
         if self.global_ranking and self.keep is None:
             scores = []
+            source = Propagator(model, calib.batches, calib.provider)
             for b in blocks:
                 if self.criterion == "norm":
                     scores.append(_norm_scores(b))
                     continue
-                sub, g = _truncated(model, b)
-                stats = collect_stats(sub, None, g, calib)
-                scores.append(_contribution(b, g, stats.gram))
+                source.advance(_touched(b))
+                stats = collect_stats(source, None, groups[id(b)], calib)
+                scores.append(_contribution(b, groups[id(b)], stats.gram))
             counts = self._counts(blocks, scores)
         else:
             counts = self._counts(blocks, [np.zeros(b.num_heads) for b in blocks])
         decided: dict[int, HeadDecision] = {}
+        source = Propagator(model, calib.batches, calib.provider)
         for b, count in zip(blocks, counts, strict=True):
             before, size = b.num_heads, b.projections[0].head_size
             if count >= before:
                 decided[id(b)] = HeadDecision(b.name, b.kind, before, before, size)
                 continue
-            sub, g = _truncated(model, b)
-            reference = None
-            if original is not None:
-                reference = reference_session(_truncated(original, b)[0], [g])
-            stats = collect_stats(sub, reference, g, calib)
+            g = groups[id(b)]
+            source.advance(_touched(b))
+            stats = collect_stats(source, reference, g, calib)
             fit = self._fit(b, g, stats, count, calib)
             removed = np.setdiff1d(np.arange(before), fit.keep)
             keep_heads(model.graph, b, fit.keep)
@@ -322,35 +325,12 @@ def output_group(block: AttentionBlock) -> ChannelGroup:
                         consumers=[block.output])
 
 
-def _truncated(model: ir.Model, block: AttentionBlock) -> tuple[ir.Model, ChannelGroup]:
-    """The model cut after the block's output projection, its residual Add and LayerNorm.
-
-    onnxruntime computes every node whatever outputs are asked for, so statistics for the
-    first layers would otherwise cost a run of the whole model per block. The group's
-    consumer is the sub-model's copy of the output projection (names are unique after
-    NameFixPass); tensors are shared, not copied.
-    """
-    assert block.output is not None
-    end = block.output.node.outputs[0]
-    for _ in range(3):  # bias Add, residual Add, LayerNormalization: what the target reads
-        uses = list(end.uses())
-        if len(uses) != 1 or uses[0].node.op_type not in ("Add", "LayerNormalization"):
-            break
-        end = uses[0].node.outputs[0]
-    try:
-        graph = ir.convenience.extract(model.graph, inputs=[v.name for v in model.graph.inputs
-                                                            if v.name], outputs=[end.name])
-    except ValueError as e:
-        raise InputError(f"cannot cut the model after attention '{block.name}': {e}") from e
-    sub = ir.Model(graph, ir_version=model.ir_version, functions=model.functions.values())
-    name = block.output.node.name
-    node = next((n for n in graph if n.name == name), None)
-    if node is None:
-        raise OnnxPruneError(f"no node '{name}' (output projection of attention '{block.name}') "
-                             "in the cut model")
-    use = WeightUse(node, node.inputs[1], block.output.reduce_axis,  # type: ignore[arg-type]
-                    block.output.out_axis)
-    return sub, ChannelGroup(block.name, block.num_heads * block.v_head_size, consumers=[use])
+def _touched(block: AttentionBlock) -> list[ir.Node]:
+    """The nodes removing the block's heads edits; the earliest bounds what stays valid."""
+    nodes = [p.use.node for p in block.projections] + list(block.nodes)
+    if block.output is not None:
+        nodes.append(block.output.node)
+    return nodes
 
 
 def _norm_scores(block: AttentionBlock) -> np.ndarray:

@@ -16,6 +16,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import NameFixPass
 
+from onnxprune.calibration.propagate import Propagator
 from onnxprune.errors import InputError, OnnxPruneError
 from onnxprune.graph.channels import ChannelGroup, find_channel_groups
 from onnxprune.graph.slicing import keep_channels, keep_many
@@ -27,7 +28,7 @@ from onnxprune.passes.reconstruct import (
     apply_fit,
     collect_stats,
     fit_group,
-    reference_session,
+    reference_targets,
     shared_input,
 )
 from onnxprune.scoring.criteria import CRITERIA, DATA_AWARE, ChannelWeights, score_channels
@@ -299,7 +300,7 @@ class RemoveNeuronsPass(ReportingPass):
         order = {node: i for i, node in enumerate(model.graph)}
         groups = find_channel_groups(model, ignore=self.ignore)
         prunable = sorted(
-            (g for g in groups if g.prunable), key=lambda g: order[g.producers[0].node]
+            (g for g in groups if g.prunable), key=lambda g: min(order[u.node] for u in g.producers)
         )
         needs_targets = calib.reconstruct == "lstsq" or self.criterion == "obs"
         reasons: dict[str, str] = {}
@@ -310,9 +311,10 @@ class RemoveNeuronsPass(ReportingPass):
                 reasons[g.name] = "consumers read different tensors; no calibration repair"
             elif not g.consumers_are_matrices:
                 reasons[g.name] = "channels spread over blocks; no calibration repair"
-        reference = (reference_session(self.reference or model, prunable)
+        reference = (reference_targets(self.reference or model, prunable, calib)
                      if needs_targets else None)
         counts = self._calibrated_counts(model, prunable, calib)
+        source = Propagator(model, calib.batches, calib.provider)
         decisions: dict[str, GroupDecision] = {}
         modified = False
         # Original output channels each pruned producer still has (for Conv refit targets).
@@ -329,6 +331,7 @@ class RemoveNeuronsPass(ReportingPass):
                 raise OnnxPruneError(f"group '{g0.name}' changed while pruning; please report")
             before = current.size
             note = reasons.get(g0.name)
+            source.advance(u.node for u in current.producers)
             decisions[g0.name] = GroupDecision.of(current, count, note)
             if count < before:
                 fixed = fixed_indices(self.keep.get(g0.name)) if self.keep else None
@@ -340,9 +343,9 @@ class RemoveNeuronsPass(ReportingPass):
                             return score_channels(self.criterion, cw)
                     self.kept[g0.name] = prune_conv_group(
                         model, reference, current, count, calib, criterion_scores=scorer,
-                        fixed=fixed, out_index=out_index)
+                        fixed=fixed, out_index=out_index, source=source)
                 elif note is None:
-                    stats = collect_stats(model, reference, current, calib)
+                    stats = collect_stats(source, reference, current, calib)
                     scores = None
                     if self.criterion != "obs" and fixed is None:
                         cw = group_weights(current, seed=self.seed, stats=stats.as_dict())
@@ -377,11 +380,13 @@ class RemoveNeuronsPass(ReportingPass):
         # Global allocation compares groups by data-aware scores on the original model.
         criterion = "activation" if self.criterion == "obs" else self.criterion
         scores = []
+        source = Propagator(model, calib.batches, calib.provider)
         for g in groups:
             if shared_input(g) is None or not g.consumers_are_matrices:
                 scores.append(score_channels("l1", group_weights(g, seed=self.seed)))
                 continue
-            stats = collect_stats(model, None, g, calib)
+            source.advance(u.node for u in g.producers)
+            stats = collect_stats(source, None, g, calib)
             cw = group_weights(g, seed=self.seed, stats=stats.as_dict())
             scores.append(score_channels(criterion, cw))
         return self._keep_counts(groups, scores)

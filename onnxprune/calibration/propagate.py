@@ -1,0 +1,353 @@
+"""Layer-wise calibration: activations of a model that is pruned front to back.
+
+Calibrated pruning needs, for each channel group in turn, the activations the *pruned so far*
+model feeds that group. Running the whole model per group makes the cost grow with the square
+of depth. A Propagator instead keeps, per calibration batch, the values that cross a cut
+through the graph (the residual stream, masks, rotary tables): everything before the cut is
+done. A capture runs only the section of the graph between the cut and the requested
+tensors, and `advance` moves the cut forward by running the section between the old and the
+new cut, so every node runs about twice in total, whatever the depth.
+
+The cut stays correct while the model is edited: before each run the graph is compared with
+a fingerprint taken after the previous one (node inputs, attributes and constant tensors, by
+identity), and cached values downstream of anything edited or inserted are dropped, so they
+are recomputed from what is still valid. Pruning edits only nodes at or after the group being
+pruned, so in practice nothing cached is dropped; the check makes that a guarantee instead of
+an assumption.
+
+TargetStore holds the original model's tensors that the repairs fit to: one pass of the
+original model over all batches, kept in memory up to a byte budget and spilled to a private
+temporary folder beyond it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from onnxprune.calibration.data import Batch
+from onnxprune.errors import DataError
+from onnxprune.io import model_bytes
+from onnxprune.runtime import Provider, make_session
+
+__all__ = ["Propagator", "TargetStore", "run_batches", "section"]
+
+OnBatch = Callable[[dict[str, np.ndarray], Batch], None]
+
+
+def run_batches(session, wanted: Sequence[str], batches: Iterable[Batch], on_batch: OnBatch,
+                extra: Callable[[int], dict[str, np.ndarray]] | None = None) -> int:
+    """Runs `session` on every batch (plus `extra(i)` feeds) and hands the outputs on.
+
+    Raises DataError naming the tensor when a captured value holds NaN or Inf, because
+    statistics built on them would turn into NaN weights.
+    """
+    inputs = {i.name for i in session.get_inputs()}
+    count = 0
+    for batch in batches:
+        feeds = {k: v for k, v in batch.items() if k in inputs}
+        if extra is not None:
+            feeds.update(extra(count))
+        try:
+            arrays = session.run(list(wanted), feeds)
+        except Exception as e:
+            text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DataError(f"calibration batch {count} failed in onnxruntime: {text}") from e
+        captured = dict(zip(wanted, arrays, strict=False))
+        for name, arr in captured.items():
+            if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
+                raise DataError(
+                    f"tensor '{name}' holds NaN/Inf on calibration batch {count}; "
+                    "check the calibration data or leave this layer out with --ignore"
+                )
+        on_batch(captured, batch)
+        count += 1
+    if count == 0:
+        raise DataError("the calibration data holds no batches")
+    return count
+
+
+def _outer_inputs(node: ir.Node) -> list[ir.Value]:
+    """Values of the enclosing graphs that the node's subgraphs (If/Loop/Scan bodies) read."""
+    found: list[ir.Value] = []
+    for attr in node.attributes.values():
+        graphs = ([attr.value] if attr.type == ir.AttributeType.GRAPH
+                  else list(attr.value) if attr.type == ir.AttributeType.GRAPHS else [])
+        for sub in graphs:
+            inner: set[ir.Value] = set(sub.inputs) | set(sub.initializers.values())
+            for n in ir.traversal.RecursiveGraphIterator(sub):
+                inner.update(n.outputs)
+            for n in ir.traversal.RecursiveGraphIterator(sub):
+                found.extend(v for v in n.inputs if v is not None and v not in inner)
+    return found
+
+
+def _node_inputs(node: ir.Node) -> list[ir.Value]:
+    return [v for v in node.inputs if v is not None] + _outer_inputs(node)
+
+
+def value_info(name: str, elem: int | None) -> onnx.ValueInfoProto:
+    """Element type only: shapes recorded on the graph may predate slicing, and onnxruntime
+    infers what is left out (an output of unknown type gets none at all)."""
+    if elem is None:
+        return onnx.ValueInfoProto(name=name)
+    return onnx.helper.make_tensor_value_info(name, elem, None)
+
+
+def section(model: ir.Model, wanted: Sequence[ir.Value],
+            fed: Callable[[ir.Value], int | None]) -> tuple[bytes, list[ir.Value]]:
+    """The part of `model` that computes `wanted` from the values `fed` gives a type for
+    (an onnx element type; None: not fed).
+
+    Returns the serialized section (weights inline, read from the model's folder) and the
+    values it takes as inputs. Values neither fed nor produced by a node must be constants.
+    """
+    graph = model.graph
+    nodes: set[ir.Node] = set()
+    feeds: dict[ir.Value, int] = {}
+    consts: list[ir.Value] = []
+    seen: set[ir.Value] = set()
+    stack = list(wanted)
+    while stack:
+        v = stack.pop()
+        if v in seen:
+            continue
+        seen.add(v)
+        elem = fed(v)
+        if elem is not None:
+            feeds[v] = elem
+            continue
+        node = v.producer()
+        if node is None:
+            if v.const_value is None:
+                raise DataError(f"tensor '{v.name}' is neither fed nor computed; "
+                                "check the calibration inputs")
+            consts.append(v)
+            continue
+        if node not in nodes:
+            nodes.add(node)
+            stack.extend(_node_inputs(node))
+    proto_graph = onnx.GraphProto(name="section")
+    proto_graph.node.extend(ir.serde.serialize_node(n) for n in graph if n in nodes)
+    for v in consts:
+        t = ir.serde.serialize_tensor(v.const_value)  # type: ignore[arg-type]
+        t.name = v.name or ""
+        proto_graph.initializer.append(t)
+    proto_graph.input.extend(value_info(v.name or "", e) for v, e in feeds.items())
+    proto_graph.output.extend(value_info(v.name or "", None if v.dtype is None else v.dtype.value)
+                              for v in wanted)
+    proto = onnx.helper.make_model(
+        proto_graph,
+        opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in model.opset_imports.items()],
+        ir_version=model.ir_version,
+    )
+    proto.functions.extend(ir.serde.serialize_function(f) for f in model.functions.values())
+    return model_bytes(model, proto), list(feeds)
+
+
+def _fingerprint(graph: ir.Graph) -> dict[ir.Node, tuple]:
+    """What pruning may edit on a node: its inputs, attributes and input constants."""
+    return {
+        node: (tuple(node.inputs),
+               tuple(node.attributes.values()),
+               tuple(a.value for a in node.attributes.values()),
+               tuple(v.const_value for v in node.inputs if v is not None))
+        for node in graph
+    }
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    return len(a) == len(b) and all(
+        len(x) == len(y) and all(p is q for p, q in zip(x, y, strict=True))
+        for x, y in zip(a, b, strict=True))
+
+
+class Propagator:
+    """The activations of `model`, computed section by section as its cut moves forward.
+
+    `model` is edited in place by the pruning between calls. Use `advance(node)` once the
+    groups before `node` are done, and `capture` for the tensors a group needs.
+    """
+
+    def __init__(self, model: ir.Model, batches: Sequence[Batch], provider: Provider = "cpu"):
+        self.model = model
+        self.batches = batches
+        self.provider = provider
+        self._cache: list[dict[ir.Value, np.ndarray]] = [{} for _ in batches]
+        self._print = _fingerprint(model.graph)
+        self._fed = set(batches[0]) if batches else set()
+        self.sections = 0  # sections run so far (for tests and logs)
+
+    def _is_input(self, v: ir.Value) -> bool:
+        return v.is_graph_input() and v.name in self._fed
+
+    def _refresh(self) -> None:
+        """Drops cached values that an edit of the graph since the last run made stale."""
+        now = _fingerprint(self.model.graph)
+        dirty = [n for n, fp in now.items()
+                 if n not in self._print or not _same(fp, self._print[n])]
+        self._print = now
+        if not dirty or not self._cache or not self._cache[0]:
+            return
+        stale: set[ir.Value] = set()
+        stack = [v for n in dirty for v in n.outputs]
+        while stack:
+            v = stack.pop()
+            if v in stale:
+                continue
+            stale.add(v)
+            stack.extend(out for use in v.uses() for out in use.node.outputs)
+        for cache in self._cache:
+            for v in stale & cache.keys():
+                del cache[v]
+
+    def _run(self, wanted: list[ir.Value], on_batch: OnBatch) -> int:
+        first = self._cache[0] if self._cache else {}
+        cached = first.keys()
+
+        def fed(v: ir.Value) -> int | None:
+            if v in first:
+                return onnx.helper.np_dtype_to_tensor_dtype(first[v].dtype)
+            if self._is_input(v):
+                return v.dtype.value if v.dtype is not None else None
+            return None
+
+        data, feeds = section(self.model, wanted, fed)
+        session = make_session(data, self.provider)
+        self.sections += 1
+        from_cache = [v for v in feeds if v in cached]
+        names = [v.name or "" for v in wanted]
+
+        def extra(i: int) -> dict[str, np.ndarray]:
+            return {v.name or "": self._cache[i][v] for v in from_cache}
+
+        return run_batches(session, names, self.batches, on_batch, extra)
+
+    def _value(self, name: str) -> ir.Value:
+        for v in self.model.graph.inputs:
+            if v.name == name:
+                return v
+        for node in self.model.graph:
+            for out in node.outputs:
+                if out.name == name:
+                    return out
+        raise DataError(f"cannot capture '{name}': no such tensor in the main graph")
+
+    def capture(self, names: Sequence[str], on_batch: OnBatch) -> int:
+        """As runner.capture on the current model, running only what the cut leaves to do."""
+        self._refresh()
+        wanted = [self._value(n) for n in dict.fromkeys(names)]
+        computed = [v for v in wanted if not self._is_input(v)]
+        if not computed:
+            return run_batches(_Identity(), [], self.batches, on_batch)
+
+        def with_inputs(arrays: dict[str, np.ndarray], batch: Batch) -> None:
+            arrays.update({v.name: batch[v.name] for v in wanted  # type: ignore[misc]
+                           if self._is_input(v)})
+            on_batch(arrays, batch)
+
+        return self._run(computed, with_inputs)
+
+    def advance(self, before: Iterable[ir.Node]) -> None:
+        """Moves the cut to just before the first of `before` in graph order: the nodes ahead
+        of it are summarised by the values they hand to the rest of the graph."""
+        self._refresh()
+        order = list(self.model.graph)
+        wanted = set(before)
+        first = next((i for i, n in enumerate(order) if n in wanted), None)
+        if first is None:
+            raise DataError("none of the nodes to stop before is in the graph; please report")
+        done = set(order[:first])
+        live: set[ir.Value] = {v for v in self.model.graph.inputs if self._is_input(v)}
+        for node in order:  # values that depend on the data (constants are recomputed)
+            if any(v in live for v in _node_inputs(node)):
+                live.update(node.outputs)
+        cut: list[ir.Value] = []
+        for node in order:
+            if node in done:
+                continue
+            for v in _node_inputs(node):
+                if v in live and v.producer() in done and v not in cut:
+                    cut.append(v)
+        missing = [v for v in cut if not self._cache or v not in self._cache[0]]
+        if missing:
+            new: list[dict[ir.Value, np.ndarray]] = []
+            by_name = {v.name: v for v in missing}
+
+            def keep(arrays: dict[str, np.ndarray], batch: Batch) -> None:
+                new.append({by_name[k]: a for k, a in arrays.items()})
+
+            self._run(missing, keep)
+        else:
+            new = [{} for _ in self.batches]
+        self._cache = [{v: (fresh[v] if v in fresh else old[v]) for v in cut}
+                       for old, fresh in zip(self._cache, new, strict=True)]
+
+
+class _Identity:
+    """A session with nothing to compute, for captures of graph inputs only."""
+
+    def get_inputs(self) -> list:
+        return []
+
+    def run(self, names: list[str], feeds: dict) -> list:
+        return []
+
+
+class TargetStore:
+    """The original model's tensors `names` on every batch, from one pass of the model.
+
+    Kept in memory up to `budget` bytes; beyond that, arrays go to a private temporary
+    folder (removed when the store is collected) and are read back memory-mapped.
+    `check` names tensors captured only for the NaN/Inf check, ahead of the stored ones, so
+    an error names the first bad tensor (a layer's input rather than the model's output).
+    """
+
+    def __init__(self, model: ir.Model, names: Sequence[str], batches: Sequence[Batch], *,
+                 provider: Provider = "cpu", budget: int = 2**30, check: Sequence[str] = ()):
+        from onnxprune.calibration.runner import capture
+
+        self.names = list(dict.fromkeys(n for n in names if n))
+        self._arrays: list[dict[str, np.ndarray]] = []
+        self._held = 0
+        self._budget = budget
+        self._folder: Path | None = None
+        if self.names:
+            wanted = [n for n in dict.fromkeys(check) if n and n not in self.names]
+            capture(model, wanted + self.names, batches, self._store, provider=provider)
+
+    def _store(self, arrays: dict[str, np.ndarray], batch: Batch) -> None:
+        kept: dict[str, np.ndarray] = {}
+        for name in self.names:
+            arr = arrays[name]
+            if self._held + arr.nbytes > self._budget:
+                if self._folder is None:
+                    self._folder = Path(tempfile.mkdtemp(prefix="onnxprune-targets-"))
+                    weakref.finalize(self, shutil.rmtree, self._folder, True)
+                path = self._folder / f"{len(self._arrays)}_{len(kept)}.npy"
+                np.save(path, arr)
+                kept[name] = np.load(path, mmap_mode="r")
+            else:
+                self._held += arr.nbytes
+                kept[name] = arr
+        self._arrays.append(kept)
+
+    def get(self, names: Sequence[str], index: int) -> list[np.ndarray]:
+        """The arrays of batch `index` (its position in the calibration batches)."""
+        try:
+            row = self._arrays[index]
+            return [np.asarray(row[n]) for n in names]
+        except (IndexError, KeyError) as e:
+            raise DataError(f"no stored reference tensor {e} for calibration batch {index}; "
+                            "please report") from e
+
+    @property
+    def spilled(self) -> bool:
+        return self._folder is not None

@@ -1,0 +1,207 @@
+"""Layer-wise calibration: sections of the graph give the same activations as whole-model runs,
+the cut survives edits, and calibrated pruning decides exactly as the whole-model path did."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from helpers import GraphBuilder, dense, random_input, to_ir
+from test_heads import _calibration as heads_calibration
+from test_heads import attention_model
+
+from onnxprune.calibration.propagate import Propagator, TargetStore
+from onnxprune.calibration.runner import capture
+from onnxprune.graph.channels import find_channel_groups
+from onnxprune.graph.slicing import keep_channels
+from onnxprune.graph.weights import const_array, set_const_array
+from onnxprune.passes.reconstruct import Calibration
+from onnxprune.passes.remove_heads import RemoveHeadsPass
+from onnxprune.passes.remove_neurons import RemoveNeuronsPass
+
+WIDTH, HIDDEN, LAYERS = 8, 16, 4
+
+
+def residual_stack(layers: int = LAYERS, *, runtime_shape: bool = True) -> onnx.ModelProto:
+    """x[B, S, W] -> `layers` x (x + fc2(relu(fc1(x))), LayerNorm) -> y.
+
+    With `runtime_shape`, a Reshape shape is computed once at the top from Shape(x) (as the
+    dynamo exporter does) and read by every layer, so the cut carries integer tensors too.
+    """
+    b = GraphBuilder(seed=3)
+    x = b.input("x", ["B", "S", WIDTH])
+    shape = None
+    if runtime_shape:
+        s = b.op("Shape", [x], name="shape")
+        lead = b.op("Slice", [s, b.const("zero", np.array([0])), b.const("two", np.array([2]))],
+                    name="lead")
+        shape = b.op("Concat", [lead, b.const("width", np.array([WIDTH]))], name="shape3",
+                     axis=0)
+    h = x
+    for i in range(layers):
+        u = b.op("Relu", [dense(b, h, WIDTH, HIDDEN, name=f"l{i}.fc1")], name=f"l{i}.relu")
+        d = dense(b, u, HIDDEN, WIDTH, name=f"l{i}.fc2")
+        if shape is not None:
+            d = b.op("Reshape", [d, shape], name=f"l{i}.reshape")
+        s = b.op("Add", [h, d], name=f"l{i}.residual")
+        h = b.op("LayerNormalization", [s, b.const(f"l{i}.g", np.ones(WIDTH)),
+                                         b.const(f"l{i}.b", np.zeros(WIDTH))],
+                 name=f"l{i}.ln", axis=-1)
+    b.op("Identity", [h], name="out", output="y")
+    return b.build(["y"])
+
+
+def batches(n: int = 4) -> list[dict[str, np.ndarray]]:
+    return [{"x": random_input([2, 5, WIDTH], seed=i)} for i in range(n)]
+
+
+def whole(model: ir.Model, names: list[str], data: list) -> list[dict[str, np.ndarray]]:
+    out: list[dict[str, np.ndarray]] = []
+    capture(model, names, data, lambda arrays, batch: out.append(dict(arrays)))
+    return out
+
+
+def sectioned(prop: Propagator, names: list[str]) -> list[dict[str, np.ndarray]]:
+    out: list[dict[str, np.ndarray]] = []
+    prop.capture(names, lambda arrays, batch: out.append(dict(arrays)))
+    return out
+
+
+def node(model: ir.Model, name: str) -> ir.Node:
+    return next(n for n in model.graph if n.name == name)
+
+
+def assert_same(a: list[dict], b: list[dict], atol: float = 1e-6) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert x.keys() == y.keys()
+        for k in x:
+            np.testing.assert_allclose(x[k], y[k], atol=atol, rtol=1e-6)
+
+
+def test_sections_match_whole_model_runs_at_every_cut() -> None:
+    model = to_ir(residual_stack())
+    data = batches()
+    prop = Propagator(model, data)
+    for i in range(LAYERS):
+        prop.advance([node(model, f"l{i}.fc1")])
+        names = [f"l{i}.relu_out", f"l{i}.fc1_bias_out", "shape3_out"]
+        assert_same(sectioned(prop, names), whole(model, names, data))
+    # Each cut holds the residual stream and the run-time shape, nothing of earlier layers.
+    assert len(prop._cache[0]) == 2
+
+
+def test_a_section_runs_only_the_nodes_after_the_cut() -> None:
+    model = to_ir(residual_stack(6))
+    prop = Propagator(model, batches(1))
+    prop.advance([node(model, "l5.fc1")])
+    from onnxprune.calibration.propagate import section
+
+    cached = prop._cache[0]
+    data, feeds = section(model, [node(model, "l5.relu").outputs[0]],
+                          lambda v: 1 if v in cached else None)
+    proto = onnx.load_from_string(bytes(data))
+    assert sorted(n.name for n in proto.graph.node) == ["l5.fc1", "l5.fc1_bias", "l5.relu"]
+    assert len(feeds) == 1
+
+
+def test_pruned_groups_give_the_same_activations_as_the_pruned_model_run_whole() -> None:
+    model = to_ir(residual_stack())
+    data = batches()
+    prop = Propagator(model, data)
+    rng = np.random.default_rng(0)
+    for i in range(LAYERS):
+        group = next(g for g in find_channel_groups(model) if g.producers[0].node.name
+                     == f"l{i}.fc1")
+        prop.advance(u.node for u in group.producers)
+        names = [f"l{i}.relu_out", f"l{i}.residual_out"]
+        assert_same(sectioned(prop, names), whole(model, names, data))
+        keep_channels(model.graph, group, np.sort(rng.choice(HIDDEN, HIDDEN // 2, replace=False)))
+    assert_same(sectioned(prop, ["y"]), whole(model, ["y"], data))
+
+
+def test_an_edit_before_the_cut_is_noticed_and_recomputed() -> None:
+    """A constant that feeds a node the cut already passed changes: the cached values that
+    depend on it are dropped, so the activations still match the edited model."""
+    model = to_ir(residual_stack())
+    data = batches()
+    prop = Propagator(model, data)
+    prop.advance([node(model, "l2.fc1")])
+    weight = node(model, "l1.fc2").inputs[1]
+    set_const_array(weight, const_array(weight) * 2.0)  # type: ignore[arg-type, operator]
+    names = ["l2.relu_out", "y"]
+    assert_same(sectioned(prop, names), whole(model, names, data))
+    prop.advance([node(model, "l3.fc1")])
+    assert_same(sectioned(prop, ["y"]), whole(model, ["y"], data))
+
+
+def test_graph_inputs_can_be_captured() -> None:
+    model = to_ir(residual_stack(1))
+    data = batches(2)
+    prop = Propagator(model, data)
+    got = sectioned(prop, ["x", "l0.relu_out"])
+    expected = whole(model, ["l0.relu_out"], data)
+    for e, batch in zip(expected, data, strict=True):
+        e["x"] = batch["x"]
+    assert_same(got, expected)
+
+
+@pytest.mark.parametrize("budget", [2**30, 0])
+def test_target_store_in_memory_and_spilled(budget: int) -> None:
+    model = to_ir(residual_stack(2))
+    data = batches(3)
+    names = ["l0.residual_out", "l1.ln_out"]
+    store = TargetStore(model, names, data, budget=budget)
+    assert store.spilled == (budget == 0)
+    ref = whole(model, names, data)
+    for i in range(3):
+        got = store.get(names, i)
+        for n, arr in zip(names, got, strict=True):
+            np.testing.assert_array_equal(arr, ref[i][n])
+
+
+def _weights(model: ir.Model) -> dict[str, np.ndarray]:
+    return {v.name: const_array(v) for v in model.graph.initializers.values()}  # type: ignore
+
+
+def _compare(a: ir.Model, b: ir.Model) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert wa[k].shape == wb[k].shape, k
+        np.testing.assert_allclose(wa[k], wb[k], atol=1e-5, rtol=1e-4, err_msg=k)
+
+
+@pytest.mark.parametrize(("criterion", "ranked"), [("obs", False), ("activation", True)])
+def test_calibrated_neurons_decide_as_whole_model_runs(criterion: str, ranked: bool,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    proto = residual_stack()
+    calib = Calibration(batches(6))
+    layerwise = to_ir(proto)
+    options = {"sparsity": 0.5, "criterion": criterion, "global_ranking": ranked}
+    result = RemoveNeuronsPass(**options, calibration=calib)(layerwise)  # type: ignore[arg-type]
+    assert result.modified
+    with monkeypatch.context() as m:
+        m.setattr(Propagator, "capture", lambda self, names, on_batch: capture(
+            self.model, names, self.batches, on_batch))
+        m.setattr(Propagator, "advance", lambda self, before: None)
+        reference = to_ir(proto)
+        RemoveNeuronsPass(**options, calibration=calib)(reference)  # type: ignore[arg-type]
+    _compare(layerwise, reference)
+
+
+@pytest.mark.parametrize("criterion", ["obs", "contribution"])
+def test_calibrated_heads_decide_as_whole_model_runs(criterion: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    proto = attention_model("dynamo", layers=3, seed=4)
+    calib = heads_calibration(proto)
+    layerwise = to_ir(proto)
+    RemoveHeadsPass(fraction=0.5, criterion=criterion, calibration=calib)(layerwise)  # type: ignore[arg-type]
+    with monkeypatch.context() as m:
+        m.setattr(Propagator, "capture", lambda self, names, on_batch: capture(
+            self.model, names, self.batches, on_batch))
+        m.setattr(Propagator, "advance", lambda self, before: None)
+        reference = to_ir(proto)
+        RemoveHeadsPass(fraction=0.5, criterion=criterion, calibration=calib)(reference)  # type: ignore[arg-type]
+    _compare(layerwise, reference)
