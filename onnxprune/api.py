@@ -90,6 +90,7 @@ class PruneConfig:
     reconstruct: Reconstruct | Literal["distill"] | None = None
     ridge: float | None = None  # None: per layer, by cross-validation on the batches
     repair_seconds: float | None = None  # time budget of --reconstruct distill
+    calibration_provider: Provider = "cpu"  # where calibration batches run
     global_ranking: bool = False
     max_group_sparsity: float = 0.9
     round_to: int = 1
@@ -180,6 +181,7 @@ class PruneConfig:
                 reconstruct="lstsq" if self.reconstruct == "distill" else  # distill starts there
                 self.reconstruct or "lstsq",
                 ridge=self.ridge,
+                provider=self.calibration_provider,
             )
         # With data, OBS selection (choose and refit jointly) beats scoring then refitting:
         # on MiniLM at 50 % FFN, cosine 0.955 vs 0.952 for activation + lstsq.

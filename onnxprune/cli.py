@@ -83,7 +83,9 @@ def _add_verify_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data", help=".npz batch or folder of .npz batches keyed by input name")
     g.add_argument("--shape", action="append", default=[], metavar="NAME:D0,D1,...",
                    help="shape of a generated input when no --data is given (repeatable)")
-    g.add_argument("--providers", default="cpu", help="comma list of cpu,cuda (default cpu)")
+    g.add_argument("--providers", default="cpu",
+                   help="comma list of cpu,cuda (default cpu): verification runs on each; "
+                   "with cuda, calibration runs there too (never a silent CPU fallback)")
     g.add_argument("--min-cosine", type=float, help="fail below this per-row cosine")
     g.add_argument("--atol", type=float, help="absolute tolerance (with --rtol: allclose)")
     g.add_argument("--rtol", type=float, help="relative tolerance")
@@ -269,6 +271,7 @@ def _quantize_config(args: argparse.Namespace) -> QuantizeConfig | None:
         smooth=smooth,  # type: ignore[arg-type]
         token_mask=args.token_mask,
         seed=args.seed,
+        provider="cuda" if "cuda" in parse_providers(args.providers) else "cpu",
     )
 
 
@@ -372,6 +375,7 @@ def _cmd_prune(argv: Sequence[str], console: Console) -> int:
         criterion=args.criterion, calibration=args.calibration, token_mask=args.token_mask,
         reconstruct=args.reconstruct, ridge=args.ridge, global_ranking=args.global_ranking,
         repair_seconds=args.repair_seconds,
+        calibration_provider="cuda" if "cuda" in parse_providers(args.providers) else "cpu",
         max_group_sparsity=args.max_group_sparsity, round_to=args.round_to,
         ignore=tuple(args.ignore), seed=args.seed, quantize=_quantize_config(args),
         heads=args.heads, global_heads=args.global_heads, target=args.target,

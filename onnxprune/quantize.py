@@ -50,6 +50,7 @@ from onnxprune.passes.quantize_qdq import (
     QuantizedLayer,
     QuantizeQDQPass,
 )
+from onnxprune.runtime import Provider
 
 __all__ = ["QuantizeConfig", "LayerReport", "QuantizeReport", "quantize_model"]
 
@@ -106,6 +107,7 @@ class QuantizeConfig:
     token_mask: str | None = None
     sample_rows: int = 512
     seed: int = 0
+    provider: Provider = "cpu"  # where calibration batches run
 
     def __post_init__(self) -> None:
         if self.method not in ("minmax", "percentile", "entropy"):
@@ -286,6 +288,7 @@ def quantize_model(
         collectors, count = collect_ranges(
             model, _tensors_to_calibrate(layers, config.weight_only), batches,
             token_mask=config.token_mask, sample_rows=config.sample_rows, seed=config.seed,
+            provider=config.provider,
         )
         _plan_activations(layers, collectors, config, plan)
         if _choose_float_layers(config, plan):

@@ -25,7 +25,7 @@ import onnx_ir as ir
 from onnxprune.calibration.data import Batch
 from onnxprune.calibration.runner import row_mask, with_outputs
 from onnxprune.errors import DataError
-from onnxprune.runtime import make_session
+from onnxprune.runtime import Provider, make_session
 
 __all__ = ["RangeCollector", "collect_ranges", "kl_threshold", "HUGE", "MASK_LIKE"]
 
@@ -221,6 +221,7 @@ def collect_ranges(
     sample_rows: int = 1024,
     seed: int = 0,
     on_batch: Callable[[int], None] | None = None,
+    provider: Provider = "cpu",
 ) -> tuple[dict[str, RangeCollector], int]:
     """Runs the batches once: a collector per tensor (name -> channel axis), and the batch count.
 
@@ -234,7 +235,7 @@ def collect_ranges(
     graph_inputs = {v.name for v in model.graph.inputs}
     # Graph inputs come straight from the batch; everything else is captured.
     names: Sequence[str] = [n for n in collectors if n not in graph_inputs]
-    session = make_session(with_outputs(model, names), "cpu")
+    session = make_session(with_outputs(model, names), provider)
     inputs = {i.name for i in session.get_inputs()}
     count = 0
     for batch in batches:

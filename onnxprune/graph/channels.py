@@ -28,7 +28,7 @@ import onnx_ir as ir
 
 from onnxprune.graph.weights import WeightUse, conv_uses, const_array, weight_uses
 
-__all__ = ["ChannelGroup", "ConstSlice", "ShapeEdit", "find_channel_groups"]
+__all__ = ["ChannelGroup", "ConstSlice", "ShapeEdit", "find_channel_groups", "group_of"]
 
 # Ops whose output channel c depends only on input channel c (and constants).
 UNARY = frozenset(
@@ -157,13 +157,39 @@ def _identity(m: np.ndarray) -> bool:
     return bool(np.array_equal(m, np.arange(m.size)))
 
 
-def find_channel_groups(model: ir.Model, *, ignore: Sequence[str] = ()) -> list[ChannelGroup]:
-    """Every channel group of the main graph, prunable or not (with the reason)."""
+def find_channel_groups(model: ir.Model, *, ignore: Sequence[str] = (),
+                        hints: dict[str, list[int | None]] | None = None) -> list[ChannelGroup]:
+    """Every channel group of the main graph, prunable or not (with the reason).
+
+    `hints`: shape_hints(model) when the caller already has them."""
     from onnxprune.graph.channel_fill import SHAPE_HINTS, shape_hints
 
-    token = SHAPE_HINTS.set(shape_hints(model))
+    token = SHAPE_HINTS.set(shape_hints(model) if hints is None else hints)
     try:
         return _find(model, ignore)
+    finally:
+        SHAPE_HINTS.reset(token)
+
+
+def group_of(model: ir.Model, producer: ir.Node, hints: dict[str, list[int | None]]
+             ) -> ChannelGroup | None:
+    """The group `producer` (a weight user) starts, found again after other groups were
+    sliced: one fill from it instead of the whole analysis, with `hints` from the
+    shape_hints of an earlier analysis (the values of an unsliced group keep their shapes).
+    """
+    from onnxprune.graph.channel_fill import SHAPE_HINTS, Decline, Fill
+
+    graph = model.graph
+    use = next((u for u in weight_uses(graph) + conv_uses(graph) if u.node is producer), None)
+    if use is None:
+        return None
+    token = SHAPE_HINTS.set(hints)
+    try:
+        fill = Fill(graph, use)
+        try:
+            return fill.run()
+        except Decline as e:
+            return fill.declined(str(e))
     finally:
         SHAPE_HINTS.reset(token)
 

@@ -18,7 +18,8 @@ from onnx_ir.passes.common import NameFixPass
 
 from onnxprune.calibration.propagate import Propagator
 from onnxprune.errors import InputError, OnnxPruneError
-from onnxprune.graph.channels import ChannelGroup, find_channel_groups
+from onnxprune.graph.channel_fill import shape_hints
+from onnxprune.graph.channels import ChannelGroup, find_channel_groups, group_of
 from onnxprune.graph.slicing import keep_channels, keep_many
 from onnxprune.graph.weights import const_array
 from onnxprune.passes.base import CalibrationLike, ReportingPass, as_calibration
@@ -298,7 +299,8 @@ class RemoveNeuronsPass(ReportingPass):
         """Prunes groups one by one in graph order, refitting each against the original."""
         NameFixPass()(model)
         order = {node: i for i, node in enumerate(model.graph)}
-        groups = find_channel_groups(model, ignore=self.ignore)
+        hints = shape_hints(model)
+        groups = find_channel_groups(model, ignore=self.ignore, hints=hints)
         prunable = sorted(
             (g for g in groups if g.prunable), key=lambda g: min(order[u.node] for u in g.producers)
         )
@@ -324,9 +326,7 @@ class RemoveNeuronsPass(ReportingPass):
                 self.progress(step, len(prunable), g0.name)
             # Re-analyse: earlier groups' slicing replaced constants this group may share.
             key = g0.producers[0].node
-            current = next(
-                (g for g in find_channel_groups(model) if g.producers[0].node is key), None
-            )
+            current = group_of(model, key, hints)
             if current is None or not current.prunable:
                 raise OnnxPruneError(f"group '{g0.name}' changed while pruning; please report")
             before = current.size

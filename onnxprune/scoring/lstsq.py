@@ -109,25 +109,36 @@ def obs_order(
     least squares is optimal for every output column on its own.
     """
     c = problem.channels
-    hinv = np.linalg.inv(problem.h)
-    hinv = (hinv + hinv.T) / 2
-    w = hinv @ problem.b
+    h0 = np.linalg.inv(problem.h)
+    h0 = (h0 + h0.T) / 2
+    w = h0 @ problem.b
+    # H⁻¹ after the removals so far is H0 − P Qᵀ (each step appends H⁻¹[:, S] M and
+    # H⁻¹[:, S]); only its diagonal and the selected columns are ever read, so it is never
+    # formed: a step costs O(C·r·k) instead of rewriting a (C+1)² matrix.
+    p_all = np.zeros((c + 1, n_remove))
+    q_all = np.zeros((c + 1, n_remove))
+    r = 0  # columns of P and Q in use
+    d = np.diag(h0).copy()
     alive = np.ones(c, dtype=bool)
     to_remove = n_remove
     block = max(1, math.ceil(to_remove / max_steps))
     order: list[np.ndarray] = []
     while to_remove > 0:
-        d = np.diag(hinv)[:c]
         rows = w[:c] - w[:c].mean(axis=1, keepdims=True) if center else w[:c]
         sq = np.square(rows) if out_weights is None else np.square(rows) * out_weights
-        cost = sq.sum(axis=1) / np.maximum(d, 1e-300)
+        cost = sq.sum(axis=1) / np.maximum(d[:c], 1e-300)
         cost[~alive] = np.inf
         k = min(block, to_remove)
         sel = np.argpartition(cost, k - 1)[:k]
         sel = sel[np.argsort(cost[sel], kind="stable")]
-        m = np.linalg.inv(hinv[np.ix_(sel, sel)])
-        w -= hinv[:, sel] @ (m @ w[sel])
-        hinv -= hinv[:, sel] @ m @ hinv[sel, :]
+        cols = h0[:, sel] - p_all[:, :r] @ q_all[sel, :r].T
+        m = np.linalg.inv(cols[sel])
+        pm = cols @ m
+        w -= pm @ w[sel]
+        d -= np.einsum("ij,ij->i", pm, cols)
+        p_all[:, r:r + k] = pm
+        q_all[:, r:r + k] = cols
+        r += k
         w[sel] = 0.0
         alive[sel] = False
         order.append(sel)
@@ -153,16 +164,38 @@ def cross_validated_ridge(
     The held-out error of weights W on fold k is tr(Wᵀ H_k W) − 2 tr(Wᵀ B_k) + const, so
     the whole search runs on the per-fold statistics, without touching data again.
     """
-    idx = np.append(np.asarray(keep, dtype=np.int64), fold_gram[0].shape[0] - 1)
-    total_h = sum(fold_gram)
-    total_b = sum(fold_cross)
+    c = fold_gram[0].shape[0] - 1
+    idx = np.append(np.asarray(keep, dtype=np.int64), c)
+    sub_h = [h[np.ix_(idx, idx)] for h in fold_gram]  # only the kept rows ever enter
+    sub_b = [b[idx] for b in fold_cross]
+    diag = [np.diag(h)[:c] for h in fold_gram]
+    total_h, total_b, total_d = sum(sub_h), sum(sub_b), sum(diag)
+    w0 = None if prior is None else prior[idx[:-1]].astype(np.float64)
+    n = len(keep)
     best, best_err = grid[0], np.inf
+    fits = []
+    for h_k, b_k, d_k in zip(sub_h, sub_b, diag, strict=True):
+        # Problem(total - fold) restricted to the kept channels: the same ridge scale (the
+        # mean diagonal over all channels of the training folds) and prior.
+        h_train, b_train = total_h - h_k, total_b - b_k
+        scale = float(np.mean(total_d - d_k)) if c else 1.0
+        fits.append((h_train, b_train, scale if scale > 0 else 1.0, h_k, b_k))
     for ridge in grid:
         err = 0.0
-        for h_k, b_k in zip(fold_gram, fold_cross, strict=True):
-            w = refit(total_h - h_k, total_b - b_k, keep, ridge, prior)
-            hv, bv = h_k[np.ix_(idx, idx)], b_k[idx]
-            err += float(np.sum(w * (hv @ w)) - 2 * np.sum(w * bv))
+        for h_train, b_train, scale, h_k, b_k in fits:
+            lam = ridge * scale
+            h = h_train.copy()
+            h[np.arange(n), np.arange(n)] += lam
+            if h[n, n] == 0:
+                h[n, n] = 1.0
+            b = b_train.copy()
+            if w0 is not None:
+                b[:n] += lam * w0
+            try:
+                w = np.linalg.solve(h, b)
+            except np.linalg.LinAlgError:
+                w = np.linalg.lstsq(h, b, rcond=None)[0]
+            err += float(np.sum(w * (h_k @ w)) - 2 * np.sum(w * b_k))
         if err < best_err:
             best, best_err = ridge, err
     return best
