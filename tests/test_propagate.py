@@ -205,3 +205,31 @@ def test_calibrated_heads_decide_as_whole_model_runs(criterion: str,
         reference = to_ir(proto)
         RemoveHeadsPass(fraction=0.5, criterion=criterion, calibration=calib)(reference)  # type: ignore[arg-type]
     _compare(layerwise, reference)
+
+
+CUDA = "CUDAExecutionProvider" in __import__("onnxruntime").get_available_providers()
+
+
+@pytest.mark.skipif(CUDA, reason="CUDA is available here")
+def test_calibration_on_a_missing_provider_is_refused_before_any_run() -> None:
+    from onnxprune.errors import ProviderError
+
+    model = to_ir(residual_stack(1))
+    with pytest.raises(ProviderError, match="'cuda' is not available"):
+        RemoveNeuronsPass(sparsity=0.5, calibration=Calibration(batches(2), provider="cuda"))(
+            model)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs onnxruntime's CUDA provider")
+def test_calibration_on_cuda_decides_as_on_cpu() -> None:
+    proto = residual_stack()
+    on_cpu, on_cuda = to_ir(proto), to_ir(proto)
+    RemoveNeuronsPass(sparsity=0.5, calibration=Calibration(batches(6)))(on_cpu)
+    RemoveNeuronsPass(sparsity=0.5, calibration=Calibration(batches(6), provider="cuda"))(
+        on_cuda)
+    wa, wb = _weights(on_cpu), _weights(on_cuda)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert wa[k].shape == wb[k].shape, k
+        np.testing.assert_allclose(wa[k], wb[k], atol=1e-3, rtol=1e-3, err_msg=k)
