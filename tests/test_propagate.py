@@ -147,12 +147,15 @@ def test_graph_inputs_can_be_captured() -> None:
     assert_same(got, expected)
 
 
-@pytest.mark.parametrize("budget", [2**30, 0])
-def test_target_store_in_memory_and_spilled(budget: int) -> None:
+@pytest.mark.parametrize(("budget", "whole_below"), [(2**30, 2**30), (0, 2**30), (2**30, 0)])
+def test_target_store_in_memory_spilled_and_sectioned(budget: int, whole_below: int) -> None:
+    """Whole-model capture or, for a model over `whole_below` bytes, one section per group."""
     model = to_ir(residual_stack(2))
     data = batches(3)
     names = ["l0.residual_out", "l1.ln_out"]
-    store = TargetStore(model, names, data, budget=budget)
+    wanted = [(["l0.fc1"], ["l0.residual_out"], ["l0.relu_out"]),
+              (["l1.fc1"], ["l1.ln_out"], [])]
+    store = TargetStore(model, wanted, data, budget=budget, whole_below=whole_below)
     assert store.spilled == (budget == 0)
     ref = whole(model, names, data)
     for i in range(3):
@@ -233,3 +236,27 @@ def test_calibration_on_cuda_decides_as_on_cpu() -> None:
     for k in wa:
         assert wa[k].shape == wb[k].shape, k
         np.testing.assert_allclose(wa[k], wb[k], atol=1e-3, rtol=1e-3, err_msg=k)
+
+
+@pytest.mark.parametrize("heads", [False, True])
+def test_sectioned_reference_decides_as_one_pass(heads: bool,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model too big for one session gets its targets section by section: same result."""
+    import onnxprune.passes.reconstruct as reconstruct
+
+    proto = attention_model("dynamo", layers=3, seed=4) if heads else residual_stack()
+    calib = heads_calibration(proto) if heads else Calibration(batches(6))
+
+    def run(model: ir.Model) -> None:
+        if heads:
+            RemoveHeadsPass(fraction=0.5, calibration=calib)(model)
+        else:
+            RemoveNeuronsPass(sparsity=0.5, calibration=calib)(model)
+
+    one_pass = to_ir(proto)
+    run(one_pass)
+    with monkeypatch.context() as m:
+        m.setattr(reconstruct, "TargetStore", lambda *a, **k: TargetStore(*a, **k, whole_below=0))
+        sectioned = to_ir(proto)
+        run(sectioned)
+    _compare(sectioned, one_pass)

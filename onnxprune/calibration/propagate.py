@@ -301,43 +301,79 @@ class _Identity:
         return []
 
 
-class TargetStore:
-    """The original model's tensors `names` on every batch, from one pass of the model.
+Wanted = tuple[Sequence[str], Sequence[str], Sequence[str]]  # (stop-before nodes, names, check)
 
-    Kept in memory up to `budget` bytes; beyond that, arrays go to a private temporary
-    folder (removed when the store is collected) and are read back memory-mapped.
-    `check` names tensors captured only for the NaN/Inf check, ahead of the stored ones, so
-    an error names the first bad tensor (a layer's input rather than the model's output).
+
+class TargetStore:
+    """The original model's tensors on every batch, captured before any edit.
+
+    `wanted` lists, per group, the names of the nodes the group's capture may start before,
+    the tensor names to store, and names captured only for the NaN/Inf check (ahead of the
+    stored ones, so an error names a layer's input rather than the model's output). A model
+    whose weights fit in `whole_below` bytes runs once, whole; a bigger one runs section by
+    section (a Propagator over it), so no session ever holds all of its weights.
+
+    Arrays are kept in memory up to `budget` bytes; beyond that they go to a private
+    temporary folder (removed when the store is collected) and are read back memory-mapped.
     """
 
-    def __init__(self, model: ir.Model, names: Sequence[str], batches: Sequence[Batch], *,
-                 provider: Provider = "cpu", budget: int = 2**30, check: Sequence[str] = ()):
+    def __init__(self, model: ir.Model, wanted: Sequence[Wanted], batches: Sequence[Batch], *,
+                 provider: Provider = "cpu", budget: int = 2**30, whole_below: int = 2**30):
         from onnxprune.calibration.runner import capture
 
-        self.names = list(dict.fromkeys(n for n in names if n))
-        self._arrays: list[dict[str, np.ndarray]] = []
+        self.names = list(dict.fromkeys(n for _, names, _ in wanted for n in names if n))
+        self._arrays: list[dict[str, np.ndarray]] = [{} for _ in batches]
         self._held = 0
         self._budget = budget
         self._folder: Path | None = None
-        if self.names:
-            wanted = [n for n in dict.fromkeys(check) if n and n not in self.names]
-            capture(model, wanted + self.names, batches, self._store, provider=provider)
+        if not self.names:
+            return
+        weights = sum(v.const_value.nbytes for v in model.graph.initializers.values()
+                      if v.const_value is not None)
+        if weights < whole_below:
+            check = [n for _, _, c in wanted for n in c if n and n not in self.names]
+            capture(model, list(dict.fromkeys(check)) + self.names, batches,
+                    self._storer(self.names), provider=provider)
+            return
+        prop = Propagator(model, batches, provider)
+        by_name = {n.name: n for n in model.graph if n.name}
+        order = {n: i for i, n in enumerate(model.graph)}
+        steps = []
+        for stops, names, check in wanted:
+            nodes = [by_name[s] for s in stops if s in by_name]
+            steps.append((min((order[n] for n in nodes), default=-1), nodes, names, check))
+        for _, nodes, names, check in sorted(steps, key=lambda t: t[0]):
+            keep = [n for n in names if n]
+            if not keep:
+                continue
+            if nodes:
+                prop.advance(nodes)
+            extra = [n for n in check if n and n not in keep]
+            prop.capture(list(dict.fromkeys(extra + keep)), self._storer(keep))
 
-    def _store(self, arrays: dict[str, np.ndarray], batch: Batch) -> None:
-        kept: dict[str, np.ndarray] = {}
-        for name in self.names:
-            arr = arrays[name]
+    def _storer(self, names: Sequence[str]) -> OnBatch:
+        index = iter(range(len(self._arrays)))
+
+        def store(arrays: dict[str, np.ndarray], batch: Batch) -> None:
+            self._store(next(index), {n: arrays[n] for n in names})
+
+        return store
+
+    def _store(self, i: int, arrays: dict[str, np.ndarray]) -> None:
+        kept = self._arrays[i]
+        for name, arr in arrays.items():
+            if name in kept:
+                continue
             if self._held + arr.nbytes > self._budget:
                 if self._folder is None:
                     self._folder = Path(tempfile.mkdtemp(prefix="onnxprune-targets-"))
                     weakref.finalize(self, shutil.rmtree, self._folder, True)
-                path = self._folder / f"{len(self._arrays)}_{len(kept)}.npy"
+                path = self._folder / f"{i}_{len(kept)}.npy"
                 np.save(path, arr)
                 kept[name] = np.load(path, mmap_mode="r")
             else:
                 self._held += arr.nbytes
                 kept[name] = arr
-        self._arrays.append(kept)
 
     def get(self, names: Sequence[str], index: int) -> list[np.ndarray]:
         """The arrays of batch `index` (its position in the calibration batches)."""

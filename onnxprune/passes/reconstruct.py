@@ -231,12 +231,16 @@ def collect_stats(
 
 def reference_targets(original: ir.Model, groups: Sequence[ChannelGroup], calib: Calibration
                       ) -> TargetStore:
-    """The original model's tensors every group of `groups` fits to, from one pass."""
-    names = [name for g in groups for name in (
-        consumer_target(g).reference if g.consumers_are_matrices
-        else tuple(u.node.outputs[0].name or "" for u in g.consumers))]
-    check = [u.node.inputs[0].name or "" for g in groups for u in g.consumers]
-    return TargetStore(original, names, calib.batches, provider=calib.provider, check=check)
+    """The original model's tensors every group of `groups` fits to, captured before any
+    edit (whole, or section by section for a big model: see TargetStore)."""
+    wanted = []
+    for g in groups:
+        names = (consumer_target(g).reference if g.consumers_are_matrices
+                 else tuple(u.node.outputs[0].name or "" for u in g.consumers))
+        stops = [u.node.name or "" for u in g.producers + g.consumers]
+        check = [u.node.inputs[0].name or "" for u in g.consumers]
+        wanted.append((stops, names, check))
+    return TargetStore(original, wanted, calib.batches, provider=calib.provider)
 
 
 def fit_group(
