@@ -3,6 +3,12 @@
     python benchmarks/layerwise.py                          # MiniLM legacy, 50 % FFN
     python benchmarks/layerwise.py --model build/minilm_dynamo.onnx --heads 0.25
     python benchmarks/layerwise.py --model M --calibration DIR --sparsity 0.5
+    python benchmarks/layerwise.py --llama 8          # random-init Llama decoder, 8 layers
+
+`--llama N` builds (once, into build/layerwise/) a random-init Llama-style decoder from a
+transformers LlamaConfig (width 256, FFN 688, 8 heads, 4 K/V heads, N layers), exported with
+the legacy torch exporter (opset 17), and 8 calibration batches of 8 random sequences x 128
+tokens.
 
 Each mode runs in its own worker process, one after the other, on the same calibration data:
 - `sections`: what onnxprune does (a Propagator runs only the graph between the cut and
@@ -72,6 +78,50 @@ def worker(mode: str, model: str, calib: str, sparsity: float | None, heads: flo
             "peak_mb": peak}
 
 
+def build_llama(layers: int, folder: Path) -> tuple[Path, Path]:
+    """The random-init decoder and its calibration folder (built once)."""
+    import numpy as np
+
+    model, calib = folder / f"llama{layers}.onnx", folder / "calib"
+    if not calib.exists():
+        calib.mkdir(parents=True)
+        rng = np.random.default_rng(0)
+        for i in range(8):
+            np.savez(calib / f"b{i}.npz",
+                     input_ids=rng.integers(0, 1000, (8, 128)).astype(np.int64),
+                     attention_mask=np.ones((8, 128), np.int64))
+    if model.exists():
+        return model, calib
+    import torch
+    from transformers import LlamaConfig, LlamaModel
+
+    cfg = LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=layers,
+                      num_attention_heads=8, num_key_value_heads=4, vocab_size=1000,
+                      max_position_embeddings=256)
+    torch.manual_seed(0)
+    inner = LlamaModel(cfg).eval()
+
+    class Hidden(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.m = inner
+
+        def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return self.m(input_ids=ids, attention_mask=mask, use_cache=False)[0]
+
+    ids = torch.randint(0, 1000, (2, 32))
+    mask = torch.ones(2, 32, dtype=torch.int64)
+    axes = {"input_ids": {0: "batch", 1: "sequence"},
+            "attention_mask": {0: "batch", 1: "sequence"}}
+    tmp = model.with_name(model.name + ".partial")
+    with torch.no_grad():
+        torch.onnx.export(Hidden().eval(), (ids, mask), str(tmp), dynamo=False,
+                          opset_version=17, input_names=["input_ids", "attention_mask"],
+                          output_names=["hidden"], dynamic_axes=axes)
+    tmp.replace(model)
+    return model, calib
+
+
 def compare(a: str, b: str) -> float:
     import numpy as np
     import onnx
@@ -100,10 +150,15 @@ def main() -> None:
     p.add_argument("--calibration", default=str(BUILD / "calib_256"))
     p.add_argument("--sparsity", type=float, default=None)
     p.add_argument("--heads", type=float, default=None)
+    p.add_argument("--llama", type=int, metavar="LAYERS",
+                   help="build and use a random-init Llama decoder with this many layers")
     p.add_argument("--worker", nargs=2, metavar=("MODE", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.sparsity is None and args.heads is None:
         args.sparsity = 0.5
+    if args.llama and not args.worker:
+        model, calib = build_llama(args.llama, BUILD / "layerwise")
+        args.model, args.calibration = str(model), str(calib)
     if args.worker:
         mode, out = args.worker
         res = worker(mode, args.model, args.calibration, args.sparsity, args.heads, out)
@@ -117,7 +172,7 @@ def main() -> None:
     rows = {}
     print(f"load average at start: {os.getloadavg()[0]:.1f}")
     for mode in ("sections", "whole"):
-        out = str(BUILD / f"layerwise_{mode}.onnx")
+        out = str(BUILD / f"layerwise_{Path(args.model).stem}_{mode}.onnx")
         cmd = [sys.executable, __file__, "--worker", mode, out, "--model", args.model,
                "--calibration", args.calibration]
         if args.sparsity is not None:
