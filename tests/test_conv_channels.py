@@ -304,3 +304,35 @@ def test_calibrated_repair_of_conv_and_gemm_consumers_beats_data_free(
     for criterion in ("l1", "obs"):
         fitted = _calibrated_error(model, group, criterion=criterion, calibration=calib)
         assert fitted < 0.6 * free, (criterion, fitted, free)
+
+
+def test_im2col_rows_match_onnxruntime_conv_and_subsampled_gram() -> None:
+    """im2col @ W reproduces onnxruntime's Conv (strides, dilations, asymmetric pads); the
+    gathered subsample equals those rows of the full matrix; ConvStats' per-fold float32
+    Gram sums to the float64 Gram of the same rows."""
+    from onnxprune.passes.conv_repair import ConvStats, im2col
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 9, 11)).astype(np.float32)
+    w = rng.standard_normal((4, 3, 3, 2)).astype(np.float32)
+    geo = {"kernel": [3, 2], "strides": [2, 1], "pads": [1, 0, 2, 1], "dilations": [1, 2]}
+    node = onnx.helper.make_node("Conv", ["x", "w"], ["y"], strides=[2, 1], pads=[1, 0, 2, 1],
+                                 dilations=[1, 2])
+    graph = onnx.helper.make_graph(
+        [node], "g", [onnx.helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
+        [onnx.helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(w, "w")])
+    y = run(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)]),
+            {"x": x})[0]
+    cols = im2col(x, geo)
+    expect = y.transpose(0, 2, 3, 1).reshape(-1, 4)
+    np.testing.assert_allclose(cols @ w.reshape(4, -1).T, expect, atol=1e-4)
+    pick = np.sort(rng.choice(cols.shape[0], 17, replace=False))
+    np.testing.assert_array_equal(im2col(x, geo, pick), cols[pick])
+    stats = ConvStats(cols.shape[1], 4, folds=3)
+    for part in np.array_split(np.arange(cols.shape[0]), 5):
+        stats.add(cols[part], expect[part])
+    xa = np.hstack([cols, np.ones((cols.shape[0], 1))]).astype(np.float64)
+    np.testing.assert_allclose(stats.gram, xa.T @ xa, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(stats.cross, xa.T @ expect, rtol=1e-4, atol=1e-3)
+    assert len(stats.fold_gram) == 3 and stats.rows == cols.shape[0]
