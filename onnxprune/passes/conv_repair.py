@@ -25,8 +25,9 @@ from onnxprune.graph.weights import const_array, set_const_array
 from onnxprune.passes.reconstruct import DEFAULT_RIDGE, Calibration, GroupFit
 from onnxprune.scoring.lstsq import Problem, cross_validated_ridge, refit
 
-__all__ = ["conv_repairable", "prune_conv_group", "conv_geometry", "collect_conv_stats", "fit_conv_group", "apply_conv_fit",
-           "channel_stats", "obs_block_select", "im2col", "ConvStats"]
+__all__ = ["conv_repairable", "prune_conv_group", "conv_geometry", "collect_conv_stats",
+           "fit_conv_group", "apply_conv_fit", "channel_stats", "obs_block_select", "im2col",
+           "ConvStats", "select_conv_channels"]
 
 # Output pixels per batch that enter the statistics (a seeded subsample): about
 # _ROWS_PER_COLUMN rows per im2col column over all batches, between _MIN_ROWS and _MAX_ROWS.
@@ -50,7 +51,8 @@ def conv_geometry(node: ir.Node) -> dict[str, list[int]] | None:
         return None
     k = list(w.shape[2:])
     return {"kernel": k, "strides": _ints(node, "strides", [1, 1]),
-            "pads": _ints(node, "pads", [0, 0, 0, 0]), "dilations": _ints(node, "dilations", [1, 1])}
+            "pads": _ints(node, "pads", [0, 0, 0, 0]),
+            "dilations": _ints(node, "dilations", [1, 1])}
 
 
 def _windows(x: np.ndarray, geo: dict[str, list[int]]) -> np.ndarray:
