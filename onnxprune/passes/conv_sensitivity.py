@@ -4,7 +4,8 @@ A flat share per group treats a 24-channel stem like a 256-channel block, and a 
 ranking of weight scores compares numbers of different layers that mean different things.
 What matters is what removal does to the model's output. So each group is pruned alone at a
 few levels, with the same OBS selection and im2col refit the real removal uses, and the
-relative error of the model's outputs on the calibration batches is measured. The consumer
+relative error of the model's outputs on (up to 16 of) the calibration batches is
+measured. The consumer
 weights are swapped for masked ones (removed channels' columns zero, kept ones refit) in a
 copy of the serialized model, which computes exactly what the sliced model would.
 
@@ -61,11 +62,18 @@ class GroupCurve:
         return float(np.interp(removed, (0, *self.removed), (0.0, *self.error)))
 
 
+# Calibration batches the default score runs on (each level of each group runs them all).
+EVAL_BATCHES = 16
+
+
 def _output_error(model: ir.Model, calib: Calibration) -> Evaluate:
+    """Relative squared error of every model output against `model`'s, on up to
+    EVAL_BATCHES calibration batches."""
     dense = make_session(model, "cpu")
     names = [o.name for o in dense.get_outputs()]
     inputs = {i.name for i in dense.get_inputs()}
-    feeds = [{k: v for k, v in b.items() if k in inputs} for b in calib.batches]
+    feeds = [{k: v for k, v in b.items() if k in inputs}
+             for b in list(calib.batches)[:EVAL_BATCHES]]
     ref = [dense.run(names, f) for f in feeds]
     power = sum(float(np.sum(np.square(a, dtype=np.float64))) for r in ref for a in r)
 
