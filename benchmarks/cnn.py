@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from onnxprune.graph.accounting import inference_flops, model_stats  # noqa: E402
 from onnxprune.graph.channels import find_channel_groups  # noqa: E402
-from onnxprune.graph.weights import const_array, conv_uses  # noqa: E402
+from onnxprune.graph.weights import const_array, conv_uses, set_const_array  # noqa: E402
 from onnxprune.passes.reconstruct import Calibration  # noqa: E402
 from onnxprune.passes.remove_neurons import RemoveNeuronsPass  # noqa: E402
 from onnxprune.quantize import QuantizeConfig, quantize_model  # noqa: E402
@@ -130,10 +130,9 @@ class OCR:
         self.path = Path(ddddocr.__file__).parent / "common.onnx"
 
     def inputs(self, n: int, seed: int) -> list[tuple[str, np.ndarray]]:
+        import captcha.image
         from captcha.image import ImageCaptcha
         from ddddocr.utils.image_io import load_image_from_input
-
-        import captcha.image
 
         captcha.image.secrets = _SeededSecrets(seed)  # type: ignore[attr-defined]
         gen = ImageCaptcha(width=160, height=60)
@@ -180,8 +179,44 @@ def agreement(dense: ort.InferenceSession, other: ir.Model, feeds: list[dict]
 
 
 # ----------------------------------------------------------------------- runner
-def variants(path: Path, calib: list[dict], sparsities: list[float], calibrated: bool = True):
+def sensitivity_keep(path: Path, calib: list[dict], sparsities: list[float]
+                     ) -> tuple[dict[float, dict[str, int]], float, list[str]]:
+    """What `RemoveNeuronsPass(global_ranking=True, calibration=...)` allocates, with the
+    curves measured once for every sparsity: per sparsity, the channels each group keeps."""
+    from onnx_ir.passes.common import NameFixPass
+
+    from onnxprune.passes.conv_repair import conv_repairable
+    from onnxprune.passes.conv_sensitivity import allocate_removals, conv_sensitivity
+
+    m = ir.load(str(path))
+    NameFixPass()(m)
+    groups = [g for g in find_channel_groups(m) if g.prunable]
+    conv = [g for g in groups if conv_repairable(g)]
+    names = {g.name for g in conv}
+    t = time.perf_counter()
+    curves = conv_sensitivity(m, conv, Calibration(calib), levels=(0.25, 0.5, 0.75))
+    seconds = time.perf_counter() - t
+    lines = [f"{c.group} ({c.size}): " + ", ".join(
+        f"-{r} {e:.4f}" for r, e in zip(c.removed, c.error, strict=True)) for c in curves]
+    out = {}
+    total = sum(g.size for g in groups)
+    for sp in sparsities:
+        flat = {g.name: g.size - int(sp * g.size) for g in groups if g.name not in names}
+        removed = allocate_removals(curves, int(sp * total) - sum(
+            g.size - flat[g.name] for g in groups if g.name in flat))
+        out[sp] = {**flat, **{c.group: c.size - removed[c.group] for c in curves}}
+    return out, seconds, lines
+
+
+def variants(path: Path, calib: list[dict], sparsities: list[float], calibrated: bool = True,
+             allocation: str = "sensitivity"):
     yield "dense", ir.load(str(path)), {}
+    alloc: dict[float, dict[str, int]] = {}
+    if calibrated and allocation == "sensitivity":
+        alloc, seconds, lines = sensitivity_keep(path, calib, sparsities)
+        print(f"   sensitivity ({seconds:.0f} s; relative output error, channels removed):")
+        for line in lines:
+            print(f"     {line}")
     for sp in sparsities:
         m = ir.load(str(path))
         t = time.perf_counter()
@@ -193,10 +228,17 @@ def variants(path: Path, calib: list[dict], sparsities: list[float], calibrated:
             continue
         m = ir.load(str(path))
         t = time.perf_counter()
-        p = RemoveNeuronsPass(sparsity=sp, criterion="obs", calibration=Calibration(calib))
+        keep = alloc.get(sp)
+        p = RemoveNeuronsPass(sparsity=sp, criterion="obs", calibration=Calibration(calib),
+                              keep=keep)
         p(m)
-        yield f"{int(sp * 100)}% obs+lstsq (calibrated)", m, {"removed": p.result.removed,
-                                                             "s": time.perf_counter() - t}
+        info = {"removed": p.result.removed, "s": time.perf_counter() - t}
+        if keep is not None:
+            info["kept"] = {g.group: f"{g.channels_after}/{g.channels_before}"
+                            for g in p.result.groups if g.reason is None}
+            print(f"   {int(sp * 100)}% allocation (kept/size): "
+                  + ", ".join(f"{k} {v}" for k, v in info["kept"].items()))
+        yield f"{int(sp * 100)}% obs+lstsq (calibrated, {allocation})", m, info
     m = ir.load(str(path))
     t = time.perf_counter()
     report = quantize_model(m, QuantizeConfig(), calib)
@@ -204,9 +246,25 @@ def variants(path: Path, calib: list[dict], sparsities: list[float], calibrated:
                       "s": time.perf_counter() - t}
 
 
+def rounded_weights(path: Path, per_channel: bool) -> ir.Model:
+    """The float model with every Conv/Gemm weight rounded to a symmetric int8 grid, one
+    scale per tensor or per output channel: what each weight scheme alone costs."""
+    m = ir.load(str(path))
+    for node in m.graph:
+        if node.op_type not in ("Conv", "Gemm") or len(node.inputs) < 2:
+            continue
+        w = const_array(node.inputs[1])
+        if w is None or w.ndim < 2:
+            continue
+        axes = tuple(range(1, w.ndim)) if per_channel else None
+        scale = np.maximum(np.abs(w).max(axis=axes, keepdims=per_channel) / 127, 1e-12)
+        set_const_array(node.inputs[1], (np.round(w / scale) * scale).astype(w.dtype))
+    return m
+
+
 def run_model(name: str, path: Path, input_shape: dict[str, list[int]], quality,
               calib: list[dict], speed_feeds: dict, sparsities: list[float], reps: int,
-              calibrated: bool = True) -> list[dict]:
+              calibrated: bool = True, allocation: str = "sensitivity") -> list[dict]:
     rows = []
     dense_sess = session(path)
     base = ir.load(str(path))
@@ -216,7 +274,7 @@ def run_model(name: str, path: Path, input_shape: dict[str, list[int]], quality,
         print(f"   declined: {d}")
     base_params = model_stats(base).parameters
     base_flops = inference_flops(base, input_shape)
-    for label, m, info in variants(path, calib, sparsities, calibrated):
+    for label, m, info in variants(path, calib, sparsities, calibrated, allocation):
         proto = ir.serde.serialize_model(m)
         onnx.checker.check_model(proto)
         stats = model_stats(m)
@@ -246,6 +304,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calib-n", type=int, default=64)
     ap.add_argument("--sparsities", default="0.3,0.5")
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--allocation", choices=("sensitivity", "flat"), default="sensitivity",
+                    help="calibrated variants: share the channels by measured sensitivity "
+                    "(what --global does with data) or remove the same share of every group")
     ap.add_argument("--data-free-only", action="store_true",
                     help="resnet18/mobilenet: skip the calibrated variants (slow on 2 cores)")
     args = ap.parse_args(argv)
@@ -260,7 +321,14 @@ def main(argv: list[str] | None = None) -> int:
         data = ocr.inputs(args.eval_n, seed=2)
         rows += run_model("ddddocr", ocr.path, {"input1": [1, 1, 64, 170]},
                           lambda m: {"accuracy": ocr.accuracy(m, data)}, calib,
-                          {"input1": data[0][1]}, sparsities, args.reps)
+                          {"input1": data[0][1]}, sparsities, args.reps,
+                          allocation=args.allocation)
+        for per_channel in (False, True):
+            acc = ocr.accuracy(rounded_weights(ocr.path, per_channel), data)
+            kind = "per-channel" if per_channel else "per-tensor"
+            print(f"   float model, weights rounded to int8 {kind}: accuracy {acc:.4f}")
+            rows.append({"model": "ddddocr", "variant": f"weights rounded {kind}",
+                         "accuracy": acc})
     rng = np.random.default_rng(0)
     for name in ("resnet18", "mobilenet_v3_small"):
         if name not in models:
@@ -277,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
                                                           agreement(d, m, feeds),
                                                           strict=True)),
                               calib, {"input": feeds[0]["input"][:1]}, sparsities, args.reps,
-                              not args.data_free_only)
+                              not args.data_free_only, args.allocation)
     BUILD.mkdir(exist_ok=True)
     (BUILD / "bench_cnn.json").write_text(json.dumps(rows, indent=1, default=str))
     return 0

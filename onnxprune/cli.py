@@ -155,7 +155,8 @@ def _main_parser() -> argparse.ArgumentParser:
                    "(default auto: chosen per layer by cross-validation on the calibration "
                    f"batches; channel selection then uses {DEFAULT_RIDGE})")
     g.add_argument("--global", dest="global_ranking", action="store_true",
-                   help="rank neurons across groups instead of per group")
+                   help="rank neurons across groups instead of per group (with --calibration, "
+                   "Conv groups share the budget by their measured output error)")
     g.add_argument("--max-group-sparsity", type=_fraction, default=0.9,
                    help="cap per group with --global (default 0.9)")
     g.add_argument("--round-to", type=int, default=1, help="keep counts a multiple of N")

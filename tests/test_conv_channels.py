@@ -304,3 +304,107 @@ def test_calibrated_repair_of_conv_and_gemm_consumers_beats_data_free(
     for criterion in ("l1", "obs"):
         fitted = _calibrated_error(model, group, criterion=criterion, calibration=calib)
         assert fitted < 0.6 * free, (criterion, fitted, free)
+
+
+def test_im2col_rows_match_onnxruntime_conv_and_subsampled_gram() -> None:
+    """im2col @ W reproduces onnxruntime's Conv (strides, dilations, asymmetric pads); the
+    gathered subsample equals those rows of the full matrix; ConvStats' per-fold float32
+    Gram sums to the float64 Gram of the same rows."""
+    from onnxprune.passes.conv_repair import ConvStats, im2col
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 9, 11)).astype(np.float32)
+    w = rng.standard_normal((4, 3, 3, 2)).astype(np.float32)
+    geo = {"kernel": [3, 2], "strides": [2, 1], "pads": [1, 0, 2, 1], "dilations": [1, 2]}
+    node = onnx.helper.make_node("Conv", ["x", "w"], ["y"], strides=[2, 1], pads=[1, 0, 2, 1],
+                                 dilations=[1, 2])
+    graph = onnx.helper.make_graph(
+        [node], "g", [onnx.helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
+        [onnx.helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(w, "w")])
+    y = run(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)]),
+            {"x": x})[0]
+    cols = im2col(x, geo)
+    expect = y.transpose(0, 2, 3, 1).reshape(-1, 4)
+    np.testing.assert_allclose(cols @ w.reshape(4, -1).T, expect, atol=1e-4)
+    pick = np.sort(rng.choice(cols.shape[0], 17, replace=False))
+    np.testing.assert_array_equal(im2col(x, geo, pick), cols[pick])
+    stats = ConvStats(cols.shape[1], 4, folds=3)
+    for part in np.array_split(np.arange(cols.shape[0]), 5):
+        stats.add(cols[part], expect[part])
+    xa = np.hstack([cols, np.ones((cols.shape[0], 1))]).astype(np.float64)
+    np.testing.assert_allclose(stats.gram, xa.T @ xa, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(stats.cross, xa.T @ expect, rtol=1e-4, atol=1e-3)
+    assert len(stats.fold_gram) == 3 and stats.rows == cols.shape[0]
+
+
+def _three_conv_net() -> tuple[onnx.ModelProto, object]:
+    from onnxprune.passes.reconstruct import Calibration
+
+    net = Net(11, channels=12)
+    for kind in ("relu", "conv", "relu", "conv", "relu"):
+        net.block(kind)
+    rng = np.random.default_rng(4)
+    calib = Calibration([{"x": rng.standard_normal((2, 3, H, W)).astype(np.float32)}
+                         for _ in range(12)])
+    return net.finish("gap"), calib
+
+
+def test_measured_sensitivity_equals_really_pruning_the_group_alone() -> None:
+    """The masked model the sensitivity scores computes what the sliced model computes:
+    each measured error is the error of RemoveNeuronsPass keeping that many channels."""
+    from onnx_ir.passes.common import NameFixPass
+
+    from onnxprune.passes.conv_repair import conv_repairable
+    from onnxprune.passes.conv_sensitivity import _output_error, conv_sensitivity
+    from onnxprune.passes.remove_neurons import RemoveNeuronsPass
+
+    model, calib = _three_conv_net()
+    m = to_ir(model)
+    NameFixPass()(m)
+    groups = [g for g in find_channel_groups(m) if g.prunable and conv_repairable(g)]
+    assert len(groups) == 2
+    before = ir.serde.serialize_model(m).SerializeToString()
+    curves = conv_sensitivity(m, groups, calib, levels=(0.25, 0.5))  # type: ignore[arg-type]
+    assert ir.serde.serialize_model(m).SerializeToString() == before  # model not changed
+    evaluate = _output_error(to_ir(model), calib)  # type: ignore[arg-type]
+    for c in curves:
+        assert len(c.removed) == 2 and c.error[0] > 0
+        for removed, err in zip(c.removed, c.error, strict=True):
+            pruned = to_ir(model)
+            RemoveNeuronsPass(keep={c.group: c.size - removed}, calibration=calib)(pruned)
+            real = evaluate(make_session_of(pruned))
+            assert abs(real - err) <= 1e-4 * max(err, 1e-3), (c.group, removed, real, err)
+
+
+def make_session_of(m: ir.Model):  # noqa: ANN201
+    from onnxprune.runtime import make_session
+
+    return make_session(m, "cpu")
+
+
+def test_allocation_follows_the_measured_curves_and_stops_at_the_last_level() -> None:
+    from onnxprune.passes.conv_sensitivity import GroupCurve, allocate_removals
+
+    cheap = GroupCurve("cheap", 10, (4, 8), (0.01, 0.5))
+    dear = GroupCurve("dear", 10, (4, 8), (0.2, 0.4))
+    # 4 from 'cheap' (0.0025 each), then 'dear' (0.05 each) beats cheap's 0.1225 per channel.
+    assert allocate_removals([cheap, dear], 8) == {"cheap": 4, "dear": 4}
+    assert allocate_removals([cheap, dear], 100) == {"cheap": 8, "dear": 8}
+    assert cheap.cost(9) == float("inf") and cheap.cost(2) == pytest.approx(0.005)
+
+
+def test_global_calibrated_pruning_of_conv_groups_spends_the_budget_by_sensitivity() -> None:
+    from onnxprune.passes.remove_neurons import RemoveNeuronsPass
+
+    model, calib = _three_conv_net()
+    m = to_ir(model)
+    sizes = {g.name: g.size for g in find_channel_groups(m) if g.prunable}
+    p = RemoveNeuronsPass(sparsity=0.4, global_ranking=True, max_group_sparsity=0.75,
+                          calibration=calib)
+    p(m)
+    onnx.checker.check_model(ir.serde.serialize_model(m), full_check=True)
+    assert p.result.removed == int(0.4 * sum(sizes.values()))
+    after = {g.group: g.channels_after for g in p.result.groups}
+    assert all(after[n] >= s - int(0.75 * s) for n, s in sizes.items())
+    assert len({after[n] / s for n, s in sizes.items()}) > 1  # not a flat share

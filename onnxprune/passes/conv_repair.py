@@ -25,10 +25,15 @@ from onnxprune.graph.weights import const_array, set_const_array
 from onnxprune.passes.reconstruct import DEFAULT_RIDGE, Calibration, GroupFit
 from onnxprune.scoring.lstsq import Problem, cross_validated_ridge, refit
 
-__all__ = ["conv_repairable", "prune_conv_group", "conv_geometry", "collect_conv_stats", "fit_conv_group", "apply_conv_fit",
-           "channel_stats", "obs_block_select", "im2col"]
+__all__ = ["conv_repairable", "prune_conv_group", "conv_geometry", "collect_conv_stats",
+           "fit_conv_group", "apply_conv_fit", "channel_stats", "obs_block_select", "im2col",
+           "ConvStats", "select_conv_channels"]
 
-_MAX_ROWS = 8192  # output pixels per batch that enter the statistics (seeded subsample)
+# Output pixels per batch that enter the statistics (a seeded subsample): about
+# _ROWS_PER_COLUMN rows per im2col column over all batches, between _MIN_ROWS and _MAX_ROWS.
+_ROWS_PER_COLUMN = 32
+_MIN_ROWS = 256
+_MAX_ROWS = 8192
 
 
 def _ints(node: ir.Node, name: str, default: list[int]) -> list[int]:
@@ -46,21 +51,80 @@ def conv_geometry(node: ir.Node) -> dict[str, list[int]] | None:
         return None
     k = list(w.shape[2:])
     return {"kernel": k, "strides": _ints(node, "strides", [1, 1]),
-            "pads": _ints(node, "pads", [0, 0, 0, 0]), "dilations": _ints(node, "dilations", [1, 1])}
+            "pads": _ints(node, "pads", [0, 0, 0, 0]),
+            "dilations": _ints(node, "dilations", [1, 1])}
 
 
-def im2col(x: np.ndarray, geo: dict[str, list[int]]) -> np.ndarray:
-    """[N, C, H, W] -> [N·H'·W', C·kh·kw], channel-major columns."""
+def _windows(x: np.ndarray, geo: dict[str, list[int]]) -> np.ndarray:
+    """A view [N, C, H', W', kh, kw] of every receptive field (no copy)."""
     kh, kw = geo["kernel"]
     sh, sw = geo["strides"]
     dh, dw = geo["dilations"]
     t, left, b, r = geo["pads"]
-    xp = np.pad(x, ((0, 0), (0, 0), (t, b), (left, r)))
+    xp = np.pad(x, ((0, 0), (0, 0), (t, b), (left, r))) if any(geo["pads"]) else x
     win = np.lib.stride_tricks.sliding_window_view(xp, (dh * (kh - 1) + 1, dw * (kw - 1) + 1),
                                                    axis=(2, 3))
-    win = win[:, :, ::sh, ::sw, ::dh, ::dw]  # [N, C, H', W', kh, kw]
-    n, c, ho, wo = win.shape[:4]
-    return win.transpose(0, 2, 3, 1, 4, 5).reshape(n * ho * wo, c * kh * kw)
+    return win[:, :, ::sh, ::sw, ::dh, ::dw]
+
+
+def im2col(x: np.ndarray, geo: dict[str, list[int]],
+           pixels: np.ndarray | None = None) -> np.ndarray:
+    """[N, C, H, W] -> [N·H'·W', C·kh·kw], channel-major columns.
+
+    `pixels` (flat indices into N·H'·W') gathers only those rows, so a subsample never
+    materialises the whole im2col matrix (k·k times the activation)."""
+    win = _windows(x, geo)
+    n, c, ho, wo, kh, kw = win.shape
+    if pixels is None:
+        return win.transpose(0, 2, 3, 1, 4, 5).reshape(n * ho * wo, c * kh * kw)
+    i_n, rest = np.divmod(pixels, ho * wo)
+    i_h, i_w = np.divmod(rest, wo)
+    return win[i_n, :, i_h, i_w].reshape(len(pixels), c * kh * kw)  # [rows, C, kh, kw]
+
+
+class ConvStats:
+    """H = Σ [x,1]ᵀ[x,1] and B = Σ [x,1]ᵀ y of one Conv's im2col rows, per fold.
+
+    The per-channel moments and histograms of LayerStats are not needed by OBS and cost as
+    much as the Gram itself on k·k-wide rows, so this keeps only what the refit reads. Each
+    batch's products are taken in float32 (the BLAS-heavy part) and summed in float64."""
+
+    def __init__(self, channels: int, targets: int, folds: int) -> None:
+        self.channels = channels
+        self.rows = 0
+        self.folds = folds
+        c = channels + 1
+        self._gram = [np.zeros((c, c)) for _ in range(folds)]
+        self._cross = [np.zeros((c, targets)) for _ in range(folds)] if targets else []
+        self._batches = 0
+
+    def add(self, x: np.ndarray, y: np.ndarray | None) -> None:
+        xa = np.empty((x.shape[0], self.channels + 1), dtype=np.float32)
+        xa[:, :-1] = x
+        xa[:, -1] = 1.0
+        fold = self._batches % self.folds
+        self._batches += 1
+        self._gram[fold] += xa.T @ xa
+        if self._cross:
+            assert y is not None
+            self._cross[fold] += xa.T @ y.astype(np.float32)
+        self.rows += x.shape[0]
+
+    @property
+    def gram(self) -> np.ndarray:
+        return sum(self._gram[1:], self._gram[0].copy())
+
+    @property
+    def cross(self) -> np.ndarray | None:
+        return sum(self._cross[1:], self._cross[0].copy()) if self._cross else None
+
+    @property
+    def fold_gram(self) -> list[np.ndarray]:
+        return self._gram if self.folds > 1 else []
+
+    @property
+    def fold_cross(self) -> list[np.ndarray]:
+        return self._cross if self.folds > 1 else []
 
 
 def _prior(node: ir.Node) -> np.ndarray:
@@ -77,51 +141,77 @@ def _bias(node: ir.Node) -> np.ndarray:
     return np.zeros(w.shape[0]) if b is None else b.astype(np.float64)
 
 
+def _row_cap(columns: int, batches: int) -> int:
+    """Output pixels per batch that enter the statistics: enough for about
+    `_ROWS_PER_COLUMN` rows per im2col column over all batches, at most `_MAX_ROWS`."""
+    want = math.ceil(_ROWS_PER_COLUMN * (columns + 1) / max(batches, 1))
+    return int(min(_MAX_ROWS, max(_MIN_ROWS, want)))
+
+
 def collect_conv_stats(current: ir.Model | Propagator, reference: TargetStore | None,
-                       group: ChannelGroup, calib: Calibration,
-                       out_index: np.ndarray | None = None) -> LayerStats:
-    """`current`: the model pruned so far, best as a Propagator; `reference`: the original
-    model's Conv outputs. `out_index`: which original output channels the consumer still
-    has (an earlier group may have pruned them, when the consumer also produces a residual
-    stream)."""
-    node = group.consumers[0].node
-    geo = conv_geometry(node)
-    assert geo is not None
-    x_name = node.inputs[0].name  # type: ignore[union-attr]
-    y_name = node.outputs[0].name
-    prior = _prior(node)
-    bias = _bias(node)
+                       groups: list[ChannelGroup], calib: Calibration,
+                       out_index: dict[str | None, np.ndarray] | None = None, *,
+                       per_channel: bool = False) -> list[LayerStats | ConvStats]:
+    """The im2col statistics of each single-consumer group, from one pass over the data.
+
+    `current`: the model pruned so far, best as a Propagator (only the section up to the
+    Convs runs); `reference`: the original model's Conv outputs.
+    `out_index`: per consumer node, which original output channels it still has (an earlier
+    group may have pruned them, when the consumer also produces a residual stream).
+    `per_channel`: also the moments and histograms the data-aware criteria read (LayerStats,
+    slower)."""
+    nodes = [g.consumers[0].node for g in groups]
+    geos = [conv_geometry(node) for node in nodes]
+    priors = [_prior(node) for node in nodes]
+    biases = [_bias(node) for node in nodes]
+    index = out_index or {}
     folds = min(4, len(calib.batches)) if calib.ridge is None else 1
-    stats = LayerStats(prior.shape[0], targets=prior.shape[1] if reference else 0, folds=folds)
+    stats: list[LayerStats | ConvStats] = []
+    for prior in priors:
+        targets = prior.shape[1] if reference else 0
+        stats.append(LayerStats(prior.shape[0], targets=targets, folds=folds) if per_channel
+                     else ConvStats(prior.shape[0], targets, folds))
+    caps = [_row_cap(p.shape[0], len(calib.batches)) for p in priors]
+    x_names = [node.inputs[0].name or "" for node in nodes]
+    y_names = [node.outputs[0].name or "" for node in nodes]
     rng = np.random.default_rng(0)
-    index = iter(range(len(calib.batches)))
+    batch_index = iter(range(len(calib.batches)))
 
     def on_batch(arrays: dict[str, np.ndarray], batch: Batch) -> None:
-        i = next(index)
-        cols = im2col(arrays[x_name], geo).astype(np.float64)  # type: ignore[index]
-        y = None
+        i = next(batch_index)
+        outs = None
         if reference is not None:
-            out = reference.get([y_name], i)[0]  # type: ignore[list-item]
-            if out_index is not None:
-                out = out[:, out_index]
-            y = out.transpose(0, 2, 3, 1).reshape(-1, out.shape[1]).astype(np.float64) - bias
-            if y.shape[0] != cols.shape[0]:
-                raise DataError(f"Conv '{node.name}': {cols.shape[0]} input columns but "
-                                f"{y.shape[0]} output pixels")
-        if cols.shape[0] > _MAX_ROWS:
-            pick = np.sort(rng.choice(cols.shape[0], _MAX_ROWS, replace=False))
-            cols = cols[pick]
-            y = None if y is None else y[pick]
-        stats.add(cols, y)
+            wanted = list(dict.fromkeys(y_names))
+            outs = dict(zip(wanted, reference.get(wanted, i), strict=True))
+        for k, node in enumerate(nodes):
+            geo = geos[k]
+            assert geo is not None
+            x = arrays[x_names[k]]
+            ho, wo = _windows(x[:1, :1], geo).shape[2:4]
+            total = x.shape[0] * ho * wo
+            pick = None if total <= caps[k] else np.sort(rng.choice(total, caps[k],
+                                                                    replace=False))
+            y = None
+            if outs is not None:
+                out = outs[y_names[k]]
+                if node.name in index:
+                    out = out[:, index[node.name]]
+                if out.shape[0] * out.shape[2] * out.shape[3] != total:
+                    raise DataError(f"Conv '{node.name}': {total} input columns but "
+                                    f"{out.shape[0] * out.shape[2] * out.shape[3]} output "
+                                    "pixels")
+                y = out.transpose(0, 2, 3, 1).reshape(total, out.shape[1])
+                y = (y if pick is None else y[pick]).astype(np.float64) - biases[k]
+            stats[k].add(im2col(x, geo, pick), y)
 
-    capture(current, [x_name], calib.batches, on_batch,  # type: ignore[list-item]
+    capture(current, list(dict.fromkeys(x_names)), calib.batches, on_batch,
             provider=calib.provider)
-    if stats.rows == 0:
+    if stats and stats[0].rows == 0:
         raise DataError("calibration data has no rows")
     return stats
 
 
-def channel_stats(stats: LayerStats, block: int) -> dict[str, np.ndarray]:
+def channel_stats(stats: LayerStats | ConvStats, block: int) -> dict[str, np.ndarray]:
     """Per-channel statistics for the data-aware criteria: the channel's k·k taps averaged."""
     return {k: v.reshape(-1, block).mean(axis=1) for k, v in stats.as_dict().items()}
 
@@ -156,7 +246,7 @@ def obs_block_select(problem: Problem, n_keep: int, block: int, max_steps: int =
     return np.nonzero(alive)[0]
 
 
-def fit_conv_group(group: ChannelGroup, stats: LayerStats, n_keep: int,
+def fit_conv_group(group: ChannelGroup, stats: LayerStats | ConvStats, n_keep: int,
                    scores: np.ndarray | None, calib: Calibration,
                    keep: np.ndarray | None = None) -> GroupFit:
     node = group.consumers[0].node
@@ -239,37 +329,40 @@ def _one_step_costs(problem: Problem, block: int) -> np.ndarray:
     return np.einsum("nij,njd,nid->n", hb_inv, wb, wb)
 
 
+def select_conv_channels(subs: list[ChannelGroup], stats: list[LayerStats | ConvStats],
+                         count: int, calib: Calibration, criterion_scores: object = None
+                         ) -> np.ndarray:
+    """The `count` channels to keep (sorted). One consumer: block OBS. Several (a residual
+    stream): each channel's one-step OBS cost summed over the consumers.
+    `criterion_scores(stats_by_channel)` replaces OBS when given."""
+    size = subs[0].size
+    ridge = DEFAULT_RIDGE if calib.ridge is None else calib.ridge
+    if criterion_scores is not None:
+        scores = criterion_scores(channel_stats(stats[0], stats[0].channels // size))  # type: ignore[operator]
+        return np.sort(np.argsort(-scores, kind="stable")[:count])
+    problems = [Problem(st.gram, st.cross, ridge, _prior(s.consumers[0].node))  # type: ignore[arg-type]
+                for s, st in zip(subs, stats, strict=True)]
+    if len(subs) == 1:
+        return obs_block_select(problems[0], count, stats[0].channels // size)
+    cost = sum(_one_step_costs(p, st.channels // size)
+               for p, st in zip(problems, stats, strict=True))
+    return np.sort(np.argsort(-np.asarray(cost), kind="stable")[:count])
+
+
 def prune_conv_group(model: ir.Model, reference: TargetStore | None,
                      group: ChannelGroup, count: int, calib: Calibration, *,
                      criterion_scores: object = None, fixed: np.ndarray | None = None,
                      out_index: dict[str | None, np.ndarray] | None = None,
                      source: Propagator | None = None) -> np.ndarray:
     """Selects and removes channels of a group read by Conv layers, refitting each of them
-    on its own im2col statistics; returns the kept channels.
-
-    `source` gives the activations of `model` (a Propagator over it), else it is run whole.
-    One consumer: block OBS. Several (a residual stream): each channel's one-step OBS cost
-    summed over the consumers. `criterion_scores(stats_by_channel)` replaces OBS when given.
-    """
+    on its own im2col statistics; returns the kept channels (see select_conv_channels).
+    `source` gives the activations of `model` (a Propagator over it), else it runs whole."""
     subs = [_single(group, u) for u in group.consumers]
-    index = out_index or {}
-    stats = [collect_conv_stats(source or model, reference, s, calib,
-                                index.get(s.consumers[0].node.name)) for s in subs]
-    ridge = DEFAULT_RIDGE if calib.ridge is None else calib.ridge
+    stats = collect_conv_stats(source or model, reference, subs, calib, out_index,
+                               per_channel=criterion_scores is not None)
     keep = fixed
-    if keep is None and criterion_scores is not None:
-        block = stats[0].channels // group.size
-        scores = criterion_scores(channel_stats(stats[0], block))  # type: ignore[operator]
-        keep = np.sort(np.argsort(-scores, kind="stable")[:count])
-    if keep is None and len(subs) == 1:
-        keep = obs_block_select(Problem(stats[0].gram, stats[0].cross, ridge,  # type: ignore[arg-type]
-                                        _prior(subs[0].consumers[0].node)),
-                                count, stats[0].channels // group.size)
     if keep is None:
-        cost = sum(_one_step_costs(Problem(st.gram, st.cross, ridge,  # type: ignore[arg-type]
-                                           _prior(s.consumers[0].node)),
-                                   st.channels // group.size) for s, st in zip(subs, stats, strict=True))
-        keep = np.sort(np.argsort(-np.asarray(cost), kind="stable")[:count])
+        keep = select_conv_channels(subs, stats, count, calib, criterion_scores)
     fits = [fit_conv_group(s, st, count, None, calib, keep=keep)
             for s, st in zip(subs, stats, strict=True)]
     keep_channels(model.graph, group, keep)

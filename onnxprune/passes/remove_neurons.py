@@ -24,6 +24,7 @@ from onnxprune.graph.slicing import keep_channels, keep_many
 from onnxprune.graph.weights import const_array
 from onnxprune.passes.base import CalibrationLike, ReportingPass, as_calibration
 from onnxprune.passes.conv_repair import conv_repairable, prune_conv_group
+from onnxprune.passes.conv_sensitivity import DEFAULT_LEVELS, allocate_removals, conv_sensitivity
 from onnxprune.passes.reconstruct import (
     Calibration,
     apply_fit,
@@ -377,6 +378,8 @@ class RemoveNeuronsPass(ReportingPass):
     ) -> list[int]:
         if not self.global_ranking or self.keep is not None:
             return self._keep_counts(groups, [np.zeros(g.size) for g in groups])
+        if any(conv_repairable(g) for g in groups):
+            return self._sensitivity_counts(model, groups, calib)
         # Global allocation compares groups by data-aware scores on the original model.
         criterion = "activation" if self.criterion == "obs" else self.criterion
         scores = []
@@ -390,3 +393,22 @@ class RemoveNeuronsPass(ReportingPass):
             cw = group_weights(g, seed=self.seed, stats=stats.as_dict())
             scores.append(score_channels(criterion, cw))
         return self._keep_counts(groups, scores)
+
+    def _sensitivity_counts(
+        self, model: ir.Model, groups: list[ChannelGroup], calib: Calibration
+    ) -> list[int]:
+        """Conv groups share the channel budget by their measured output error (each pruned
+        alone and refit at a few levels, conv_sensitivity); other groups keep the flat
+        share. Levels stop at --max-group-sparsity."""
+        conv = [g for g in groups if conv_repairable(g)]
+        levels = tuple(v for v in DEFAULT_LEVELS if v < self.max_group_sparsity)
+        levels = (*levels, self.max_group_sparsity) if self.max_group_sparsity < 0.75 \
+            else levels
+        curves = {c.group: c for c in conv_sensitivity(model, conv, calib, levels=levels)}
+        budget = _floor(self.sparsity * sum(g.size for g in groups))
+        flat = {g.name: _floor(self.sparsity * g.size) for g in groups if g.name not in curves}
+        removed = allocate_removals(list(curves.values()), max(budget - sum(flat.values()), 0))
+        for name, r in removed.items():
+            logger.info("group %s: %d channels removed by measured sensitivity", name, r)
+        return [_kept_count(g.size, flat.get(g.name, removed.get(g.name, 0)), self.round_to)
+                for g in groups]
