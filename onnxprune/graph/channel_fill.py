@@ -280,7 +280,9 @@ class Fill:
         elif op in REDUCE:
             rules.reduce(self, node, value, axis)
         elif op in ("Shape", "Size"):
-            raise Decline(f"its channels are read by the shape op {label(node)}")
+            from onnxprune.graph.shape_reads import shape_read
+
+            shape_read(self, node, value, axis)
         else:
             rule = rules.LAYOUT_RULES.get(op)
             if rule is None:

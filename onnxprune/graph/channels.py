@@ -92,6 +92,9 @@ class ShapeEdit:
     value: ir.Value
     axis: int
     index: int = 0
+    # "slice" with bounds computed at run time: (starts, ends) folded from static shapes; the
+    # slicing writes the new bounds as constants of this Slice's own.
+    folded: tuple[tuple[int, ...], ...] | None = field(default=None, compare=False)
 
 
 @dataclass
