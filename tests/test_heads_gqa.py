@@ -38,8 +38,8 @@ def _model(*, rotary: bool = False, past: bool = False, present_out: bool = Fals
     if packed:
         ins[:3] = [b.op("Concat", [proj["q"], proj["k"], proj["v"]], axis=-1), "", ""]
     if past:
-        ins[3] = b.input("past_key", ["batch", KV, 0, D])
-        ins[4] = b.input("past_value", ["batch", KV, 0, D])
+        ins[3] = b.input("past_key", ["batch", KV, "past", D])
+        ins[4] = b.input("past_value", ["batch", KV, "past", D])
     if rotary:
         angles = np.arange(16)[:, None] / 10000 ** (np.arange(D // 2)[None, :] / (D // 2))
         ins += [b.const("cos", np.cos(angles).astype(np.float32)),
@@ -51,16 +51,23 @@ def _model(*, rotary: bool = False, past: bool = False, present_out: bool = Fals
     b.op("MatMul", ["ctx", b.weight("o.weight", [H * D, E])], name="o_proj", output="y")
     outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", SEQ, E])]
     if present_out:
-        outputs.append(helper.make_tensor_value_info("present_key", TensorProto.FLOAT, None))
+        outputs += [helper.make_tensor_value_info(f"present_{r}", TensorProto.FLOAT,
+                                                  ["batch", KV, "total", D])
+                    for r in ("key", "value")]
     graph = helper.make_graph(b.nodes, "gqa", b.inputs, outputs, b.inits)
     return helper.make_model(graph, ir_version=8, opset_imports=[
         helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
 
 
-def _feeds(batch: int = 2) -> dict[str, np.ndarray]:
-    x = np.random.default_rng(0).standard_normal((batch, SEQ, E)).astype(np.float32)
-    return {"x": x, "seqlens_k": np.full(batch, SEQ - 1, np.int32),
-            "total_len": np.array(SEQ, np.int32)}
+def _feeds(batch: int = 2, past: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, SEQ, E)).astype(np.float32)
+    feeds = {"x": x, "seqlens_k": np.full(batch, past + SEQ - 1, np.int32),
+             "total_len": np.array(past + SEQ, np.int32)}
+    if past:
+        for r in ("key", "value"):
+            feeds[f"past_{r}"] = rng.standard_normal((batch, KV, past, D)).astype(np.float32)
+    return feeds
 
 
 def _silence(model: ir.Model, unit: int) -> None:
@@ -111,11 +118,28 @@ def test_remove_heads_pass_on_group_query_attention() -> None:
 
 
 @pytest.mark.parametrize(("kwargs", "reason"), [
-    ({"past": True}, "past key/value cache"),
     ({"packed": True}, "packed QKV"),
-    ({"present_out": True}, "present_key"),
 ])
 def test_group_query_attention_declines(kwargs: dict[str, bool], reason: str) -> None:
     [block] = find_attention_blocks(to_ir(_model(**kwargs)))
     assert not block.prunable
     assert reason in (block.skip_reason or "")
+
+
+def test_group_query_attention_with_a_kv_cache_keeps_the_kept_heads_cache() -> None:
+    """Past key/value fed as graph inputs, present returned: the pruned model is fed the kept
+    K/V head's slice of the cache and returns that slice of the present cache."""
+    model = to_ir(_model(past=True, present_out=True))
+    [block] = find_attention_blocks(model)
+    assert block.prunable, block.skip_reason
+    _silence(model, 0)
+    f = _feeds(1, past=3)  # the CPU kernel takes a prompt after a cache for batch 1 only
+    expected = run(model, f)
+    keep_heads(model.graph, block, [1])
+    proto = ir.serde.serialize_model(model)
+    onnx.checker.check_model(proto, full_check=True)
+    small = {**f, **{k: f[k][:, [1]] for k in ("past_key", "past_value")}}
+    got = run(proto, small)
+    np.testing.assert_allclose(got[0], expected[0], rtol=1e-5, atol=1e-5)
+    for r in (1, 2):
+        np.testing.assert_allclose(got[r], expected[r][:, [1]], rtol=1e-5, atol=1e-5)

@@ -8,8 +8,9 @@
   goes together with the query heads that read it;
 - ONNX Attention (opset 23+): 3-D inputs with q_num_heads / kv_num_heads, or 4-D inputs
   split by Reshape/Transpose exactly as in the unfused form.
-Past/present key-value caches and rotary flags are declined: a cache holds heads that
-another run produced, and rotary ops mix the head dimension.
+Past/present key-value caches are declined except for GroupQueryAttention's, fed as graph
+inputs and returned as graph outputs (the pruned model reads and writes the kept heads' slice
+of the cache); Attention's rotary flag is declined.
 """
 
 from __future__ import annotations
@@ -132,13 +133,22 @@ def _ms_group_query(walk: Trace, node: ir.Node) -> None:
     key, value = _present(node, 1), _present(node, 2)
     if key is None or value is None:
         raise Decline(f"{label(node)} takes packed QKV in one input")
-    if _present(node, 3) is not None or _present(node, 4) is not None:
-        raise Decline(f"{label(node)} takes a past key/value cache")
     if _present(node, 11) is not None:
         raise Decline(f"{label(node)} takes a per-head attention sink")
-    _unused_outputs(node, 1)
-    for out in node.outputs[1:3]:  # present key/value [B, kv_heads, S, size], unused
+    _unused_outputs(node, 3)
+    past = [v for v in (_present(node, 3), _present(node, 4)) if v is not None]
+    if any(not v.is_graph_input() for v in past):
+        raise Decline(f"{label(node)} takes a past key/value cache computed in the graph")
+    for v in past:  # the cache as fed [B, kv_heads, past, size]: fed at the pruned width
+        walk.member(v, -3, "kvhead")
+        walk.caches.add(v)
+    for out in node.outputs[1:3]:  # present key/value [B, kv_heads, S, size]
         walk.member(out, -3, "kvhead")
+        if any(u.node is not node for u in out.uses()):
+            raise Decline(f"output '{out.name}' of {label(node)} (the present cache) is read "
+                          "in the graph")
+        if out.is_graph_output():
+            walk.caches.add(out)
     for role, inp, count in (("q", node.inputs[0], heads), ("k", key, kv_heads),
                              ("v", value, kv_heads)):
         walk.trace_flat(inp, role)  # type: ignore[arg-type]

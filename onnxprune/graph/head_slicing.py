@@ -14,6 +14,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxprune.graph.attention import AttentionBlock
+from onnxprune.graph.cache_slices import record
 from onnxprune.graph.shape_literals import fresh_constant, rewrite_targets
 from onnxprune.graph.weights import const_array, set_const_array
 
@@ -95,6 +96,8 @@ def keep_heads(graph: ir.Graph, block: AttentionBlock, keep: Sequence[int]) -> N
             site.node.attributes[site.attribute] = ir.AttrInt64(site.attribute, new)
     rewrite_targets(graph, edits)
     for value, (axis, per_head) in block.members.items():
+        if value.is_graph_input() or value.is_graph_output():  # a key/value cache
+            record(graph, value, axis, head_columns(keep, per_head))
         if value.shape is None or len(value.shape) < -axis:
             continue
         if isinstance(value.shape[axis], int):

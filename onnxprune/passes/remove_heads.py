@@ -28,6 +28,7 @@ from onnxprune.calibration.data import Batch, input_specs, random_batches
 from onnxprune.calibration.runner import with_outputs
 from onnxprune.calibration.stats import LayerStats
 from onnxprune.errors import InputError, OnnxPruneError
+from onnxprune.graph import cache_slices
 from onnxprune.graph.attention import AttentionBlock, find_attention_blocks
 from onnxprune.graph.channels import ChannelGroup
 from onnxprune.graph.head_slicing import head_columns, keep_heads
@@ -203,6 +204,7 @@ class RemoveHeadsPass(ReportingPass):
                 out.append(HeadDecision(b.name, b.kind, b.num_heads, b.num_heads,
                                         size or None, (), b.skip_reason))
         self.result = RemoveHeadsResult(self.criterion, tuple(out))
+        cache_slices.to_metadata(model)  # key/value caches now have the pruned width
         return ir.passes.PassResult(model, modified=self.result.removed > 0)
 
     def _prune_data_free(self, model: ir.Model, block: AttentionBlock, scores: np.ndarray,
