@@ -17,17 +17,17 @@ from onnxprune.graph import cache_slices
 from onnxprune.graph.attention import find_attention_blocks
 from onnxprune.graph.head_slicing import keep_heads
 from onnxprune.graph.weights import const_array, set_const_array
-from onnxprune.passes.remove_heads import RemoveHeadsPass
+from onnxprune.passes.remove_heads import RemoveHeadsPass, recognise_blocks
 from onnxprune.verify import Tolerances, compare_models
 
 D, SEQ, PAST, E = 4, 3, 2, 16
 I64 = np.int64
 
 
-def _model(heads: int, kv_heads: int, *, cache_out: bool = True, other_past: bool = False
-           ) -> onnx.ModelProto:
+def _model(heads: int, kv_heads: int, *, cache_out: bool = True, other_past: bool = False,
+           mask: bool = False) -> onnx.ModelProto:
     b = GraphBuilder(seed=12)
-    x = b.input("x", ["batch", SEQ, E])
+    x = b.input("x", ["batch", "sequence" if mask else SEQ, E])
     group = heads // kv_heads
 
     def split(r: str, n: int) -> str:
@@ -38,7 +38,7 @@ def _model(heads: int, kv_heads: int, *, cache_out: bool = True, other_past: boo
     q = split("q", heads)
     joined = {}
     for r in "kv":
-        past = b.input(f"past.{r}", ["batch", kv_heads, PAST, D])
+        past = b.input(f"past.{r}", ["batch", kv_heads, "past" if mask else PAST, D])
         if other_past and r == "k":
             past = b.op("Relu", [past])  # not the cache as fed: something computed from it
         joined[r] = b.op("Concat", [past, split(r, kv_heads)], axis=2,
@@ -49,12 +49,20 @@ def _model(heads: int, kv_heads: int, *, cache_out: bool = True, other_past: boo
             joined[r] = b.op("Reshape", [e, b.const(f"{r}.m", np.array([0, heads, -1, D],
                                                                         I64))])
     s = b.op("MatMul", [q, b.op("Transpose", [joined["k"]], perm=[0, 1, 3, 2])])
-    s = b.op("Softmax", [b.op("Div", [s, b.const("scale", np.array(2.0, np.float32))])],
-             axis=-1)
+    s = b.op("Div", [s, b.const("scale", np.array(2.0, np.float32))])
+    if mask:  # [batch, past + new] padding mask, its shape unrecorded past the input
+        m = b.input("attention_mask", ["batch", "total"], TensorProto.INT64)
+        m = b.op("Unsqueeze", [m, b.const("m.ax", np.array([1, 2], I64))])
+        m = b.op("Mul", [b.op("Sub", [b.const("one", np.array(1.0, np.float32)),
+                                      b.op("Cast", [m], to=TensorProto.FLOAT)]),
+                         b.const("neg", np.array(-1e4, np.float32))])
+        s = b.op("Add", [s, m])
+    s = b.op("Softmax", [s], axis=-1)
     c = b.op("Transpose", [b.op("MatMul", [s, joined["v"]])], perm=[0, 2, 1, 3])
     c = b.op("Reshape", [c, b.const("merge", np.array([0, 0, heads * D], I64))])
     b.op("MatMul", [c, b.weight("o.weight", [heads * D, E])], name="o_proj", output="y")
-    outs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", SEQ, E])]
+    outs = [helper.make_tensor_value_info("y", TensorProto.FLOAT,
+                                          ["batch", "sequence" if mask else SEQ, E])]
     if cache_out:
         outs += [helper.make_tensor_value_info(f"present.{r}", TensorProto.FLOAT,
                                                ["batch", kv_heads, "total", D]) for r in "kv"]
@@ -139,3 +147,13 @@ def test_slice_arrays_leaves_arrays_at_the_pruned_width() -> None:
     assert cache_slices.slice_arrays({"past": full}, slices)["past"].shape == (1, 2, 5, 4)
     small = np.zeros((1, 2, 5, 4))
     assert cache_slices.slice_arrays({"past": small}, slices)["past"] is small
+
+
+def test_unrecorded_mask_is_probed_with_an_empty_cache() -> None:
+    """Generated inputs give every symbolic length one size, which a decoder with a cache
+    rejects (its mask spans past + new positions); the probe then feeds an empty cache."""
+    model = to_ir(_model(4, 2, mask=True))
+    [block] = find_attention_blocks(model)
+    assert not block.prunable and "cannot tell" in (block.skip_reason or "")
+    [block] = recognise_blocks(model)
+    assert block.prunable, block.skip_reason
