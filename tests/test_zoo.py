@@ -33,6 +33,7 @@ CASES = [
     ("phi3", "legacy", "sdpa"),
     ("llama-gqa-kv", "legacy", "sdpa"),
     ("llama-gqa-kv", "dynamo", "sdpa"),
+    ("t5-encoder", "legacy", "sdpa"),
 ]
 # Everything of these is prunable: FFN groups whose width is read at run time by a Shape
 # (GPT-2's Conv1D, Phi-3's packed gate_up on the legacy exporter), heads with their cache.

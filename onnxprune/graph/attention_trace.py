@@ -69,6 +69,17 @@ def _head_dim(value: ir.Value, axis: int, shapes: Mapping[str, Sequence[int]]) -
     return None
 
 
+def _only_shape_read(node: ir.Node, depth: int = 3) -> bool:
+    """A Shape, or a layout op whose result only Shape ops read (the legacy T5 export
+    transposes K once more just to read its length)."""
+    if node.op_type == "Shape":
+        return True
+    if depth == 0 or node.op_type not in ("Transpose", "Identity", "Reshape") or any(
+            o.is_graph_output() for o in node.outputs):
+        return False
+    return all(_only_shape_read(u.node, depth - 1) for o in node.outputs for u in o.uses())
+
+
 class Trace(ProjectionTrace):
     """Collects one block; raises Decline with the reason when something does not fit."""
 
@@ -421,6 +432,13 @@ class Trace(ProjectionTrace):
             self.block.head_constants.append(ConstSlice(mask, arr.ndim + head_axis,
                                                         next(iter(u.node for u in mask.uses()))))
             return
+        reader = next((u.node for u in mask.uses() if u.node in self.block.nodes), None)
+        rank = len(mask.shape) if mask.shape is not None else len(
+            self.shapes.get(mask.name or "", ()))
+        if arr is None and heads is not None and size == heads and reader is not None \
+                and rank >= -head_axis:
+            self.block.head_inputs.append((mask, rank + head_axis, reader))  # bias per head
+            return
         raise Decline(f"the mask '{mask.name}' has {size} slices on the head axis (a mask "
                        "per head)")
 
@@ -466,8 +484,6 @@ class Trace(ProjectionTrace):
                            "without a repeat this analysis understands")
         if self.rep_literal not in (None, group):
             raise Decline(f"K/V heads are repeated {self.rep_literal} times, not {group}")
-        if group > 1 and b.head_constants:
-            raise Decline("a per-head constant with grouped-query attention")
         b.num_heads, b.group = heads["k"], group
         if group > 1:
             b.kind = f"{b.kind}, grouped-query ({group} query heads per K/V head)"
@@ -533,7 +549,7 @@ class Trace(ProjectionTrace):
                 raise Decline(f"'{value.name}' inside the attention is a graph output")
             for use in value.uses():
                 if use.node not in inside:
-                    if use.node.op_type == "Shape":
+                    if _only_shape_read(use.node):
                         continue  # read at run time: follows the pruned head count
                     raise Decline(f"'{value.name}' inside the attention is also read by "
                                    f"{label(use.node)}")
