@@ -23,7 +23,8 @@ GROUP = H // KV
 
 
 def _model(*, rotary: bool = False, past: bool = False, present_out: bool = False,
-           packed: bool = False) -> onnx.ModelProto:
+           packed: bool = False, past_computed: bool = False, present_read: bool = False
+           ) -> onnx.ModelProto:
     b = GraphBuilder(seed=11)
     x = b.input("x", ["batch", SEQ, E])
     seqlens = b.input("seqlens_k", ["batch"], TensorProto.INT32)
@@ -40,6 +41,8 @@ def _model(*, rotary: bool = False, past: bool = False, present_out: bool = Fals
     if past:
         ins[3] = b.input("past_key", ["batch", KV, "past", D])
         ins[4] = b.input("past_value", ["batch", KV, "past", D])
+        if past_computed:  # not the cache as fed
+            ins[3] = b.op("Neg", [ins[3]])
     if rotary:
         angles = np.arange(16)[:, None] / 10000 ** (np.arange(D // 2)[None, :] / (D // 2))
         ins += [b.const("cos", np.cos(angles).astype(np.float32)),
@@ -48,7 +51,13 @@ def _model(*, rotary: bool = False, past: bool = False, present_out: bool = Fals
     outs = ["ctx", "present_key", "present_value"]
     b.op_multi("GroupQueryAttention", ins, name="gqa", domain="com.microsoft", outputs=outs,
                num_heads=H, kv_num_heads=KV, **attrs)
-    b.op("MatMul", ["ctx", b.weight("o.weight", [H * D, E])], name="o_proj", output="y")
+    ctx = "ctx"
+    if present_read:  # something else in the graph reads the present key
+        ctx = b.op("Add", [ctx, b.op("ReduceMean", ["present_key"], keepdims=0, axes=[0, 1, 2, 3],
+                                     name="mean_key")])
+        ctx = b.op("Sub", [ctx, b.op("ReduceMean", ["present_key"], keepdims=0,
+                                     axes=[0, 1, 2, 3])])
+    b.op("MatMul", [ctx, b.weight("o.weight", [H * D, E])], name="o_proj", output="y")
     outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", SEQ, E])]
     if present_out:
         outputs += [helper.make_tensor_value_info(f"present_{r}", TensorProto.FLOAT,
@@ -119,11 +128,17 @@ def test_remove_heads_pass_on_group_query_attention() -> None:
 
 @pytest.mark.parametrize(("kwargs", "reason"), [
     ({"packed": True}, "packed QKV"),
+    ({"past": True, "past_computed": True}, "past key/value cache computed in the graph"),
+    ({"present_read": True}, "(the present cache) is read in the graph"),
 ])
 def test_group_query_attention_declines(kwargs: dict[str, bool], reason: str) -> None:
-    [block] = find_attention_blocks(to_ir(_model(**kwargs)))
+    model = to_ir(_model(**kwargs))
+    [block] = find_attention_blocks(model)
     assert not block.prunable
     assert reason in (block.skip_reason or "")
+    before = ir.serde.serialize_model(model).SerializeToString()
+    RemoveHeadsPass(fraction=0.5)(model)
+    assert ir.serde.serialize_model(model).SerializeToString() == before
 
 
 def test_group_query_attention_with_a_kv_cache_keeps_the_kept_heads_cache() -> None:
