@@ -281,8 +281,9 @@ def slice_(fill: Fill, node: ir.Node, value: ir.Value, axis: int) -> None:
         raise Decline(f"{label(node)} slices the channels with a step or unknown size")
     lo, hi = (int(np.clip(v + n if v < 0 else v, 0, n)) for v in (starts[i], ends[i]))
     fill.couple(inp, axis, out, axis, np.arange(lo, max(lo, hi)))
-    folded = tuple(tuple(int(x) for x in p.reshape(-1)) for p in params[:2]) if run_time \
-        else None  # type: ignore[union-attr]
+    folded = None
+    if run_time:  # bounds read from shapes: the slicing writes constants of this Slice's own
+        folded = tuple(tuple(int(x) for x in np.asarray(p).reshape(-1)) for p in params[:2])
     fill.edit(ShapeEdit("slice", node, inp, axis, i, folded))
 
 
