@@ -54,6 +54,7 @@ class Arch:
     build: Callable[[bool, str], object]  # (small, attention) -> torch module
     inputs: Callable[[object], dict[str, np.ndarray]]  # config-aware example inputs
     dynamic: tuple[str, ...]  # inputs whose axes 0 and 1 are dynamic
+    cache: bool = False  # exported with its key/value cache as inputs and outputs
 
 
 def _text_inputs(vocab: int, *, token_type: bool = False, mask: bool = True
@@ -89,6 +90,63 @@ class _Hidden:
                 out = self.inner(**kwargs, **({"use_cache": False} if _decoder(model) else {}))
                 return out[0]
 
+        return Wrapped().eval()
+
+
+PAST = 5  # cached positions fed to the "-kv" decoders
+
+
+def _cache_inputs(model: object) -> dict[str, np.ndarray]:
+    """A prompt continued after PAST cached positions: ids, the mask over past + new
+    positions, and past key/value [batch, kv_heads, PAST, head_size] per layer."""
+    cfg = model.config  # type: ignore[attr-defined]
+    kv = cfg.num_key_value_heads or cfg.num_attention_heads
+    size = cfg.hidden_size // cfg.num_attention_heads
+    feeds = TEXT(model)
+    rng = np.random.default_rng(1)
+    mask = np.ones((BATCH, PAST + SEQ), np.int64)
+    mask[1, :2] = 0  # a left-padded row
+    feeds["attention_mask"] = mask
+    for i in range(cfg.num_hidden_layers):
+        for kind in ("key", "value"):
+            feeds[f"past_key_values.{i}.{kind}"] = rng.standard_normal(
+                (BATCH, kv, PAST, size)).astype(np.float32)
+    return feeds
+
+
+class _Cached:
+    """Wraps a decoder so that the export takes the past key/values as inputs and returns
+    the hidden states and the present key/values (what generation loops feed back)."""
+
+    @staticmethod
+    def wrap(model: object, layers: int) -> object:
+        import torch
+        from transformers import DynamicCache
+
+        class Wrapped(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.inner = model
+
+            def forward(self, ids: torch.Tensor, mask: torch.Tensor,
+                        *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                cache = DynamicCache(config=self.inner.config)  # type: ignore[attr-defined]
+                for i in range(layers):
+                    cache.update(past[2 * i], past[2 * i + 1], i)
+                out = self.inner(input_ids=ids, attention_mask=mask, past_key_values=cache,
+                                 use_cache=True)
+                present = []
+                for layer in out.past_key_values.layers:
+                    present += [layer.keys, layer.values]
+                return (out[0], *present)
+
+        if layers == 2:  # the dynamo exporter wants named arguments, not *past
+            class Two(Wrapped):
+                def forward(self, ids: torch.Tensor, mask: torch.Tensor,  # type: ignore[override]
+                            k0: torch.Tensor, v0: torch.Tensor, k1: torch.Tensor,
+                            v1: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                    return super().forward(ids, mask, k0, v0, k1, v1)
+            return Two().eval()
         return Wrapped().eval()
 
 
@@ -225,6 +283,10 @@ ARCHS: dict[str, Arch] = {a.name: a for a in (
          ("input_ids", "attention_mask")),
     Arch("phi3", _decoder_build("Phi3Model", "Phi3Config", None, pad_token_id=0), TEXT,
          ("input_ids", "attention_mask")),
+    Arch("llama-gqa-kv", _decoder_build("LlamaModel", "LlamaConfig", 4), _cache_inputs,
+         ("input_ids", "attention_mask"), cache=True),
+    Arch("llama-mha-kv", _decoder_build("LlamaModel", "LlamaConfig", None), _cache_inputs,
+         ("input_ids", "attention_mask"), cache=True),
     Arch("vit", _vit, _pixels, ("pixel_values",)),
     Arch("clip-text", _clip_text, TEXT, ("input_ids", "attention_mask")),
     Arch("whisper-encoder", _whisper, _features, ("input_features",)),
@@ -241,7 +303,13 @@ def export(arch: Arch, exporter: str, attention: str, small: bool, out: Path) ->
     model.eval()  # type: ignore[attr-defined]
     feeds = arch.inputs(model)
     names = list(feeds)
-    wrapped = _Hidden.wrap(model, names)
+    outputs = ["hidden"]
+    if arch.cache:
+        layers = model.config.num_hidden_layers  # type: ignore[attr-defined]
+        wrapped = _Cached.wrap(model, layers)
+        outputs += [f"present.{i}.{k}" for i in range(layers) for k in ("key", "value")]
+    else:
+        wrapped = _Hidden.wrap(model, names)
     args = tuple(torch.from_numpy(v) for v in feeds.values())
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".partial")
@@ -249,16 +317,23 @@ def export(arch: Arch, exporter: str, attention: str, small: bool, out: Path) ->
         if exporter == "legacy":
             axes = {n: {0: "batch", 1: "sequence"} if n in arch.dynamic and n not in (
                 "pixel_values", "input_features") else {0: "batch"} for n in names}
+            if arch.cache:  # the mask covers the cached and the new positions
+                axes["attention_mask"] = {0: "batch", 1: "total"}
+                axes.update({n: {0: "batch", 2: "past"} for n in names if n.startswith("past_")})
             torch.onnx.export(wrapped, args, str(tmp), dynamo=False, opset_version=17,
-                              input_names=names, output_names=["hidden"],
+                              input_names=names, output_names=outputs,
                               dynamic_axes=axes)
         else:
             dim = torch.export.Dim
             batch, seq = dim("batch", min=1, max=64), dim("sequence", min=2, max=64)
             shapes = tuple({0: batch, 1: seq} if n not in ("pixel_values", "input_features")
                            else {0: batch} for n in names)
+            if arch.cache:  # past and total lengths are related: let the exporter say how
+                auto = dim.DYNAMIC
+                shapes = tuple({0: auto, 2: auto} if n.startswith("past_") else {0: auto, 1: auto}
+                               for n in names)
             program = torch.onnx.export(wrapped, args, dynamo=True, opset_version=18,
-                                        input_names=names, output_names=["hidden"],
+                                        input_names=names, output_names=outputs,
                                         dynamic_shapes=shapes, optimize=True)
             program.save(str(tmp), external_data=False)
     tmp.replace(out)
@@ -293,9 +368,14 @@ HEADER = ["arch", "exporter", "attention", "prunable", "heads", "removed", "runs
 def _run(path: Path | bytes, feeds: dict[str, np.ndarray]) -> np.ndarray:
     import onnxruntime as ort
 
+    from onnxprune.graph import cache_slices
+
     session = ort.InferenceSession(path if isinstance(path, bytes) else str(path),
                                    providers=["CPUExecutionProvider"])
     want = {i.name for i in session.get_inputs()}
+    # heads removed with their key/value cache: the pruned model reads the kept slice
+    kept = cache_slices.parse(session.get_modelmeta().custom_metadata_map.get(cache_slices.KEY))
+    feeds = cache_slices.slice_arrays(feeds, kept)
     return session.run(None, {k: v for k, v in feeds.items() if k in want})[0]
 
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from onnxprune.calibration.data import Batch
 from onnxprune.errors import DataError, InputError
+from onnxprune.graph import cache_slices
 from onnxprune.runtime import ModelSource, Provider, make_session
 
 __all__ = ["Tolerances", "OutputMetrics", "VerifyResult", "compare_models", "compare_outputs",
@@ -357,12 +358,22 @@ def compare_outputs(
                 f"{cand_outputs}; compare models with the same outputs"
             )
     accs = {(p, name): _Accumulator() for p in providers for name in ref_outputs}
+    # A model whose heads were removed together with its key/value cache reads and writes
+    # the kept slice of the cache: feed it that slice, compare that slice.
+    caches = {p: cache_slices.parse(sess.get_modelmeta().custom_metadata_map.get(
+        cache_slices.KEY)) for p, sess in cand_sessions.items()}
     count = 0
     for batch in batches:
-        ref = reference(count, batch)
+        ref_all = reference(count, batch)
         for p, sess in cand_sessions.items():
+            ref = ref_all
+            if caches[p]:
+                cut = cache_slices.slice_arrays(dict(zip(ref_outputs, ref_all, strict=False)),
+                                                caches[p])
+                ref = [cut[n] for n in ref_outputs]
             try:
-                cand = sess.run(None, batch)
+                cand = sess.run(None, cache_slices.slice_arrays(batch, caches[p])
+                                if caches[p] else batch)
             except Exception as e:
                 raise DataError(
                     f"candidate model failed on batch {count} ({p}): {_first_line(e)}"

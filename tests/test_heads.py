@@ -221,7 +221,6 @@ def test_block_is_recognised(style: str, literal_heads: bool, literal_width: boo
 @pytest.mark.parametrize(
     ("kwargs", "reason"),
     [
-        ({"mask": "per_head"}, "mask per head"),
         ({"kv_heads": 1}, "4 query heads read 1 key/value heads"),
     ],
 )

@@ -165,7 +165,7 @@ def find_attention_blocks(
         if node.op_type == "Softmax" and node.domain in STD:
             block = _softmax_block(model.graph, node, shapes)
         elif (node.domain == "com.microsoft"
-              and node.op_type in ("Attention", "MultiHeadAttention")) or (
+              and node.op_type in ("Attention", "MultiHeadAttention", "GroupQueryAttention")) or (
                 node.domain in STD and node.op_type == "Attention"):
             block = _fused_block(model.graph, node, shapes)
         if block is None:

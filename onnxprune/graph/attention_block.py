@@ -56,6 +56,10 @@ class AttentionBlock:
     output: WeightUse | None = None
     sites: list[HeadCountSite] = field(default_factory=list)
     head_constants: list[ConstSlice] = field(default_factory=list)
+    # per-head values computed at run time and read by this block's node (T5's position
+    # bias, shared by every layer): (value, head axis from 0, reader); the reader gets a
+    # Gather of the kept heads, the value itself stays whole for its other readers
+    head_inputs: list[tuple[ir.Value, int, ir.Node]] = field(default_factory=list)
     # constants holding several roles' channels side by side: (slice, role, offset)
     packed: list[tuple[ConstSlice, str, int]] = field(default_factory=list)
     members: dict[ir.Value, tuple[int, int]] = field(default_factory=dict)

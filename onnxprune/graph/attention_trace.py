@@ -69,6 +69,17 @@ def _head_dim(value: ir.Value, axis: int, shapes: Mapping[str, Sequence[int]]) -
     return None
 
 
+def _only_shape_read(node: ir.Node, depth: int = 3) -> bool:
+    """A Shape, or a layout op whose result only Shape ops read (the legacy T5 export
+    transposes K once more just to read its length)."""
+    if node.op_type == "Shape":
+        return True
+    if depth == 0 or node.op_type not in ("Transpose", "Identity", "Reshape") or any(
+            o.is_graph_output() for o in node.outputs):
+        return False
+    return all(_only_shape_read(u.node, depth - 1) for o in node.outputs for u in o.uses())
+
+
 class Trace(ProjectionTrace):
     """Collects one block; raises Decline with the reason when something does not fit."""
 
@@ -96,6 +107,7 @@ class Trace(ProjectionTrace):
         self.packed_parts: dict[ir.Node, dict[int, str]] = {}  # Split/Slice -> index: role
         self.slices: list[tuple[ir.Node, str, int, int]] = []
         self.flat_rank: int | None = None
+        self.caches: set[ir.Value] = set()  # past inputs and present outputs of a KV cache
 
     def member(self, value: ir.Value, axis: int, kind: str) -> None:
         """`kind`: 'head' (the axis holds the heads) or the role whose head size times the
@@ -141,7 +153,7 @@ class Trace(ProjectionTrace):
                 self._check_axes(node, value, head, role)
                 value = node.inputs[0]  # type: ignore[assignment]
             elif op == "Concat":
-                paths = self._concat(node, value, head, role)
+                paths = self._concat(node, value, head, role, dim, kind)
                 for extra in paths[1:]:
                     self.trace_heads(extra, head, dim, role, kind)
                 value = paths[0]
@@ -229,16 +241,44 @@ class Trace(ProjectionTrace):
         if any((a if a < 0 else a - rank) == head for a in cut):
             raise Decline(f"{label(node)} slices the {role.upper()} head axis")
 
-    def _concat(self, node: ir.Node, value: ir.Value, head: int, role: str) -> list[ir.Value]:
+    def _concat(self, node: ir.Node, value: ir.Value, head: int, role: str, dim: int = 0,
+                kind: str = "head") -> list[ir.Value]:
         axis = int_attr(node, "axis", 0)
         rank = self._rank(value)
-        if (axis if axis < 0 else axis - rank) == head:
+        axis = axis if axis < 0 else axis - rank
+        if axis == head:
             raise Decline(f"{label(node)} concatenates along the {role.upper()} head axis")
         paths = [i for i in node.inputs if i is not None]
-        if any(not self.on_path(i) for i in paths):
-            raise Decline(f"{label(node)} joins the {role.upper()} heads with other values "
-                           "(a key/value cache?)")
-        return paths
+        others = [i for i in paths if not self.on_path(i)]
+        if others:
+            self._cache(node, value, others, paths, axis, head, dim, role, kind)
+        return [i for i in paths if i not in others]
+
+    def _cache(self, node: ir.Node, value: ir.Value, others: list[ir.Value],
+               paths: list[ir.Value], axis: int, head: int, dim: int, role: str, kind: str
+               ) -> None:
+        """Concat(past, new) along the sequence: a key/value cache fed as a graph input.
+
+        The past tensor holds the same heads on the same axis, so it becomes a member of the
+        block (its recorded input shape follows the kept heads; the user feeds the cache of
+        the pruned model), and the joined tensor may be a graph output (the present cache)."""
+        if role not in ("k", "v") or len(paths) - len(others) != 1 or axis == dim:
+            raise Decline(f"{label(node)} joins the {role.upper()} heads with other values")
+        for past in others:
+            while not past.is_graph_input():  # Identity, or a Concat of the cache alone
+                src = past.producer()
+                if src is None or src.op_type not in ("Identity", "Concat") or len(
+                        [i for i in src.inputs if i is not None]) != 1 or src.domain not in STD:
+                    raise Decline(f"{label(node)} joins the {role.upper()} heads with other "
+                                   "values")
+                self.member(past, head, kind)
+                self.block.nodes.add(src)
+                past = src.inputs[0]  # type: ignore[assignment]
+            if past.shape is not None and len(past.shape) != self._rank(value):
+                raise Decline(f"the cache '{past.name}' at {label(node)} has another rank")
+            self.member(past, head, kind)
+            self.caches.add(past)
+        self.caches.add(value)
 
     def _repeat(self, node: ir.Node, head: int, role: str) -> ir.Value:
         """K/V heads repeated for grouped-query attention: Unsqueeze -> Expand -> Reshape
@@ -392,6 +432,13 @@ class Trace(ProjectionTrace):
             self.block.head_constants.append(ConstSlice(mask, arr.ndim + head_axis,
                                                         next(iter(u.node for u in mask.uses()))))
             return
+        reader = next((u.node for u in mask.uses() if u.node in self.block.nodes), None)
+        rank = len(mask.shape) if mask.shape is not None else len(
+            self.shapes.get(mask.name or "", ()))
+        if arr is None and heads is not None and size == heads and reader is not None \
+                and rank >= -head_axis:
+            self.block.head_inputs.append((mask, rank + head_axis, reader))  # bias per head
+            return
         raise Decline(f"the mask '{mask.name}' has {size} slices on the head axis (a mask "
                        "per head)")
 
@@ -437,11 +484,11 @@ class Trace(ProjectionTrace):
                            "without a repeat this analysis understands")
         if self.rep_literal not in (None, group):
             raise Decline(f"K/V heads are repeated {self.rep_literal} times, not {group}")
-        if group > 1 and b.head_constants:
-            raise Decline("a per-head constant with grouped-query attention")
         b.num_heads, b.group = heads["k"], group
         if group > 1:
             b.kind = f"{b.kind}, grouped-query ({group} query heads per K/V head)"
+        if self.caches:
+            b.kind = f"{b.kind}, key/value cache (fed and returned at the pruned width)"
         unit = {"q": group * sizes["q"], "k": sizes["k"], "v": sizes["v"]}
         per = {"head": group, "kvhead": 1, "out": group * sizes["v"], **unit,
                "packed": sum(unit.values())}
@@ -498,11 +545,11 @@ class Trace(ProjectionTrace):
         b = self.block
         inside = b.nodes | {b.output.node} if b.output else b.nodes
         for value, (axis, per) in b.members.items():
-            if value.is_graph_output():
+            if value.is_graph_output() and value not in self.caches:
                 raise Decline(f"'{value.name}' inside the attention is a graph output")
             for use in value.uses():
                 if use.node not in inside:
-                    if use.node.op_type == "Shape":
+                    if _only_shape_read(use.node):
                         continue  # read at run time: follows the pruned head count
                     raise Decline(f"'{value.name}' inside the attention is also read by "
                                    f"{label(use.node)}")

@@ -31,13 +31,14 @@ from onnxprune.graph.channels import (
 from onnxprune.graph.weights import (
     WeightUse,
     const_array,
+    einsum_matrix,
     is_constant,
     other_reader_through_identity,
 )
 
 __all__ = ["Fill", "Decline", "is_carry_through", "label"]
 
-_LAYERS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
+_LAYERS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum")
 
 
 class Decline(Exception):
@@ -280,7 +281,9 @@ class Fill:
         elif op in REDUCE:
             rules.reduce(self, node, value, axis)
         elif op in ("Shape", "Size"):
-            raise Decline(f"its channels are read by the shape op {label(node)}")
+            from onnxprune.graph.shape_reads import shape_read
+
+            shape_read(self, node, value, axis)
         else:
             rule = rules.LAYOUT_RULES.get(op)
             if rule is None:
@@ -289,6 +292,8 @@ class Fill:
 
     # -- layers with a weight ------------------------------------------------------------
     def _weight(self, node: ir.Node) -> np.ndarray:
+        if node.op_type == "Einsum" and einsum_matrix(node) is None:
+            raise Decline(f"its channels reach {label(node)}, which mixes channels")
         w = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
         conv = node.op_type in ("Conv", "ConvTranspose")
         if w is None or (w.ndim != 2 if not conv else w.ndim < 3):
@@ -301,6 +306,8 @@ class Fill:
             return int(w.shape[0])
         if node.op_type == "ConvTranspose":
             return int(w.shape[1]) * _int(node, "group", 1)
+        if node.op_type == "Einsum":
+            return int(w.shape[self._use(node).out_axis])
         trans_b = node.op_type == "Gemm" and _int(node, "transB") == 1
         return int(w.shape[0 if trans_b else 1])
 
@@ -309,6 +316,9 @@ class Fill:
             return WeightUse(node, node.inputs[1], 1, 0)  # type: ignore[arg-type]
         if node.op_type == "ConvTranspose":
             return WeightUse(node, node.inputs[1], 0, 1)  # type: ignore[arg-type]
+        if node.op_type == "Einsum":
+            reduce, out = einsum_matrix(node)  # type: ignore[misc]
+            return WeightUse(node, node.inputs[1], reduce, out)  # type: ignore[arg-type]
         trans_b = node.op_type == "Gemm" and _int(node, "transB") == 1
         return WeightUse(node, node.inputs[1], 1 if trans_b else 0, 0 if trans_b else 1)  # type: ignore[arg-type]
 

@@ -14,6 +14,7 @@ import onnx_ir as ir
 
 from onnxprune.graph.channel_fill import Decline, Fill, _dims, _int, _ints, _rank, label, prod
 from onnxprune.graph.channels import _DATA_INPUTS, _NORM_PARAMS, ShapeEdit
+from onnxprune.graph.shape_reads import folded_slice_params, own_count_reshape
 from onnxprune.graph.weights import const_array, is_constant
 
 __all__ = ["elementwise", "per_channel", "reduce", "LAYOUT_RULES"]
@@ -173,6 +174,9 @@ def _run_time_reshape(fill: Fill, node: ir.Node, value: ir.Value, axis: int) -> 
     last entry spells the channels; the leading dims must not come from the channels."""
     inp, out = node.inputs[0], node.outputs[0]
     assert inp is not None
+    if own_count_reshape(node, inp, axis):  # Reshape(x, [..., Shape(x)[-1]]): stays right
+        fill.couple(inp, -1, out, -1)
+        return
     cat = node.inputs[1].producer() if node.inputs[1] is not None else None
     n = fill._len(value, axis)
     last = const_array(cat.inputs[-1]) if cat is not None and cat.op_type == "Concat" \
@@ -255,9 +259,10 @@ def split(fill: Fill, node: ir.Node, value: ir.Value, axis: int) -> None:
 def slice_(fill: Fill, node: ir.Node, value: ir.Value, axis: int) -> None:
     inp, out = node.inputs[0], node.outputs[0]
     assert inp is not None
-    params = [const_array(v) if v is not None else None for v in node.inputs[1:5]]
-    if any(p is None for p, v in zip(params, node.inputs[1:5], strict=False) if v is not None):
+    params = folded_slice_params(node)
+    if params is None:
         raise Decline(f"its channels reach {label(node)}, whose bounds are computed at run time")
+    run_time = any(const_array(v) is None for v in node.inputs[1:3] if v is not None)
     if len(node.inputs) < 3:
         raise Decline(f"{label(node)} (opset < 10 Slice) is not supported")
     r = _rank_of(node, value)
@@ -276,7 +281,10 @@ def slice_(fill: Fill, node: ir.Node, value: ir.Value, axis: int) -> None:
         raise Decline(f"{label(node)} slices the channels with a step or unknown size")
     lo, hi = (int(np.clip(v + n if v < 0 else v, 0, n)) for v in (starts[i], ends[i]))
     fill.couple(inp, axis, out, axis, np.arange(lo, max(lo, hi)))
-    fill.edit(ShapeEdit("slice", node, inp, axis, i))
+    folded = None
+    if run_time:  # bounds read from shapes: the slicing writes constants of this Slice's own
+        folded = tuple(tuple(int(x) for x in np.asarray(p).reshape(-1)) for p in params[:2])
+    fill.edit(ShapeEdit("slice", node, inp, axis, i, folded))
 
 
 def resize(fill: Fill, node: ir.Node, value: ir.Value, axis: int) -> None:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from onnxprune.graph.weights import WeightUse, conv_uses, const_array, weight_uses
+from onnxprune.graph.weights import WeightUse, const_array, conv_uses, einsum_uses, weight_uses
 
 __all__ = ["ChannelGroup", "ConstSlice", "ShapeEdit", "find_channel_groups", "group_of"]
 
@@ -92,6 +92,9 @@ class ShapeEdit:
     value: ir.Value
     axis: int
     index: int = 0
+    # "slice" with bounds computed at run time: (starts, ends) folded from static shapes; the
+    # slicing writes the new bounds as constants of this Slice's own.
+    folded: tuple[tuple[int, ...], ...] | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -198,7 +201,8 @@ def _find(model: ir.Model, ignore: Sequence[str]) -> list[ChannelGroup]:
     from onnxprune.graph.channel_fill import Decline, Fill, is_carry_through
 
     graph = model.graph
-    uses = [u for u in weight_uses(graph) + conv_uses(graph) if u.node.graph is graph]
+    uses = [u for u in weight_uses(graph) + conv_uses(graph) + einsum_uses(graph)
+            if u.node.graph is graph]
     order = {node: i for i, node in enumerate(graph)}
     uses.sort(key=lambda u: order.get(u.node, 0))
     groups: list[ChannelGroup] = []

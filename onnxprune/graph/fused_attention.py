@@ -4,10 +4,13 @@
   weight and bias, attributes num_heads and optionally qkv_hidden_sizes;
 - com.microsoft MultiHeadAttention: 3-D Q, K, V from separate projections, an optional
   packed bias, attribute num_heads;
+- com.microsoft GroupQueryAttention: 3-D Q, K, V with num_heads / kv_num_heads; a K/V head
+  goes together with the query heads that read it;
 - ONNX Attention (opset 23+): 3-D inputs with q_num_heads / kv_num_heads, or 4-D inputs
   split by Reshape/Transpose exactly as in the unfused form.
-Past/present key-value caches and rotary flags are declined: a cache holds heads that
-another run produced, and rotary ops mix the head dimension.
+Past/present key-value caches are declined except for GroupQueryAttention's, fed as graph
+inputs and returned as graph outputs (the pruned model reads and writes the kept heads' slice
+of the cache); Attention's rotary flag is declined.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ def recognise_fused(walk: Trace, node: ir.Node) -> None:
     walk.block.nodes.add(node)
     if node.domain == "com.microsoft" and node.op_type == "Attention":
         _ms_attention(walk, node)
+    elif node.domain == "com.microsoft" and node.op_type == "GroupQueryAttention":
+        _ms_group_query(walk, node)
     elif node.domain == "com.microsoft":
         _ms_multihead(walk, node)
     else:
@@ -113,6 +118,49 @@ def _ms_multihead(walk: Trace, node: ir.Node) -> None:
             walk.masks.append((mask, -3, "head"))
     walk.trace_output(node.outputs[0], merged=True)
     walk.finish(heads_attr=heads)
+
+
+def _ms_group_query(walk: Trace, node: ir.Node) -> None:
+    """com.microsoft GroupQueryAttention: 3-D Q [.., heads * size] and K/V [.., kv_heads *
+    size] from separate projections; query head h reads K/V head h // (heads / kv_heads), so
+    one unit is a K/V head with its query heads. Rotary inside the op (do_rotary) rotates each
+    head alike with shared cos/sin caches, so removing whole heads leaves the others as they
+    were."""
+    heads = int_attr(node, "num_heads", 0)
+    kv_heads = int_attr(node, "kv_num_heads", 0)
+    if heads <= 0 or kv_heads <= 0 or heads % kv_heads:
+        raise Decline(f"{label(node)} has num_heads {heads} and kv_num_heads {kv_heads}")
+    key, value = _present(node, 1), _present(node, 2)
+    if key is None or value is None:
+        raise Decline(f"{label(node)} takes packed QKV in one input")
+    if _present(node, 11) is not None:
+        raise Decline(f"{label(node)} takes a per-head attention sink")
+    _unused_outputs(node, 3)
+    past = [v for v in (_present(node, 3), _present(node, 4)) if v is not None]
+    if any(not v.is_graph_input() for v in past):
+        raise Decline(f"{label(node)} takes a past key/value cache computed in the graph")
+    for v in past:  # the cache as fed [B, kv_heads, past, size]: fed at the pruned width
+        walk.member(v, -3, "kvhead")
+        walk.caches.add(v)
+    for out in node.outputs[1:3]:  # present key/value [B, kv_heads, S, size]
+        walk.member(out, -3, "kvhead")
+        if any(u.node is not node for u in out.uses()):
+            raise Decline(f"output '{out.name}' of {label(node)} (the present cache) is read "
+                          "in the graph")
+        if out.is_graph_output():
+            walk.caches.add(out)
+    for role, inp, count in (("q", node.inputs[0], heads), ("k", key, kv_heads),
+                             ("v", value, kv_heads)):
+        walk.trace_flat(inp, role)  # type: ignore[arg-type]
+        walk.split[role] = (None, count, None)  # type: ignore[assignment]
+    walk.repeated.update({"k", "v"})  # the op repeats K/V over the query heads itself
+    walk.site(node, 0, "head", "num_heads")
+    walk.site(node, 0, "kvhead", "kv_num_heads")
+    bias = _present(node, 10)
+    if bias is not None:
+        walk.masks.append((bias, -3, "head"))
+    walk.trace_output(node.outputs[0], merged=True)
+    walk.finish()
 
 
 def _onnx_attention(walk: Trace, node: ir.Node) -> None:

@@ -14,6 +14,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxprune.graph.attention import AttentionBlock
+from onnxprune.graph.cache_slices import record
 from onnxprune.graph.shape_literals import fresh_constant, rewrite_targets
 from onnxprune.graph.weights import const_array, set_const_array
 
@@ -40,6 +41,24 @@ def _cut(graph: ir.Graph, value: ir.Value, axis: int, idx: np.ndarray, readers: 
                 node.replace_input_with(i, fresh)
     else:
         set_const_array(value, new)
+
+
+def _gather(graph: ir.Graph, value: ir.Value, axis: int, idx: np.ndarray, reader: ir.Node
+            ) -> None:
+    """`reader` reads only heads `idx` of a per-head value computed at run time, through a
+    Gather of its own; other readers (the same bias in other layers) keep every head."""
+    out = ir.Value(name=f"{value.name}_{reader.name or 'heads'}_heads", type=value.type)
+    if value.shape is not None and len(value.shape) > axis:
+        dims = list(value.shape)
+        dims[axis] = int(idx.size)
+        out.shape = ir.Shape(dims)
+    indices = fresh_constant(graph, f"{value.name or 'bias'}_kept_heads", idx)
+    gather = ir.Node("", "Gather", [value, indices], attributes=[ir.AttrInt64("axis", axis)],
+                     outputs=[out], name=f"{reader.name or 'attention'}_kept_heads")
+    graph.insert_before(reader, gather)
+    for i, inp in enumerate(reader.inputs):
+        if inp is value:
+            reader.replace_input_with(i, out)
 
 
 def keep_heads(graph: ir.Graph, block: AttentionBlock, keep: Sequence[int]) -> None:
@@ -74,8 +93,11 @@ def keep_heads(graph: ir.Graph, block: AttentionBlock, keep: Sequence[int]) -> N
     for (bias, node), (axis, parts) in bias_cols.items():
         idx = np.concatenate([cols for _, cols in sorted(parts, key=lambda t: t[0])])
         _cut(graph, bias, axis, idx, {node}, node)
+    query_heads = head_columns(keep, block.group)  # a unit is a K/V head's query heads
     for c in block.head_constants:
-        _cut(graph, c.value, c.axis, np.asarray(keep, dtype=np.int64), readers, c.node)
+        _cut(graph, c.value, c.axis, query_heads, readers, c.node)
+    for value, axis, reader in block.head_inputs:
+        _gather(graph, value, axis, query_heads, reader)
     w = const_array(block.output.weight)
     assert w is not None
     rows = head_columns(keep, block.v_head_size)
@@ -95,6 +117,8 @@ def keep_heads(graph: ir.Graph, block: AttentionBlock, keep: Sequence[int]) -> N
             site.node.attributes[site.attribute] = ir.AttrInt64(site.attribute, new)
     rewrite_targets(graph, edits)
     for value, (axis, per_head) in block.members.items():
+        if value.is_graph_input() or value.is_graph_output():  # a key/value cache
+            record(graph, value, axis, head_columns(keep, per_head))
         if value.shape is None or len(value.shape) < -axis:
             continue
         if isinstance(value.shape[axis], int):

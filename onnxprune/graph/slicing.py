@@ -221,14 +221,24 @@ def _edit_slice(graph: ir.Graph, node: ir.Node, e: object, cuts: _Cuts) -> None:
     n = None  # shapes are still the original ones here
     if inp.shape is not None and isinstance(inp.shape[e.axis], int):  # type: ignore[attr-defined]
         n = int(inp.shape[e.axis])  # type: ignore[attr-defined]
+    folded = getattr(e, "folded", None)
     for idx in (1, 2):
-        bounds = const_array(node.inputs[idx]).copy()  # type: ignore[union-attr]
+        arr = const_array(node.inputs[idx])
+        run_time = arr is None
+        if run_time:  # computed from shapes at run time: this Slice gets constants of its own
+            assert folded is not None
+            dtype = node.inputs[idx].dtype  # type: ignore[union-attr]
+            arr = np.asarray(folded[idx - 1], dtype=dtype.numpy() if dtype else np.int64)
+        bounds = arr.copy()  # type: ignore[union-attr]
         flat = bounds.reshape(-1)
         v = int(flat[e.index])  # type: ignore[attr-defined]
         if n is not None:
             v = min(v + n if v < 0 else v, n)
         flat[e.index] = v - sum(1 for p in drop if p < v)  # type: ignore[attr-defined]
-        _write(graph, node.inputs[idx], {(node, idx): bounds})  # type: ignore[arg-type]
+        if run_time:
+            node.replace_input_with(idx, _fresh(graph, f"{node.name or 'slice'}_bound", bounds))
+        else:
+            _write(graph, node.inputs[idx], {(node, idx): bounds})  # type: ignore[arg-type]
 
 
 def _own_concat(graph: ir.Graph, cat: ir.Node, reshaped: ir.Value) -> ir.Node:

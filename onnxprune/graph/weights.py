@@ -23,6 +23,8 @@ __all__ = [
     "WeightUse",
     "weight_uses",
     "conv_uses",
+    "einsum_matrix",
+    "einsum_uses",
     "iter_nodes",
 ]
 
@@ -161,6 +163,54 @@ def conv_uses(graph: ir.Graph) -> list[WeightUse]:
         transposed = node.op_type == "ConvTranspose"
         uses.append(WeightUse(node, weight, reduce_axis=0 if transposed else 1,
                               out_axis=1 if transposed else 0))
+    return uses
+
+
+def einsum_matrix(node: ir.Node) -> tuple[int, int] | None:
+    """(reduce_axis, out_axis) of the weight when Einsum `node` is a plain matrix product of
+    its data (input 0) by a 2-D weight (input 1): "bsh,hd->bsd", "...i,ij->...j", "ij,kj->ik".
+    None for anything else (attention's "bhqd,bhkd->bhqk", a weight given first, a batched or
+    diagonal product), which the analyses then treat as an op that mixes channels."""
+    if node.op_type != "Einsum" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+        return None
+    attr = node.attributes.get("equation")
+    if attr is None:
+        return None
+    eq = attr.as_string().replace(" ", "")
+    lhs, arrow, out = eq.partition("->")
+    terms = lhs.split(",")
+    if len(terms) != 2:
+        return None
+    data, weight = terms
+    if not arrow:  # implicit output: letters seen once, in alphabetical order
+        letters = [c for c in lhs if c.isalpha()]
+        out = ("..." if "..." in lhs else "") + "".join(
+            sorted(c for c in set(letters) if letters.count(c) == 1))
+    ell = data.startswith("...")
+    body = data[3:] if ell else data
+    if len(weight) != 2 or weight[0] == weight[1] or not weight.isalpha() or not body \
+            or not body.isalpha() or len(set(body)) != len(body) or "..." in out[3:]:
+        return None
+    k = body[-1]
+    if k not in weight:
+        return None
+    n = weight[1 - weight.index(k)]
+    if n in body or out != ("..." if ell else "") + body[:-1] + n:
+        return None
+    return weight.index(k), weight.index(n)
+
+
+def einsum_uses(graph: ir.Graph) -> list[WeightUse]:
+    """Every Einsum that is a plain matrix product by a constant 2-D float weight."""
+    uses = []
+    for node in iter_nodes(graph):
+        axes = einsum_matrix(node)
+        if axes is None:
+            continue
+        arr = const_array(node.inputs[1])
+        if arr is None or arr.ndim != 2 or not np.issubdtype(arr.dtype, np.floating):
+            continue
+        uses.append(WeightUse(node, node.inputs[1], reduce_axis=axes[0], out_axis=axes[1]))  # type: ignore[arg-type]
     return uses
 
 

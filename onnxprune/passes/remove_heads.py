@@ -24,11 +24,12 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import NameFixPass
 
-from onnxprune.calibration.data import Batch, input_specs, random_batches
+from onnxprune.calibration.data import InputSpec, input_specs, random_batches
 from onnxprune.calibration.propagate import Propagator
 from onnxprune.calibration.runner import with_outputs
 from onnxprune.calibration.stats import LayerStats
 from onnxprune.errors import InputError, OnnxPruneError
+from onnxprune.graph import cache_slices
 from onnxprune.graph.attention import AttentionBlock, find_attention_blocks
 from onnxprune.graph.channels import ChannelGroup
 from onnxprune.graph.head_slicing import head_columns, keep_heads
@@ -204,6 +205,7 @@ class RemoveHeadsPass(ReportingPass):
                 out.append(HeadDecision(b.name, b.kind, b.num_heads, b.num_heads,
                                         size or None, (), b.skip_reason))
         self.result = RemoveHeadsResult(self.criterion, tuple(out))
+        cache_slices.to_metadata(model)  # key/value caches now have the pruned width
         return ir.passes.PassResult(model, modified=self.result.removed > 0)
 
     def _prune_data_free(self, model: ir.Model, block: AttentionBlock, scores: np.ndarray,
@@ -381,15 +383,41 @@ def _probe_shapes(model: ir.Model, names: Sequence[str],
     Empty when the model cannot be run here: the blocks then stay declined with the reason.
     """
     try:
-        batch: Batch
-        if calib is not None and len(calib.batches):
-            batch = next(iter(calib.batches))
-        else:
-            batch = random_batches(input_specs(model), count=1, default_dim=3)[0]
         session = make_session(with_outputs(model, names), "cpu")
-        feeds = {i.name: batch[i.name] for i in session.get_inputs()}
-        arrays = session.run(list(names), feeds)
+        if calib is not None and len(calib.batches):
+            batches = [next(iter(calib.batches))]
+        else:
+            specs = input_specs(model)
+            batches = [random_batches(specs, count=1, default_dim=3)[0]]
+            empty = _empty_cache(specs)
+            if empty:
+                batches.append(random_batches(specs, empty, count=1, default_dim=3)[0])
     except Exception as e:  # any failure leaves the masks unresolved, never breaks the pass
         logger.info("could not probe mask shapes: %s", e)
         return {}
-    return {n: tuple(int(d) for d in a.shape) for n, a in zip(names, arrays, strict=True)}
+    for batch in batches:
+        try:
+            feeds = {i.name: batch[i.name] for i in session.get_inputs()}
+            arrays = session.run(list(names), feeds)
+        except Exception as e:  # a failure leaves the masks unresolved, never breaks the pass
+            logger.info("could not probe mask shapes: %s", e)
+            continue
+        return {n: tuple(int(d) for d in a.shape) for n, a in zip(names, arrays, strict=True)}
+    return {}
+
+
+def _empty_cache(specs: Sequence[InputSpec]) -> dict[str, tuple[int, ...]]:
+    """Shapes that feed key/value cache inputs (`past*`) an empty cache: their own symbolic
+    lengths 0. Generated inputs give every symbol one size, which a decoder with a cache
+    rejects (its mask spans past + new positions); with no past, every length agrees."""
+    past = [s for s in specs if s.name.startswith("past") and s.dims is not None]
+    if not past:
+        return {}
+    shared = {d for s in specs if s not in past for d in (s.dims or ()) if isinstance(d, str)}
+    out = {}
+    for s in past:
+        dims = s.dims or ()
+        if any(d is None for d in dims):
+            return {}
+        out[s.name] = tuple(d if isinstance(d, int) else 3 if d in shared else 0 for d in dims)
+    return out
