@@ -23,7 +23,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxprune.calibration.data import Batch
-from onnxprune.calibration.runner import capture, row_mask
+from onnxprune.calibration.runner import row_mask
 from onnxprune.errors import DataError, InputError
 from onnxprune.graph.channels import ChannelGroup, find_channel_groups
 from onnxprune.graph.weights import const_array, set_const_array
