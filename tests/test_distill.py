@@ -264,6 +264,9 @@ def test_bad_time_budget_is_refused() -> None:
     with pytest.raises(InputError, match="repair-seconds"):
         DistillRepairPass(reference=_ffn_model("Relu"), calibration=Calibration([]),
                           seconds=0)
+    with pytest.raises(InputError, match="repair-augment"):
+        PruneConfig(sparsity=0.5, calibration=_batches(2, 0), reconstruct="distill",
+                    repair_augment=-1).passes(_ffn_model("Relu"), None, _batches(2, 0))
 
 
 def test_cli_distill_on_the_digits_model(tmp_path, capsys) -> None:

@@ -34,8 +34,8 @@ from onnxprune.repair.capture import cut_model
 from onnxprune.repair.fit import FitOptions, Rows, distill_block
 from onnxprune.runtime import make_session
 
-__all__ = ["DistillRepairPass", "DistillResult", "BlockRepair", "DEFAULT_REPAIR_SECONDS",
-           "HOLDOUT_EVERY"]
+__all__ = ["DistillRepairPass", "DistillResult", "BlockRepair", "DEFAULT_AUGMENT",
+           "DEFAULT_REPAIR_SECONDS", "HOLDOUT_EVERY"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +43,9 @@ logger = logging.getLogger(__name__)
 HOLDOUT_EVERY = 8
 MIN_SAMPLES = 2 * HOLDOUT_EVERY
 DEFAULT_REPAIR_SECONDS = 120.0
+# Edited copies of each calibration batch (with a token mask). On MiniLM at 50 % FFN, 3
+# copies raised the held-out cosine from 0.9698 to 0.9721 in the same optimisation time.
+DEFAULT_AUGMENT = 3
 
 
 @dataclass(frozen=True)
