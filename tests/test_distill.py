@@ -409,3 +409,25 @@ def test_augmentation_adds_fitted_rows_but_holds_out_only_unedited_sentences() -
     plain, aug = reports[0], reports[2]
     assert plain.held_rows == aug.held_rows > 0
     assert 2.0 * plain.fit_rows < aug.fit_rows <= 3 * plain.fit_rows
+
+
+def test_replaying_the_recorded_steps_gives_the_same_bytes() -> None:
+    """A timed run records its step counts; a replay with them, under a different (tiny)
+    time budget, writes exactly the same weights."""
+    model = _ffn_model("erf_gelu", seed=2)
+    fit = _batches(24, 11)
+    lstsq, _ = _prune_pair(model, fit, "lstsq")
+    first = ir.from_proto(ir.to_proto(lstsq))
+    p1 = DistillRepairPass(reference=model, calibration=Calibration(fit), seconds=3,
+                           options=FitOptions(seed=0, max_epochs=8))
+    p1(first)
+    steps = p1.result.steps
+    assert p1.result.distilled == 1 and all(n > 0 for n in steps.values()), p1.result
+    again = ir.from_proto(ir.to_proto(lstsq))
+    p2 = DistillRepairPass(reference=model, calibration=Calibration(fit), seconds=1e-3,
+                           options=FitOptions(seed=0, max_epochs=8), steps=steps)
+    p2(again)
+    assert p2.result.steps == steps
+    assert ir.to_proto(first).SerializeToString() == ir.to_proto(again).SerializeToString()
+    with pytest.raises(InputError, match="steps"):
+        DistillRepairPass(reference=model, calibration=Calibration(fit), steps={"fc1": -1})

@@ -64,6 +64,7 @@ class BlockRepair:
     target: str | None = None
     fit_rows: int = 0  # rows the gradient saw (edited copies included)
     held_rows: int = 0  # rows of the held-out calibration sentences (early stopping)
+    steps: int = 0  # optimiser steps to the kept weights: replaying them gives the same bytes
 
     def to_dict(self) -> dict[str, object]:
         return dict(vars(self))
@@ -77,6 +78,11 @@ class DistillResult:
     @property
     def distilled(self) -> int:
         return sum(b.status == "distilled" for b in self.blocks)
+
+    @property
+    def steps(self) -> dict[str, int]:
+        """Steps per block (`DistillRepairPass(steps=...)` replays them exactly)."""
+        return {b.group: b.steps for b in self.blocks if b.status != "declined"}
 
     def to_dict(self) -> dict[str, object]:
         return {"distilled_blocks": self.distilled, "seconds": round(self.seconds, 2),
@@ -183,6 +189,7 @@ class DistillRepairPass(ir.passes.InPlacePass):
         kept: Mapping[str, np.ndarray] | None = None,
         options: FitOptions | None = None,
         augment: Augment | None = None,
+        steps: Mapping[str, int] | None = None,
     ) -> None:
         """`reference`: the original model (not modified). `groups`: names of the groups to
         repair (default: every group with fewer channels than in `reference`). `kept`: the
@@ -191,7 +198,10 @@ class DistillRepairPass(ir.passes.InPlacePass):
         optimisation time for all blocks, shared evenly, unused time passed on (running the
         calibration batches to capture inputs and targets comes on top). `augment`: edited
         copies of the calibration sentences added to the fitted rows (repair/augment.py);
-        the held-out rows for early stopping stay unedited sentences."""
+        the held-out rows for early stopping stay unedited sentences. `steps`: replay a
+        recorded run (DistillResult.steps): each named block takes exactly that many steps,
+        whatever the time, which gives the same weights on the same data; a block not
+        named keeps its least-squares weights."""
         super().__init__()
         if seconds <= 0:
             raise InputError(f"--repair-seconds must be > 0, got {seconds}")
@@ -202,6 +212,10 @@ class DistillRepairPass(ir.passes.InPlacePass):
         self.kept = kept if kept is not None else {}
         self.options = options or FitOptions()
         self.augment = augment or Augment()
+        self.steps = None if steps is None else dict(steps)
+        if self.steps is not None and any(
+                type(n) is not int or n < 0 for n in self.steps.values()):
+            raise InputError("distillation steps must be integers >= 0 per block")
         self._batches: list[Batch] = []
         self._origins: list[int | None] = []
         self._all: list[ChannelGroup] = []
@@ -335,6 +349,8 @@ class DistillRepairPass(ir.passes.InPlacePass):
         fit_rows, held_rows = rows.take(~held_mask), rows.take(held_mask & ~edited)
         del rows, inputs, target
         options = FitOptions(**{**vars(self.options), "seconds": seconds})
+        if self.steps is not None:
+            options = FitOptions(**{**vars(options), "stop_at": self.steps.get(name, 0)})
         res = distill_block(fn, start, fit_rows, held_rows, options)
         status = "distilled" if res.improved else "kept least squares"
         if res.improved:
@@ -349,4 +365,5 @@ class DistillRepairPass(ir.passes.InPlacePass):
                     res.held_before, res.held_after, res.epochs, res.stopped)
         return BlockRepair(name, status, None if res.improved else res.stopped,
                            res.fit_before, res.fit_after, res.held_before, res.held_after,
-                           res.epochs, res.seconds, out, fit_rows.count, held_rows.count)
+                           res.epochs, res.seconds, out, fit_rows.count, held_rows.count,
+                           res.steps)
