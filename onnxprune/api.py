@@ -29,7 +29,7 @@ from onnxprune.graph.attention import AttentionBlock, find_attention_blocks
 from onnxprune.graph.channels import ChannelGroup, find_channel_groups
 from onnxprune.io import MIN_OPSET, check_output_path, load_model, save_model, serialized_model
 from onnxprune.passes.cleanup import CleanupPass
-from onnxprune.passes.distill import DEFAULT_REPAIR_SECONDS, DistillRepairPass
+from onnxprune.passes.distill import DEFAULT_AUGMENT, DEFAULT_REPAIR_SECONDS, DistillRepairPass
 from onnxprune.passes.quantize_qdq import QuantizeQDQPass, QuantizeQDQResult
 from onnxprune.passes.reconstruct import Calibration, Reconstruct
 from onnxprune.passes.remove_heads import RemoveHeadsPass
@@ -49,6 +49,7 @@ from onnxprune.plan.search import (
     split_holdout,
 )
 from onnxprune.quantize import QuantizeConfig, quantize_model
+from onnxprune.repair.augment import Augment
 from onnxprune.runtime import ModelSource, Provider, make_session
 from onnxprune.golden import Golden, compare_golden, load_golden
 from onnxprune.golden import save_golden as write_golden
@@ -91,6 +92,7 @@ class PruneConfig:
     ridge: float | None = None  # None: per layer, by cross-validation on the batches
     repair_seconds: float | None = None  # time budget of --reconstruct distill
     calibration_provider: Provider = "cpu"  # where calibration batches run
+    repair_augment: int | None = None  # edited copies of the calibration sentences (distill)
     global_ranking: bool = False
     max_group_sparsity: float = 0.9
     round_to: int = 1
@@ -173,6 +175,8 @@ class PruneConfig:
             raise InputError(f"--ridge must be >= 0, got {self.ridge}")
         if self.repair_seconds is not None and self.repair_seconds <= 0:
             raise InputError(f"--repair-seconds must be > 0, got {self.repair_seconds}")
+        if self.repair_augment is not None and self.repair_augment < 0:
+            raise InputError(f"--repair-augment must be >= 0, got {self.repair_augment}")
         calib = None
         if self.calibration is not None:
             calib = Calibration(
@@ -205,6 +209,8 @@ class PruneConfig:
                 out.append(DistillRepairPass(
                     reference=ir.from_proto(ir.to_proto(model)), calibration=calib,
                     seconds=self.repair_seconds or DEFAULT_REPAIR_SECONDS,
+                    augment=Augment(copies=DEFAULT_AUGMENT if self.repair_augment is None
+                                    else self.repair_augment),
                     kept=out[-1].kept))  # type: ignore[attr-defined]
         if self.heads is not None:
             out.append(

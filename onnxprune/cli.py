@@ -150,6 +150,10 @@ def _main_parser() -> argparse.ArgumentParser:
     g.add_argument("--repair-seconds", type=float, default=None, metavar="S",
                    help="optimisation time of --reconstruct distill, shared by the pruned "
                    "blocks (default 120; capturing their inputs comes on top)")
+    g.add_argument("--repair-augment", type=int, default=None, metavar="N",
+                   help="--reconstruct distill with a token mask: also fit N copies of the "
+                   "calibration sentences with a few tokens left out or exchanged "
+                   "(default 3; 0: only the sentences as given)")
     g.add_argument("--ridge", type=_ridge, default=None, metavar="F|auto",
                    help="ridge strength of the repair, relative to the mean activation power "
                    "(default auto: chosen per layer by cross-validation on the calibration "
@@ -375,7 +379,7 @@ def _cmd_prune(argv: Sequence[str], console: Console) -> int:
         sparsity=args.sparsity, mode=args.mode, threshold=args.threshold, nm=args.nm,
         criterion=args.criterion, calibration=args.calibration, token_mask=args.token_mask,
         reconstruct=args.reconstruct, ridge=args.ridge, global_ranking=args.global_ranking,
-        repair_seconds=args.repair_seconds,
+        repair_seconds=args.repair_seconds, repair_augment=args.repair_augment,
         calibration_provider="cuda" if "cuda" in parse_providers(args.providers) else "cpu",
         max_group_sparsity=args.max_group_sparsity, round_to=args.round_to,
         ignore=tuple(args.ignore), seed=args.seed, quantize=_quantize_config(args),

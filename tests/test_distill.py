@@ -264,6 +264,9 @@ def test_bad_time_budget_is_refused() -> None:
     with pytest.raises(InputError, match="repair-seconds"):
         DistillRepairPass(reference=_ffn_model("Relu"), calibration=Calibration([]),
                           seconds=0)
+    with pytest.raises(InputError, match="repair-augment"):
+        PruneConfig(sparsity=0.5, calibration=_batches(2, 0), reconstruct="distill",
+                    repair_augment=-1).passes(_ffn_model("Relu"), None, _batches(2, 0))
 
 
 def test_cli_distill_on_the_digits_model(tmp_path, capsys) -> None:
@@ -309,3 +312,122 @@ def test_cut_model_runs_only_the_layers_after_the_fed_tensor() -> None:
     sess = make_session(data, "cpu")
     feeds = {i.name: {"x": x, "s0": s0}[i.name] for i in sess.get_inputs()}
     np.testing.assert_array_equal(sess.run(["relu1_out"], feeds)[0], hidden)
+
+
+# ----------------------------------------------------------------- augmentation
+
+def _token_batch(rng: np.random.Generator, n: int = 6, seq: int = 9) -> dict[str, np.ndarray]:
+    """Token ids framed by 1 (first) and 2 (last), padded with 0; lengths differ."""
+    lengths = rng.integers(3, seq + 1, n)
+    ids = np.zeros((n, seq), np.int64)
+    mask = np.zeros((n, seq), np.int64)
+    for i, length in enumerate(lengths):
+        ids[i, :length] = [1, *rng.integers(3, 40, length - 2), 2]
+        mask[i, :length] = 1
+    return {"input_ids": ids, "attention_mask": mask, "scale": np.ones((1,), np.float32)}
+
+
+def test_augmented_copies_keep_sentence_ends_and_use_only_tokens_of_the_batch() -> None:
+    """Each copy has the same sentences, each still framed by its own first and last token,
+    with inner tokens only from the batch, never more real tokens than before, and the same
+    edit applied to every [batch, seq] input (ids and mask stay aligned)."""
+    from onnxprune.repair.augment import Augment, augment_batch
+
+    rng = np.random.default_rng(0)
+    batch = _token_batch(rng)
+    batch["position_ids"] = np.broadcast_to(np.arange(9), (6, 9)).copy()
+    copy = augment_batch(batch, "attention_mask", Augment(copies=1, drop=0.3, swap=0.3), rng)
+    assert copy is not None and copy["scale"] is batch["scale"]  # other inputs untouched
+    real_before = batch["attention_mask"].sum(axis=1)
+    real_after = copy["attention_mask"].sum(axis=1)
+    assert np.all(real_after <= real_before) and real_after.sum() < real_before.sum()
+    inner_tokens = set(batch["input_ids"][:, 1:][batch["input_ids"][:, 1:] > 2].tolist())
+    changed = False
+    for i in range(6):
+        n = int(real_after[i])
+        ids = copy["input_ids"][i]
+        assert ids[0] == 1 and ids[n - 1] == 2 and np.all(ids[n:] == 0)
+        assert set(ids[1 : n - 1].tolist()) <= inner_tokens
+        assert np.all(copy["attention_mask"][i, :n] == 1)
+        # positions travel with their tokens, so they stay increasing within each source
+        changed |= n != real_before[i] or not np.array_equal(
+            ids[:n], batch["input_ids"][i, :n])
+    assert changed
+    none = augment_batch(batch, "missing_mask", Augment(copies=1), rng)
+    assert none is None
+
+
+def _token_ffn_model() -> ir.Model:
+    """ids -> embedding; tokens mixed by a masked mean over the sentence; LN; FFN; LN."""
+    b = GraphBuilder(seed=3)
+    ids = b.input("input_ids", [BATCH, "seq"], onnx.TensorProto.INT64)
+    mask = b.input("attention_mask", [BATCH, "seq"], onnx.TensorProto.INT64)
+    table = b.const("emb", b.rng.standard_normal((40, 8)).astype(np.float32))
+    x = b.op("Gather", [table, ids], name="emb_gather")
+    m = b.op("Cast", [mask], name="mask_f", to=onnx.TensorProto.FLOAT)
+    m = b.op("Unsqueeze", [m, b.const("ax", np.array([-1], np.int64))], name="mask_u")
+    xm = b.op("Mul", [x, m], name="masked")
+    total = b.op("ReduceSum", [xm, b.const("ax1", np.array([1], np.int64))], name="sum",
+                 keepdims=1)
+    count = b.op("ReduceSum", [m, b.const("ax1b", np.array([1], np.int64))], name="cnt",
+                 keepdims=1)
+    ctx = b.op("Div", [total, count], name="ctx")
+    mixed = b.op("Add", [x, ctx], name="mix")
+    s = b.op("LayerNormalization", [mixed, b.const("ln0.g", np.ones(8, np.float32)),
+                                    b.const("ln0.b", np.zeros(8, np.float32))],
+             name="ln0", axis=-1)
+    h = activation(b, dense(b, s, 8, 32, name="fc1"), "Relu", name="act")
+    r = b.op("Add", [dense(b, h, 32, 8, name="fc2"), s], name="res")
+    y = b.op("LayerNormalization", [r, b.const("ln1.g", np.ones(8, np.float32)),
+                                    b.const("ln1.b", np.zeros(8, np.float32))],
+             name="ln1", axis=-1, output="y")
+    return to_ir(b.build([y], infer_shapes=True, name="tok", opset=17))
+
+
+def test_augmentation_adds_fitted_rows_but_holds_out_only_unedited_sentences() -> None:
+    """With two edited copies the gradient sees about three times the rows, the held-out
+    rows are exactly those of the unedited run, and the result on new sentences is not worse
+    than least squares."""
+    from onnxprune.repair.augment import Augment
+
+    model = _token_ffn_model()
+    rng = np.random.default_rng(1)
+    fit = [{k: v for k, v in _token_batch(rng).items() if k != "scale"} for _ in range(6)]
+    new = [{k: v for k, v in _token_batch(rng).items() if k != "scale"} for _ in range(4)]
+    lstsq = ir.from_proto(ir.to_proto(model))
+    prune_model(lstsq, PruneConfig(sparsity=0.5, calibration=fit, reconstruct="lstsq",
+                                   token_mask="attention_mask"))  # type: ignore[arg-type]
+    reports = {}
+    for copies in (0, 2):
+        pruned = ir.from_proto(ir.to_proto(lstsq))
+        p = DistillRepairPass(reference=model, calibration=Calibration(
+            fit, token_mask="attention_mask"), seconds=10, options=FitOptions(seed=0),
+            augment=Augment(copies=copies))
+        p(pruned)
+        (reports[copies],) = p.result.blocks
+        assert _mse(model, pruned, new) <= _mse(model, lstsq, new) * 1.02
+    plain, aug = reports[0], reports[2]
+    assert plain.held_rows == aug.held_rows > 0
+    assert 2.0 * plain.fit_rows < aug.fit_rows <= 3 * plain.fit_rows
+
+
+def test_replaying_the_recorded_steps_gives_the_same_bytes() -> None:
+    """A timed run records its step counts; a replay with them, under a different (tiny)
+    time budget, writes exactly the same weights."""
+    model = _ffn_model("erf_gelu", seed=2)
+    fit = _batches(24, 11)
+    lstsq, _ = _prune_pair(model, fit, "lstsq")
+    first = ir.from_proto(ir.to_proto(lstsq))
+    p1 = DistillRepairPass(reference=model, calibration=Calibration(fit), seconds=3,
+                           options=FitOptions(seed=0, max_epochs=8))
+    p1(first)
+    steps = p1.result.steps
+    assert p1.result.distilled == 1 and all(n > 0 for n in steps.values()), p1.result
+    again = ir.from_proto(ir.to_proto(lstsq))
+    p2 = DistillRepairPass(reference=model, calibration=Calibration(fit), seconds=1e-3,
+                           options=FitOptions(seed=0, max_epochs=8), steps=steps)
+    p2(again)
+    assert p2.result.steps == steps
+    assert ir.to_proto(first).SerializeToString() == ir.to_proto(again).SerializeToString()
+    with pytest.raises(InputError, match="steps"):
+        DistillRepairPass(reference=model, calibration=Calibration(fit), steps={"fc1": -1})

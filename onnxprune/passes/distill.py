@@ -23,18 +23,19 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxprune.calibration.data import Batch
-from onnxprune.calibration.runner import capture, row_mask
+from onnxprune.calibration.runner import row_mask
 from onnxprune.errors import DataError, InputError
 from onnxprune.graph.channels import ChannelGroup, find_channel_groups
 from onnxprune.graph.weights import const_array, set_const_array
 from onnxprune.passes.reconstruct import Calibration
+from onnxprune.repair.augment import Augment, augmented
 from onnxprune.repair.block import Block, BlockFunction, find_block
 from onnxprune.repair.capture import cut_model
 from onnxprune.repair.fit import FitOptions, Rows, distill_block
 from onnxprune.runtime import make_session
 
-__all__ = ["DistillRepairPass", "DistillResult", "BlockRepair", "DEFAULT_REPAIR_SECONDS",
-           "HOLDOUT_EVERY"]
+__all__ = ["DistillRepairPass", "DistillResult", "BlockRepair", "DEFAULT_AUGMENT",
+           "DEFAULT_REPAIR_SECONDS", "HOLDOUT_EVERY"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,9 @@ logger = logging.getLogger(__name__)
 HOLDOUT_EVERY = 8
 MIN_SAMPLES = 2 * HOLDOUT_EVERY
 DEFAULT_REPAIR_SECONDS = 120.0
+# Edited copies of each calibration batch (with a token mask). On MiniLM at 50 % FFN, 3
+# copies raised the held-out cosine from 0.9698 to 0.9721 in the same optimisation time.
+DEFAULT_AUGMENT = 3
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,9 @@ class BlockRepair:
     epochs: int = 0
     seconds: float = 0.0
     target: str | None = None
+    fit_rows: int = 0  # rows the gradient saw (edited copies included)
+    held_rows: int = 0  # rows of the held-out calibration sentences (early stopping)
+    steps: int = 0  # optimiser steps to the kept weights: replaying them gives the same bytes
 
     def to_dict(self) -> dict[str, object]:
         return dict(vars(self))
@@ -71,6 +78,11 @@ class DistillResult:
     @property
     def distilled(self) -> int:
         return sum(b.status == "distilled" for b in self.blocks)
+
+    @property
+    def steps(self) -> dict[str, int]:
+        """Steps per block (`DistillRepairPass(steps=...)` replays them exactly)."""
+        return {b.group: b.steps for b in self.blocks if b.status != "declined"}
 
     def to_dict(self) -> dict[str, object]:
         return {"distilled_blocks": self.distilled, "seconds": round(self.seconds, 2),
@@ -86,8 +98,14 @@ def _samples(batch: Batch, lead: tuple[int, ...]) -> np.ndarray:
 class _Collector:
     """Keeps the unmasked rows of some tensors, batch by batch, and the sample of each row."""
 
-    def __init__(self, names: Sequence[str], token_mask: str | None, dtype: type) -> None:
+    def __init__(self, names: Sequence[str], token_mask: str | None, dtype: type,
+                 origins: Sequence[int | None] = ()) -> None:
         self.names = list(names)
+        # Per batch: None for a calibration batch, else the index of the batch it was made
+        # from (its rows belong to the same samples, so they are held out together).
+        self.origins = list(origins)
+        self.starts: list[int] = []  # first sample index of each calibration batch
+        self.aug_parts: list[np.ndarray] = []
         self.token_mask = token_mask
         self.dtype = dtype
         self.parts: dict[str, list[np.ndarray]] = {n: [] for n in self.names}
@@ -103,9 +121,15 @@ class _Collector:
         lead = tuple(first.shape[:-1]) or (1,)
         rows = int(np.prod(lead))
         mask = row_mask(batch, self.token_mask, rows, lead)
-        samples = _samples(batch, lead) + self.offset
+        k = len(self.leads)
+        origin = self.origins[k] if k < len(self.origins) else None
+        if origin is None:
+            self.starts.append(self.offset)
+            samples = _samples(batch, lead) + self.offset
+            self.offset += lead[0]
+        else:
+            samples = _samples(batch, lead) + self.starts[origin]
         self.leads.append(tuple(first.shape[:-1]) if first.ndim > 1 else (first.shape[0],))
-        self.offset += lead[0]
         for name in self.names:
             a = arrays[name]
             flat = a.reshape(-1, a.shape[-1]) if a.ndim > 1 else a.reshape(-1, 1)
@@ -114,6 +138,7 @@ class _Collector:
                                f"has {rows}; the block does not act row by row")
             self.parts[name].append((flat if mask is None else flat[mask]).astype(self.dtype))
         self.sample_parts.append(samples if mask is None else samples[mask])
+        self.aug_parts.append(np.full(self.sample_parts[-1].shape, origin is not None))
         if self.keep_full:
             self.full.append({n: arrays[n].reshape(rows, -1).astype(self.dtype)
                               for n in self.names})
@@ -123,6 +148,9 @@ class _Collector:
 
     def samples(self) -> np.ndarray:
         return np.concatenate(self.sample_parts)
+
+    def augmented(self) -> np.ndarray:
+        return np.concatenate(self.aug_parts)
 
 
 class _Decline(Exception):
@@ -160,13 +188,20 @@ class DistillRepairPass(ir.passes.InPlacePass):
         groups: Collection[str] | None = None,
         kept: Mapping[str, np.ndarray] | None = None,
         options: FitOptions | None = None,
+        augment: Augment | None = None,
+        steps: Mapping[str, int] | None = None,
     ) -> None:
         """`reference`: the original model (not modified). `groups`: names of the groups to
         repair (default: every group with fewer channels than in `reference`). `kept`: the
         channels each pruned group kept (RemoveNeuronsPass.kept), needed where a block's
         output is itself a pruned group (an MLP layer feeding the next). `seconds`: the
         optimisation time for all blocks, shared evenly, unused time passed on (running the
-        calibration batches to capture inputs and targets comes on top)."""
+        calibration batches to capture inputs and targets comes on top). `augment`: edited
+        copies of the calibration sentences added to the fitted rows (repair/augment.py);
+        the held-out rows for early stopping stay unedited sentences. `steps`: replay a
+        recorded run (DistillResult.steps): each named block takes exactly that many steps,
+        whatever the time, which gives the same weights on the same data; a block not
+        named keeps its least-squares weights."""
         super().__init__()
         if seconds <= 0:
             raise InputError(f"--repair-seconds must be > 0, got {seconds}")
@@ -176,8 +211,16 @@ class DistillRepairPass(ir.passes.InPlacePass):
         self.groups = None if groups is None else set(groups)
         self.kept = kept if kept is not None else {}
         self.options = options or FitOptions()
+        self.augment = augment or Augment()
+        self.steps = None if steps is None else dict(steps)
+        if self.steps is not None and any(
+                type(n) is not int or n < 0 for n in self.steps.values()):
+            raise InputError("distillation steps must be integers >= 0 per block")
+        self._batches: list[Batch] = []
+        self._origins: list[int | None] = []
         self._all: list[ChannelGroup] = []
         self._prev: tuple[str, list[np.ndarray]] | None = None  # last block output, per batch
+        self._ref_prev: tuple[str, list[np.ndarray]] | None = None  # the same, original model
         self.result = DistillResult()
 
     def _blocks(self, model: ir.Model) -> tuple[list[ChannelGroup], list[BlockRepair]]:
@@ -210,11 +253,14 @@ class DistillRepairPass(ir.passes.InPlacePass):
             blocks.append(block)
         modified = False
         if blocks:
-            targets = self._targets(blocks)
-            self._prev = None
+            extra = augmented(self.calibration.batches, self.calibration.token_mask,
+                              self.augment)
+            self._batches = [*self.calibration.batches, *(b for b, _ in extra)]
+            self._origins = [None] * len(self.calibration.batches) + [o for _, o in extra]
+            self._prev = self._ref_prev = None
             budget = self.seconds  # optimisation time; captures are not counted
             for k, block in enumerate(blocks):
-                report = self._repair(model, block, targets, budget / (len(blocks) - k))
+                report = self._repair(model, block, budget / (len(blocks) - k))
                 budget = max(budget - report.seconds, 0.0)  # unused time moves on
                 reports.append(report)
                 modified = modified or report.status == "distilled"
@@ -232,9 +278,10 @@ class DistillRepairPass(ir.passes.InPlacePass):
         wanted = [n for n in names if n not in graph_inputs]
         session = None
         if wanted:
-            session = make_session(cut_model(model, wanted, prev[0] if prev else None), "cpu")
+            session = make_session(cut_model(model, wanted, prev[0] if prev else None),
+                                   self.calibration.provider)
         fed = {i.name for i in session.get_inputs()} if session is not None else set()
-        for i, batch in enumerate(self.calibration.batches):
+        for i, batch in enumerate(self._batches):
             arrays: dict[str, np.ndarray] = {}
             if session is not None:
                 feeds = {k: v for k, v in batch.items() if k in fed}
@@ -247,26 +294,34 @@ class DistillRepairPass(ir.passes.InPlacePass):
                     raise DataError(f"calibration batch {i} failed in onnxruntime: {text}") from e
             collect(arrays, batch)
 
-    def _targets(self, blocks: Sequence[Block]) -> dict[str, np.ndarray]:
-        """The original model's block outputs on the calibration rows, for every block."""
-        names = [b.output.name or "" for b in blocks]
-        collect = _Collector(names, self.calibration.token_mask, np.float32)
-        capture(self.reference, names, self.calibration.batches, collect)
-        return {n: collect.rows(n) for n in names}
+    def _target(self, block: Block) -> np.ndarray:
+        """The original model's block output on the calibration rows. Like the inputs, it is
+        computed from the original's previous block output, so one block's rows are held at
+        a time and only the layers in between run."""
+        out = block.output.name or ""
+        collect = _Collector([out], self.calibration.token_mask, np.float32, self._origins)
+        collect.keep_full = True
+        self._block_inputs(self.reference, [out], self._ref_prev, collect)
+        self._ref_prev = (out, [f[out].reshape(*shape, -1)
+                                for f, shape in zip(collect.full, collect.leads, strict=True)])
+        return collect.rows(out)
 
-    def _repair(self, model: ir.Model, block: Block, targets: dict[str, np.ndarray],
-                seconds: float) -> BlockRepair:
+    def _repair(self, model: ir.Model, block: Block, seconds: float) -> BlockRepair:
         name, out = block.name, block.output.name or ""
         names = [v.name or "" for v in block.inputs]
-        collect = _Collector(names, self.calibration.token_mask, np.float32)
+        collect = _Collector(names, self.calibration.token_mask, np.float32, self._origins)
         collect.keep_full = True
         prev, self._prev = self._prev, None
         try:
             self._block_inputs(model, names, prev, collect)
         except _Decline as e:
             return BlockRepair(name, "declined", str(e), target=out)
-        target = targets[out]
+        try:
+            target = self._target(block)
+        except _Decline as e:
+            return BlockRepair(name, "declined", str(e), target=out)
         inputs = tuple(collect.rows(n) for n in names)
+        collect.parts.clear()  # the rows are in `inputs` now; peak memory counts on MiniLM
         fn = BlockFunction(block, np.float32)
         start = {v: np.asarray(const_array(v), dtype=np.float32) for v in block.params}
         width = fn.forward({v: a[:1] for v, a in zip(block.inputs, inputs, strict=True)},
@@ -289,9 +344,14 @@ class DistillRepairPass(ir.passes.InPlacePass):
                                f"distillation needs at least {MIN_SAMPLES} to hold some out",
                                target=out)
         held_mask = samples % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
+        edited = collect.augmented()
         rows = Rows(inputs, target)
-        fit_rows, held_rows = rows.take(~held_mask), rows.take(held_mask)
+        # Edited copies of held-out sentences are dropped: they would leak into the check.
+        fit_rows, held_rows = rows.take(~held_mask), rows.take(held_mask & ~edited)
+        del rows, inputs, target
         options = FitOptions(**{**vars(self.options), "seconds": seconds})
+        if self.steps is not None:
+            options = FitOptions(**{**vars(options), "stop_at": self.steps.get(name, 0)})
         res = distill_block(fn, start, fit_rows, held_rows, options)
         status = "distilled" if res.improved else "kept least squares"
         if res.improved:
@@ -306,4 +366,5 @@ class DistillRepairPass(ir.passes.InPlacePass):
                     res.held_before, res.held_after, res.epochs, res.stopped)
         return BlockRepair(name, status, None if res.improved else res.stopped,
                            res.fit_before, res.fit_after, res.held_before, res.held_after,
-                           res.epochs, res.seconds, out)
+                           res.epochs, res.seconds, out, fit_rows.count, held_rows.count,
+                           res.steps)

@@ -39,6 +39,9 @@ class FitOptions:
     prior: float = 0.0  # ridge towards the start, relative to the starting loss
     patience: int = 3  # epochs without held-out gain before stopping
     seed: int = 0
+    # Replay: stop after exactly this many steps, whatever the time (FitResult.steps of an
+    # earlier run). The held-out checks fall where they fell then, so the weights are equal.
+    stop_at: int | None = None
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,7 @@ class FitResult:
     epochs: int
     seconds: float
     stopped: str
+    steps: int = 0  # optimiser steps taken to reach the returned weights (0: the start)
 
 
 def _loss(fn: BlockFunction, rows: Rows, params: dict[ir.Value, np.ndarray],
@@ -85,7 +89,8 @@ def distill_block(fn: BlockFunction, start: dict[ir.Value, np.ndarray], fit: Row
                   held: Rows, options: FitOptions) -> FitResult:
     """Adam from `start` on `fit`; the best weights on `held` (or `start`) are returned."""
     t0 = time.perf_counter()
-    deadline = t0 + options.seconds
+    deadline = t0 + options.seconds if options.stop_at is None else float("inf")
+    stop_at = options.stop_at
     dtype = fn.dtype
     theta = {v: a.astype(dtype, copy=True) for v, a in start.items()}
     prior = {v: a.astype(dtype, copy=True) for v, a in start.items()}
@@ -100,6 +105,7 @@ def distill_block(fn: BlockFunction, start: dict[ir.Value, np.ndarray], fit: Row
     fit_before = _loss(fn, probe, theta)
     held_before = _loss(fn, held, theta)
     best, best_held, best_fit = theta, held_before, fit_before
+    best_step = 0
     lr = options.lr
     beta1, beta2, eps = 0.9, 0.999, 1e-8
     # Ridge weight per tensor: `prior` x starting loss per unit relative squared change.
@@ -115,7 +121,7 @@ def distill_block(fn: BlockFunction, start: dict[ir.Value, np.ndarray], fit: Row
         order = rng.permutation(fit.count)
         out_of_time = False
         for b in range(0, fit.count, batch_rows):
-            if time.perf_counter() > deadline:
+            if time.perf_counter() > deadline or stop_at is not None and step >= stop_at:
                 out_of_time = True
                 break
             part = fit.take(order[b : b + batch_rows])
@@ -140,14 +146,15 @@ def distill_block(fn: BlockFunction, start: dict[ir.Value, np.ndarray], fit: Row
                      held_now, held_before)
         if held_now < best_held:
             best, best_held, bad = {v: a.copy() for v, a in theta.items()}, held_now, 0
+            best_step = step
         else:
             bad += 1
             lr *= 0.5  # the held-out loss stalled: smaller steps before giving up
             if bad >= options.patience:
                 stopped = "held-out loss stopped improving"
                 break
-        if out_of_time:
-            stopped = "time budget"
+        if out_of_time or stop_at is not None and step >= stop_at:
+            stopped = "time budget" if stop_at is None else "replayed step count"
             break
     improved = best_held < held_before
     if improved:
@@ -156,5 +163,5 @@ def distill_block(fn: BlockFunction, start: dict[ir.Value, np.ndarray], fit: Row
         params=best if improved else {v: a.copy() for v, a in start.items()},
         improved=improved, fit_before=fit_before, fit_after=best_fit if improved else fit_before,
         held_before=held_before, held_after=best_held, epochs=epochs,
-        seconds=time.perf_counter() - t0, stopped=stopped,
+        seconds=time.perf_counter() - t0, stopped=stopped, steps=best_step if improved else 0,
     )
