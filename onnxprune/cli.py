@@ -335,7 +335,7 @@ def _progress_bar(console: Console, what: str) -> Iterator[Callable[[int, int, s
         yield update
 
 
-def _run_verify(console: Console, args: argparse.Namespace, reference: str,
+def _run_verify(console: Console, args: argparse.Namespace, reference: str | ir.Model,
                 candidate: str | ir.Model,
                 tolerances: Tolerances, batches: list[Batch] | None = None,
                 generated: bool = False, show: bool = True) -> VerifyResult:
@@ -398,6 +398,9 @@ def _cmd_prune(argv: Sequence[str], console: Console) -> int:
         check_copy_config(args.model, out)
     model = load_model(args.model)
     api.check_supported(model, args.model)
+    # With external data, verification compares against the loaded model (a clone sharing
+    # its memory-mapped weights): onnxruntime given the file would map every weight again.
+    reference: str | ir.Model = model.clone() if uses_external_data(model) else args.model
     sizes_before = layer_sizes(model) if args.copy_config else None
     batches, generated = None, False
     if not args.no_verify:  # bad verification options must fail before anything is written
@@ -439,7 +442,7 @@ def _cmd_prune(argv: Sequence[str], console: Console) -> int:
     result = None
     if not args.no_verify:
         # Verify the model in memory first: a run that cannot verify writes nothing.
-        result = _run_verify(console, args, args.model, model, _prune_tolerances(args),
+        result = _run_verify(console, args, reference, model, _prune_tolerances(args),
                              batches, generated, show=False)
         data["verification"] = result.to_dict()
         code = EXIT_OK if result.ok else EXIT_FAILED

@@ -1,0 +1,106 @@
+"""Sessions and checks on a model whose big weights travel apart from the graph.
+
+The graph goes to onnxruntime and onnx.checker without its weights over DETACH_MIN_BYTES;
+the weights are shared as arrays (memory-mapped from the data file, or the arrays passes
+wrote). These tests pin what that must keep: the same outputs as the inline model, no copy
+of a memory-mapped weight, a loud failure (never zeros) when a weight is not handed over,
+and the checker still catching a broken graph.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from helpers import mlp_model, random_input, replace_weight, run, save
+
+from onnxprune.api import check_written
+from onnxprune.detached import DETACH_MIN_BYTES, PLACEHOLDER, check_detached
+from onnxprune.errors import OnnxPruneError
+from onnxprune.io import load_model, model_bytes
+from onnxprune.runtime import make_session
+
+X = random_input([5, 32], seed=4)
+
+
+@pytest.fixture
+def model() -> onnx.ModelProto:
+    return mlp_model([32, 64, 16], seed=7)  # weights of 8 KiB and 4 KiB, biases < 1 KiB
+
+
+def _external(tmp_path: Path, model: onnx.ModelProto) -> ir.Model:
+    folder = tmp_path / "ext"
+    folder.mkdir()
+    return load_model(save(model, folder / "m.onnx", external_data=True))
+
+
+def test_big_weights_leave_the_message_and_small_ones_stay(model: onnx.ModelProto) -> None:
+    m = ir.serde.deserialize_model(model)
+    data = model_bytes(m)
+    proto = onnx.ModelProto.FromString(data)
+    big = {t.name for t in model.graph.initializer
+           if np.prod(t.dims) * 4 >= DETACH_MIN_BYTES}
+    assert big and set(data.weights) == big
+    for t in proto.graph.initializer:
+        if t.name in big:
+            assert t.data_location == onnx.TensorProto.EXTERNAL and not t.raw_data
+            assert {e.key: e.value for e in t.external_data}["location"] == PLACEHOLDER
+        else:
+            assert t.data_location == onnx.TensorProto.DEFAULT
+    assert len(data) < model.ByteSize() - sum(a.nbytes for a in data.weights.values()) + 2048
+    np.testing.assert_array_equal(make_session(m).run(None, {"x": X})[0],
+                                  run(model, {"x": X})[0])
+    for value in m.graph.initializers.values():  # the model is left as it was
+        assert not isinstance(value.const_value, ir.ExternalTensor)
+
+
+def test_memory_mapped_weights_are_shared_not_copied(tmp_path: Path,
+                                                     model: onnx.ModelProto) -> None:
+    m = _external(tmp_path, model)
+    data = model_bytes(m)
+    for name, arr in data.weights.items():
+        mapped = m.graph.initializers[name].const_value
+        assert isinstance(mapped, ir.ExternalTensor)
+        assert np.shares_memory(arr, mapped.numpy()), name  # a view of onnx_ir's map
+    session = make_session(m)
+    np.testing.assert_array_equal(session.run(None, {"x": X})[0], run(model, {"x": X})[0])
+
+
+def test_changed_weights_are_used_by_the_session(tmp_path: Path,
+                                                 model: onnx.ModelProto) -> None:
+    m = _external(tmp_path, model)
+    name = next(n for n, v in m.graph.initializers.items() if v.const_value.nbytes >= 4096)
+    new = np.zeros(m.graph.initializers[name].const_value.shape.numpy(), np.float32)
+    m.graph.initializers[name].const_value = ir.tensor(new, name=name)
+    expected = run(replace_weight(model, name, new), {"x": X})[0]
+    got = make_session(m).run(None, {"x": X})[0]
+    np.testing.assert_array_equal(got, expected)
+    assert not np.array_equal(got, run(model, {"x": X})[0])
+
+
+def test_a_weight_not_handed_over_fails_loudly(model: onnx.ModelProto) -> None:
+    data = model_bytes(ir.serde.deserialize_model(model))
+    data.weights = dict(list(data.weights.items())[1:])  # one placeholder left unfilled
+    with pytest.raises(OnnxPruneError, match="onnxruntime cannot load"):
+        make_session(data)
+
+
+def test_the_checker_still_sees_the_graph(model: onnx.ModelProto) -> None:
+    m = ir.serde.deserialize_model(model)
+    check_written(m)
+    relu = next(n for n in m.graph if n.op_type == "Relu")
+    relu.outputs[0].dtype = ir.DataType.INT64  # a type the checker's inference refutes
+    with pytest.raises(OnnxPruneError, match="onnx.checker"):
+        check_written(m)
+
+
+def test_a_weight_whose_array_contradicts_its_dims_is_refused(model: onnx.ModelProto) -> None:
+    data = model_bytes(ir.serde.deserialize_model(model))
+    name = next(iter(data.weights))
+    wrong = dict(data.weights)
+    wrong[name] = wrong[name].reshape(-1)
+    with pytest.raises(ValueError, match=name):
+        check_detached(data, wrong)
