@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Literal, TypeVar
 
 import onnx
@@ -30,7 +29,14 @@ from onnxprune.golden import save_golden as write_golden
 from onnxprune.graph.accounting import ModelStats, model_stats
 from onnxprune.graph.attention import AttentionBlock, find_attention_blocks
 from onnxprune.graph.channels import ChannelGroup, find_channel_groups
-from onnxprune.io import MIN_OPSET, check_output_path, load_model, save_model, serialized_model
+from onnxprune.io import (
+    MIN_OPSET,
+    check_output_path,
+    load_model,
+    save_model,
+    serialized_model,
+    stored_bytes,
+)
 from onnxprune.passes.cleanup import CleanupPass
 from onnxprune.passes.distill import DEFAULT_REPAIR_SECONDS, DistillRepairPass
 from onnxprune.passes.quantize_qdq import QuantizeQDQPass, QuantizeQDQResult
@@ -669,7 +675,7 @@ class Inspection:
 def inspect(model: ModelSource | onnx.ModelProto) -> Inspection:
     """What is prunable in the model, and for every group that is not, why."""
     m = _to_ir(model)
-    size = Path(model).stat().st_size if isinstance(model, (str, os.PathLike)) else None
+    size = stored_bytes(model) if isinstance(model, (str, os.PathLike)) else None
     opset = m.opset_imports.get("", m.opset_imports.get("ai.onnx"))
     return Inspection(
         model_stats(m, size), tuple(find_channel_groups(m)), opset,

@@ -30,7 +30,13 @@ from onnxprune import api
 from onnxprune.calibration.data import Batch, data_budget, parse_shape_overrides
 from onnxprune.errors import InputError, OnnxPruneError
 from onnxprune.files import atomic_path, same_file
-from onnxprune.io import check_output_path, load_model, save_model, uses_external_data
+from onnxprune.io import (
+    check_output_path,
+    load_model,
+    save_model,
+    stored_bytes,
+    uses_external_data,
+)
 from onnxprune.optimum import check_copy_config, copy_config, layer_sizes
 from onnxprune.passes.reconstruct import DEFAULT_RIDGE
 from onnxprune.plan.plot import write_plot
@@ -434,7 +440,7 @@ def _cmd_prune(argv: Sequence[str], console: Console) -> int:
                               "refitting")
 
             report = api.prune_model(model, config, progress)
-    report.before = replace(report.before, file_bytes=Path(args.model).stat().st_size)
+    report.before = replace(report.before, file_bytes=stored_bytes(args.model))
     verify_on_cpu = not args.no_verify and "cpu" in parse_providers(args.providers)
     api.check_written(model, load=not verify_on_cpu)  # verification loads it on the CPU
     data: dict[str, object] = {"input": str(args.model), "output": str(out)}
@@ -453,7 +459,7 @@ def _cmd_prune(argv: Sequence[str], console: Console) -> int:
                 shutil.copyfile(args.model, tmp)
         else:
             save_model(model, out, keep=[] if same_file(args.model, out) else [args.model])
-    report.after = replace(report.after, file_bytes=out.stat().st_size)
+    report.after = replace(report.after, file_bytes=stored_bytes(out))
     console.print(stats_table(report.before, report.after))
     for name, res in report.passes.items():
         if name not in ("CleanupPass", "Int8Embeddings"):  # the notes say what these did

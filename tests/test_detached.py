@@ -104,3 +104,13 @@ def test_a_weight_whose_array_contradicts_its_dims_is_refused(model: onnx.ModelP
     wrong[name] = wrong[name].reshape(-1)
     with pytest.raises(ValueError, match=name):
         check_detached(data, wrong)
+
+
+def test_stored_bytes_count_the_external_data(tmp_path: Path, model: onnx.ModelProto) -> None:
+    from onnxprune.io import stored_bytes
+
+    _external(tmp_path, model)
+    onnx_file, data_file = tmp_path / "ext" / "m.onnx", tmp_path / "ext" / "m.onnx.data"
+    assert stored_bytes(onnx_file) == onnx_file.stat().st_size + data_file.stat().st_size
+    inline = save(model, tmp_path / "inline.onnx")
+    assert stored_bytes(inline) == inline.stat().st_size
