@@ -114,3 +114,33 @@ def test_stored_bytes_count_the_external_data(tmp_path: Path, model: onnx.ModelP
     assert stored_bytes(onnx_file) == onnx_file.stat().st_size + data_file.stat().st_size
     inline = save(model, tmp_path / "inline.onnx")
     assert stored_bytes(inline) == inline.stat().st_size
+
+
+def test_weights_an_optimizer_reads_are_copied_in_and_still_right(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """onnxruntime's Conv+BatchNormalization fusion reads the Conv weight from the graph:
+    the shared attempt fails on the empty placeholder, the copy-in attempt gives the same
+    outputs as the inline model."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((16, 8, 3, 3)).astype(np.float32)  # 4.6 KB: detached
+    bn = [np.abs(rng.standard_normal(16)).astype(np.float32) + 0.5 for _ in range(4)]
+    names = ["scale", "bias", "mean", "var"]
+    inits = [numpy_helper.from_array(w, "w")] + [
+        numpy_helper.from_array(a, n) for a, n in zip(bn, names, strict=True)]
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+         helper.make_node("BatchNormalization", ["c", *names], ["y"])],
+        "convbn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = rng.standard_normal((1, 8, 6, 6)).astype(np.float32)
+    m = ir.serde.deserialize_model(proto)
+    assert set(model_bytes(m).weights) == {"w"}
+    with caplog.at_level("DEBUG", logger="onnxprune.runtime"):
+        session = make_session(m)
+    assert "shared weights refused" in caplog.text  # the copy-in path was taken
+    np.testing.assert_allclose(session.run(None, {"x": x})[0], run(proto, {"x": x})[0],
+                               rtol=1e-5, atol=1e-5)
