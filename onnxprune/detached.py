@@ -24,6 +24,15 @@ Copies that remain, and why:
 - CUDA sessions get the arrays with `add_external_initializers`, which copies them into the
   graph before they go to the device (add_initializer would be refused for a weight planned
   on the GPU).
+- Some of onnxruntime's CPU graph optimizers (Conv and QDQ fusions) read a weight from the
+  graph: the shared attempt fails on the empty placeholder and the session is rebuilt with
+  `add_external_initializers` (a copy of every detached weight of that session).
+
+Not copies, but counted in RSS: a memory-mapped weight's pages are resident once read
+(scoring, a forward pass), so a command that reads every weight peaks at about the model's
+size plus what it writes. Each ExternalTensor maps the data file once; sessions reuse those
+maps, which is why the CLI verifies a pruned model against a clone of the loaded model
+rather than the file (onnxruntime would map every weight a second time).
 """
 
 from __future__ import annotations
