@@ -30,7 +30,13 @@ from onnxprune import api
 from onnxprune.calibration.data import Batch, data_budget, parse_shape_overrides
 from onnxprune.errors import InputError, OnnxPruneError
 from onnxprune.files import atomic_path, same_file
-from onnxprune.io import check_output_path, load_model, save_model, uses_external_data
+from onnxprune.io import (
+    check_output_path,
+    load_model,
+    save_model,
+    stored_bytes,
+    uses_external_data,
+)
 from onnxprune.optimum import check_copy_config, copy_config, layer_sizes
 from onnxprune.passes.reconstruct import DEFAULT_RIDGE
 from onnxprune.plan.plot import write_plot
@@ -343,7 +349,7 @@ def _progress_bar(console: Console, what: str) -> Iterator[Callable[[int, int, s
         yield update
 
 
-def _run_verify(console: Console, args: argparse.Namespace, reference: str,
+def _run_verify(console: Console, args: argparse.Namespace, reference: str | ir.Model,
                 candidate: str | ir.Model,
                 tolerances: Tolerances, batches: list[Batch] | None = None,
                 generated: bool = False, show: bool = True) -> VerifyResult:
@@ -407,6 +413,9 @@ def _cmd_prune(argv: Sequence[str], console: Console) -> int:
         check_copy_config(args.model, out)
     model = load_model(args.model)
     api.check_supported(model, args.model)
+    # With external data, verification compares against the loaded model (a clone sharing
+    # its memory-mapped weights): onnxruntime given the file would map every weight again.
+    reference: str | ir.Model = model.clone() if uses_external_data(model) else args.model
     sizes_before = layer_sizes(model) if args.copy_config else None
     batches, generated = None, False
     if not args.no_verify:  # bad verification options must fail before anything is written
@@ -440,7 +449,7 @@ def _cmd_prune(argv: Sequence[str], console: Console) -> int:
                               "refitting")
 
             report = api.prune_model(model, config, progress)
-    report.before = replace(report.before, file_bytes=Path(args.model).stat().st_size)
+    report.before = replace(report.before, file_bytes=stored_bytes(args.model))
     verify_on_cpu = not args.no_verify and "cpu" in parse_providers(args.providers)
     api.check_written(model, load=not verify_on_cpu)  # verification loads it on the CPU
     data: dict[str, object] = {"input": str(args.model), "output": str(out)}
@@ -448,7 +457,7 @@ def _cmd_prune(argv: Sequence[str], console: Console) -> int:
     result = None
     if not args.no_verify:
         # Verify the model in memory first: a run that cannot verify writes nothing.
-        result = _run_verify(console, args, args.model, model, _prune_tolerances(args),
+        result = _run_verify(console, args, reference, model, _prune_tolerances(args),
                              batches, generated, show=False)
         data["verification"] = result.to_dict()
         code = EXIT_OK if result.ok else EXIT_FAILED
@@ -459,7 +468,7 @@ def _cmd_prune(argv: Sequence[str], console: Console) -> int:
                 shutil.copyfile(args.model, tmp)
         else:
             save_model(model, out, keep=[] if same_file(args.model, out) else [args.model])
-    report.after = replace(report.after, file_bytes=out.stat().st_size)
+    report.after = replace(report.after, file_bytes=stored_bytes(out))
     console.print(stats_table(report.before, report.after))
     for name, res in report.passes.items():
         if name not in ("CleanupPass", "Int8Embeddings"):  # the notes say what these did

@@ -2,9 +2,10 @@
 
 Every reference is checked the same way wherever it is read (loading, sessions, the
 checker): a relative path inside the model's folder after links are resolved, a regular
-file with one hard link, long enough for the tensor. Sessions and onnx.checker get the
-weights inline (ModelBytes), read from the model's folder, so nothing is ever resolved
-against the working directory.
+file with one hard link, long enough for the tensor. Sessions and onnx.checker get the graph
+without its big weights (ModelBytes, see onnxprune.detached); the weights travel as arrays
+memory-mapped from the model's folder after those checks, so nothing is ever resolved
+against the working directory and no model is refused for being over 2 GB.
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
+from onnxprune.detached import PLACEHOLDER, detach_from_proto, serialize_detached
 from onnxprune.errors import InputError
 from onnxprune.files import NAME_MAX
 from onnxprune.validate import tensor_nbytes
@@ -153,16 +156,18 @@ def external_data_files(path: str | os.PathLike[str]) -> set[Path]:
 
 
 class ModelBytes(bytes):
-    """A serialized model whose external data has been read in from the model's folder.
+    """A serialized model whose weights over DETACH_MIN_BYTES travel apart, as arrays.
 
-    onnxruntime resolves the external data of a model given as bytes against the working
-    directory (and some of its optimizers refuse external data without a model path), so
-    the bytes handed to a session or to onnx.checker carry every weight inline, read from
-    the folder the model was loaded from after the same containment checks as loading.
-    `base_dir` records that folder (None: the model had no external data).
+    The bytes hold the graph with a placeholder reference for each weight in `weights`
+    (main-graph initializers: arrays memory-mapped from the model's folder after the same
+    containment checks as loading, or in memory); every other external tensor (subgraphs,
+    types that cannot be shared) has been read in from that folder. onnxprune.runtime's
+    make_session hands the arrays over; give these bytes to nothing else. `base_dir`
+    records the folder the model's external data came from (None: it had none).
     """
 
     base_dir: str | None = None
+    weights: dict[str, np.ndarray] = {}  # replaced per instance by model_bytes
 
 
 def _external_folder(model: ir.Model) -> str | None:
@@ -184,14 +189,17 @@ def _external_folder(model: ir.Model) -> str | None:
     return folders.pop() if folders else None
 
 
-def _inline_external(proto: onnx.ModelProto, base: str) -> None:
-    """Reads every external tensor of `proto` from `base` into raw_data."""
+def _inline_external(proto: onnx.ModelProto, base: str, detached: Mapping[str, object]) -> None:
+    """Reads every external tensor of `proto` from `base` into raw_data, except the
+    placeholders of `detached` weights."""
     handles: dict[Path, object] = {}
     try:
         for tensor in iter_tensor_protos(proto.graph):
             if tensor.data_location != onnx.TensorProto.EXTERNAL:
                 continue
             info = _external_info(tensor)
+            if info.get("location") == PLACEHOLDER and tensor.name in detached:
+                continue
             path = check_external_file(
                 Path(base), info.get("location", ""), where=f"tensor '{tensor.name}' has "
                 f"external data at '{info.get('location', '')}'", offset=info.get("offset"),
@@ -211,27 +219,32 @@ def _inline_external(proto: onnx.ModelProto, base: str) -> None:
 
 
 def model_bytes(model: ir.Model, proto: onnx.ModelProto | None = None) -> ModelBytes:
-    """The model (or `proto`, a serialized variant of it) as ModelBytes, weights inline."""
-    proto = ir.serde.serialize_model(model) if proto is None else proto
-    base = _external_folder(model)
-    external = sum(v.const_value.nbytes for g in model.graphs()
-                   for v in g.initializers.values()
-                   if isinstance(v.const_value, ir.ExternalTensor))
-    if proto.ByteSize() + external >= _TWO_GB - 2**20:
-        raise InputError(
-            "the model is over 2 GB with its weights held in memory; this is not supported "
-            "yet"
-        )
+    """The model (or `proto`, a serialized variant of it) as ModelBytes, big weights apart.
+
+    Refused only when the graph itself, without those weights, is over 2 GB.
+    """
+    base = _external_folder(model)  # checks every external reference as loading does
+    if proto is None:
+        proto, weights = serialize_detached(model)
+    else:
+        weights = detach_from_proto(model, proto)
     if base is not None:
-        _inline_external(proto, base)
+        _inline_external(proto, base, weights)
+    if proto.ByteSize() >= _TWO_GB - 2**20:
+        raise InputError(
+            "the model's graph is over 2 GB even without its large weights (many small "
+            "initializers or subgraph weights); store them as external data"
+        )
     data = ModelBytes(proto.SerializeToString())
     data.base_dir = base
+    data.weights = weights
     return data
 
 
 @contextlib.contextmanager
 def serialized_model(model: ir.Model) -> Iterator[ModelBytes]:
-    """The model as ModelBytes (weights inline), for onnx.checker and onnxruntime.
+    """The model as ModelBytes, for onnx.checker (onnxprune.detached.check_detached) and
+    onnxruntime (runtime.make_session).
 
     Kept as a context for its callers; nothing depends on the working directory any more.
     """

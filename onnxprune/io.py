@@ -40,6 +40,7 @@ __all__ = [
     "ModelBytes",
     "external_data_files",
     "check_external_file",
+    "stored_bytes",
 ]
 
 _TWO_GB = 2**31
@@ -91,6 +92,16 @@ def uses_external_data(model: ir.Model) -> bool:
     return any(
         isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values()
     )
+
+
+def stored_bytes(path: str | os.PathLike[str]) -> int:
+    """The bytes a model takes on disk: the .onnx file and the external data it refers to."""
+    p = Path(path)
+    total = p.stat().st_size
+    for f in external_data_files(p):
+        with contextlib.suppress(OSError):
+            total += f.stat().st_size
+    return total
 
 
 def _weights_nbytes(model: ir.Model) -> int:

@@ -3,18 +3,27 @@
 onnxruntime quietly falls back to the CPU when a provider cannot be created; a
 verification that claims to have checked CUDA must actually have run on CUDA, so the
 provider in use is checked after the session is built.
+
+An in-memory model reaches onnxruntime as its graph plus its big weights as arrays
+(onnxprune.detached): no 2 GB limit, and on the CPU no second copy of the weights (they
+stay memory-mapped from the model's data file, or are the arrays the passes wrote).
 """
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
+import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
+from onnxprune.detached import PREPACK_LIMIT_BYTES, placeholder_folder
 from onnxprune.errors import InputError, OnnxPruneError, ProviderError
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["Provider", "PROVIDERS", "parse_providers", "make_session", "ModelSource"]
 
@@ -22,7 +31,6 @@ Provider = Literal["cpu", "cuda"]
 PROVIDERS: dict[str, str] = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 ModelSource = str | os.PathLike[str] | ir.Model | bytes
 
-_PROTO_LIMIT = 2**31 - 2**20
 _EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
 
 
@@ -65,21 +73,25 @@ def make_session(
         raise InputError(f"unknown provider '{provider}'; choose from {', '.join(PROVIDERS)}")
     require_provider(provider)
     wanted = PROVIDERS[provider]
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 4
-    if threads is not None:
-        opts.intra_op_num_threads = threads
-    if optimized_path is not None:
-        opts.optimized_model_filepath = str(optimized_path)
+
+    def options() -> ort.SessionOptions:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 4
+        if threads is not None:
+            opts.intra_op_num_threads = threads
+        if optimized_path is not None:
+            opts.optimized_model_filepath = str(optimized_path)
+        return opts
+
     providers = [wanted] if provider == "cpu" else [wanted, PROVIDERS["cpu"]]
     try:
         if isinstance(model, ir.Model):
-            session = _session_from_ir(model, opts, providers)
+            session = _session_from_ir(model, options, providers)
         elif isinstance(model, bytes):
-            _resolve_external_in(opts, getattr(model, "base_dir", None))
-            session = ort.InferenceSession(model, sess_options=opts, providers=providers)
+            session = _session_from_bytes(model, options, providers)
         else:
-            session = ort.InferenceSession(str(model), sess_options=opts, providers=providers)
+            session = ort.InferenceSession(str(model), sess_options=options(),
+                                           providers=providers)
     except (ProviderError, InputError):
         raise
     except Exception as e:  # onnxruntime raises several unrelated exception types
@@ -94,13 +106,59 @@ def make_session(
 
 
 def _session_from_ir(
-    model: ir.Model, opts: ort.SessionOptions, providers: list[str]
+    model: ir.Model, options: Callable[[], ort.SessionOptions], providers: list[str]
 ) -> ort.InferenceSession:
     from onnxprune.io import model_bytes  # io sits beside runtime; imported late
 
     data = model_bytes(model)  # checks every external reference as loading does
-    _resolve_external_in(opts, data.base_dir)
-    return ort.InferenceSession(data, sess_options=opts, providers=providers)
+    return _session_from_bytes(data, options, providers)
+
+
+def _session_from_bytes(
+    data: bytes, options: Callable[[], ort.SessionOptions], providers: list[str]
+) -> ort.InferenceSession:
+    """A session on serialized bytes; ModelBytes hand their detached weights over.
+
+    On the CPU the arrays are first shared with `add_initializer` (used in place, no copy;
+    kept alive on the session object). Some of onnxruntime's graph optimizers read a
+    weight's data from the graph itself (Conv and QDQ fusions, for instance): they then hit
+    the empty placeholder and the session fails, so it is built again with
+    `add_external_initializers`, which copies the arrays into the graph before optimizing.
+    Other providers always take that second way (a weight planned on the device cannot use
+    a host buffer). MatMul prepacking (a packed copy of every weight) is turned off above
+    PREPACK_LIMIT_BYTES of detached weights.
+    """
+    weights: dict[str, np.ndarray] = getattr(data, "weights", None) or {}
+    if not weights:
+        opts = options()
+        _resolve_external_in(opts, getattr(data, "base_dir", None))
+        return ort.InferenceSession(data, sess_options=opts, providers=providers)
+    values = [ort.OrtValue.ortvalue_from_numpy(a) for a in weights.values()]
+    prepack = sum(a.nbytes for a in weights.values()) < PREPACK_LIMIT_BYTES
+    with placeholder_folder() as folder:  # every remaining reference is a placeholder
+
+        def configured() -> ort.SessionOptions:
+            opts = options()
+            _resolve_external_in(opts, folder)
+            if not prepack:
+                opts.add_session_config_entry("session.disable_prepacking", "1")
+            return opts
+
+        session = None
+        if providers[0] == PROVIDERS["cpu"]:
+            shared = configured()
+            for name, value in zip(weights, values, strict=True):
+                shared.add_initializer(name, value)
+            try:
+                session = ort.InferenceSession(data, sess_options=shared, providers=providers)
+            except Exception as e:  # retried below; a real defect fails there too
+                logger.debug("shared weights refused (%s); copying them in", e)
+        if session is None:
+            opts = configured()
+            opts.add_external_initializers(list(weights), values)
+            session = ort.InferenceSession(data, sess_options=opts, providers=providers)
+    session._onnxprune_weights = values  # the session reads these buffers until it goes
+    return session
 
 
 def _resolve_external_in(opts: ort.SessionOptions, base_dir: str | None) -> None:

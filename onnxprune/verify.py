@@ -16,10 +16,12 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
+import onnx_ir as ir
 
 from onnxprune.calibration.data import Batch
 from onnxprune.errors import DataError, InputError
 from onnxprune.graph import cache_slices
+from onnxprune.io import external_data_files, uses_external_data
 from onnxprune.runtime import ModelSource, Provider, make_session
 
 __all__ = ["Tolerances", "OutputMetrics", "VerifyResult", "compare_models", "compare_outputs",
@@ -320,7 +322,13 @@ def compare_models(
     tolerances: Tolerances = Tolerances(),
     generated_inputs: bool = False,
 ) -> VerifyResult:
-    """Runs both models on every batch and compares each output of the candidate."""
+    """Runs both models on every batch and compares each output of the candidate.
+
+    A reference with external data (a big model) runs over every batch first and its
+    session is released before the candidate's is built, so the two models' weights are
+    never resident together; the reference outputs are held meanwhile (the verification
+    data is bounded by the data budget).
+    """
     ref_sess = make_session(reference, "cpu")
     ref_outputs = [o.name for o in ref_sess.get_outputs()]
 
@@ -330,9 +338,24 @@ def compare_models(
         except Exception as e:
             raise DataError(f"reference model failed on batch {i}: {_first_line(e)}") from e
 
+    if _has_external_data(reference):
+        batches = list(batches)
+        saved = [run_reference(i, b) for i, b in enumerate(batches)]
+        del ref_sess, run_reference
+        return compare_outputs(ref_outputs, lambda i, _: saved[i], candidate, batches,
+                               providers=providers, tolerances=tolerances,
+                               generated_inputs=generated_inputs)
     return compare_outputs(ref_outputs, run_reference, candidate, batches,
                            providers=providers, tolerances=tolerances,
                            generated_inputs=generated_inputs)
+
+
+def _has_external_data(model: ModelSource) -> bool:
+    if isinstance(model, ir.Model):
+        return uses_external_data(model)
+    if isinstance(model, bytes):
+        return False
+    return bool(external_data_files(model))
 
 
 def compare_outputs(

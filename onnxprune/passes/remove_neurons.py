@@ -84,14 +84,20 @@ class RemoveNeuronsResult:
 
 def _by_channel(w: np.ndarray, axis: int, cls: np.ndarray, size: int) -> np.ndarray:
     """[size, n * fan] rows: the weight slices of each channel side by side (n positions per
-    channel at most; a channel with fewer is padded with zeros, which no criterion rewards)."""
-    flat = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1).astype(np.float64)
+    channel at most; a channel with fewer is padded with zeros, which no criterion rewards).
+
+    The weight keeps its float dtype (the criteria accumulate in float64 a block at a time)
+    and is a view when the channels are already in order: a memory-mapped weight of a big
+    model is not copied to be scored."""
+    flat = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+    if not np.issubdtype(flat.dtype, np.floating):
+        flat = flat.astype(np.float64)
     order = np.argsort(cls, kind="stable")
     order = order[cls[order] >= 0]
     counts = np.bincount(cls[order], minlength=size)
     per = max(int(counts.max()) if counts.size else 1, 1)
     if per == 1 and counts.size == size and np.all(counts == 1):
-        return flat[order]
+        return flat if np.array_equal(order, np.arange(size)) else flat[order]
     out = np.zeros((size, per * flat.shape[1]))
     slot = np.zeros(size, dtype=np.int64)
     for p in order.tolist():

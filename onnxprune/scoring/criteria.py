@@ -56,19 +56,29 @@ def register_criterion(name: str) -> Callable[[Criterion], Criterion]:
     return wrap
 
 
-def _outgoing(cw: ChannelWeights) -> np.ndarray:
-    return np.concatenate([w.astype(np.float64) for w in cw.outgoing], axis=1)
+_BLOCK_ROWS = 1024  # channels per block: bounds the float64 temporaries of big matrices
+
+
+def _outgoing_sums(cw: ChannelWeights, fn: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """Per channel, the float64 sum of fn(w) over every outgoing weight, a block of rows at a
+    time: a float64 copy of a whole matrix (memory-mapped, possibly GBs) is never made."""
+    total = np.zeros(cw.size)
+    for w in cw.outgoing:
+        for start in range(0, w.shape[0], _BLOCK_ROWS):
+            block = np.asarray(w[start:start + _BLOCK_ROWS], dtype=np.float64)
+            total[start:start + _BLOCK_ROWS] += fn(block).sum(axis=1)
+    return total
 
 
 @register_criterion("l1")
 def l1(cw: ChannelWeights) -> np.ndarray:
     """Sum of absolute outgoing weights: how much a channel can move the next layer."""
-    return np.abs(_outgoing(cw)).sum(axis=1)
+    return _outgoing_sums(cw, np.abs)
 
 
 @register_criterion("l2")
 def l2(cw: ChannelWeights) -> np.ndarray:
-    return np.sqrt(np.square(_outgoing(cw)).sum(axis=1))
+    return np.sqrt(_outgoing_sums(cw, np.square))
 
 
 @register_criterion("variance")
