@@ -48,6 +48,7 @@ import onnx
 import onnx_ir as ir
 
 __all__ = [
+    "initializer_proto",
     "DETACH_MIN_BYTES",
     "PLACEHOLDER",
     "PREPACK_LIMIT_BYTES",
@@ -93,6 +94,21 @@ def _placeholder(tensor: onnx.TensorProto, nbytes: int) -> None:
         entry.key, entry.value = key, val
 
 
+def initializer_proto(value: ir.Value, graph: ir.Graph) -> onnx.TensorProto:
+    """The initializer as a TensorProto named after `value`: a data-less placeholder when its
+    weight travels apart (model_bytes takes the array from the model), else in full."""
+    t = value.const_value
+    assert t is not None
+    if _shareable_array(value, graph) is not None:
+        proto = onnx.TensorProto(name=value.name or "", data_type=t.dtype.value,
+                                 dims=[int(d) for d in t.shape.numpy()])
+        _placeholder(proto, t.nbytes)
+        return proto
+    proto = ir.serde.serialize_tensor(t)
+    proto.name = value.name or ""
+    return proto
+
+
 def serialize_detached(model: ir.Model) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """The model as a proto whose big main-graph weights are placeholders, and those weights.
 
@@ -125,15 +141,27 @@ def serialize_detached(model: ir.Model) -> tuple[onnx.ModelProto, dict[str, np.n
     return proto, weights
 
 
+def _read_names(graph: onnx.GraphProto) -> set[str]:
+    """Every name a node of `graph` or of its subgraphs reads."""
+    names: set[str] = set()
+    for node in graph.node:
+        names.update(node.input)
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                names |= _read_names(sub)
+    return names
+
+
 def detach_from_proto(model: ir.Model, proto: onnx.ModelProto) -> dict[str, np.ndarray]:
     """Turns the big main-graph weights of `proto` (a serialization of `model`) into
     placeholders in place and returns their arrays, taken from `model` without copying."""
     graph = model.graph
     weights: dict[str, np.ndarray] = {}
+    used = _read_names(proto.graph) | {i.name for i in proto.graph.input}
     for tensor in proto.graph.initializer:
         value = graph.initializers.get(tensor.name)
-        if value is None:
-            continue
+        if value is None or tensor.name not in used:
+            continue  # onnxruntime drops an unread initializer: nothing to hand it
         arr = _shareable_array(value, graph)
         if arr is None or tuple(arr.shape) != tuple(tensor.dims):
             continue

@@ -33,6 +33,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxprune.calibration.data import Batch
+from onnxprune.detached import initializer_proto
 from onnxprune.errors import DataError
 from onnxprune.io import model_bytes
 from onnxprune.runtime import Provider, make_session
@@ -136,10 +137,7 @@ def section(model: ir.Model, wanted: Sequence[ir.Value],
             stack.extend(_node_inputs(node))
     proto_graph = onnx.GraphProto(name="section")
     proto_graph.node.extend(ir.serde.serialize_node(n) for n in graph if n in nodes)
-    for v in consts:
-        t = ir.serde.serialize_tensor(v.const_value)  # type: ignore[arg-type]
-        t.name = v.name or ""
-        proto_graph.initializer.append(t)
+    proto_graph.initializer.extend(initializer_proto(v, graph) for v in consts)
     proto_graph.input.extend(value_info(v.name or "", e) for v, e in feeds.items())
     proto_graph.output.extend(value_info(v.name or "", None if v.dtype is None else v.dtype.value)
                               for v in wanted)

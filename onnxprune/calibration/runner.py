@@ -15,6 +15,7 @@ import onnx_ir as ir
 
 from onnxprune.calibration.data import Batch
 from onnxprune.calibration.propagate import Propagator, run_batches, value_info
+from onnxprune.detached import serialize_detached
 from onnxprune.errors import DataError
 from onnxprune.io import ModelBytes, model_bytes
 from onnxprune.runtime import Provider, make_session
@@ -24,7 +25,7 @@ __all__ = ["capture", "row_mask", "with_outputs"]
 
 def with_outputs(model: ir.Model, names: Sequence[str]) -> ModelBytes:
     """The serialized model with `names` added as graph outputs."""
-    proto = ir.serde.serialize_model(model)
+    proto, _ = serialize_detached(model)  # big weights stay where they are (no copy)
     present = {o.name for o in proto.graph.output}
     known: dict[str, ir.Value] = {}
     for node in model.graph:
