@@ -150,15 +150,12 @@ def section(model: ir.Model, wanted: Sequence[ir.Value],
     return model_bytes(model, proto), list(feeds)
 
 
-def _fingerprint(graph: ir.Graph) -> dict[ir.Node, tuple]:
+def _fingerprint(node: ir.Node) -> tuple:
     """What pruning may edit on a node: its inputs, attributes and input constants."""
-    return {
-        node: (tuple(node.inputs),
-               tuple(node.attributes.values()),
-               tuple(a.value for a in node.attributes.values()),
-               tuple(v.const_value for v in node.inputs if v is not None))
-        for node in graph
-    }
+    inputs = tuple(node.inputs)
+    attrs = tuple(node.attributes.values())
+    return (inputs, attrs, tuple(a.value for a in attrs),
+            tuple(v.const_value for v in inputs if v is not None))
 
 
 def _same(a: tuple, b: tuple) -> bool:
@@ -179,7 +176,7 @@ class Propagator:
         self.batches = batches
         self.provider = provider
         self._cache: list[dict[ir.Value, np.ndarray]] = [{} for _ in batches]
-        self._print = _fingerprint(model.graph)
+        self._print: dict[ir.Node, tuple] = {}  # of the nodes the cut summarises
         self._fed = set(batches[0]) if batches else set()
         self.sections = 0  # sections run so far (for tests and logs)
 
@@ -187,13 +184,16 @@ class Propagator:
         return v.is_graph_input() and v.name in self._fed
 
     def _refresh(self) -> None:
-        """Drops cached values that an edit of the graph since the last run made stale."""
-        now = _fingerprint(self.model.graph)
-        dirty = [n for n, fp in now.items()
-                 if n not in self._print or not _same(fp, self._print[n])]
-        self._print = now
-        if not dirty or not self._cache or not self._cache[0]:
+        """Drops cached values that an edit of the graph since the last run made stale.
+
+        Cached values come from the nodes before the cut, so only those are compared: an
+        edit or a node inserted elsewhere reaches them only through their inputs."""
+        if not self._cache or not self._cache[0]:
             return
+        dirty = [n for n, fp in self._print.items() if not _same(_fingerprint(n), fp)]
+        if not dirty:
+            return
+        self._print.update((n, _fingerprint(n)) for n in dirty)
         stale: set[ir.Value] = set()
         stack = [v for n in dirty for v in n.outputs]
         while stack:
@@ -287,6 +287,7 @@ class Propagator:
             new = [{} for _ in self.batches]
         self._cache = [{v: (fresh[v] if v in fresh else old[v]) for v in cut}
                        for old, fresh in zip(self._cache, new, strict=True)]
+        self._print = {n: _fingerprint(n) for n in done}
 
 
 class _Identity:

@@ -26,7 +26,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from onnxprune.graph.weights import WeightUse, const_array, conv_uses, einsum_uses, weight_uses
+from onnxprune.graph.weights import (
+    WeightUse,
+    const_array,
+    conv_uses,
+    einsum_uses,
+    producer_use,
+    weight_uses,
+)
 
 __all__ = ["ChannelGroup", "ConstSlice", "ShapeEdit", "find_channel_groups", "group_of"]
 
@@ -183,7 +190,7 @@ def group_of(model: ir.Model, producer: ir.Node, hints: dict[str, list[int | Non
     from onnxprune.graph.channel_fill import SHAPE_HINTS, Decline, Fill
 
     graph = model.graph
-    use = next((u for u in weight_uses(graph) + conv_uses(graph) if u.node is producer), None)
+    use = producer_use(producer) if producer.graph is graph else None
     if use is None:
         return None
     token = SHAPE_HINTS.set(hints)

@@ -14,6 +14,10 @@ import numpy as np
 import onnx_ir as ir
 
 __all__ = [
+    "matmul_use",
+    "conv_use",
+    "einsum_use",
+    "producer_use",
     "new_initializer",
     "other_reader_through_identity",
     "const_array",
@@ -129,41 +133,44 @@ def iter_nodes(graph: ir.Graph) -> Iterator[ir.Node]:
     yield from ir.traversal.RecursiveGraphIterator(graph)
 
 
+def matmul_use(node: ir.Node) -> WeightUse | None:
+    """The node as a MatMul/Gemm with a constant 2-D float weight as B, else None."""
+    if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm"):
+        return None
+    if len(node.inputs) < 2:
+        return None
+    weight = node.inputs[1]
+    arr = const_array(weight)
+    if arr is None or arr.ndim != 2 or not np.issubdtype(arr.dtype, np.floating):
+        return None
+    trans_b = node.op_type == "Gemm" and _int_attr(node, "transB") == 1
+    return WeightUse(node, weight, reduce_axis=1 if trans_b else 0,  # type: ignore[arg-type]
+                     out_axis=0 if trans_b else 1)
+
+
+def conv_use(node: ir.Node) -> WeightUse | None:
+    """The node as a Conv/ConvTranspose with a constant float weight, else None."""
+    if node.domain not in ("", "ai.onnx") or node.op_type not in ("Conv", "ConvTranspose"):
+        return None
+    if len(node.inputs) < 2:
+        return None
+    weight = node.inputs[1]
+    arr = const_array(weight)
+    if arr is None or arr.ndim < 3 or not np.issubdtype(arr.dtype, np.floating):
+        return None
+    transposed = node.op_type == "ConvTranspose"
+    return WeightUse(node, weight, reduce_axis=0 if transposed else 1,  # type: ignore[arg-type]
+                     out_axis=1 if transposed else 0)
+
+
 def weight_uses(graph: ir.Graph) -> list[WeightUse]:
     """Every MatMul/Gemm in the graph (and subgraphs) with a constant 2-D weight as B."""
-    uses = []
-    for node in iter_nodes(graph):
-        if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm"):
-            continue
-        if len(node.inputs) < 2:
-            continue
-        weight = node.inputs[1]
-        arr = const_array(weight)
-        if arr is None or arr.ndim != 2 or not np.issubdtype(arr.dtype, np.floating):
-            continue
-        trans_b = node.op_type == "Gemm" and _int_attr(node, "transB") == 1
-        uses.append(
-            WeightUse(node, weight, reduce_axis=1 if trans_b else 0, out_axis=0 if trans_b else 1)
-        )
-    return uses
+    return [u for n in iter_nodes(graph) if (u := matmul_use(n)) is not None]
 
 
 def conv_uses(graph: ir.Graph) -> list[WeightUse]:
     """Every Conv/ConvTranspose of the graph (and subgraphs) with a constant float weight."""
-    uses = []
-    for node in iter_nodes(graph):
-        if node.domain not in ("", "ai.onnx") or node.op_type not in ("Conv", "ConvTranspose"):
-            continue
-        if len(node.inputs) < 2:
-            continue
-        weight = node.inputs[1]
-        arr = const_array(weight)
-        if arr is None or arr.ndim < 3 or not np.issubdtype(arr.dtype, np.floating):
-            continue
-        transposed = node.op_type == "ConvTranspose"
-        uses.append(WeightUse(node, weight, reduce_axis=0 if transposed else 1,
-                              out_axis=1 if transposed else 0))
-    return uses
+    return [u for n in iter_nodes(graph) if (u := conv_use(n)) is not None]
 
 
 def einsum_matrix(node: ir.Node) -> tuple[int, int] | None:
@@ -200,18 +207,26 @@ def einsum_matrix(node: ir.Node) -> tuple[int, int] | None:
     return weight.index(k), weight.index(n)
 
 
+def einsum_use(node: ir.Node) -> WeightUse | None:
+    """The node as an Einsum that is a plain matrix product by a constant 2-D float
+    weight, else None."""
+    axes = einsum_matrix(node)
+    if axes is None:
+        return None
+    arr = const_array(node.inputs[1])
+    if arr is None or arr.ndim != 2 or not np.issubdtype(arr.dtype, np.floating):
+        return None
+    return WeightUse(node, node.inputs[1], reduce_axis=axes[0], out_axis=axes[1])  # type: ignore[arg-type]
+
+
 def einsum_uses(graph: ir.Graph) -> list[WeightUse]:
     """Every Einsum that is a plain matrix product by a constant 2-D float weight."""
-    uses = []
-    for node in iter_nodes(graph):
-        axes = einsum_matrix(node)
-        if axes is None:
-            continue
-        arr = const_array(node.inputs[1])
-        if arr is None or arr.ndim != 2 or not np.issubdtype(arr.dtype, np.floating):
-            continue
-        uses.append(WeightUse(node, node.inputs[1], reduce_axis=axes[0], out_axis=axes[1]))  # type: ignore[arg-type]
-    return uses
+    return [u for n in iter_nodes(graph) if (u := einsum_use(n)) is not None]
+
+
+def producer_use(node: ir.Node) -> WeightUse | None:
+    """The node as any weight user the channel analysis knows (MatMul/Gemm, Conv, Einsum)."""
+    return matmul_use(node) or conv_use(node) or einsum_use(node)
 
 
 def _int_attr(node: ir.Node, name: str, default: int = 0) -> int:
