@@ -170,7 +170,7 @@ class ModelBytes(bytes):
     weights: dict[str, np.ndarray] = {}  # replaced per instance by model_bytes
 
 
-def _external_folder(model: ir.Model) -> str | None:
+def external_folder(model: ir.Model) -> str | None:
     """The one folder the model's external data sits in, each reference checked as at
     load (inside the folder, a regular file, long enough)."""
     folders: set[str] = set()
@@ -218,12 +218,18 @@ def _inline_external(proto: onnx.ModelProto, base: str, detached: Mapping[str, o
             f.close()  # type: ignore[attr-defined]
 
 
-def model_bytes(model: ir.Model, proto: onnx.ModelProto | None = None) -> ModelBytes:
+_UNKNOWN = object()
+
+
+def model_bytes(model: ir.Model, proto: onnx.ModelProto | None = None, *,
+                folder: str | None | object = _UNKNOWN) -> ModelBytes:
     """The model (or `proto`, a serialized variant of it) as ModelBytes, big weights apart.
 
-    Refused only when the graph itself, without those weights, is over 2 GB.
+    Refused only when the graph itself, without those weights, is over 2 GB. `folder`:
+    external_folder(model), when the caller already checked it (sections of one model).
     """
-    base = _external_folder(model)  # checks every external reference as loading does
+    # checks every external reference as loading does
+    base = external_folder(model) if folder is _UNKNOWN else folder
     if proto is None:
         proto, weights = serialize_detached(model)
     else:

@@ -35,6 +35,7 @@ import onnx_ir as ir
 from onnxprune.calibration.data import Batch
 from onnxprune.detached import initializer_proto
 from onnxprune.errors import DataError
+from onnxprune.external_data import external_folder
 from onnxprune.io import model_bytes
 from onnxprune.runtime import Provider, make_session
 
@@ -103,12 +104,14 @@ def value_info(name: str, elem: int | None) -> onnx.ValueInfoProto:
 
 
 def section(model: ir.Model, wanted: Sequence[ir.Value],
-            fed: Callable[[ir.Value], int | None]) -> tuple[bytes, list[ir.Value]]:
+            fed: Callable[[ir.Value], int | None], folder: str | None = None
+            ) -> tuple[bytes, list[ir.Value]]:
     """The part of `model` that computes `wanted` from the values `fed` gives a type for
     (an onnx element type; None: not fed).
 
     Returns the serialized section (weights inline, read from the model's folder) and the
     values it takes as inputs. Values neither fed nor produced by a node must be constants.
+    `folder`: external_folder(model), checked once by the caller.
     """
     graph = model.graph
     nodes: set[ir.Node] = set()
@@ -147,7 +150,7 @@ def section(model: ir.Model, wanted: Sequence[ir.Value],
         ir_version=model.ir_version,
     )
     proto.functions.extend(ir.serde.serialize_function(f) for f in model.functions.values())
-    return model_bytes(model, proto), list(feeds)
+    return model_bytes(model, proto, folder=folder), list(feeds)
 
 
 def _fingerprint(node: ir.Node) -> tuple:
@@ -177,6 +180,7 @@ class Propagator:
         self.provider = provider
         self._cache: list[dict[ir.Value, np.ndarray]] = [{} for _ in batches]
         self._print: dict[ir.Node, tuple] = {}  # of the nodes the cut summarises
+        self._folder = external_folder(model)  # containment checked once, not per section
         self._fed = set(batches[0]) if batches else set()
         self.sections = 0  # sections run so far (for tests and logs)
 
@@ -217,7 +221,7 @@ class Propagator:
                 return v.dtype.value if v.dtype is not None else None
             return None
 
-        data, feeds = section(self.model, wanted, fed)
+        data, feeds = section(self.model, wanted, fed, self._folder)
         session = make_session(data, self.provider)
         self.sections += 1
         from_cache = [v for v in feeds if v in cached]
