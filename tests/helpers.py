@@ -600,3 +600,31 @@ def ort_optimized_ops(model: ModelArg) -> Counter:
         data = to_proto(model).SerializeToString()
         ort.InferenceSession(data, sess_options=opts, providers=["CPUExecutionProvider"])
         return Counter(node.op_type for node in onnx.load(str(out)).graph.node)
+
+
+def remove_silent_channels(model: onnx.ModelProto, name: str,
+                           feeds: Sequence[Mapping[str, np.ndarray]]
+                           ) -> tuple[object, onnx.ModelProto]:
+    """Zeroes the consumers' rows of two channels of group `name`, removes those channels,
+    and checks the outputs on `feeds` agree to 1e-5 (the exactness test of a pattern).
+    Returns the group and the pruned model (checked by the full checker)."""
+    from onnxprune.graph.channels import find_channel_groups
+    from onnxprune.graph.slicing import keep_many
+    from onnxprune.graph.weights import const_array, set_const_array
+
+    m = to_ir(model)
+    g = next(g for g in find_channel_groups(m) if g.name == name)
+    assert g.prunable, g.skip_reason
+    drop = np.array([1, g.size - 2])
+    for use in g.consumers:
+        w = const_array(use.weight).copy()  # type: ignore[union-attr]
+        np.moveaxis(w, use.reduce_axis, 0)[np.isin(g.channel_map(use, "in"), drop)] = 0
+        set_const_array(use.weight, w)
+    before = [run(m, f) for f in feeds]
+    keep_many(m.graph, [(g, np.setdiff1d(np.arange(g.size), drop))])
+    proto = ir.serde.serialize_model(m)
+    onnx.checker.check_model(proto, full_check=True)
+    for f, ref in zip(feeds, before, strict=True):
+        for a, b in zip(ref, run(proto, f), strict=True):
+            np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+    return g, proto
