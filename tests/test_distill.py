@@ -295,25 +295,6 @@ def test_cli_distill_on_the_digits_model(tmp_path, capsys) -> None:
     assert not (tmp_path / "x.onnx").exists()
 
 
-def test_cut_model_runs_only_the_layers_after_the_fed_tensor() -> None:
-    """Feeding the first block's output gives the second block's hidden activation exactly,
-    and the first block's nodes are not in the cut model."""
-    from onnxprune.calibration.runner import with_outputs
-    from onnxprune.repair.capture import cut_model
-    from onnxprune.runtime import make_session
-
-    model = to_ir(residual_mlp_model(dim=8, hidden=16, blocks=2))
-    x = np.random.default_rng(0).standard_normal((5, 8)).astype(np.float32)
-    full = make_session(with_outputs(model, ["s0", "relu1_out"]), "cpu")
-    s0, hidden = full.run(["s0", "relu1_out"], {"x": x})
-    data = cut_model(model, ["relu1_out"], cut="s0")
-    part = onnx.load_from_string(data)
-    assert {n.name for n in part.graph.node} == {"fc1a", "fc1a_bias", "relu1"}
-    sess = make_session(data, "cpu")
-    feeds = {i.name: {"x": x, "s0": s0}[i.name] for i in sess.get_inputs()}
-    np.testing.assert_array_equal(sess.run(["relu1_out"], feeds)[0], hidden)
-
-
 # ----------------------------------------------------------------- augmentation
 
 def _token_batch(rng: np.random.Generator, n: int = 6, seq: int = 9) -> dict[str, np.ndarray]:

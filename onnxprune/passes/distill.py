@@ -23,6 +23,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxprune.calibration.data import Batch
+from onnxprune.calibration.propagate import Propagator
 from onnxprune.calibration.runner import row_mask
 from onnxprune.errors import DataError, InputError
 from onnxprune.graph.channels import ChannelGroup, find_channel_groups
@@ -30,9 +31,7 @@ from onnxprune.graph.weights import const_array, set_const_array
 from onnxprune.passes.reconstruct import Calibration
 from onnxprune.repair.augment import Augment, augmented
 from onnxprune.repair.block import Block, BlockFunction, find_block
-from onnxprune.repair.capture import cut_model
 from onnxprune.repair.fit import FitOptions, Rows, distill_block
-from onnxprune.runtime import make_session
 
 __all__ = ["DistillRepairPass", "DistillResult", "BlockRepair", "DEFAULT_AUGMENT",
            "DEFAULT_REPAIR_SECONDS", "HOLDOUT_EVERY"]
@@ -110,8 +109,6 @@ class _Collector:
         self.dtype = dtype
         self.parts: dict[str, list[np.ndarray]] = {n: [] for n in self.names}
         self.sample_parts: list[np.ndarray] = []
-        self.full: list[dict[str, np.ndarray]] = []  # every row, per batch (keep_full)
-        self.keep_full = False
         self.leads: list[tuple[int, ...]] = []
         self.offset = 0
 
@@ -139,9 +136,6 @@ class _Collector:
             self.parts[name].append((flat if mask is None else flat[mask]).astype(self.dtype))
         self.sample_parts.append(samples if mask is None else samples[mask])
         self.aug_parts.append(np.full(self.sample_parts[-1].shape, origin is not None))
-        if self.keep_full:
-            self.full.append({n: arrays[n].reshape(rows, -1).astype(self.dtype)
-                              for n in self.names})
 
     def rows(self, name: str) -> np.ndarray:
         return np.concatenate(self.parts[name], axis=0)
@@ -219,8 +213,6 @@ class DistillRepairPass(ir.passes.InPlacePass):
         self._batches: list[Batch] = []
         self._origins: list[int | None] = []
         self._all: list[ChannelGroup] = []
-        self._prev: tuple[str, list[np.ndarray]] | None = None  # last block output, per batch
-        self._ref_prev: tuple[str, list[np.ndarray]] | None = None  # the same, original model
         self.result = DistillResult()
 
     def _blocks(self, model: ir.Model) -> tuple[list[ChannelGroup], list[BlockRepair]]:
@@ -257,7 +249,9 @@ class DistillRepairPass(ir.passes.InPlacePass):
                               self.augment)
             self._batches = [*self.calibration.batches, *(b for b, _ in extra)]
             self._origins = [None] * len(self.calibration.batches) + [o for _, o in extra]
-            self._prev = self._ref_prev = None
+            provider = self.calibration.provider
+            self._source = Propagator(model, self._batches, provider)
+            self._ref_source = Propagator(self.reference, self._batches, provider)
             budget = self.seconds  # optimisation time; captures are not counted
             for k, block in enumerate(blocks):
                 report = self._repair(model, block, budget / (len(blocks) - k))
@@ -270,29 +264,14 @@ class DistillRepairPass(ir.passes.InPlacePass):
         self.result = DistillResult(ordered, time.perf_counter() - t0)
         return ir.passes.PassResult(model, modified=modified)
 
-    def _block_inputs(self, model: ir.Model, names: Sequence[str],
-                      prev: tuple[str, list[np.ndarray]] | None, collect: _Collector) -> None:
-        """Runs the calibration batches up to the block's inputs. The previous block's output,
-        computed by the repair itself, is fed in, so only the layers in between run."""
-        graph_inputs = {v.name for v in model.graph.inputs}
-        wanted = [n for n in names if n not in graph_inputs]
-        session = None
-        if wanted:
-            session = make_session(cut_model(model, wanted, prev[0] if prev else None),
-                                   self.calibration.provider)
-        fed = {i.name for i in session.get_inputs()} if session is not None else set()
-        for i, batch in enumerate(self._batches):
-            arrays: dict[str, np.ndarray] = {}
-            if session is not None:
-                feeds = {k: v for k, v in batch.items() if k in fed}
-                if prev is not None and prev[0] in fed:
-                    feeds[prev[0]] = prev[1][i]
-                try:
-                    arrays = dict(zip(wanted, session.run(wanted, feeds), strict=True))
-                except Exception as e:  # onnxruntime raises several unrelated types
-                    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                    raise DataError(f"calibration batch {i} failed in onnxruntime: {text}") from e
-            collect(arrays, batch)
+    def _block_inputs(self, source: Propagator, nodes: Sequence[ir.Node],
+                      names: Sequence[str], collect: _Collector) -> None:
+        """Runs the calibration batches up to the block's inputs. Only the graph between the
+        previous block and this one runs (calibration/propagate.py), on the model as the
+        repairs so far left it."""
+        if nodes:
+            source.advance(nodes)
+        source.capture(names, collect)
 
     def _target(self, block: Block) -> np.ndarray:
         """The original model's block output on the calibration rows. Like the inputs, it is
@@ -300,20 +279,17 @@ class DistillRepairPass(ir.passes.InPlacePass):
         a time and only the layers in between run."""
         out = block.output.name or ""
         collect = _Collector([out], self.calibration.token_mask, np.float32, self._origins)
-        collect.keep_full = True
-        self._block_inputs(self.reference, [out], self._ref_prev, collect)
-        self._ref_prev = (out, [f[out].reshape(*shape, -1)
-                                for f, shape in zip(collect.full, collect.leads, strict=True)])
+        names = {n.name for n in block.nodes if n.name}
+        nodes = [n for n in self.reference.graph if n.name in names]
+        self._block_inputs(self._ref_source, nodes, [out], collect)
         return collect.rows(out)
 
     def _repair(self, model: ir.Model, block: Block, seconds: float) -> BlockRepair:
         name, out = block.name, block.output.name or ""
         names = [v.name or "" for v in block.inputs]
         collect = _Collector(names, self.calibration.token_mask, np.float32, self._origins)
-        collect.keep_full = True
-        prev, self._prev = self._prev, None
         try:
-            self._block_inputs(model, names, prev, collect)
+            self._block_inputs(self._source, block.nodes, names, collect)
         except _Decline as e:
             return BlockRepair(name, "declined", str(e), target=out)
         try:
@@ -359,9 +335,6 @@ class DistillRepairPass(ir.passes.InPlacePass):
                 old = const_array(v)
                 assert old is not None
                 set_const_array(v, arr.astype(old.dtype).reshape(old.shape))
-        self._prev = (out, [fn.forward({v: f[v.name or ""] for v in block.inputs}, res.params,
-                                       keep=False)[0].reshape(*shape, -1)
-                            for f, shape in zip(collect.full, collect.leads, strict=True)])
         logger.info("block %s: held-out MSE %.4g -> %.4g in %d epochs (%s)", name,
                     res.held_before, res.held_after, res.epochs, res.stopped)
         return BlockRepair(name, status, None if res.improved else res.stopped,
