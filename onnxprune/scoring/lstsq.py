@@ -31,10 +31,14 @@ class Problem:
     """The regularised normal equations (H + λI) W = B + λ W₀ of one layer."""
 
     def __init__(
-        self, gram: np.ndarray, cross: np.ndarray, ridge: float, prior: np.ndarray | None = None
+        self, gram: np.ndarray, cross: np.ndarray, ridge: float, prior: np.ndarray | None = None,
+        scale: float | None = None,
     ) -> None:
+        """`ridge` is relative to `scale`, the mean activation power (default: the mean of
+        the Gram diagonal; give it when `gram` holds only some of the layer's channels)."""
         c = gram.shape[0] - 1
-        scale = float(np.mean(np.diag(gram)[:c])) if c else 1.0
+        if scale is None:
+            scale = float(np.mean(np.diag(gram)[:c])) if c else 1.0
         self.lam = ridge * (scale if scale > 0 else 1.0)
         self.h = gram.copy()
         self.h[np.arange(c), np.arange(c)] += self.lam
@@ -175,26 +179,14 @@ def cross_validated_ridge(
     best, best_err = grid[0], np.inf
     fits = []
     for h_k, b_k, d_k in zip(sub_h, sub_b, diag, strict=True):
-        # Problem(total - fold) restricted to the kept channels: the same ridge scale (the
-        # mean diagonal over all channels of the training folds) and prior.
-        h_train, b_train = total_h - h_k, total_b - b_k
+        # Problem(total - fold) restricted to the kept channels, with the ridge scale of the
+        # whole training folds (the mean diagonal over all channels).
         scale = float(np.mean(total_d - d_k)) if c else 1.0
-        fits.append((h_train, b_train, scale if scale > 0 else 1.0, h_k, b_k))
+        fits.append((total_h - h_k, total_b - b_k, scale, h_k, b_k))
     for ridge in grid:
         err = 0.0
         for h_train, b_train, scale, h_k, b_k in fits:
-            lam = ridge * scale
-            h = h_train.copy()
-            h[np.arange(n), np.arange(n)] += lam
-            if h[n, n] == 0:
-                h[n, n] = 1.0
-            b = b_train.copy()
-            if w0 is not None:
-                b[:n] += lam * w0
-            try:
-                w = np.linalg.solve(h, b)
-            except np.linalg.LinAlgError:
-                w = np.linalg.lstsq(h, b, rcond=None)[0]
+            w = Problem(h_train, b_train, ridge, w0, scale=scale).solve(np.arange(n))
             err += float(np.sum(w * (h_k @ w)) - 2 * np.sum(w * b_k))
         if err < best_err:
             best, best_err = ridge, err
