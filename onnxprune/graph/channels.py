@@ -29,10 +29,7 @@ import onnx_ir as ir
 from onnxprune.graph.weights import (
     WeightUse,
     const_array,
-    conv_uses,
-    einsum_uses,
     producer_use,
-    weight_uses,
 )
 
 __all__ = ["ChannelGroup", "ConstSlice", "ShapeEdit", "find_channel_groups", "group_of"]
@@ -208,10 +205,7 @@ def _find(model: ir.Model, ignore: Sequence[str]) -> list[ChannelGroup]:
     from onnxprune.graph.channel_fill import Decline, Fill, is_carry_through
 
     graph = model.graph
-    uses = [u for u in weight_uses(graph) + conv_uses(graph) + einsum_uses(graph)
-            if u.node.graph is graph]
-    order = {node: i for i, node in enumerate(graph)}
-    uses.sort(key=lambda u: order.get(u.node, 0))
+    uses = [u for n in graph if (u := producer_use(n)) is not None]  # in graph order
     groups: list[ChannelGroup] = []
     claimed: set[ir.Node] = set()
     for use in uses:

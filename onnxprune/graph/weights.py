@@ -133,33 +133,34 @@ def iter_nodes(graph: ir.Graph) -> Iterator[ir.Node]:
     yield from ir.traversal.RecursiveGraphIterator(graph)
 
 
-def matmul_use(node: ir.Node) -> WeightUse | None:
-    """The node as a MatMul/Gemm with a constant 2-D float weight as B, else None."""
-    if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm"):
-        return None
-    if len(node.inputs) < 2:
+def _float_weight(node: ir.Node, ops: tuple[str, ...]) -> tuple[ir.Value, np.ndarray] | None:
+    """Input 1 of a default-domain node of `ops` and its array, when a float constant."""
+    if node.domain not in ("", "ai.onnx") or node.op_type not in ops or len(node.inputs) < 2:
         return None
     weight = node.inputs[1]
     arr = const_array(weight)
-    if arr is None or arr.ndim != 2 or not np.issubdtype(arr.dtype, np.floating):
+    if weight is None or arr is None or not np.issubdtype(arr.dtype, np.floating):
+        return None
+    return weight, arr
+
+
+def matmul_use(node: ir.Node) -> WeightUse | None:
+    """The node as a MatMul/Gemm with a constant 2-D float weight as B, else None."""
+    found = _float_weight(node, ("MatMul", "Gemm"))
+    if found is None or found[1].ndim != 2:
         return None
     trans_b = node.op_type == "Gemm" and _int_attr(node, "transB") == 1
-    return WeightUse(node, weight, reduce_axis=1 if trans_b else 0,  # type: ignore[arg-type]
+    return WeightUse(node, found[0], reduce_axis=1 if trans_b else 0,
                      out_axis=0 if trans_b else 1)
 
 
 def conv_use(node: ir.Node) -> WeightUse | None:
     """The node as a Conv/ConvTranspose with a constant float weight, else None."""
-    if node.domain not in ("", "ai.onnx") or node.op_type not in ("Conv", "ConvTranspose"):
-        return None
-    if len(node.inputs) < 2:
-        return None
-    weight = node.inputs[1]
-    arr = const_array(weight)
-    if arr is None or arr.ndim < 3 or not np.issubdtype(arr.dtype, np.floating):
+    found = _float_weight(node, ("Conv", "ConvTranspose"))
+    if found is None or found[1].ndim < 3:
         return None
     transposed = node.op_type == "ConvTranspose"
-    return WeightUse(node, weight, reduce_axis=0 if transposed else 1,  # type: ignore[arg-type]
+    return WeightUse(node, found[0], reduce_axis=0 if transposed else 1,
                      out_axis=1 if transposed else 0)
 
 
