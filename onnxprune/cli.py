@@ -43,7 +43,7 @@ from onnxprune.plan.plot import write_plot
 from onnxprune.plan.search import DEFAULT_MAX_DROP
 from onnxprune.quantize import QuantizeConfig
 from onnxprune.report import human_bytes, pass_table, stats_table, verify_table, write_json
-from onnxprune.runtime import parse_providers
+from onnxprune.runtime import Provider, parse_providers
 from onnxprune.scoring.criteria import CRITERIA
 from onnxprune.verify import Tolerances, VerifyResult
 
@@ -259,7 +259,12 @@ def _add_quantize_options(p: argparse.ArgumentParser) -> None:
                    "halves the error)")
 
 
-def _quantize_config(args: argparse.Namespace) -> QuantizeConfig | None:
+def _calibration_provider(args: argparse.Namespace) -> Provider:
+    """Where calibration runs: CUDA when --providers names it (checked to exist), else CPU."""
+    return "cuda" if "cuda" in parse_providers(args.providers) else "cpu"
+
+
+def _quantize_config(args: argparse.Namespace, provider: Provider) -> QuantizeConfig | None:
     if args.quantize is None:
         return None
     smooth: float | str | None
@@ -282,7 +287,7 @@ def _quantize_config(args: argparse.Namespace) -> QuantizeConfig | None:
         smooth=smooth,  # type: ignore[arg-type]
         token_mask=args.token_mask,
         seed=args.seed,
-        provider="cuda" if "cuda" in parse_providers(args.providers) else "cpu",
+        provider=provider,
     )
 
 
@@ -381,14 +386,16 @@ def _show_verify(console: Console, result: VerifyResult) -> None:
 
 def _cmd_prune(argv: Sequence[str], console: Console) -> int:
     args = _main_parser().parse_args(argv)
+    calibration_provider = _calibration_provider(args)
     config = api.PruneConfig(
         sparsity=args.sparsity, mode=args.mode, threshold=args.threshold, nm=args.nm,
         criterion=args.criterion, calibration=args.calibration, token_mask=args.token_mask,
         reconstruct=args.reconstruct, ridge=args.ridge, global_ranking=args.global_ranking,
         repair_seconds=args.repair_seconds, repair_augment=args.repair_augment,
-        calibration_provider="cuda" if "cuda" in parse_providers(args.providers) else "cpu",
+        calibration_provider=calibration_provider,
         max_group_sparsity=args.max_group_sparsity, round_to=args.round_to,
-        ignore=tuple(args.ignore), seed=args.seed, quantize=_quantize_config(args),
+        ignore=tuple(args.ignore), seed=args.seed,
+        quantize=_quantize_config(args, calibration_provider),
         heads=args.heads, global_heads=args.global_heads, target=args.target,
         max_drop=args.max_drop, metric=args.metric, eval=args.eval, holdout=args.holdout,
         plan=args.plan,
