@@ -182,7 +182,6 @@ class Propagator:
         self._print: dict[ir.Node, tuple] = {}  # of the nodes the cut summarises
         self._folder = external_folder(model)  # containment checked once, not per section
         self._fed = set(batches[0]) if batches else set()
-        self.sections = 0  # sections run so far (for tests and logs)
 
     def _is_input(self, v: ir.Value) -> bool:
         return v.is_graph_input() and v.name in self._fed
@@ -223,7 +222,6 @@ class Propagator:
 
         data, feeds = section(self.model, wanted, fed, self._folder)
         session = make_session(data, self.provider)
-        self.sections += 1
         from_cache = [v for v in feeds if v in cached]
         names = [v.name or "" for v in wanted]
 
@@ -271,13 +269,9 @@ class Propagator:
         for node in order:  # values that depend on the data (constants are recomputed)
             if any(v in live for v in _node_inputs(node)):
                 live.update(node.outputs)
-        cut: list[ir.Value] = []
-        for node in order:
-            if node in done:
-                continue
-            for v in _node_inputs(node):
-                if v in live and v.producer() in done and v not in cut:
-                    cut.append(v)
+        cut = list(dict.fromkeys(v for node in order if node not in done
+                                 for v in _node_inputs(node)
+                                 if v in live and v.producer() in done))
         missing = [v for v in cut if not self._cache or v not in self._cache[0]]
         if missing:
             new: list[dict[ir.Value, np.ndarray]] = []
