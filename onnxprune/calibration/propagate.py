@@ -33,7 +33,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxprune.calibration.data import Batch
-from onnxprune.detached import initializer_proto
+from onnxprune.detached import initializer_proto, release_pages
 from onnxprune.errors import DataError
 from onnxprune.external_data import external_folder
 from onnxprune.io import model_bytes
@@ -228,7 +228,11 @@ class Propagator:
         def extra(i: int) -> dict[str, np.ndarray]:
             return {v.name or "": self._cache[i][v] for v in from_cache}
 
-        return run_batches(session, names, self.batches, on_batch, extra)
+        try:
+            return run_batches(session, names, self.batches, on_batch, extra)
+        finally:
+            del session
+            release_pages(self.model)  # the next section reads other weights
 
     def _value(self, name: str) -> ir.Value:
         for v in self.model.graph.inputs:

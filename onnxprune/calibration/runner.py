@@ -15,7 +15,7 @@ import onnx_ir as ir
 
 from onnxprune.calibration.data import Batch
 from onnxprune.calibration.propagate import Propagator, run_batches, value_info
-from onnxprune.detached import serialize_detached
+from onnxprune.detached import release_pages, serialize_detached
 from onnxprune.errors import DataError
 from onnxprune.io import ModelBytes, model_bytes
 from onnxprune.runtime import Provider, make_session
@@ -60,7 +60,11 @@ def capture(
     if isinstance(model, Propagator):
         return model.capture(names, on_batch)
     session = make_session(with_outputs(model, names), provider)
-    return run_batches(session, list(dict.fromkeys(names)), batches, on_batch)
+    try:
+        return run_batches(session, list(dict.fromkeys(names)), batches, on_batch)
+    finally:
+        del session
+        release_pages(model)
 
 
 def row_mask(batch: Batch, mask_input: str | None, rows: int, lead_shape: tuple[int, ...]) -> (

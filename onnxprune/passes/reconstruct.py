@@ -25,7 +25,7 @@ from onnxprune.graph.channels import ChannelGroup
 from onnxprune.graph.rewire import take_over_output
 from onnxprune.graph.weights import WeightUse, const_array, set_const_array
 from onnxprune.runtime import Provider
-from onnxprune.scoring.lstsq import cross_validated_ridge, fold_bias, obs_select, refit
+from onnxprune.scoring.lstsq import Problem, cross_validated_ridge, fold_bias, obs_order
 
 __all__ = ["Calibration", "Reconstruct", "GroupFit", "collect_stats", "fit_group", "apply_fit",
            "reference_targets", "shared_input", "joined_weight", "DEFAULT_RIDGE"]
@@ -63,13 +63,15 @@ def shared_input(group: ChannelGroup) -> ir.Value | None:
 
 
 def joined_weight(group: ChannelGroup) -> np.ndarray:
-    """Consumer weights side by side as [C, sum D] (x W layout)."""
+    """Consumer weights side by side as [C, sum D] (x W layout), float32 or wider (the
+    solves widen the rows they read; a float64 copy of a 4096² layer is 128 MiB)."""
     parts = []
     for u in group.consumers:
         w = const_array(u.weight)
         assert w is not None
         parts.append(w.T if u.reduce_axis == 1 else w)
-    return np.concatenate(parts, axis=1).astype(np.float64)
+    joined = np.concatenate(parts, axis=1)
+    return joined.astype(np.promote_types(joined.dtype, np.float32), copy=False)
 
 
 @dataclass(frozen=True)
@@ -257,14 +259,16 @@ def fit_group(
     """
     prior = joined_weight(group)
     select_ridge = DEFAULT_RIDGE if calib.ridge is None else calib.ridge
+    # One Problem over the statistics (not copied) serves the selection and the refit.
+    problem = Problem(stats.gram, stats.cross, select_ridge, prior)  # type: ignore[arg-type]
     if keep is not None:
         keep = np.sort(np.asarray(keep, dtype=np.int64))
     elif scores is None:
         gamma = consumer_target(group).norm_scale
-        keep, _ = obs_select(
-            stats.gram, stats.cross, n_keep, select_ridge, prior,  # type: ignore[arg-type]
-            out_weights=None if gamma is None else np.square(gamma), center=gamma is not None,
-        )
+        order = obs_order(problem, group.size - n_keep,
+                          out_weights=None if gamma is None else np.square(gamma),
+                          center=gamma is not None)
+        keep = np.setdiff1d(np.arange(group.size), order)
     else:
         keep = np.sort(np.argsort(-scores, kind="stable")[:n_keep])
     w = None
@@ -273,7 +277,7 @@ def fit_group(
         if calib.ridge is None and len(stats.fold_gram) > 1:
             ridge = cross_validated_ridge(stats.fold_gram, stats.fold_cross, keep, prior)
             logger.info("group %s: ridge %.3g chosen by cross-validation", group.name, ridge)
-        w = refit(stats.gram, stats.cross, keep, ridge, prior)  # type: ignore[arg-type]
+        w = problem.solve(keep, ridge)
     if w is not None:
         if not np.all(np.isfinite(w)):
             raise DataError(f"group '{group.name}': the least-squares refit is not finite")

@@ -28,7 +28,12 @@ RIDGE_GRID = (0.01, 0.03, 0.1, 0.3, 1.0)
 
 
 class Problem:
-    """The regularised normal equations (H + λI) W = B + λ W₀ of one layer."""
+    """The regularised normal equations (H + λI) W = B + λ W₀ of one layer.
+
+    The statistics are referenced, not copied (a 4096-wide layer's H and B are 128 MiB each
+    in float64): the ridge is added on the rows a solve reads, and `h` / `b` build the full
+    regularised arrays only for the callers that invert them.
+    """
 
     def __init__(
         self, gram: np.ndarray, cross: np.ndarray, ridge: float, prior: np.ndarray | None = None,
@@ -39,20 +44,57 @@ class Problem:
         c = gram.shape[0] - 1
         if scale is None:
             scale = float(np.mean(np.diag(gram)[:c])) if c else 1.0
-        self.lam = ridge * (scale if scale > 0 else 1.0)
-        self.h = gram.copy()
-        self.h[np.arange(c), np.arange(c)] += self.lam
-        if self.h[c, c] == 0:
-            self.h[c, c] = 1.0
-        self.b = cross.copy()
-        if prior is not None:
-            self.b[:c] += self.lam * prior.astype(np.float64)
+        self.scale = scale if scale > 0 else 1.0
+        self.lam = ridge * self.scale
+        self.gram, self.cross, self.prior = gram, cross, prior
         self.channels = c
 
-    def solve(self, keep: np.ndarray) -> np.ndarray:
-        """Weights for the kept channels and the bias: [len(keep)+1, D]."""
+    def _lam(self, ridge: float | None) -> float:
+        return self.lam if ridge is None else ridge * self.scale
+
+    def _system(self, idx: np.ndarray | None, ridge: float | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+        """(H + λI)[idx, idx] and (B + λW₀)[idx] as new float64 arrays (all rows: None)."""
+        lam, c = self._lam(ridge), self.channels
+        if idx is None:
+            h = np.array(self.gram, dtype=np.float64)
+            b = np.array(self.cross, dtype=np.float64)
+            rows = np.arange(c)
+        else:
+            h = self.gram[np.ix_(idx, idx)].astype(np.float64)
+            b = self.cross[idx].astype(np.float64)
+            rows = np.flatnonzero(idx < c)
+        n = h.shape[0]
+        if rows.size:
+            if idx is None:
+                h.flat[: c * (n + 1) : n + 1] += lam  # the diagonal, without index arrays
+            else:
+                h[rows, rows] += lam
+        last = n - 1 if idx is None or (idx.size and idx[-1] == c) else None
+        if last is not None and h[last, last] == 0:
+            h[last, last] = 1.0
+        if self.prior is not None and rows.size:
+            src = np.arange(c) if idx is None else idx[rows]
+            dst = np.arange(c) if idx is None else rows
+            for i in range(0, dst.size, _ROWS):  # in slices: no B-sized temporary
+                b[dst[i:i + _ROWS]] += lam * self.prior[src[i:i + _ROWS]].astype(np.float64)
+        return h, b
+
+    @property
+    def h(self) -> np.ndarray:
+        """The whole regularised H (a new array)."""
+        return self._system(None)[0]
+
+    @property
+    def b(self) -> np.ndarray:
+        """The whole right-hand side B + λW₀ (a new array)."""
+        return self._system(None)[1]
+
+    def solve(self, keep: np.ndarray, ridge: float | None = None) -> np.ndarray:
+        """Weights for the kept channels and the bias: [len(keep)+1, D]. `ridge` (relative,
+        as in the constructor) replaces the problem's own for this solve."""
         idx = np.append(np.asarray(keep, dtype=np.int64), self.channels)
-        h, b = self.h[np.ix_(idx, idx)], self.b[idx]
+        h, b = self._system(idx, ridge)
         try:
             return np.linalg.solve(h, b)
         except np.linalg.LinAlgError:
@@ -113,9 +155,12 @@ def obs_order(
     least squares is optimal for every output column on its own.
     """
     c = problem.channels
-    h0 = np.linalg.inv(problem.h)
-    h0 = (h0 + h0.T) / 2
-    w = h0 @ problem.b
+    h, b = problem._system(None)
+    h0 = np.linalg.inv(h)
+    del h
+    _symmetrize(h0)
+    w = h0 @ b
+    del b
     # H⁻¹ after the removals so far is H0 − P Qᵀ (each step appends H⁻¹[:, S] M and
     # H⁻¹[:, S]); only its diagonal and the selected columns are ever read, so it is never
     # formed: a step costs O(C·r·k) instead of rewriting a (C+1)² matrix.
@@ -128,9 +173,7 @@ def obs_order(
     block = max(1, math.ceil(to_remove / max_steps))
     order: list[np.ndarray] = []
     while to_remove > 0:
-        rows = w[:c] - w[:c].mean(axis=1, keepdims=True) if center else w[:c]
-        sq = np.square(rows) if out_weights is None else np.square(rows) * out_weights
-        cost = sq.sum(axis=1) / np.maximum(d[:c], 1e-300)
+        cost = _row_power(w[:c], out_weights, center) / np.maximum(d[:c], 1e-300)
         cost[~alive] = np.inf
         k = min(block, to_remove)
         sel = np.argpartition(cost, k - 1)[:k]
@@ -138,7 +181,9 @@ def obs_order(
         cols = h0[:, sel] - p_all[:, :r] @ q_all[sel, :r].T
         m = np.linalg.inv(cols[sel])
         pm = cols @ m
-        w -= pm @ w[sel]
+        w_sel = w[sel]
+        for i in range(0, w.shape[0], _ROWS):  # in slices: no second W-sized temporary
+            w[i:i + _ROWS] -= pm[i:i + _ROWS] @ w_sel
         d -= np.einsum("ij,ij->i", pm, cols)
         p_all[:, r:r + k] = pm
         q_all[:, r:r + k] = cols
@@ -148,6 +193,29 @@ def obs_order(
         order.append(sel)
         to_remove -= k
     return np.concatenate(order) if order else np.zeros(0, dtype=np.int64)
+
+
+_ROWS = 512
+
+
+def _symmetrize(a: np.ndarray) -> None:
+    """a <- (a + aᵀ) / 2 in place, a block of rows at a time (no full-size temporary)."""
+    for i in range(0, a.shape[0], _ROWS):
+        j = i + _ROWS
+        avg = (a[i:j, i:] + a[i:, i:j].T) / 2
+        a[i:j, i:] = avg
+        a[i:, i:j] = avg.T
+
+
+def _row_power(w: np.ndarray, out_weights: np.ndarray | None, center: bool) -> np.ndarray:
+    """Σ_j g_j (w_ij − m_i)² per row, m_i the row mean when `center` (else 0) and g the
+    output weights (else 1), without a W-sized temporary."""
+    g = np.ones(w.shape[1]) if out_weights is None else np.asarray(out_weights, np.float64)
+    power = np.einsum("ij,ij,j->i", w, w, g)
+    if center:
+        m = w.mean(axis=1)
+        power += -2 * m * (w @ g) + m * m * g.sum()
+    return power
 
 
 def fold_bias(mean: np.ndarray, weight: np.ndarray, keep: np.ndarray) -> np.ndarray:
