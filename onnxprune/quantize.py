@@ -40,6 +40,7 @@ from onnxprune.calibration.qerror import (
     sqnr_db,
 )
 from onnxprune.calibration.ranges import RangeCollector, collect_ranges
+from onnxprune.detached import release_pages
 from onnxprune.errors import InputError, UnsupportedModelError
 from onnxprune.graph.qlayers import QLayer, check_not_quantized, find_layers
 from onnxprune.passes.canonical_gelu import CanonicalGeluPass
@@ -282,6 +283,7 @@ def quantize_model(
                 np.isfinite(w.numpy())):
             raise InputError(f"weight '{layer.weight.name}' of node '{layer.node.name}' holds "
                              "NaN or Inf; it cannot be quantized (fix the model first)")
+    release_pages(model)  # each stage below reads the weights again, one layer at a time
     plan = _Plan()
     count = 0
     if batches is not None:
@@ -293,6 +295,7 @@ def quantize_model(
         _plan_activations(layers, collectors, config, plan)
         if _choose_float_layers(config, plan):
             _plan_activations(layers, collectors, config, plan)
+        release_pages(model)
     qdq = QuantizeQDQPass(
         activations={
             name: ActivationQuant(c.scale, c.zero_point, c.smooth)
@@ -304,6 +307,7 @@ def quantize_model(
         embedding_layout=config.embedding_layout,
     )
     qdq(model)
+    release_pages(model)  # the float weights now replaced by their int8 copies
     reports = tuple(_layer_report(r, plan) for r in qdq.result.layers)
     logger.info(
         "quantized %d layers, %d kept float, in %.1f s",

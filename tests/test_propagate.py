@@ -260,3 +260,68 @@ def test_sectioned_reference_decides_as_one_pass(heads: bool,
         sectioned = to_ir(proto)
         run(sectioned)
     _compare(sectioned, one_pass)
+
+
+def _ranges(model: ir.Model, names: list[str], data: list, sectioned: bool,
+            monkeypatch: pytest.MonkeyPatch) -> dict:
+    import onnxprune.calibration.ranges as ranges
+
+    with monkeypatch.context() as m:
+        m.setattr(ranges, "SECTION_ABOVE_BYTES", 0 if sectioned else 1 << 62)
+        out, count = ranges.collect_ranges(model, {n: -1 for n in names}, iter(data))
+    assert count == len(data)
+    return out
+
+
+def test_sectioned_range_calibration_matches_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A big model's quantization ranges are collected section by section: same statistics,
+    and a tensor holding -Inf (an additive mask) is flagged, not refused, in both."""
+    b = GraphBuilder(seed=5)
+    x = b.input("x", ["B", "S", WIDTH])
+    h = b.op("Relu", [dense(b, x, WIDTH, HIDDEN, name="fc1")], name="relu")
+    masked = b.op("Add", [dense(b, h, HIDDEN, WIDTH, name="fc2"),
+                          b.const("mask", np.where(np.arange(WIDTH) < 2, -np.inf, 0.0)
+                                  .astype(np.float32))], name="mask_add")
+    y = b.op("Relu", [masked], name="after_mask")
+    b.op("Identity", [dense(b, y, WIDTH, WIDTH, name="fc3")], name="out", output="y")
+    model = to_ir(b.build(["y"]))
+    names = ["x", _output(model, "relu"), _output(model, "mask_add"),
+             _output(model, "fc2"), _output(model, "out")]
+    data = batches(3)
+    one = _ranges(model, names, data, False, monkeypatch)
+    sec = _ranges(model, names, data, True, monkeypatch)
+    assert one.keys() == sec.keys()
+    assert one[_output(model, "mask_add")].bad is not None
+    for n in names:
+        a, s = one[n], sec[n]
+        assert a.bad == s.bad, n
+        if a.bad is None:
+            assert a.count == s.count > 0, n
+            np.testing.assert_allclose([a.lo, a.hi], [s.lo, s.hi], rtol=1e-6, err_msg=n)
+            np.testing.assert_array_equal(a.hist, s.hist, err_msg=n)
+            np.testing.assert_allclose(a.sample, s.sample, rtol=1e-5, atol=1e-6, err_msg=n)
+
+
+def _output(model: ir.Model, node_name: str) -> str:
+    return node(model, node_name).outputs[0].name or ""
+
+
+def test_released_pages_read_back_the_same_weights(tmp_path) -> None:
+    """release_pages drops memory-mapped weights from RSS; reading them again gives the
+    same values, and arrays a pass wrote are never touched."""
+    from onnxprune.detached import release_pages
+
+    proto = residual_stack(layers=2)
+    path = tmp_path / "m.onnx"
+    onnx.save_model(proto, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="m.onnx.data", size_threshold=0)
+    model = ir.load(path)
+    before = {k: np.array(v.const_value.numpy()) for k, v in model.graph.initializers.items()}
+    written = next(v for v in model.graph.initializers.values()
+                   if v.const_value is not None and v.const_value.size > 8)
+    new = np.full(written.const_value.shape.numpy(), 7.0, np.float32)
+    set_const_array(written, new)
+    assert release_pages(model) > 0
+    for k, v in model.graph.initializers.items():
+        expect = new if v is written else before[k]
+        np.testing.assert_array_equal(v.const_value.numpy(), expect, err_msg=k)

@@ -39,17 +39,23 @@ from onnxprune.external_data import external_folder
 from onnxprune.io import model_bytes
 from onnxprune.runtime import Provider, make_session
 
-__all__ = ["Propagator", "TargetStore", "run_batches", "section"]
+__all__ = ["Propagator", "TargetStore", "run_batches", "section", "SECTION_ABOVE_BYTES",
+           "weight_bytes"]
+
+# A model with at least this many bytes of weights is calibrated section by section, so no
+# session holds all of its weights and its memory-mapped pages are read one section at a time.
+SECTION_ABOVE_BYTES = 2**30
 
 OnBatch = Callable[[dict[str, np.ndarray], Batch], None]
 
 
 def run_batches(session, wanted: Sequence[str], batches: Iterable[Batch], on_batch: OnBatch,
-                extra: Callable[[int], dict[str, np.ndarray]] | None = None) -> int:
+                extra: Callable[[int], dict[str, np.ndarray]] | None = None, *,
+                finite: bool = True) -> int:
     """Runs `session` on every batch (plus `extra(i)` feeds) and hands the outputs on.
 
-    Raises DataError naming the tensor when a captured value holds NaN or Inf, because
-    statistics built on them would turn into NaN weights.
+    With `finite`, raises DataError naming the tensor when a captured value holds NaN or
+    Inf, because statistics built on them would turn into NaN weights.
     """
     inputs = {i.name for i in session.get_inputs()}
     count = 0
@@ -63,7 +69,7 @@ def run_batches(session, wanted: Sequence[str], batches: Iterable[Batch], on_bat
             text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise DataError(f"calibration batch {count} failed in onnxruntime: {text}") from e
         captured = dict(zip(wanted, arrays, strict=False))
-        for name, arr in captured.items():
+        for name, arr in captured.items() if finite else ():
             if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
                 raise DataError(
                     f"tensor '{name}' holds NaN/Inf on calibration batch {count}; "
@@ -167,15 +173,25 @@ def _same(a: tuple, b: tuple) -> bool:
         for x, y in zip(a, b, strict=True))
 
 
+def weight_bytes(model: ir.Model) -> int:
+    """Bytes of the main graph's initializers."""
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values()
+               if v.const_value is not None)
+
+
 class Propagator:
     """The activations of `model`, computed section by section as its cut moves forward.
 
     `model` is edited in place by the pruning between calls. Use `advance(node)` once the
-    groups before `node` are done, and `capture` for the tensors a group needs.
+    groups before `node` are done, and `capture` for the tensors a group needs. With
+    `finite=False` NaN/Inf values are handed on instead of refused (range calibration flags
+    such a tensor and leaves it float).
     """
 
-    def __init__(self, model: ir.Model, batches: Sequence[Batch], provider: Provider = "cpu"):
+    def __init__(self, model: ir.Model, batches: Sequence[Batch], provider: Provider = "cpu",
+                 *, finite: bool = True):
         self.model = model
+        self.finite = finite
         self.batches = batches
         self.provider = provider
         self._cache: list[dict[ir.Value, np.ndarray]] = [{} for _ in batches]
@@ -229,7 +245,8 @@ class Propagator:
             return {v.name or "": self._cache[i][v] for v in from_cache}
 
         try:
-            return run_batches(session, names, self.batches, on_batch, extra)
+            return run_batches(session, names, self.batches, on_batch, extra,
+                               finite=self.finite)
         finally:
             del session
             release_pages(self.model)  # the next section reads other weights
@@ -250,7 +267,7 @@ class Propagator:
         wanted = [self._value(n) for n in dict.fromkeys(names)]
         computed = [v for v in wanted if not self._is_input(v)]
         if not computed:
-            return run_batches(_Identity(), [], self.batches, on_batch)
+            return run_batches(_Identity(), [], self.batches, on_batch, finite=self.finite)
 
         def with_inputs(arrays: dict[str, np.ndarray], batch: Batch) -> None:
             arrays.update({v.name: batch[v.name] for v in wanted  # type: ignore[misc]
@@ -319,7 +336,8 @@ class TargetStore:
     """
 
     def __init__(self, model: ir.Model, wanted: Sequence[Wanted], batches: Sequence[Batch], *,
-                 provider: Provider = "cpu", budget: int = 2**30, whole_below: int = 2**30):
+                 provider: Provider = "cpu", budget: int = 2**30,
+                 whole_below: int = SECTION_ABOVE_BYTES):
         from onnxprune.calibration.runner import capture
 
         self.names = list(dict.fromkeys(n for _, names, _ in wanted for n in names if n))
@@ -329,9 +347,7 @@ class TargetStore:
         self._folder: Path | None = None
         if not self.names:
             return
-        weights = sum(v.const_value.nbytes for v in model.graph.initializers.values()
-                      if v.const_value is not None)
-        if weights < whole_below:
+        if weight_bytes(model) < whole_below:
             check = [n for _, _, c in wanted for n in c if n and n not in self.names]
             capture(model, list(dict.fromkeys(check)) + self.names, batches,
                     self._storer(self.names), provider=provider)

@@ -23,7 +23,9 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxprune.calibration.data import Batch
+from onnxprune.calibration.propagate import SECTION_ABOVE_BYTES, Propagator, weight_bytes
 from onnxprune.calibration.runner import row_mask, with_outputs
+from onnxprune.detached import release_pages
 from onnxprune.errors import DataError
 from onnxprune.runtime import Provider, make_session
 
@@ -235,28 +237,61 @@ def collect_ranges(
     graph_inputs = {v.name for v in model.graph.inputs}
     # Graph inputs come straight from the batch; everything else is captured.
     names: Sequence[str] = [n for n in collectors if n not in graph_inputs]
-    session = make_session(with_outputs(model, names), provider)
-    inputs = {i.name for i in session.get_inputs()}
-    count = 0
-    for batch in batches:
-        feeds = {k: v for k, v in batch.items() if k in inputs}
-        try:
-            arrays = session.run(list(names), feeds) if names else []
-        except Exception as e:  # onnxruntime raises several unrelated exception types
-            text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise DataError(f"calibration batch {count} failed in onnxruntime: {text}") from e
-        captured = dict(zip(names, arrays, strict=True))
-        captured.update({n: batch[n] for n in collectors if n in graph_inputs and n in batch})
+
+    def add(captured: dict[str, np.ndarray], batch: Batch) -> None:
         for name, arr in captured.items():
             collector = collectors[name]
-            mask = _mask_for(batch, token_mask, arr, collector.channel_axis)
-            collector.add(arr, mask)
-        count += 1
-        if on_batch is not None:
-            on_batch(count)
+            collector.add(arr, _mask_for(batch, token_mask, arr, collector.channel_axis))
+
+    producers = _producers(model, names)
+    if producers is not None and weight_bytes(model) >= SECTION_ABOVE_BYTES:
+        # A big model runs section by section, so its weights are read one section at a
+        # time (see Propagator): the range of each tensor is the same, computed by the
+        # nodes before it.
+        batches = list(batches)
+        prop = Propagator(model, batches, provider, finite=False)
+        for name in sorted(names, key=lambda n: producers[n][0]):
+            prop.advance([producers[name][1]])
+            prop.capture([name], add)
+        count = 0
+        for batch in batches:
+            add({n: batch[n] for n in collectors if n in graph_inputs and n in batch}, batch)
+            count += 1
+            if on_batch is not None:
+                on_batch(count)
+    else:
+        session = make_session(with_outputs(model, names), provider)
+        inputs = {i.name for i in session.get_inputs()}
+        count = 0
+        for batch in batches:
+            feeds = {k: v for k, v in batch.items() if k in inputs}
+            try:
+                arrays = session.run(list(names), feeds) if names else []
+            except Exception as e:  # onnxruntime raises several unrelated exception types
+                text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise DataError(f"calibration batch {count} failed in onnxruntime: {text}") from e
+            captured = dict(zip(names, arrays, strict=True))
+            captured.update({n: batch[n] for n in collectors if n in graph_inputs and n in batch})
+            add(captured, batch)
+            count += 1
+            if on_batch is not None:
+                on_batch(count)
+        del session
+        release_pages(model)
     if count == 0:
         raise DataError("the calibration data holds no batches")
     return collectors, count
+
+
+def _producers(model: ir.Model, names: Sequence[str]) -> dict[str, tuple[int, ir.Node]] | None:
+    """Each name's producer in the main graph and its position; None if one has none."""
+    found: dict[str, tuple[int, ir.Node]] = {}
+    wanted = set(names)
+    for i, node in enumerate(model.graph):
+        for out in node.outputs:
+            if out.name in wanted:
+                found[out.name] = (i, node)
+    return found if len(found) == len(wanted) else None
 
 
 def _mask_for(
