@@ -33,9 +33,10 @@ Not copies, but counted in RSS: a memory-mapped weight's pages are resident once
 model's size plus what it writes. Calibration runs the model section by section, so after
 each section `release_pages` hands the pages it read back to the page cache
 (madvise(MADV_DONTNEED) on the read-only map: the data stays valid and is read again from
-the cache on the next touch); the resident weights are then those of one section. Each ExternalTensor maps the data file once; sessions reuse those
-maps, which is why the CLI verifies a pruned model against a clone of the loaded model
-rather than the file (onnxruntime would map every weight a second time).
+the cache on the next touch); the resident weights are then those of one section.
+Each ExternalTensor maps the data file once; sessions reuse those maps, which is why the
+CLI verifies a pruned model against a clone of the loaded model rather than the file
+(onnxruntime would map every weight a second time).
 """
 
 from __future__ import annotations

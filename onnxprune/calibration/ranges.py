@@ -253,12 +253,11 @@ def collect_ranges(
         for name in sorted(names, key=lambda n: producers[n][0]):
             prop.advance([producers[name][1]])
             prop.capture([name], add)
-        count = 0
-        for batch in batches:
+        for count, batch in enumerate(batches, start=1):
             add({n: batch[n] for n in collectors if n in graph_inputs and n in batch}, batch)
-            count += 1
             if on_batch is not None:
                 on_batch(count)
+        count = len(batches)
     else:
         session = make_session(with_outputs(model, names), provider)
         inputs = {i.name for i in session.get_inputs()}

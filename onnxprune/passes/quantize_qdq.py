@@ -25,6 +25,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common
 
 from onnxprune.calibration.qerror import ActDtype, dequantize_weight, quantize_weight, sqnr_db
+from onnxprune.detached import release_pages
 from onnxprune.errors import InputError, UnsupportedModelError
 from onnxprune.graph.qdq_build import QdqBuilder, constant_bytes
 from onnxprune.graph.qlayers import QLayer, check_not_quantized, find_layers, layer_name
@@ -190,6 +191,7 @@ class QuantizeQDQPass(ReportingPass):
         # (Quantize nodes inserted for other layers included) onto the dequantized rows.
         for layer in sorted(todo, key=lambda layer: layer.kind == "Gather"):
             done.append(self._quantize(layer))
+            release_pages(model)  # a big model's float weights are read one at a time
         kept = tuple(sorted({
             layer.weight.name or "?" for layer in todo
             if layer.weight is not None and layer.weight.uses()
