@@ -19,6 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxprune.calibration.data import Batch
+from onnxprune.detached import release_pages
 from onnxprune.errors import DataError, InputError
 from onnxprune.graph import cache_slices
 from onnxprune.io import external_data_files, uses_external_data
@@ -342,6 +343,8 @@ def compare_models(
         batches = list(batches)
         saved = [run_reference(i, b) for i, b in enumerate(batches)]
         del ref_sess, run_reference
+        if isinstance(reference, ir.Model):
+            release_pages(reference)
         return compare_outputs(ref_outputs, lambda i, _: saved[i], candidate, batches,
                                providers=providers, tolerances=tolerances,
                                generated_inputs=generated_inputs)
