@@ -19,6 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxprune.calibration.data import Batch
+from onnxprune.calibration.propagate import SECTION_ABOVE_BYTES, sectioned_outputs, weight_bytes
 from onnxprune.detached import release_pages
 from onnxprune.errors import DataError, InputError
 from onnxprune.graph import cache_slices
@@ -330,6 +331,16 @@ def compare_models(
     never resident together; the reference outputs are held meanwhile (the verification
     data is bounded by the data budget).
     """
+    if isinstance(reference, ir.Model) and weight_bytes(reference) >= SECTION_ABOVE_BYTES:
+        # A big reference runs section by section: its weights are never all resident.
+        batches = list(batches)
+        saved = sectioned_outputs(reference, batches)
+        if saved is not None:
+            release_pages(reference)
+            return compare_outputs([o.name or "" for o in reference.graph.outputs],
+                                   lambda i, _: saved[i], candidate, batches,
+                                   providers=providers, tolerances=tolerances,
+                                   generated_inputs=generated_inputs)
     ref_sess = make_session(reference, "cpu")
     ref_outputs = [o.name for o in ref_sess.get_outputs()]
 

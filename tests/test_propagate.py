@@ -325,3 +325,38 @@ def test_released_pages_read_back_the_same_weights(tmp_path) -> None:
     for k, v in model.graph.initializers.items():
         expect = new if v is written else before[k]
         np.testing.assert_array_equal(v.const_value.numpy(), expect, err_msg=k)
+
+
+def test_big_reference_is_verified_section_by_section(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Verification of a big reference runs it in sections: the same metrics as one run."""
+    import importlib
+
+    verify = importlib.import_module("onnxprune.verify")  # the package exports a verify()
+
+    reference = to_ir(residual_stack())
+    candidate = to_ir(residual_stack())
+    RemoveNeuronsPass(sparsity=0.5)(candidate)
+    data = batches(3)
+    one = verify.compare_models(reference, candidate, data)
+    calls: list[int] = []
+    real = verify.sectioned_outputs
+
+    def counted(model, batches, *a, **k):
+        calls.append(1)
+        return real(model, batches, *a, section_bytes=1, **k)  # a section per weighted node
+
+    with monkeypatch.context() as m:
+        m.setattr(verify, "SECTION_ABOVE_BYTES", 0)
+        m.setattr(verify, "sectioned_outputs", counted)
+        sec = verify.compare_models(reference, candidate, data)
+    assert calls == [1]
+    a, b = one.to_dict(), sec.to_dict()
+    assert a["ok"] == b["ok"] and a["batches"] == b["batches"] == 3
+    assert len(a["outputs"]) == len(b["outputs"]) > 0
+    for oa, ob in zip(a["outputs"], b["outputs"], strict=True):
+        assert oa.keys() == ob.keys()
+        for key, value in oa.items():
+            if isinstance(value, float):
+                assert value == pytest.approx(ob[key], rel=1e-5, abs=1e-6), key
+            else:
+                assert value == ob[key], key

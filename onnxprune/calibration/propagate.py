@@ -40,7 +40,7 @@ from onnxprune.io import model_bytes
 from onnxprune.runtime import Provider, make_session
 
 __all__ = ["Propagator", "TargetStore", "run_batches", "section", "SECTION_ABOVE_BYTES",
-           "weight_bytes"]
+           "sectioned_outputs", "weight_bytes"]
 
 # A model with at least this many bytes of weights is calibrated section by section, so no
 # session holds all of its weights and its memory-mapped pages are read one section at a time.
@@ -307,6 +307,29 @@ class Propagator:
         self._cache = [{v: (fresh[v] if v in fresh else old[v]) for v in cut}
                        for old, fresh in zip(self._cache, new, strict=True)]
         self._print = {n: _fingerprint(n) for n in done}
+
+
+def sectioned_outputs(model: ir.Model, batches: Sequence[Batch], provider: Provider = "cpu",
+                      *, section_bytes: int = 256 << 20) -> list[list[np.ndarray]] | None:
+    """The graph outputs on every batch, computed in sections of about `section_bytes` of
+    weights each, so only one section's weights are resident at a time (a big model's
+    verification reference). None when an output is not computed by a main-graph node."""
+    outputs = [o.name or "" for o in model.graph.outputs]
+    produced = {out.name for node in model.graph for out in node.outputs}
+    if not outputs or not all(n in produced for n in outputs):
+        return None
+    prop = Propagator(model, batches, provider, finite=False)
+    held = 0
+    for node in list(model.graph):
+        size = sum(v.const_value.nbytes for v in node.inputs
+                   if v is not None and v.is_initializer() and v.const_value is not None)
+        if held and held + size > section_bytes:
+            prop.advance([node])
+            held = 0
+        held += size
+    out: list[list[np.ndarray]] = []
+    prop.capture(outputs, lambda arrays, _: out.append([arrays[n] for n in outputs]))
+    return out
 
 
 class _Identity:
