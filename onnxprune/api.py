@@ -29,6 +29,7 @@ from onnxprune.golden import save_golden as write_golden
 from onnxprune.graph.accounting import ModelStats, model_stats
 from onnxprune.graph.attention import AttentionBlock, find_attention_blocks
 from onnxprune.graph.channels import ChannelGroup, find_channel_groups
+from onnxprune.graph.pages import release_pages
 from onnxprune.io import (
     MIN_OPSET,
     check_output_path,
@@ -290,6 +291,7 @@ def prune_model(
     """
     check_supported(model)
     check_finite_weights(model)
+    release_pages(model)  # the check read every weight; the passes read them again in turn
     config.check_planning()
     config, mask_note = _with_token_mask(model, config)
     if config.is_default and config.calibration is not None:
@@ -317,6 +319,7 @@ def prune_model(
     modified = False
     for p in passes:
         modified = p(model).modified or modified
+        release_pages(model)
     if modified:
         RemoveUnusedNodesPass()(model)
     quantized = None

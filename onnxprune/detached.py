@@ -31,7 +31,7 @@ Copies that remain, and why:
 Not copies, but counted in RSS: a memory-mapped weight's pages are resident once read
 (scoring, a forward pass), so a command that reads every weight would peak at about the
 model's size plus what it writes. Calibration runs the model section by section, so after
-each section `release_pages` hands the pages it read back to the page cache
+each section `graph.pages.release_pages` hands the pages it read back to the page cache
 (madvise(MADV_DONTNEED) on the read-only map: the data stays valid and is read again from
 the cache on the next touch); the resident weights are then those of one section.
 Each ExternalTensor maps the data file once; sessions reuse those maps, which is why the
@@ -42,10 +42,8 @@ CLI verifies a pruned model against a clone of the loaded model rather than the 
 from __future__ import annotations
 
 import contextlib
-import mmap
 import os
 import tempfile
-import weakref
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -56,7 +54,6 @@ import onnx_ir as ir
 __all__ = [
     "initializer_proto",
     "DETACH_MIN_BYTES",
-    "release_pages",
     "PLACEHOLDER",
     "PREPACK_LIMIT_BYTES",
     "check_detached",
@@ -88,43 +85,6 @@ def _shareable_array(value: ir.Value, graph: ir.Graph) -> np.ndarray | None:
     if arr.dtype.byteorder == ">" or not arr.flags.c_contiguous:
         arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("="))
     return arr
-
-
-# Every memory-mapped weight release_pages has seen: a weight a pass has since replaced is
-# no longer in the graph, but its map stays open while the original model (the reference)
-# holds it, and the pages a pass read from it stay resident.
-_SEEN: weakref.WeakSet[ir.ExternalTensor] = weakref.WeakSet()
-
-
-def release_pages(model: ir.Model) -> int:
-    """Drops the resident pages of memory-mapped weights; returns the bytes advised.
-
-    Covers the model's weights and every one seen by an earlier call that is still alive.
-    Only onnx_ir's read-only maps of a data file are touched, never an array a pass wrote
-    (for those the advice would discard data). Reading a released weight again is correct:
-    the kernel reads the unchanged file again, usually from its page cache.
-    """
-    if not hasattr(mmap, "MADV_DONTNEED"):
-        return 0
-    for value in model.graph.initializers.values():
-        if isinstance(value.const_value, ir.ExternalTensor):
-            _SEEN.add(value.const_value)
-    released = 0
-    page = mmap.ALLOCATIONGRANULARITY
-    for t in list(_SEEN):
-        raw = t.raw
-        if raw is None or raw.closed:
-            continue
-        start = (t.offset or 0) // page * page
-        end = min(len(raw), (t.offset or 0) + t.nbytes)
-        if end <= start:
-            continue
-        try:
-            raw.madvise(mmap.MADV_DONTNEED, start, end - start)
-        except (OSError, ValueError):
-            continue  # advice only: a map that refuses it stays resident
-        released += end - start
-    return released
 
 
 def _placeholder(tensor: onnx.TensorProto, nbytes: int) -> None:

@@ -62,9 +62,8 @@ def save_golden(model: ModelSource, batches: Iterable[Batch],
     out = Path(path)
     if out.suffix != ".npz":
         raise InputError(f"{out}: golden outputs are written as .npz; name the file *.npz")
-    with atomic_path(out) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
+    with atomic_path(out) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
     return Golden(names, tuple(kept_batches), tuple(kept_outputs), str(out))
 
 

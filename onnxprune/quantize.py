@@ -40,8 +40,8 @@ from onnxprune.calibration.qerror import (
     sqnr_db,
 )
 from onnxprune.calibration.ranges import RangeCollector, collect_ranges
-from onnxprune.detached import release_pages
 from onnxprune.errors import InputError, UnsupportedModelError
+from onnxprune.graph.pages import release_pages
 from onnxprune.graph.qlayers import QLayer, check_not_quantized, find_layers
 from onnxprune.passes.canonical_gelu import CanonicalGeluPass
 from onnxprune.passes.fold_batchnorm import FoldBatchNormPass

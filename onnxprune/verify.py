@@ -20,9 +20,9 @@ import onnx_ir as ir
 
 from onnxprune.calibration.data import Batch
 from onnxprune.calibration.propagate import SECTION_ABOVE_BYTES, sectioned_outputs, weight_bytes
-from onnxprune.detached import release_pages
 from onnxprune.errors import DataError, InputError
 from onnxprune.graph import cache_slices
+from onnxprune.graph.pages import release_pages
 from onnxprune.io import external_data_files, uses_external_data
 from onnxprune.runtime import ModelSource, Provider, make_session
 

@@ -309,7 +309,7 @@ def _output(model: ir.Model, node_name: str) -> str:
 def test_released_pages_read_back_the_same_weights(tmp_path) -> None:
     """release_pages drops memory-mapped weights from RSS; reading them again gives the
     same values, and arrays a pass wrote are never touched."""
-    from onnxprune.detached import release_pages
+    from onnxprune.graph.pages import release_pages
 
     proto = residual_stack(layers=2)
     path = tmp_path / "m.onnx"

@@ -33,9 +33,10 @@ import onnx
 import onnx_ir as ir
 
 from onnxprune.calibration.data import Batch
-from onnxprune.detached import initializer_proto, release_pages
+from onnxprune.detached import initializer_proto
 from onnxprune.errors import DataError
 from onnxprune.external_data import external_folder
+from onnxprune.graph.pages import release_pages
 from onnxprune.io import model_bytes
 from onnxprune.runtime import Provider, make_session
 

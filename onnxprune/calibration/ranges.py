@@ -25,8 +25,8 @@ import onnx_ir as ir
 from onnxprune.calibration.data import Batch
 from onnxprune.calibration.propagate import SECTION_ABOVE_BYTES, Propagator, weight_bytes
 from onnxprune.calibration.runner import row_mask, with_outputs
-from onnxprune.detached import release_pages
 from onnxprune.errors import DataError
+from onnxprune.graph.pages import release_pages
 from onnxprune.runtime import Provider, make_session
 
 __all__ = ["RangeCollector", "collect_ranges", "kl_threshold", "HUGE", "MASK_LIKE"]

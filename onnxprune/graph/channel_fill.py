@@ -17,7 +17,6 @@ import onnx
 import onnx_ir as ir
 
 from onnxprune.graph.channels import (
-    _DATA_INPUTS,
     _NORM_PARAMS,
     BINARY,
     MS_ELEMENTWISE,

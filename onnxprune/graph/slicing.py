@@ -17,7 +17,8 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxprune.graph.channels import ChannelGroup
-from onnxprune.graph.weights import const_array, is_plain_constant, set_const_array
+from onnxprune.graph.pages import release_tensor
+from onnxprune.graph.weights import const_array, set_const_array
 
 __all__ = ["keep_channels", "keep_many"]
 
@@ -128,7 +129,9 @@ def keep_many(graph: ir.Graph, plan: Sequence[tuple[ChannelGroup, np.ndarray]]) 
         for axis, drop in by_axis.items():
             if drop:
                 arr = _take(arr, axis, drop)
+        old = value.const_value
         set_const_array(value, arr)
+        release_tensor(old)  # a big model's weights are read one at a time
     for value, readers in cuts.consts.items():
         if value in cuts.weights:
             continue

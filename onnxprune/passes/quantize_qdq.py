@@ -25,8 +25,8 @@ import onnx_ir as ir
 import onnx_ir.passes.common
 
 from onnxprune.calibration.qerror import ActDtype, dequantize_weight, quantize_weight, sqnr_db
-from onnxprune.detached import release_pages
 from onnxprune.errors import InputError, UnsupportedModelError
+from onnxprune.graph.pages import release_pages
 from onnxprune.graph.qdq_build import QdqBuilder, constant_bytes
 from onnxprune.graph.qlayers import QLayer, check_not_quantized, find_layers, layer_name
 from onnxprune.graph.scale_fold import fold_channel_scale

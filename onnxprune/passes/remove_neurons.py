@@ -20,6 +20,7 @@ from onnxprune.calibration.propagate import Propagator
 from onnxprune.errors import InputError, OnnxPruneError
 from onnxprune.graph.channel_fill import shape_hints
 from onnxprune.graph.channels import ChannelGroup, find_channel_groups, group_of
+from onnxprune.graph.pages import release_pages
 from onnxprune.graph.slicing import keep_channels, keep_many
 from onnxprune.graph.weights import const_array
 from onnxprune.passes.base import CalibrationLike, ReportingPass, as_calibration
@@ -275,7 +276,10 @@ class RemoveNeuronsPass(ReportingPass):
             return self._call_calibrated(model, self.calibration)
         groups = find_channel_groups(model, ignore=self.ignore)
         prunable = [g for g in groups if g.prunable]
-        scores = [self._score(g) for g in prunable]
+        scores = []
+        for g in prunable:
+            scores.append(self._score(g))
+            release_pages(model)  # a big model's weights are read one group at a time
         counts = self._keep_counts(prunable, scores)
         decisions: list[GroupDecision] = []
         modified = False
