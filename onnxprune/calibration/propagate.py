@@ -52,7 +52,7 @@ OnBatch = Callable[[dict[str, np.ndarray], Batch], None]
 
 def run_batches(session, wanted: Sequence[str], batches: Iterable[Batch], on_batch: OnBatch,
                 extra: Callable[[int], dict[str, np.ndarray]] | None = None, *,
-                finite: bool = True) -> int:
+                finite: bool = True, label: str = "calibration batch") -> int:
     """Runs `session` on every batch (plus `extra(i)` feeds) and hands the outputs on.
 
     With `finite`, raises DataError naming the tensor when a captured value holds NaN or
@@ -68,7 +68,7 @@ def run_batches(session, wanted: Sequence[str], batches: Iterable[Batch], on_bat
             arrays = session.run(list(wanted), feeds)
         except Exception as e:
             text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise DataError(f"calibration batch {count} failed in onnxruntime: {text}") from e
+            raise DataError(f"{label} {count} failed in onnxruntime: {text}") from e
         captured = dict(zip(wanted, arrays, strict=False))
         for name, arr in captured.items() if finite else ():
             if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
@@ -190,9 +190,10 @@ class Propagator:
     """
 
     def __init__(self, model: ir.Model, batches: Sequence[Batch], provider: Provider = "cpu",
-                 *, finite: bool = True):
+                 *, finite: bool = True, label: str = "calibration batch"):
         self.model = model
         self.finite = finite
+        self.label = label  # how an error names a batch
         self.batches = batches
         self.provider = provider
         self._cache: list[dict[ir.Value, np.ndarray]] = [{} for _ in batches]
@@ -247,7 +248,7 @@ class Propagator:
 
         try:
             return run_batches(session, names, self.batches, on_batch, extra,
-                               finite=self.finite)
+                               finite=self.finite, label=self.label)
         finally:
             del session
             release_pages(self.model)  # the next section reads other weights
@@ -319,7 +320,8 @@ def sectioned_outputs(model: ir.Model, batches: Sequence[Batch], provider: Provi
     produced = {out.name for node in model.graph for out in node.outputs}
     if not outputs or not all(n in produced for n in outputs):
         return None
-    prop = Propagator(model, batches, provider, finite=False)
+    prop = Propagator(model, batches, provider, finite=False,
+                      label="reference model batch")
     held = 0
     for node in list(model.graph):
         size = sum(v.const_value.nbytes for v in node.inputs
