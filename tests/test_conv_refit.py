@@ -22,7 +22,7 @@ from onnxprune.passes.remove_neurons import RemoveNeuronsPass
 H = W = 8
 
 
-def _net(seed: int = 3, const_add: bool = False) -> onnx.ModelProto:
+def _net(seed: int = 3, const_add: bool = False, shared_tail: bool = False) -> onnx.ModelProto:
     rng = np.random.default_rng(seed)
     inits, nodes = [], []
 
@@ -50,6 +50,10 @@ def _net(seed: int = 3, const_add: bool = False) -> onnx.ModelProto:
     t = relu(conv("mid", "stream", 8, 16, 3))
     t = conv("dw", t, 16, 16, 3, group=16)
     t = relu(conv("tail", t, 16, 16, 1))
+    if shared_tail:  # a second Conv reading the same weight as 'tail'
+        nodes.append(helper.make_node("Conv", [t, "tail_w", "tail_b"], ["tail2"], name="tail2",
+                                      pads=[0] * 4))
+        t = relu("tail2")
     nodes.append(helper.make_node("GlobalAveragePool", [t], ["gap"], name="gap"))
     nodes.append(helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"))
     inits.append(numpy_helper.from_array(
@@ -149,3 +153,17 @@ def test_no_sweep_without_a_least_squares_repair() -> None:
     for name in ("mid", "tail"):
         assert np.array_equal(const_array(_node(m, name).inputs[1]),
                               const_array(_node(original, name).inputs[1]))
+
+
+def test_a_conv_whose_weight_another_node_reads_is_not_refit() -> None:
+    model = _net(shared_tail=True)
+    m = to_ir(model)
+    assert [u.node.name for u in sweep_candidates(m, [_node(m, "expand")])] == \
+        ["project", "mid"]
+    RemoveNeuronsPass(keep={"expand": 12}, calibration=_calib())(m)
+    original = to_ir(model)
+    for name in ("tail", "tail2"):
+        assert np.array_equal(const_array(_node(m, name).inputs[1]),
+                              const_array(_node(original, name).inputs[1]))
+    assert not np.array_equal(const_array(_node(m, "mid").inputs[1]),
+                              const_array(_node(original, "mid").inputs[1]))

@@ -36,14 +36,20 @@ logger = logging.getLogger(__name__)
 
 
 def _plain(node: ir.Node) -> WeightUse | None:
-    """The weight use of a group-1 2-D Conv with explicit padding, else None."""
+    """The weight use of a group-1 2-D Conv with explicit padding and a weight of its own
+    (a weight another node reads too would change under it), else None."""
     if node.op_type != "Conv":
         return None
     attr = node.attributes.get("group")
     if attr is not None and attr.as_int() != 1:
         return None
     use = conv_use(node)
-    return use if use is not None and conv_geometry(node) is not None else None
+    if use is None or conv_geometry(node) is None:
+        return None
+    w = node.inputs[1]
+    if w is None or len(w.uses()) != 1 or w.is_graph_output():
+        return None
+    return use
 
 
 def sweep_candidates(model: ir.Model, after: Sequence[ir.Node]) -> list[WeightUse]:
