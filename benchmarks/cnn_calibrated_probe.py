@@ -4,7 +4,8 @@
 
 50 % of every group's channels (flat share), legacy export, seeded normal images (the first
 `n` of benchmarks/cnn.py's 32 calibration images, and its 4 x 8 agreement images). Prints
-pruning time and (top-1 agreement, cosine of logits) with the dense model. A quicker probe
+pruning time and (top-1 agreement, cosine of logits) with the dense model, and how much the
+dense logits vary between images at all. A quicker probe
 than cnn.py's calibrated rows, which also measure sensitivity and int8.
 """
 
@@ -32,6 +33,11 @@ def main(name: str, n: int) -> None:
              for _ in range(4)]
     path = cnn.exported(name, "legacy")
     dense = cnn.session(path)
+    # Random-init logits can be (almost) the same for every input; then a cosine near 1 says
+    # only that the constant was kept, not that the input-dependent part was.
+    out = np.concatenate([dense.run(None, f)[0] for f in feeds])
+    spread = np.linalg.norm(out - out.mean(0)) / np.linalg.norm(out)
+    print(f"{name} dense logits: per-image deviation from their mean / norm {spread:.2e}")
     for criterion, cal in (("l1", None), ("obs", Calibration(calib))):
         m = ir.load(str(path))
         t = time.perf_counter()

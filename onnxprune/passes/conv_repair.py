@@ -22,7 +22,7 @@ from onnxprune.errors import DataError
 from onnxprune.graph.channels import ChannelGroup
 from onnxprune.graph.slicing import keep_channels
 from onnxprune.graph.weights import const_array, set_const_array
-from onnxprune.passes.reconstruct import DEFAULT_RIDGE, Calibration, GroupFit
+from onnxprune.passes.reconstruct import DEFAULT_RIDGE, Calibration, GroupFit, conv_target
 from onnxprune.scoring.lstsq import Problem, cross_validated_ridge, refit
 
 __all__ = ["conv_repairable", "prune_conv_group", "conv_geometry", "collect_conv_stats",
@@ -173,7 +173,12 @@ def collect_conv_stats(current: ir.Model | Propagator, reference: TargetStore | 
                      else ConvStats(prior.shape[0], targets, folds))
     caps = [_row_cap(p.shape[0], len(calib.batches)) for p in priors]
     x_names = [node.inputs[0].name or "" for node in nodes]
-    y_names = [node.outputs[0].name or "" for node in nodes]
+    targets = [conv_target(g.consumers[0]) for g in groups]
+    y_names = [t.reference[0] for t in targets]
+    r_names = [t.residual if reference is not None else None for t in targets]
+    graph = current.model.graph if isinstance(current, Propagator) else current.graph
+    fed = {v.name for v in graph.inputs}
+    captured = list(dict.fromkeys(x_names + [r for r in r_names if r and r not in fed]))
     rng = np.random.default_rng(0)
     batch_index = iter(range(len(calib.batches)))
 
@@ -200,15 +205,29 @@ def collect_conv_stats(current: ir.Model | Propagator, reference: TargetStore | 
                     raise DataError(f"Conv '{node.name}': {total} input columns but "
                                     f"{out.shape[0] * out.shape[2] * out.shape[3]} output "
                                     "pixels")
+                if r_names[k] is not None:
+                    out = out - _residual(arrays, batch, r_names[k], out.shape)
                 y = out.transpose(0, 2, 3, 1).reshape(total, out.shape[1])
                 y = (y if pick is None else y[pick]).astype(np.float64) - biases[k]
             stats[k].add(im2col(x, geo, pick), y)
 
-    capture(current, list(dict.fromkeys(x_names)), calib.batches, on_batch,
-            provider=calib.provider)
+    capture(current, captured, calib.batches, on_batch, provider=calib.provider)
     if stats and stats[0].rows == 0:
         raise DataError("calibration data has no rows")
     return stats
+
+
+def _residual(arrays: dict[str, np.ndarray], batch: Batch, name: str,
+              shape: tuple[int, ...]) -> np.ndarray:
+    """The current value of the tensor a residual Conv consumer's output is added to."""
+    r = batch.get(name) if name in batch else arrays.get(name)
+    if r is None:  # a graph input with a default (an initializer listed as an input)
+        raise DataError(f"residual '{name}' is a graph input the calibration data does not "
+                        "feed; feed it in the batches or use --reconstruct bias")
+    if tuple(r.shape) != tuple(shape):
+        raise DataError(f"residual '{name}' has shape {list(r.shape)}, the refit target "
+                        f"{list(shape)}; use --reconstruct bias")
+    return r
 
 
 def channel_stats(stats: LayerStats | ConvStats, block: int) -> dict[str, np.ndarray]:

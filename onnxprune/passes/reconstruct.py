@@ -28,7 +28,7 @@ from onnxprune.runtime import Provider
 from onnxprune.scoring.lstsq import Problem, cross_validated_ridge, fold_bias, obs_order
 
 __all__ = ["Calibration", "Reconstruct", "GroupFit", "collect_stats", "fit_group", "apply_fit",
-           "reference_targets", "shared_input", "joined_weight", "DEFAULT_RIDGE"]
+           "reference_targets", "shared_input", "joined_weight", "DEFAULT_RIDGE", "conv_target"]
 
 logger = logging.getLogger(__name__)
 
@@ -146,6 +146,17 @@ def _consumer_target(group: ChannelGroup) -> Target:
     return Target(outputs)
 
 
+def conv_target(use: WeightUse) -> Target:
+    """What one Conv consumer is refit to: its own output, or - when that output is added
+    (with nothing in between) to another tensor r of the same shape, a residual block - the
+    original sum minus the current r, so the refit also absorbs the error earlier blocks
+    left in the stream. A constant added on the way keeps the plain target."""
+    target = _consumer_target(ChannelGroup("", 0, consumers=[use]))
+    if target.residual is None or target.bias is not None:
+        return Target((use.node.outputs[0].name or "",))
+    return Target(target.reference, target.residual)
+
+
 def _layer_norm_scale(value: ir.Value) -> np.ndarray | None:
     """γ of the LayerNormalization (over the last axis) that alone reads `value`."""
     uses = list(value.uses())
@@ -238,7 +249,7 @@ def reference_targets(original: ir.Model, groups: Sequence[ChannelGroup], calib:
     wanted = []
     for g in groups:
         names = (consumer_target(g).reference if g.consumers_are_matrices
-                 else tuple(u.node.outputs[0].name or "" for u in g.consumers))
+                 else tuple(conv_target(u).reference[0] for u in g.consumers))
         stops = [u.node.name or "" for u in g.producers + g.consumers]
         check = [u.node.inputs[0].name or "" for u in g.consumers]
         wanted.append((stops, names, check))

@@ -24,6 +24,7 @@ from onnxprune.graph.pages import release_pages
 from onnxprune.graph.slicing import keep_channels, keep_many
 from onnxprune.graph.weights import const_array
 from onnxprune.passes.base import CalibrationLike, ReportingPass, as_calibration
+from onnxprune.passes.conv_refit import conv_sweep_targets, refit_convs, sweep_candidates
 from onnxprune.passes.conv_repair import conv_repairable, prune_conv_group
 from onnxprune.passes.conv_sensitivity import DEFAULT_LEVELS, allocate_removals, conv_sensitivity
 from onnxprune.passes.reconstruct import (
@@ -327,6 +328,13 @@ class RemoveNeuronsPass(ReportingPass):
         reference = (reference_targets(self.reference or model, prunable, calib)
                      if needs_targets else None)
         counts = self._calibrated_counts(model, prunable, calib)
+        # Convs after the first cut are refit once more at the end (conv_refit); their
+        # original outputs are captured now, before any edit.
+        cut = [u.node for g, c in zip(prunable, counts, strict=True) if c < g.size
+               for u in g.producers]
+        sweep = sweep_candidates(model, cut) if calib.reconstruct == "lstsq" else []
+        sweep_targets = conv_sweep_targets(self.reference or model, sweep, calib) \
+            if sweep else None
         source = Propagator(model, calib.batches, calib.provider)
         decisions: dict[str, GroupDecision] = {}
         modified = False
@@ -379,6 +387,9 @@ class RemoveNeuronsPass(ReportingPass):
                     idx = out_index.get(u.node.name, np.arange(m.size))
                     out_index[u.node.name] = np.delete(idx, gone)
             logger.info("group %s: %d -> %d channels", g0.name, before, count)
+        if sweep_targets is not None and modified:
+            refit_convs(model, sweep_targets, [u.node.name or "" for u in sweep], calib,
+                        out_index)
         out = [decisions.get(g.name) or GroupDecision.of(g, g.size, g.skip_reason) for g in groups]
         self.result = RemoveNeuronsResult(self.criterion, tuple(out))
         return ir.passes.PassResult(model, modified=modified)
