@@ -444,7 +444,8 @@ def _prune_planned(model: ir.Model, config: PruneConfig, progress: Progress | No
                                     config.ignore, units)
         if reference is not None and calib is not None and plan.distill_steps:
             res = run_distill(model, reference, calib, kept_n, seconds=DEFAULT_REPAIR_SECONDS,
-                              augment=plan.distill_augment, steps=plan.distill_steps)
+                              augment=plan.distill_augment, steps=plan.distill_steps,
+                              horizons=plan.distill_horizons)
             report.passes["DistillRepairPass"] = res.to_dict()
         report.plan = plan
     else:

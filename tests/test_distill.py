@@ -402,18 +402,28 @@ def test_replaying_the_recorded_steps_gives_the_same_bytes() -> None:
     lstsq, _ = _prune_pair(model, fit, "lstsq")
     first = ir.from_proto(ir.to_proto(lstsq))
     p1 = DistillRepairPass(reference=model, calibration=Calibration(fit), seconds=3,
-                           options=FitOptions(seed=0, max_epochs=8))
+                           options=FitOptions(seed=0, max_epochs=8, horizon=None,
+                                              checks_per_epoch=3))
     p1(first)
-    steps = p1.result.steps
+    steps, horizons = p1.result.steps, p1.result.horizons
     assert p1.result.distilled == 1 and all(n > 0 for n in steps.values()), p1.result
+    # The learning rate decayed over the steps the budget allowed (sized after the first).
+    assert all(h >= 8 for h in horizons.values()), horizons
     again = ir.from_proto(ir.to_proto(lstsq))
     p2 = DistillRepairPass(reference=model, calibration=Calibration(fit), seconds=1e-3,
-                           options=FitOptions(seed=0, max_epochs=8), steps=steps)
+                           options=FitOptions(seed=0, max_epochs=8, checks_per_epoch=3),
+                           steps=steps, horizons=horizons)
     p2(again)
     assert p2.result.steps == steps
     assert ir.to_proto(first).SerializeToString() == ir.to_proto(again).SerializeToString()
     with pytest.raises(InputError, match="steps"):
         DistillRepairPass(reference=model, calibration=Calibration(fit), steps={"fc1": -1})
+    # Without its schedule, the same steps give other weights.
+    other = ir.from_proto(ir.to_proto(lstsq))
+    DistillRepairPass(reference=model, calibration=Calibration(fit), seconds=1e-3,
+                      options=FitOptions(seed=0, max_epochs=8, checks_per_epoch=3),
+                      steps=steps)(other)
+    assert ir.to_proto(first).SerializeToString() != ir.to_proto(other).SerializeToString()
 
 
 def test_a_distilled_search_records_its_steps_and_the_plan_reproduces_the_bytes() -> None:
@@ -448,13 +458,16 @@ def test_a_distill_plan_with_bad_steps_is_refused(tmp_path) -> None:
 
     base = {"format": "onnxprune-plan/1", "repair": "distill", "neurons": {"fc1": [0, 2]}}
     for distill in ({"steps": {"fc1": -1}}, {"steps": {"fc1": 1.5}}, {"steps": []},
-                    {"steps": {}, "augment": "x"}, None):
+                    {"steps": {}, "augment": "x"}, {"steps": {}, "horizons": {"fc1": "9"}},
+                    None):
         path = tmp_path / "p.json"
         path.write_text(json.dumps({**base, "distill": distill}))
         with pytest.raises(InputError, match="distill"):
             Plan.load(path)
-    path.write_text(json.dumps({**base, "distill": {"steps": {"fc1": 7}, "augment": 2}}))
+    path.write_text(json.dumps({**base, "distill": {"steps": {"fc1": 7}, "augment": 2,
+                                                    "horizons": {"fc1": 40}}}))
     plan = Plan.load(path)
     assert plan.distill_steps == {"fc1": 7} and plan.distill_augment == 2
+    assert plan.distill_horizons == {"fc1": 40}
     plan.save(tmp_path / "q.json")
     assert Plan.load(tmp_path / "q.json") == plan

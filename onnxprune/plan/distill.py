@@ -38,18 +38,20 @@ class DistillStage:
 
 def run_distill(model: ir.Model, reference: ir.Model, calib: Calibration,
                 kept: Mapping[str, tuple[int, ...]], *, seconds: float, augment: int,
-                steps: Mapping[str, int] | None = None) -> DistillResult:
+                steps: Mapping[str, int] | None = None,
+                horizons: Mapping[str, int] | None = None) -> DistillResult:
     """Distils the pruned groups named in `kept` of `model` (in place) against `reference`.
 
-    `steps` replays a recorded run (DistillResult.steps); otherwise `seconds` is the
-    optimisation time shared by the blocks. Blocks whose group kept every channel are left
-    alone, as are attention blocks (distillation covers FFN groups).
+    `steps` and `horizons` replay a recorded run (DistillResult.steps, .horizons);
+    otherwise `seconds` is the optimisation time shared by the blocks. Blocks whose group
+    kept every channel are left alone, as are attention blocks (distillation covers FFN
+    groups).
     """
     p = DistillRepairPass(
         reference=reference, calibration=calib, seconds=seconds,
         groups=set(kept) if steps is None else set(steps),
         kept={k: np.asarray(v, dtype=np.int64) for k, v in kept.items()},
-        augment=Augment(copies=augment), steps=steps)
+        augment=Augment(copies=augment), steps=steps, horizons=horizons)
     p(model)
     logger.info("distillation: %d of %d blocks improved in %.0f s", p.result.distilled,
                 len(p.result.blocks), p.result.seconds)

@@ -53,12 +53,17 @@ class Plan:
     calibration: str | None = None  # data_fingerprint of the fitting batches
     summary: dict[str, Any] = field(default_factory=dict)  # what the search measured
     split: str | None = None  # held-out part of the calibration data, see default_split
-    # repair "distill": {"steps": {group: optimiser steps}, "augment": edited copies}
+    # repair "distill": {"steps": {group: optimiser steps}, "horizons": {group: schedule
+    # length in steps}, "augment": edited copies}
     distill: dict[str, Any] = field(default_factory=dict)
 
     @property
     def distill_steps(self) -> dict[str, int]:
         return {str(k): int(v) for k, v in self.distill.get("steps", {}).items()}
+
+    @property
+    def distill_horizons(self) -> dict[str, int]:
+        return {str(k): int(v) for k, v in self.distill.get("horizons", {}).items()}
 
     @property
     def distill_augment(self) -> int:
@@ -134,12 +139,14 @@ class Plan:
             raise InputError(f"{p}: \"summary\" must be an object, not {type(summary).__name__}")
         distill = data.get("distill") or {}
         steps = distill.get("steps", {}) if isinstance(distill, dict) else None
+        horizons = distill.get("horizons", {}) if isinstance(distill, dict) else None
         augment = distill.get("augment", 0) if isinstance(distill, dict) else None
-        if not (isinstance(steps, dict) and all(
-                type(v) is int and 0 <= v < _MAX_STEPS for v in steps.values())
-                and type(augment) is int and 0 <= augment <= 64):
+        if not (all(isinstance(d, dict) and all(
+                type(v) is int and 0 <= v < _MAX_STEPS for v in d.values())
+                for d in (steps, horizons)) and type(augment) is int and 0 <= augment <= 64):
             raise InputError(f"{p}: \"distill\" must be {{\"steps\": {{group: steps >= 0}}, "
-                             "\"augment\": copies from 0 to 64}")
+                             "\"horizons\": {group: steps >= 0}, \"augment\": copies from 0 "
+                             "to 64}")
         if repair == "distill" and not distill:
             raise InputError(f"{p}: a \"distill\" repair needs its recorded \"distill\" "
                              "steps; save the plan again with this version")
@@ -151,7 +158,8 @@ class Plan:
                                  f"not '{split[:40]}'")
         return cls(decisions("neurons"), decisions("heads"), repair, text("token_mask"),
                    text("calibration_sha256"), dict(summary), split,
-                   {"steps": dict(steps), "augment": augment} if repair == "distill" else {})
+                   {"steps": dict(steps), "horizons": dict(horizons), "augment": augment}
+                   if repair == "distill" else {})
 
     def fit_batches(self, batches: Sequence[Batch] | None) -> list[Batch] | None:
         """The batches the repair was fitted on: the given data, checked, less the held-out

@@ -34,6 +34,7 @@ from onnx_ir.passes.common import NameFixPass, RemoveUnusedNodesPass
 from onnxprune.calibration.data import Batch
 from onnxprune.errors import InputError
 from onnxprune.graph.accounting import ModelStats, model_stats
+from onnxprune.passes.distill import DistillResult
 from onnxprune.passes.reconstruct import Calibration
 from onnxprune.passes.remove_heads import RemoveHeadsPass
 from onnxprune.passes.remove_neurons import KeepSpec, RemoveNeuronsPass, keep_counts
@@ -238,13 +239,15 @@ class _Search:
         self.split = split
 
     def _plan(self, neurons: dict[str, tuple[int, ...]], heads: dict[str, tuple[int, ...]],
-              summary: dict[str, object], steps: dict[str, int] | None = None) -> Plan:
+              summary: dict[str, object], repair: DistillResult | None = None) -> Plan:
         if self.distill is None:
             return Plan(neurons, heads, self.calib.reconstruct, self.calib.token_mask,
                         self.fingerprint, summary, self.split)
         return Plan(neurons, heads, "distill", self.calib.token_mask, self.fingerprint,
-                    summary, self.split, {"steps": dict(steps or {}),
-                                          "augment": self.distill.augment})
+                    summary, self.split,
+                    {"steps": repair.steps if repair else {},
+                     "horizons": repair.horizons if repair else {},
+                     "augment": self.distill.augment})
 
     def _tell(self, done: int, total: int, label: str) -> None:
         if self.progress is not None:
@@ -348,11 +351,10 @@ class _Search:
             kept_n, kept_h = apply_decisions(
                 trial, _counts(analyses, pick.removed, "neurons"),
                 _counts(analyses, pick.removed, "heads"), self.calib, self.progress, cfg.ignore)
-            steps: dict[str, int] = {}
+            repair = None
             if self.distill is not None and kept_n:
-                steps = run_distill(trial, self.model, self.calib, kept_n,
-                                    seconds=self.distill.seconds,
-                                    augment=self.distill.augment).steps
+                repair = run_distill(trial, self.model, self.calib, kept_n,
+                                     seconds=self.distill.seconds, augment=self.distill.augment)
             quality = evaluator.quality_of(make_session(trial, "cpu"))
             drop = evaluator.base - quality
             real_share = self._measure(model_stats(trial)) / total
@@ -370,7 +372,7 @@ class _Search:
                 summary = {"target": str(cfg.target), "max_drop": cfg.max_drop,
                            "metric": evaluator.name, "base": evaluator.base,
                            "quality": quality, "drop": drop, "share": real_share}
-                plan = self._plan(kept_n, kept_h, summary, steps)
+                plan = self._plan(kept_n, kept_h, summary, repair)
                 result = SearchResult(plan, ok and on_target, evaluator.base, quality,
                                       real_share, "", max_drop=cfg.max_drop)
                 best_model = trial
