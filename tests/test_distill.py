@@ -441,6 +441,8 @@ def test_a_distilled_search_records_its_steps_and_the_plan_reproduces_the_bytes(
     assert plan is not None and plan.repair == "distill" and plan.neurons
     assert plan.distill_augment == 0 and set(plan.distill_steps) == set(plan.neurons)
     assert all(n > 0 for n in plan.distill_steps.values()), plan.distill
+    assert report.search is not None
+    assert all(r["distill"]["distilled_blocks"] >= 1 for r in report.search.rounds)
     plain = ir.from_proto(ir.to_proto(model))
     prune_model(plain, PruneConfig(**cfg))  # type: ignore[arg-type]
     # The search's quality is that of the distilled model: better than least squares alone.

@@ -363,7 +363,8 @@ class _Search:
                         time.perf_counter() - start)
             rounds_log.append({"round": round_ + 1, "allocation": pick.label,
                                "budget_given": budget, "masked_drop": pick.drop,
-                               "drop": drop, "share": real_share})
+                               "drop": drop, "share": real_share,
+                               **({"distill": repair.to_dict()} if repair else {})})
             ok = drop <= cfg.max_drop
             on_target = real_share <= share + 1e-9
             key = (ok, on_target, -real_share if ok else -drop)
