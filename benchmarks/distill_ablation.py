@@ -50,6 +50,9 @@ def main() -> None:
     p.add_argument("--opts", default="{}", help="FitOptions fields as JSON")
     p.add_argument("--pass-opts", default="{}", help="DistillRepairPass options as JSON")
     p.add_argument("--tag", default="base")
+    p.add_argument("--steps", type=int, default=None,
+                   help="every block takes exactly this many optimiser steps (no clock: "
+                   "variants compare alike under any load)")
     a = p.parse_args()
     from export_minilm import ensure_inputs
 
@@ -93,6 +96,10 @@ def main() -> None:
     po = json.loads(a.pass_opts)
     if "augment" in po:
         po["augment"] = Augment(**po["augment"])
+    if a.steps is not None:
+        from onnxprune.graph.channels import find_channel_groups
+
+        po["steps"] = {g.name: a.steps for g in find_channel_groups(m) if g.prunable}
     ps = DistillRepairPass(reference=m0, calibration=Calibration(batches,
                            token_mask="attention_mask"), seconds=a.seconds, kept=kept,
                            options=FitOptions(**json.loads(a.opts)), **po)
@@ -106,7 +113,8 @@ def main() -> None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     blocks = [(b.status, b.held_before and round(b.held_after / b.held_before, 3),
                b.fit_before and round(b.fit_after / b.fit_before, 3), b.epochs,
-               round(b.seconds, 1)) for b in ps.result.blocks]
+               round(b.seconds, 1), b.steps, b.fit_rows, b.held_rows)
+              for b in ps.result.blocks]
     print(json.dumps({"tag": a.tag, "kind": a.kind, "sp": a.sp, "time": dt, "peak": peak,
                       "held": {k: round(v, 4) for k, v in h.items()},
                       "calib": {k: round(v, 4) for k, v in c.items()}, "blocks": blocks}))

@@ -3,6 +3,7 @@
     pip install -e '.[bench]'
     python benchmarks/target.py                       # both exporters, ~25 minutes on 2 cores
     python benchmarks/target.py --exporters dynamo
+    python benchmarks/target.py --reconstruct distill --only flops   # searches distil
 
 Per exporter, through the CLI as a user runs it, with 512 calibration sentences (the
 search holds out the last quarter of the batches; the uniform baseline is fitted on the same
@@ -31,17 +32,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import metrics  # noqa: E402
 import textdata  # noqa: E402
-from minilm import BUILD, ensure_inputs  # noqa: E402
+from minilm import BUILD, ROOT, ensure_inputs  # noqa: E402
 
 
 def run_cli(args: list[str]) -> dict[str, object]:
     """The CLI with wall time and peak RSS; exit 0 and 1 (target missed) both count."""
-    exe = shutil.which("onnxprune")
-    cmd = [exe] if exe else [sys.executable, "-m", "onnxprune"]
+    # This tree's code (the installed `onnxprune` script may be another checkout's).
+    cmd = [sys.executable, "-m", "onnxprune"]
     timer = ["/usr/bin/time", "-f", "%e %M"] if Path("/usr/bin/time").exists() else []
     full = [*timer, *cmd, *args, "--no-verify"]
     start = time.perf_counter()
-    proc = subprocess.run(full, capture_output=True, text=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(full, capture_output=True, text=True, env=env)
     wall, peak = time.perf_counter() - start, float("nan")
     if proc.returncode not in (0, 1):
         raise RuntimeError(f"{' '.join(full)} failed: {proc.stderr.strip()}")
@@ -66,6 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--exporters", default="dynamo,legacy")
     p.add_argument("--latency-repeats", type=int, default=15)
+    p.add_argument("--reconstruct", default=None,
+                   help="repair of the searches and the replay (e.g. distill; default: the "
+                   "tool's)")
+    p.add_argument("--repair-seconds", type=float, default=None)
+    p.add_argument("--only", choices=("all", "flops"), default="all",
+                   help="flops: only the flops=0.75 search and its replay")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     calib = ensure_inputs(512)
@@ -74,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     work = BUILD / "bench_target"
     work.mkdir(exist_ok=True)
     common = ["--calibration", str(calib), "--token-mask", "attention_mask", "-q"]
+    if args.reconstruct:
+        common += ["--reconstruct", args.reconstruct]
+    if args.repair_seconds:
+        common += ["--repair-seconds", str(args.repair_seconds)]
     results = []
     for kind in args.exporters.split(","):
         dense = BUILD / f"minilm_{kind}.onnx"
@@ -92,19 +104,21 @@ def main(argv: list[str] | None = None) -> int:
             results.append(row)
             print(json.dumps(row), flush=True)
 
-        uni = work / f"{kind}_uniform.onnx"
-        cost = run_cli([str(dense), "-o", str(uni), "--sparsity", "0.5", "--calibration",
-                        str(fit), "--token-mask", "attention_mask", "-q"])
-        score(uni, "uniform 50 % FFN (obs + lstsq)", cost)
-        share = results[-1]["param_share"]
+        if args.only == "all":
+            uni = work / f"{kind}_uniform.onnx"
+            cost = run_cli([str(dense), "-o", str(uni), "--sparsity", "0.5", "--calibration",
+                            str(fit), "--token-mask", "attention_mask", "--reconstruct",
+                            "lstsq", "-q"])
+            score(uni, "uniform 50 % FFN (obs + lstsq)", cost)
+            share = results[-1]["param_share"]
 
-        same = work / f"{kind}_params.onnx"
-        rep = work / f"{kind}_params.json"
-        cost = run_cli([str(dense), "-o", str(same), "--target", f"params={share:.6f}",
-                        "--max-drop", "0.1", "--report", str(rep), *common])
-        search = json.loads(rep.read_text())["search"]
-        score(same, f"--target params={share:.4f}", cost, search_drop=search["drop"],
-              reached=search["reached"], rounds=search["rounds"])
+            same = work / f"{kind}_params.onnx"
+            rep = work / f"{kind}_params.json"
+            cost = run_cli([str(dense), "-o", str(same), "--target", f"params={share:.6f}",
+                            "--max-drop", "0.1", "--report", str(rep), *common])
+            search = json.loads(rep.read_text())["search"]
+            score(same, f"--target params={share:.4f}", cost, search_drop=search["drop"],
+                  reached=search["reached"], rounds=search["rounds"])
 
         out = work / f"{kind}_flops.onnx"
         plan = work / f"{kind}_flops_plan.json"
@@ -114,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         report = json.loads(rep.read_text())
         search = report["search"]
         flops = report["after"]["weight_flops_per_row"] / report["before"]["weight_flops_per_row"]
-        score(out, "--target flops=0.75 --max-drop 0.02", cost, search_drop=search["drop"],
+        label = "--target flops=0.75 --max-drop 0.02" + (
+            f" --reconstruct {args.reconstruct}" if args.reconstruct else "")
+        score(out, label, cost, search_drop=search["drop"],
               reached=search["reached"], flops_share=flops, rounds=search["rounds"],
               search_s=search["seconds"])
 

@@ -46,6 +46,7 @@ from onnxprune.passes.remove_heads import RemoveHeadsPass
 from onnxprune.passes.remove_neurons import Progress, RemoveNeuronsPass
 from onnxprune.passes.zero_weights import ZeroWeightsPass
 from onnxprune.plan.analyze import Analysis, analyze_model
+from onnxprune.plan.distill import DEFAULT_SEARCH_REPAIR_SECONDS, DistillStage, run_distill
 from onnxprune.plan.quality import BUILTIN_METRICS, BuiltinMetric, UserMetric, load_user_metric
 from onnxprune.plan.recipe import Plan
 from onnxprune.plan.search import (
@@ -439,17 +440,31 @@ def _prune_planned(model: ir.Model, config: PruneConfig, progress: Progress | No
         calib = None
         if fit is not None:
             calib = Calibration(fit, token_mask=config.token_mask or plan.token_mask,
-                                reconstruct=plan.repair, ridge=config.ridge)  # type: ignore
-        apply_decisions(model, plan.neurons, plan.heads, calib, progress, config.ignore, units)
+                                reconstruct="lstsq" if plan.repair == "distill" else
+                                plan.repair, ridge=config.ridge)  # type: ignore
+        reference = model.clone() if plan.repair == "distill" else None
+        kept_n, _ = apply_decisions(model, plan.neurons, plan.heads, calib, progress,
+                                    config.ignore, units)
+        if reference is not None and calib is not None and plan.distill_steps:
+            res = run_distill(model, reference, calib, kept_n, seconds=DEFAULT_REPAIR_SECONDS,
+                              augment=plan.distill_augment, steps=plan.distill_steps,
+                              horizons=plan.distill_horizons)
+            report.passes["DistillRepairPass"] = res.to_dict()
         report.plan = plan
     else:
         assert batches is not None and config.target is not None
         cfg = SearchConfig(Target.parse(config.target),
                            DEFAULT_MAX_DROP if config.max_drop is None else config.max_drop,
                            _metric(config.metric, config.eval), ignore=config.ignore)
+        stage = None
+        if config.reconstruct == "distill":
+            stage = DistillStage(
+                seconds=config.repair_seconds or DEFAULT_SEARCH_REPAIR_SECONDS,
+                augment=DEFAULT_AUGMENT if config.repair_augment is None
+                else config.repair_augment)
         result, pruned = search(model, cfg, batches, holdout=config.holdout_batches(model),
                                 token_mask=config.token_mask, ridge=config.ridge,
-                                progress=progress, on_plan=on_plan)
+                                progress=progress, on_plan=on_plan, distill=stage)
         model.graph = pruned.graph
         report.plan, report.search = result.plan, result
         report.notes.append(result.message)

@@ -155,7 +155,9 @@ def _main_parser() -> argparse.ArgumentParser:
                    "distill: lstsq, then each pruned block learns the original's output)")
     g.add_argument("--repair-seconds", type=float, default=None, metavar="S",
                    help="optimisation time of --reconstruct distill, shared by the pruned "
-                   "blocks (default 120; capturing their inputs comes on top)")
+                   "blocks (default 120; with --target: per real removal, default 45; "
+                   "capturing their inputs comes on top; a --plan replays its recorded "
+                   "steps instead)")
     g.add_argument("--repair-augment", type=int, default=None, metavar="N",
                    help="--reconstruct distill with a token mask: also fit N copies of the "
                    "calibration sentences with a few tokens left out or exchanged "

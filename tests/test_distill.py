@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -400,15 +402,74 @@ def test_replaying_the_recorded_steps_gives_the_same_bytes() -> None:
     lstsq, _ = _prune_pair(model, fit, "lstsq")
     first = ir.from_proto(ir.to_proto(lstsq))
     p1 = DistillRepairPass(reference=model, calibration=Calibration(fit), seconds=3,
-                           options=FitOptions(seed=0, max_epochs=8))
+                           options=FitOptions(seed=0, max_epochs=8, horizon=None,
+                                              checks_per_epoch=3))
     p1(first)
-    steps = p1.result.steps
+    steps, horizons = p1.result.steps, p1.result.horizons
     assert p1.result.distilled == 1 and all(n > 0 for n in steps.values()), p1.result
+    # The learning rate decayed over the steps the budget allowed (sized after the first).
+    assert all(h >= 8 for h in horizons.values()), horizons
     again = ir.from_proto(ir.to_proto(lstsq))
     p2 = DistillRepairPass(reference=model, calibration=Calibration(fit), seconds=1e-3,
-                           options=FitOptions(seed=0, max_epochs=8), steps=steps)
+                           options=FitOptions(seed=0, max_epochs=8, checks_per_epoch=3),
+                           steps=steps, horizons=horizons)
     p2(again)
     assert p2.result.steps == steps
     assert ir.to_proto(first).SerializeToString() == ir.to_proto(again).SerializeToString()
     with pytest.raises(InputError, match="steps"):
         DistillRepairPass(reference=model, calibration=Calibration(fit), steps={"fc1": -1})
+    # Without its schedule, the same steps give other weights.
+    other = ir.from_proto(ir.to_proto(lstsq))
+    DistillRepairPass(reference=model, calibration=Calibration(fit), seconds=1e-3,
+                      options=FitOptions(seed=0, max_epochs=8, checks_per_epoch=3),
+                      steps=steps)(other)
+    assert ir.to_proto(first).SerializeToString() != ir.to_proto(other).SerializeToString()
+
+
+def test_a_distilled_search_records_its_steps_and_the_plan_reproduces_the_bytes() -> None:
+    """With reconstruct="distill" every real removal of a target search is distilled (the
+    quality it measures is the distilled model's); the plan records the steps each block
+    took, and a replay under another time budget takes exactly those: the same bytes."""
+
+    model = _ffn_model("erf_gelu", seed=2)
+    fit = _batches(32, 11)
+    cfg = dict(calibration=fit, target="params=0.7", max_drop=0.5)
+    searched = ir.from_proto(ir.to_proto(model))
+    report = prune_model(searched, PruneConfig(**cfg, reconstruct="distill",  # type: ignore
+                                               repair_seconds=3, repair_augment=0))
+    plan = report.plan
+    assert plan is not None and plan.repair == "distill" and plan.neurons
+    assert plan.distill_augment == 0 and set(plan.distill_steps) == set(plan.neurons)
+    assert all(n > 0 for n in plan.distill_steps.values()), plan.distill
+    assert report.search is not None
+    assert all(r["distill"]["distilled_blocks"] >= 1 for r in report.search.rounds)
+    plain = ir.from_proto(ir.to_proto(model))
+    prune_model(plain, PruneConfig(**cfg))  # type: ignore[arg-type]
+    # The search's quality is that of the distilled model: better than least squares alone.
+    held = fit[-8:]  # the search's held-out quarter
+    assert _mse(model, searched, held) < _mse(model, plain, held)
+    again = ir.from_proto(ir.to_proto(model))
+    replay = prune_model(again, PruneConfig(calibration=fit, plan=plan, repair_seconds=1e-3))
+    assert replay.passes["DistillRepairPass"]["distilled_blocks"] == len(plan.neurons)
+    assert ir.to_proto(searched).SerializeToString() == ir.to_proto(again).SerializeToString()
+    onnx.checker.check_model(ir.to_proto(again), full_check=True)
+
+
+def test_a_distill_plan_with_bad_steps_is_refused(tmp_path) -> None:
+    from onnxprune.plan.recipe import Plan
+
+    base = {"format": "onnxprune-plan/1", "repair": "distill", "neurons": {"fc1": [0, 2]}}
+    for distill in ({"steps": {"fc1": -1}}, {"steps": {"fc1": 1.5}}, {"steps": []},
+                    {"steps": {}, "augment": "x"}, {"steps": {}, "horizons": {"fc1": "9"}},
+                    None):
+        path = tmp_path / "p.json"
+        path.write_text(json.dumps({**base, "distill": distill}))
+        with pytest.raises(InputError, match="distill"):
+            Plan.load(path)
+    path.write_text(json.dumps({**base, "distill": {"steps": {"fc1": 7}, "augment": 2,
+                                                    "horizons": {"fc1": 40}}}))
+    plan = Plan.load(path)
+    assert plan.distill_steps == {"fc1": 7} and plan.distill_augment == 2
+    assert plan.distill_horizons == {"fc1": 40}
+    plan.save(tmp_path / "q.json")
+    assert Plan.load(tmp_path / "q.json") == plan

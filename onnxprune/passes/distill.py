@@ -64,6 +64,7 @@ class BlockRepair:
     fit_rows: int = 0  # rows the gradient saw (edited copies included)
     held_rows: int = 0  # rows of the held-out calibration sentences (early stopping)
     steps: int = 0  # optimiser steps to the kept weights: replaying them gives the same bytes
+    horizon: int = 0  # steps the learning rate decayed towards (replayed with `steps`)
 
     def to_dict(self) -> dict[str, object]:
         return dict(vars(self))
@@ -82,6 +83,11 @@ class DistillResult:
     def steps(self) -> dict[str, int]:
         """Steps per block (`DistillRepairPass(steps=...)` replays them exactly)."""
         return {b.group: b.steps for b in self.blocks if b.status != "declined"}
+
+    @property
+    def horizons(self) -> dict[str, int]:
+        """The learning-rate schedule length per block, replayed along with `steps`."""
+        return {b.group: b.horizon for b in self.blocks if b.status != "declined"}
 
     def to_dict(self) -> dict[str, object]:
         return {"distilled_blocks": self.distilled, "seconds": round(self.seconds, 2),
@@ -184,6 +190,7 @@ class DistillRepairPass(ir.passes.InPlacePass):
         options: FitOptions | None = None,
         augment: Augment | None = None,
         steps: Mapping[str, int] | None = None,
+        horizons: Mapping[str, int] | None = None,
     ) -> None:
         """`reference`: the original model (not modified). `groups`: names of the groups to
         repair (default: every group with fewer channels than in `reference`). `kept`: the
@@ -195,7 +202,8 @@ class DistillRepairPass(ir.passes.InPlacePass):
         the held-out rows for early stopping stay unedited sentences. `steps`: replay a
         recorded run (DistillResult.steps): each named block takes exactly that many steps,
         whatever the time, which gives the same weights on the same data; a block not
-        named keeps its least-squares weights."""
+        named keeps its least-squares weights. `horizons`: the recorded learning-rate
+        schedules (DistillResult.horizons) that go with `steps`."""
         super().__init__()
         if seconds <= 0:
             raise InputError(f"--repair-seconds must be > 0, got {seconds}")
@@ -207,9 +215,10 @@ class DistillRepairPass(ir.passes.InPlacePass):
         self.options = options or FitOptions()
         self.augment = augment or Augment()
         self.steps = None if steps is None else dict(steps)
-        if self.steps is not None and any(
-                type(n) is not int or n < 0 for n in self.steps.values()):
-            raise InputError("distillation steps must be integers >= 0 per block")
+        self.horizons = dict(horizons or {})
+        if any(type(n) is not int or n < 0
+               for n in [*(self.steps or {}).values(), *self.horizons.values()]):
+            raise InputError("distillation steps and horizons must be integers >= 0 per block")
         self._batches: list[Batch] = []
         self._origins: list[int | None] = []
         self._all: list[ChannelGroup] = []
@@ -327,7 +336,8 @@ class DistillRepairPass(ir.passes.InPlacePass):
         del rows, inputs, target
         options = FitOptions(**{**vars(self.options), "seconds": seconds})
         if self.steps is not None:
-            options = FitOptions(**{**vars(options), "stop_at": self.steps.get(name, 0)})
+            options = FitOptions(**{**vars(options), "stop_at": self.steps.get(name, 0),
+                                    "horizon": self.horizons.get(name, 0)})
         res = distill_block(fn, start, fit_rows, held_rows, options)
         status = "distilled" if res.improved else "kept least squares"
         if res.improved:
@@ -340,4 +350,4 @@ class DistillRepairPass(ir.passes.InPlacePass):
         return BlockRepair(name, status, None if res.improved else res.stopped,
                            res.fit_before, res.fit_after, res.held_before, res.held_after,
                            res.epochs, res.seconds, out, fit_rows.count, held_rows.count,
-                           res.steps)
+                           res.steps, res.horizon)

@@ -1,9 +1,11 @@
 """A plan: the per-unit decisions of a pruning run, saved as JSON and reapplied exactly.
 
 It names, for every pruned FFN group, the channels kept and, for every pruned attention
-block, the heads kept; and how the consumers were repaired. Reapplying it to the same model
-with the same calibration data gives the same bytes, so an export pipeline or a CI job can
-prune without searching again.
+block, the heads kept; and how the consumers were repaired. A distillation repair also
+records the optimiser steps each block took (and the edited sentence copies it fitted), so
+the replay takes the same steps rather than running against the clock. Reapplying a plan to
+the same model with the same calibration data gives the same bytes, so an export pipeline or
+a CI job can prune without searching again.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from onnxprune.files import atomic_path
 __all__ = ["Plan", "data_fingerprint", "FORMAT"]
 
 FORMAT = "onnxprune-plan/1"
-_REPAIRS = ("none", "bias", "lstsq")
+_REPAIRS = ("none", "bias", "lstsq", "distill")
+_MAX_STEPS = 2**31
 _MAX_INDEX = 2**31  # a channel or head index beyond this is not from a real model
 _MAX_PLAN_BYTES = 64 * 2**20
 
@@ -50,6 +53,21 @@ class Plan:
     calibration: str | None = None  # data_fingerprint of the fitting batches
     summary: dict[str, Any] = field(default_factory=dict)  # what the search measured
     split: str | None = None  # held-out part of the calibration data, see default_split
+    # repair "distill": {"steps": {group: optimiser steps}, "horizons": {group: schedule
+    # length in steps}, "augment": edited copies}
+    distill: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def distill_steps(self) -> dict[str, int]:
+        return {str(k): int(v) for k, v in self.distill.get("steps", {}).items()}
+
+    @property
+    def distill_horizons(self) -> dict[str, int]:
+        return {str(k): int(v) for k, v in self.distill.get("horizons", {}).items()}
+
+    @property
+    def distill_augment(self) -> int:
+        return int(self.distill.get("augment", 0))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -60,6 +78,7 @@ class Plan:
             "calibration_split": self.split,
             "neurons": {k: list(v) for k, v in self.neurons.items()},
             "heads": {k: list(v) for k, v in self.heads.items()},
+            **({"distill": self.distill} if self.repair == "distill" else {}),
             "summary": self.summary,
         }
 
@@ -118,6 +137,19 @@ class Plan:
         summary = data.get("summary") or {}
         if not isinstance(summary, dict):
             raise InputError(f"{p}: \"summary\" must be an object, not {type(summary).__name__}")
+        distill = data.get("distill") or {}
+        steps = distill.get("steps", {}) if isinstance(distill, dict) else None
+        horizons = distill.get("horizons", {}) if isinstance(distill, dict) else None
+        augment = distill.get("augment", 0) if isinstance(distill, dict) else None
+        if not (all(isinstance(d, dict) and all(
+                type(v) is int and 0 <= v < _MAX_STEPS for v in d.values())
+                for d in (steps, horizons)) and type(augment) is int and 0 <= augment <= 64):
+            raise InputError(f"{p}: \"distill\" must be {{\"steps\": {{group: steps >= 0}}, "
+                             "\"horizons\": {group: steps >= 0}, \"augment\": copies from 0 "
+                             "to 64}")
+        if repair == "distill" and not distill:
+            raise InputError(f"{p}: a \"distill\" repair needs its recorded \"distill\" "
+                             "steps; save the plan again with this version")
         split = text("calibration_split")
         if split is not None:
             kind, _, count = split.partition(":")
@@ -125,7 +157,9 @@ class Plan:
                 raise InputError(f"{p}: \"calibration_split\" must be rows:N or batches:N, "
                                  f"not '{split[:40]}'")
         return cls(decisions("neurons"), decisions("heads"), repair, text("token_mask"),
-                   text("calibration_sha256"), dict(summary), split)
+                   text("calibration_sha256"), dict(summary), split,
+                   {"steps": dict(steps), "horizons": dict(horizons), "augment": augment}
+                   if repair == "distill" else {})
 
     def fit_batches(self, batches: Sequence[Batch] | None) -> list[Batch] | None:
         """The batches the repair was fitted on: the given data, checked, less the held-out
@@ -134,8 +168,8 @@ class Plan:
         if self.repair == "none" or not (self.neurons or self.heads):
             return None
         if batches is None:
-            raise InputError(f"the plan repairs with least squares ({self.repair}); pass the "
-                             "same --calibration data it was made with")
+            raise InputError(f"the plan's repair ({self.repair}) is fitted on calibration "
+                             "data; pass the same --calibration data it was made with")
         fit = apply_split(batches, self.split)[0] if self.split else list(batches)
         if self.calibration is not None and data_fingerprint(fit) != self.calibration:
             raise InputError("the calibration data differs from the plan's (sha256 "

@@ -11,6 +11,8 @@
    and verified on the held-out batches. When the real drop differs from the masked
    estimate, the budget given to the allocator is corrected by the ratio and the search runs
    again (at most `rounds` real removals); the best real result within budget is kept.
+   With a distillation stage (`--reconstruct distill`) every real removal is distilled
+   before it is measured, so the correction counts what distillation wins back.
 Latency targets are met by measuring onnxruntime on this machine: a structurally pruned
 copy (no repair, same shapes) is timed against the original and the FLOPs share is adjusted.
 """
@@ -32,11 +34,13 @@ from onnx_ir.passes.common import NameFixPass, RemoveUnusedNodesPass
 from onnxprune.calibration.data import Batch
 from onnxprune.errors import InputError
 from onnxprune.graph.accounting import ModelStats, model_stats
+from onnxprune.passes.distill import DistillResult
 from onnxprune.passes.reconstruct import Calibration
 from onnxprune.passes.remove_heads import RemoveHeadsPass
 from onnxprune.passes.remove_neurons import KeepSpec, RemoveNeuronsPass, keep_counts
 from onnxprune.plan.allocate import UNIFORM, Allocation, allocate, uniform
 from onnxprune.plan.analyze import analyze_model
+from onnxprune.plan.distill import DistillStage, run_distill
 from onnxprune.plan.quality import BuiltinMetric, UserMetric
 from onnxprune.plan.recipe import Plan, apply_split, data_fingerprint, default_split
 from onnxprune.plan.sensitivity import Evaluator, UnitAnalysis
@@ -221,8 +225,10 @@ def _indices(analyses: Sequence[UnitAnalysis], removed: dict[str, int],
 class _Search:
     def __init__(self, model: ir.Model, config: SearchConfig, calib: Calibration,
                  holdout: list[Batch], progress: Progress | None,
-                 on_plan: Callable[[Plan], None] | None, split: str | None = None) -> None:
+                 on_plan: Callable[[Plan], None] | None, split: str | None = None,
+                 distill: DistillStage | None = None) -> None:
         self.model = model
+        self.distill = distill
         self.config = config
         self.calib = calib
         self.holdout = holdout
@@ -233,9 +239,15 @@ class _Search:
         self.split = split
 
     def _plan(self, neurons: dict[str, tuple[int, ...]], heads: dict[str, tuple[int, ...]],
-              summary: dict[str, object]) -> Plan:
-        return Plan(neurons, heads, self.calib.reconstruct, self.calib.token_mask,
-                    self.fingerprint, summary, self.split)
+              summary: dict[str, object], repair: DistillResult | None = None) -> Plan:
+        if self.distill is None:
+            return Plan(neurons, heads, self.calib.reconstruct, self.calib.token_mask,
+                        self.fingerprint, summary, self.split)
+        return Plan(neurons, heads, "distill", self.calib.token_mask, self.fingerprint,
+                    summary, self.split,
+                    {"steps": repair.steps if repair else {},
+                     "horizons": repair.horizons if repair else {},
+                     "augment": self.distill.augment})
 
     def _tell(self, done: int, total: int, label: str) -> None:
         if self.progress is not None:
@@ -339,6 +351,10 @@ class _Search:
             kept_n, kept_h = apply_decisions(
                 trial, _counts(analyses, pick.removed, "neurons"),
                 _counts(analyses, pick.removed, "heads"), self.calib, self.progress, cfg.ignore)
+            repair = None
+            if self.distill is not None and kept_n:
+                repair = run_distill(trial, self.model, self.calib, kept_n,
+                                     seconds=self.distill.seconds, augment=self.distill.augment)
             quality = evaluator.quality_of(make_session(trial, "cpu"))
             drop = evaluator.base - quality
             real_share = self._measure(model_stats(trial)) / total
@@ -347,7 +363,8 @@ class _Search:
                         time.perf_counter() - start)
             rounds_log.append({"round": round_ + 1, "allocation": pick.label,
                                "budget_given": budget, "masked_drop": pick.drop,
-                               "drop": drop, "share": real_share})
+                               "drop": drop, "share": real_share,
+                               **({"distill": repair.to_dict()} if repair else {})})
             ok = drop <= cfg.max_drop
             on_target = real_share <= share + 1e-9
             key = (ok, on_target, -real_share if ok else -drop)
@@ -356,7 +373,7 @@ class _Search:
                 summary = {"target": str(cfg.target), "max_drop": cfg.max_drop,
                            "metric": evaluator.name, "base": evaluator.base,
                            "quality": quality, "drop": drop, "share": real_share}
-                plan = self._plan(kept_n, kept_h, summary)
+                plan = self._plan(kept_n, kept_h, summary, repair)
                 result = SearchResult(plan, ok and on_target, evaluator.base, quality,
                                       real_share, "", max_drop=cfg.max_drop)
                 best_model = trial
@@ -407,10 +424,13 @@ def _message(r: SearchResult, cfg: SearchConfig) -> str:
 def search(model: ir.Model, config: SearchConfig, batches: Sequence[Batch], *,
            holdout: Sequence[Batch] | None = None, token_mask: str | None = None,
            ridge: float | None = None, progress: Progress | None = None,
-           on_plan: Callable[[Plan], None] | None = None) -> tuple[SearchResult, ir.Model]:
-    """Runs the search; returns the result and the pruned model (the input is untouched)."""
+           on_plan: Callable[[Plan], None] | None = None,
+           distill: DistillStage | None = None) -> tuple[SearchResult, ir.Model]:
+    """Runs the search; returns the result and the pruned model (the input is untouched).
+
+    `distill`: distil every real removal (its FFN blocks) before measuring it."""
     if config.max_drop < 0:
         raise InputError(f"--max-drop must be >= 0, got {config.max_drop}")
     fit, held, split = split_holdout(batches, holdout)
     calib = Calibration(fit, token_mask=token_mask, reconstruct="lstsq", ridge=ridge)
-    return _Search(model, config, calib, held, progress, on_plan, split).run()
+    return _Search(model, config, calib, held, progress, on_plan, split, distill).run()

@@ -13,6 +13,7 @@ the trained one when the calibration data is small.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ __all__ = ["FitOptions", "FitResult", "Rows", "distill_block"]
 logger = logging.getLogger(__name__)
 
 _PROBE_ROWS = 4096
+_RATE_STEPS = 8  # steps timed to size the learning-rate schedule to the budget
 
 
 @dataclass(frozen=True)
@@ -35,13 +37,22 @@ class FitOptions:
     seconds: float = 30.0
     max_epochs: int = 40
     batch_rows: int = 256
-    lr: float = 2e-3  # Adam step relative to each tensor's RMS
+    # Adam step relative to each tensor's RMS. MiniLM 50 % FFN, 300 steps per block, held-out
+    # cosine by rate: 5e-4 0.9689, 1e-3 0.9692, 2e-3 0.9697, 4e-3 0.9709, 8e-3 0.9704; with
+    # 3 edited copies and 400 steps, 2e-3 and 4e-3 tie (0.9721 / 0.9719).
+    lr: float = 4e-3
     prior: float = 0.0  # ridge towards the start, relative to the starting loss
     patience: int = 3  # epochs without held-out gain before stopping
     seed: int = 0
     # Replay: stop after exactly this many steps, whatever the time (FitResult.steps of an
     # earlier run). The held-out checks fall where they fell then, so the weights are equal.
     stop_at: int | None = None
+    # The step rate decays along a half cosine to zero at `horizon` steps. None: estimated
+    # from the time budget after the first steps (FitResult.horizon records it); 0: none
+    # (the default: on MiniLM 50 % FFN, 300 steps per block, held-out cosine 0.9692 with
+    # the decay against 0.9697 without).
+    horizon: int | None = 0
+    checks_per_epoch: int = 1  # held-out checks per pass over the fitted rows
 
 
 @dataclass(frozen=True)
@@ -71,6 +82,7 @@ class FitResult:
     seconds: float
     stopped: str
     steps: int = 0  # optimiser steps taken to reach the returned weights (0: the start)
+    horizon: int = 0  # the step count the learning rate decayed towards (0: constant)
 
 
 def _loss(fn: BlockFunction, rows: Rows, params: dict[ir.Value, np.ndarray],
@@ -117,17 +129,49 @@ def distill_block(fn: BlockFunction, start: dict[ir.Value, np.ndarray], fit: Row
     d = fit.target.shape[1]
     # Small calibration sets still get a few steps per epoch between held-out checks.
     batch_rows = max(1, min(options.batch_rows, fit.count // 16 or 1))
+    horizon = options.horizon
+    if horizon is None and stop_at is not None:
+        horizon = 0  # a replay without a recorded horizon: the constant rate it had
+    t_steps = time.perf_counter()
+    n_batches = -(-fit.count // batch_rows)
+    k = max(1, min(options.checks_per_epoch, n_batches))
+    every = -(-n_batches // k)  # batches between held-out checks
+    # A check without gain shrinks the step by `decay`: halving per epoch of stalls.
+    decay, patience = 0.5 ** (1 / k), options.patience * k
+
+    def check() -> bool:
+        """Held-out loss now; keeps the best weights. True: stop (no gain for too long)."""
+        nonlocal best, best_held, best_step, bad, lr
+        held_now = _loss(fn, held, theta)
+        logger.debug("block %s step %d: held-out %.4g (start %.4g)", fn.block.name, step,
+                     held_now, held_before)
+        if held_now < best_held:
+            best, best_held, bad = {v: a.copy() for v, a in theta.items()}, held_now, 0
+            best_step = step
+            return False
+        bad += 1
+        lr *= decay  # the held-out loss stalled: smaller steps before giving up
+        return bad >= patience
+
     for epoch in range(options.max_epochs):
         order = rng.permutation(fit.count)
-        out_of_time = False
-        for b in range(0, fit.count, batch_rows):
-            if time.perf_counter() > deadline or stop_at is not None and step >= stop_at:
+        out_of_time = gave_up = False
+        for bi, b in enumerate(range(0, fit.count, batch_rows)):
+            if horizon is None and step == _RATE_STEPS:
+                # The steps the budget allows at the rate of the first ones.
+                now = time.perf_counter()
+                horizon = step + int((deadline - now) / max(now - t_steps, 1e-9) * step)
+                horizon = max(horizon, step + 1)
+            if (time.perf_counter() > deadline or stop_at is not None and step >= stop_at
+                    or horizon and step >= horizon):
                 out_of_time = True
                 break
             part = fit.take(order[b : b + batch_rows])
             out, env = fn.forward(dict(zip(fn.block.inputs, part.inputs, strict=True)), theta)
             g = (2.0 / (part.count * d)) * (out - part.target)
             grads = fn.backward(env, g.astype(dtype, copy=False))
+            rate = lr if not horizon or step < _RATE_STEPS else (
+                lr * 0.5 * (1 + math.cos(math.pi * step / horizon)))
             step += 1
             c1, c2 = 1 - beta1**step, 1 - beta2**step
             for v, p in theta.items():
@@ -139,22 +183,17 @@ def distill_block(fn: BlockFunction, start: dict[ir.Value, np.ndarray], fit: Row
                 m[v] = beta1 * m[v] + (1 - beta1) * gr
                 s[v] = beta2 * s[v] + (1 - beta2) * gr * gr
                 upd = (m[v] / c1) / (np.sqrt(s[v] / c2) + eps)
-                theta[v] = p - (lr * scale[v]) * upd.astype(dtype, copy=False)
-        epochs = epoch + 1
-        held_now = _loss(fn, held, theta)
-        logger.debug("block %s epoch %d: held-out %.4g (start %.4g)", fn.block.name, epochs,
-                     held_now, held_before)
-        if held_now < best_held:
-            best, best_held, bad = {v: a.copy() for v, a in theta.items()}, held_now, 0
-            best_step = step
-        else:
-            bad += 1
-            lr *= 0.5  # the held-out loss stalled: smaller steps before giving up
-            if bad >= options.patience:
-                stopped = "held-out loss stopped improving"
+                theta[v] = p - (rate * scale[v]) * upd.astype(dtype, copy=False)
+            if (bi + 1) % every == 0 and bi + 1 < n_batches and check():
+                gave_up = True
                 break
+        epochs = epoch + 1
+        if gave_up or check():
+            stopped = "held-out loss stopped improving"
+            break
         if out_of_time or stop_at is not None and step >= stop_at:
-            stopped = "time budget" if stop_at is None else "replayed step count"
+            stopped = ("replayed step count" if stop_at is not None else "schedule done"
+                       if horizon and step >= horizon else "time budget")
             break
     improved = best_held < held_before
     if improved:
@@ -164,4 +203,5 @@ def distill_block(fn: BlockFunction, start: dict[ir.Value, np.ndarray], fit: Row
         improved=improved, fit_before=fit_before, fit_after=best_fit if improved else fit_before,
         held_before=held_before, held_after=best_held, epochs=epochs,
         seconds=time.perf_counter() - t0, stopped=stopped, steps=best_step if improved else 0,
+        horizon=horizon or 0,
     )
