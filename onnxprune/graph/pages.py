@@ -32,8 +32,8 @@ def release_tensor(t: object) -> int:
     if not isinstance(t, ir.ExternalTensor) or not hasattr(mmap, "MADV_DONTNEED"):
         return 0
     _SEEN.add(t)
-    raw = t.raw
-    if raw is None or raw.closed:
+    raw = getattr(t, "raw", None)  # onnx_ir's map, made on first read (an internal slot)
+    if not isinstance(raw, mmap.mmap) or raw.closed:
         return 0
     offset = t.offset or 0
     start = offset // _PAGE * _PAGE
