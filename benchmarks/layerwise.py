@@ -90,35 +90,11 @@ def build_llama(layers: int, folder: Path) -> tuple[Path, Path]:
             np.savez(calib / f"b{i}.npz",
                      input_ids=rng.integers(0, 1000, (8, 128)).astype(np.int64),
                      attention_mask=np.ones((8, 128), np.int64))
-    if model.exists():
-        return model, calib
-    import torch
-    from transformers import LlamaConfig, LlamaModel
+    if not model.exists():
+        from scale import export_llama  # benchmarks/scale.py, beside this script
 
-    cfg = LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=layers,
-                      num_attention_heads=8, num_key_value_heads=4, vocab_size=1000,
-                      max_position_embeddings=256)
-    torch.manual_seed(0)
-    inner = LlamaModel(cfg).eval()
-
-    class Hidden(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.m = inner
-
-        def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-            return self.m(input_ids=ids, attention_mask=mask, use_cache=False)[0]
-
-    ids = torch.randint(0, 1000, (2, 32))
-    mask = torch.ones(2, 32, dtype=torch.int64)
-    axes = {"input_ids": {0: "batch", 1: "sequence"},
-            "attention_mask": {0: "batch", 1: "sequence"}}
-    tmp = model.with_name(model.name + ".partial")
-    with torch.no_grad():
-        torch.onnx.export(Hidden().eval(), (ids, mask), str(tmp), dynamo=False,
-                          opset_version=17, input_names=["input_ids", "attention_mask"],
-                          output_names=["hidden"], dynamic_axes=axes)
-    tmp.replace(model)
+        export_llama(layers, 256, model, intermediate=688, heads=8, kv_heads=4,
+                     max_positions=256)
     return model, calib
 
 

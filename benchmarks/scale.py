@@ -70,16 +70,21 @@ class Row:
 
 
 # -- models ---------------------------------------------------------------------------------
-def export_llama(layers: int, hidden: int, out: Path) -> Path:
-    """A random-init LlamaModel at `layers` x `hidden`, exported with the legacy exporter."""
+def export_llama(layers: int, hidden: int, out: Path, *, intermediate: int | None = None,
+                 heads: int | None = None, kv_heads: int | None = None,
+                 max_positions: int = 512) -> Path:
+    """A random-init LlamaModel at `layers` x `hidden`, exported with the legacy exporter
+    (default: FFN 4 x hidden, one head per 64 channels, no grouped keys/values)."""
     import torch
     import transformers
 
     torch.manual_seed(0)
+    heads = heads or max(1, hidden // 64)
     cfg = transformers.LlamaConfig(
-        num_hidden_layers=layers, hidden_size=hidden, intermediate_size=4 * hidden,
-        num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 64),
-        vocab_size=1000, max_position_embeddings=512)
+        num_hidden_layers=layers, hidden_size=hidden,
+        intermediate_size=intermediate or 4 * hidden, num_attention_heads=heads,
+        num_key_value_heads=kv_heads or heads, vocab_size=1000,
+        max_position_embeddings=max_positions)
     model = transformers.LlamaModel(cfg).eval()
 
     class Hidden(torch.nn.Module):
