@@ -49,46 +49,37 @@ class Problem:
         self.gram, self.cross, self.prior = gram, cross, prior
         self.channels = c
 
-    def _lam(self, ridge: float | None) -> float:
-        return self.lam if ridge is None else ridge * self.scale
-
-    def _system(self, idx: np.ndarray | None, ridge: float | None = None
+    def _system(self, idx: np.ndarray | None = None, ridge: float | None = None
                 ) -> tuple[np.ndarray, np.ndarray]:
-        """(H + λI)[idx, idx] and (B + λW₀)[idx] as new float64 arrays (all rows: None)."""
-        lam, c = self._lam(ridge), self.channels
-        if idx is None:
+        """(H + λI)[idx, idx] and (B + λW₀)[idx] as new float64 arrays. `idx` ends with the
+        bias row (default: every row); `ridge` replaces the problem's own."""
+        lam, c = self.lam if ridge is None else ridge * self.scale, self.channels
+        if idx is None:  # a plain copy; gathering every row would be slower
             h = np.array(self.gram, dtype=np.float64)
             b = np.array(self.cross, dtype=np.float64)
-            rows = np.arange(c)
+            idx = np.arange(c + 1)
         else:
-            h = self.gram[np.ix_(idx, idx)].astype(np.float64)
-            b = self.cross[idx].astype(np.float64)
-            rows = np.flatnonzero(idx < c)
-        n = h.shape[0]
-        if rows.size:
-            if idx is None:
-                h.flat[: c * (n + 1) : n + 1] += lam  # the diagonal, without index arrays
-            else:
-                h[rows, rows] += lam
-        last = n - 1 if idx is None or (idx.size and idx[-1] == c) else None
-        if last is not None and h[last, last] == 0:
-            h[last, last] = 1.0
-        if self.prior is not None and rows.size:
-            src = np.arange(c) if idx is None else idx[rows]
-            dst = np.arange(c) if idx is None else rows
-            for i in range(0, dst.size, _ROWS):  # in slices: no B-sized temporary
-                b[dst[i:i + _ROWS]] += lam * self.prior[src[i:i + _ROWS]].astype(np.float64)
+            h = self.gram[np.ix_(idx, idx)].astype(np.float64, copy=False)
+            b = self.cross[idx].astype(np.float64, copy=False)
+        rows = np.flatnonzero(idx < c)
+        h[rows, rows] += lam
+        if h[-1, -1] == 0:
+            h[-1, -1] = 1.0
+        if self.prior is not None:
+            for i in range(0, rows.size, _ROWS):  # in slices: no B-sized temporary
+                r = rows[i:i + _ROWS]
+                b[r] += lam * self.prior[idx[r]].astype(np.float64)
         return h, b
 
     @property
     def h(self) -> np.ndarray:
         """The whole regularised H (a new array)."""
-        return self._system(None)[0]
+        return self._system()[0]
 
     @property
     def b(self) -> np.ndarray:
         """The whole right-hand side B + λW₀ (a new array)."""
-        return self._system(None)[1]
+        return self._system()[1]
 
     def solve(self, keep: np.ndarray, ridge: float | None = None) -> np.ndarray:
         """Weights for the kept channels and the bias: [len(keep)+1, D]. `ridge` (relative,
@@ -155,7 +146,7 @@ def obs_order(
     least squares is optimal for every output column on its own.
     """
     c = problem.channels
-    h, b = problem._system(None)
+    h, b = problem._system()
     h0 = np.linalg.inv(h)
     del h
     _symmetrize(h0)
