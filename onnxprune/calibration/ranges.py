@@ -24,10 +24,9 @@ import onnx_ir as ir
 
 from onnxprune.calibration.data import Batch
 from onnxprune.calibration.propagate import SECTION_ABOVE_BYTES, Propagator, weight_bytes
-from onnxprune.calibration.runner import row_mask, with_outputs
+from onnxprune.calibration.runner import capture, row_mask
 from onnxprune.errors import DataError
-from onnxprune.graph.pages import release_pages
-from onnxprune.runtime import Provider, make_session
+from onnxprune.runtime import Provider
 
 __all__ = ["RangeCollector", "collect_ranges", "kl_threshold", "HUGE", "MASK_LIKE"]
 
@@ -227,8 +226,8 @@ def collect_ranges(
 ) -> tuple[dict[str, RangeCollector], int]:
     """Runs the batches once: a collector per tensor (name -> channel axis), and the batch count.
 
-    Unlike `runner.capture`, infinite values do not abort: the tensor is flagged and left
-    out of quantization, which is the point of calibrating a model with additive masks.
+    Infinite values do not abort (captures run with finite=False): the tensor is flagged and
+    left out of quantization, which is the point of calibrating a model with additive masks.
     """
     collectors = {
         name: RangeCollector(name, axis, sample_rows=sample_rows, seed=seed + i)
@@ -243,43 +242,36 @@ def collect_ranges(
             collector = collectors[name]
             collector.add(arr, _mask_for(batch, token_mask, arr, collector.channel_axis))
 
+    def from_batch(batch: Batch) -> dict[str, np.ndarray]:
+        return {n: batch[n] for n in collectors if n in graph_inputs and n in batch}
+
     producers = _producers(model, names)
-    if producers is not None and weight_bytes(model) >= SECTION_ABOVE_BYTES:
+    if producers is not None and (not names or weight_bytes(model) >= SECTION_ABOVE_BYTES):
         # A big model runs section by section, so its weights are read one section at a
         # time (see Propagator): the range of each tensor is the same, computed by the
-        # nodes before it.
+        # nodes before it. (With graph inputs only, nothing runs at all.)
         batches = list(batches)
         prop = Propagator(model, batches, provider, finite=False)
         for name in sorted(names, key=lambda n: producers[n][0]):
             prop.advance([producers[name][1]])
             prop.capture([name], add)
         for count, batch in enumerate(batches, start=1):
-            add({n: batch[n] for n in collectors if n in graph_inputs and n in batch}, batch)
+            add(from_batch(batch), batch)
             if on_batch is not None:
                 on_batch(count)
-        count = len(batches)
-    else:
-        session = make_session(with_outputs(model, names), provider)
-        inputs = {i.name for i in session.get_inputs()}
-        count = 0
-        for batch in batches:
-            feeds = {k: v for k, v in batch.items() if k in inputs}
-            try:
-                arrays = session.run(list(names), feeds) if names else []
-            except Exception as e:  # onnxruntime raises several unrelated exception types
-                text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise DataError(f"calibration batch {count} failed in onnxruntime: {text}") from e
-            captured = dict(zip(names, arrays, strict=True))
-            captured.update({n: batch[n] for n in collectors if n in graph_inputs and n in batch})
-            add(captured, batch)
-            count += 1
-            if on_batch is not None:
-                on_batch(count)
-        del session
-        release_pages(model)
-    if count == 0:
-        raise DataError("the calibration data holds no batches")
-    return collectors, count
+        if not batches:
+            raise DataError("the calibration data holds no batches")
+        return collectors, len(batches)
+    done = 0
+
+    def add_all(captured: dict[str, np.ndarray], batch: Batch) -> None:
+        nonlocal done
+        add({**captured, **from_batch(batch)}, batch)
+        done += 1
+        if on_batch is not None:
+            on_batch(done)
+
+    return collectors, capture(model, names, batches, add_all, provider=provider, finite=False)
 
 
 def _producers(model: ir.Model, names: Sequence[str]) -> dict[str, tuple[int, ir.Node]] | None:

@@ -51,18 +51,21 @@ def capture(
     on_batch: Callable[[dict[str, np.ndarray], Batch], None],
     *,
     provider: Provider = "cpu",
+    finite: bool = True,
 ) -> int:
     """Runs every batch and hands `on_batch` the captured tensors; returns the batch count.
 
     A Propagator runs only the section of the graph its cut leaves to do, on its own
-    batches (the same ones). Raises DataError naming the tensor when a captured value holds
-    NaN or Inf, because statistics built on them would turn into NaN weights.
+    batches (the same ones). With `finite` (a model's run; a Propagator has its own
+    setting), raises DataError naming the tensor when a captured value holds NaN or Inf,
+    because statistics built on them would turn into NaN weights.
     """
     if isinstance(model, Propagator):
         return model.capture(names, on_batch)
     session = make_session(with_outputs(model, names), provider)
     try:
-        return run_batches(session, list(dict.fromkeys(names)), batches, on_batch)
+        return run_batches(session, list(dict.fromkeys(names)), batches, on_batch,
+                           finite=finite)
     finally:
         del session
         release_pages(model)
