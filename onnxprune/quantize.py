@@ -307,7 +307,6 @@ def quantize_model(
         embedding_layout=config.embedding_layout,
     )
     qdq(model)
-    release_pages(model)  # the float weights now replaced by their int8 copies
     reports = tuple(_layer_report(r, plan) for r in qdq.result.layers)
     logger.info(
         "quantized %d layers, %d kept float, in %.1f s",
