@@ -26,6 +26,7 @@ class LayerStats:
     targets: int = 0
     folds: int = 1
     rows: int = 0
+    histogram: bool = True  # per-channel histograms, for the entropy criterion only
     gram: np.ndarray = field(init=False)
     cross: np.ndarray | None = field(init=False, default=None)
     _hist: np.ndarray | None = field(init=False, default=None)
@@ -87,7 +88,8 @@ class LayerStats:
             self.cross += cross
             if self.fold_cross:
                 self.fold_cross[fold] += cross
-        self._histogram(x2)
+        if self.histogram:
+            self._histogram(x2)
         self.rows += x2.shape[0]
 
     def _histogram(self, x: np.ndarray) -> None:
@@ -122,6 +124,8 @@ class LayerStats:
 
     @property
     def entropy(self) -> np.ndarray:
+        if not self.histogram:
+            raise RuntimeError("entropy needs LayerStats(histogram=True)")
         if self._hist is None:
             return np.zeros(self.channels)
         p = self._hist / np.maximum(self._hist.sum(axis=1, keepdims=True), 1)
@@ -130,5 +134,5 @@ class LayerStats:
         return discrete + np.log(self._width)
 
     def as_dict(self) -> dict[str, np.ndarray]:
-        return {"mean": self.mean, "sq_mean": self.sq_mean, "var": self.var,
-                "entropy": self.entropy}
+        out = {"mean": self.mean, "sq_mean": self.sq_mean, "var": self.var}
+        return {**out, "entropy": self.entropy} if self.histogram else out

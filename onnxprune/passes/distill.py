@@ -289,8 +289,18 @@ class DistillRepairPass(ir.passes.InPlacePass):
         out = block.output.name or ""
         collect = _Collector([out], self.calibration.token_mask, np.float32, self._origins)
         names = {n.name for n in block.nodes if n.name}
-        nodes = [n for n in self.reference.graph if n.name in names]
-        self._block_inputs(self._ref_source, nodes, [out], collect)
+        order = list(self.reference.graph)
+        at = [i for i, n in enumerate(order) if n.name in names]
+        after = order[at[-1] + 1:] if at else []
+        produced = order[at[-1]].outputs[0] if at else None
+        if after and produced is not None and produced.name == out and any(
+                u.node in set(after) for u in produced.uses()):
+            # The cut moves past the block, so the block runs once: its output is then a
+            # value the cut holds, and the next block's section starts after it.
+            self._ref_source.advance([after[0]])
+            self._ref_source.capture([out], collect)
+        else:
+            self._block_inputs(self._ref_source, [order[i] for i in at], [out], collect)
         return collect.rows(out)
 
     def _repair(self, model: ir.Model, block: Block, seconds: float) -> BlockRepair:

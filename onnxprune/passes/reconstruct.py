@@ -179,19 +179,22 @@ def collect_stats(
     reference: TargetStore | None,
     group: ChannelGroup,
     calib: Calibration,
+    histogram: bool = True,
 ) -> LayerStats:
     """Streams the batches through the current model (x) and reads the reference targets (y).
 
     `current` is best a Propagator (only the section up to the group runs). `reference`
     holds the original model's target tensors (see reference_targets); without it only
-    per-channel statistics are gathered.
+    per-channel statistics are gathered. `histogram=False` leaves out the per-channel
+    histograms (only the entropy criterion reads them).
     """
     x_value = shared_input(group)
     assert x_value is not None and x_value.name
     target = consumer_target(group)
     d = sum(int(np.shape(const_array(u.weight))[1 - u.reduce_axis]) for u in group.consumers)
     folds = min(4, len(calib.batches)) if calib.ridge is None else 1
-    stats = LayerStats(group.size, targets=d if reference is not None else 0, folds=folds)
+    stats = LayerStats(group.size, targets=d if reference is not None else 0, folds=folds,
+                       histogram=histogram)
     names = [x_value.name]
     graph = current.model.graph if isinstance(current, Propagator) else current.graph
     graph_inputs = {v.name for v in graph.inputs}

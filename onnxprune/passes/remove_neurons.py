@@ -364,7 +364,8 @@ class RemoveNeuronsPass(ReportingPass):
                         model, reference, current, count, calib, criterion_scores=scorer,
                         fixed=fixed, out_index=out_index, source=source)
                 elif note is None:
-                    stats = collect_stats(source, reference, current, calib)
+                    stats = collect_stats(source, reference, current, calib,
+                                          histogram=self.criterion != "obs")
                     scores = None
                     if self.criterion != "obs" and fixed is None:
                         cw = group_weights(current, seed=self.seed, stats=stats.as_dict())
