@@ -50,9 +50,10 @@ def main() -> None:
     p.add_argument("--opts", default="{}", help="FitOptions fields as JSON")
     p.add_argument("--pass-opts", default="{}", help="DistillRepairPass options as JSON")
     p.add_argument("--tag", default="base")
-    p.add_argument("--steps", type=int, default=None,
-                   help="every block takes exactly this many optimiser steps (no clock: "
-                   "variants compare alike under any load)")
+    p.add_argument("--steps", default=None,
+                   help="every block takes at most this many optimiser steps (no clock: "
+                   "variants compare alike under any load); a comma list gives the blocks' "
+                   "steps in graph order")
     a = p.parse_args()
     from export_minilm import ensure_inputs
 
@@ -99,7 +100,10 @@ def main() -> None:
     if a.steps is not None:
         from onnxprune.graph.channels import find_channel_groups
 
-        po["steps"] = {g.name: a.steps for g in find_channel_groups(m) if g.prunable}
+        names = [g.name for g in find_channel_groups(m) if g.prunable]
+        counts = [int(c) for c in a.steps.split(",")]
+        po["steps"] = dict(zip(names, counts * len(names) if len(counts) == 1 else counts,
+                               strict=False))
     ps = DistillRepairPass(reference=m0, calibration=Calibration(batches,
                            token_mask="attention_mask"), seconds=a.seconds, kept=kept,
                            options=FitOptions(**json.loads(a.opts)), **po)

@@ -13,6 +13,7 @@ from helpers import BATCH, GraphBuilder, activation, dense, residual_mlp_model, 
 from onnxprune.api import PruneConfig, prune_model
 from onnxprune.errors import InputError
 from onnxprune.graph.channels import find_channel_groups
+from onnxprune.passes import distill as distill_mod
 from onnxprune.passes.distill import DistillRepairPass
 from onnxprune.passes.reconstruct import Calibration
 from onnxprune.repair.block import BlockFunction, find_block
@@ -271,6 +272,64 @@ def test_bad_time_budget_is_refused() -> None:
                     repair_augment=-1).passes(_ffn_model("Relu"), None, _batches(2, 0))
 
 
+def _initializers(model: ir.Model) -> dict[str, np.ndarray]:
+    return {n: v.const_value.numpy().copy() for n, v in model.graph.initializers.items()}
+
+
+def test_calibrated_pruning_distils_by_default_with_an_arithmetic_budget() -> None:
+    """With data and no --reconstruct, the least-squares repair is distilled. The default
+    budget counts steps, not seconds: two runs give the same bytes, and the report says
+    how many steps each block could take."""
+    model = _ffn_model("erf_gelu", seed=1)
+    fit = _batches(24, 10)
+    runs = []
+    for _ in range(2):
+        pruned = ir.from_proto(ir.to_proto(model))
+        report = prune_model(pruned, PruneConfig(sparsity=0.5, calibration=fit))
+        runs.append(_initializers(pruned))
+    res = report.passes["DistillRepairPass"]
+    assert res["budget"].startswith(f"{distill_mod.MAX_BLOCK_STEPS} steps per block")
+    assert res["distilled_blocks"] == 1, res
+    assert runs[0].keys() == runs[1].keys()
+    assert all(np.array_equal(runs[0][k], runs[1][k]) for k in runs[0])
+    lstsq = ir.from_proto(ir.to_proto(model))
+    report = prune_model(lstsq, PruneConfig(sparsity=0.5, calibration=fit, reconstruct="lstsq"))
+    assert "DistillRepairPass" not in report.passes
+    assert any(not np.array_equal(a, runs[0][k]) for k, a in _initializers(lstsq).items())
+
+
+def test_a_model_over_the_default_budget_keeps_least_squares_and_says_why(monkeypatch) -> None:
+    """When the budget allows too few steps per block, nothing is captured or changed after
+    the least-squares repair, and each block's report gives the reason and the way out."""
+    model = _ffn_model("Relu", seed=2)
+    fit = _batches(24, 10)
+    lstsq = ir.from_proto(ir.to_proto(model))
+    prune_model(lstsq, PruneConfig(sparsity=0.5, calibration=fit, reconstruct="lstsq"))
+    monkeypatch.setattr(distill_mod, "DEFAULT_REPAIR_FLOPS", 1e3)
+    pruned = ir.from_proto(ir.to_proto(model))
+    report = prune_model(pruned, PruneConfig(sparsity=0.5, calibration=fit))
+    (rep,) = report.passes["DistillRepairPass"]["repairs"]
+    assert rep["status"] == "declined" and "--repair-steps" in rep["reason"], rep
+    a, b = _initializers(lstsq), _initializers(pruned)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    # An explicit step count runs it anyway.
+    forced = ir.from_proto(ir.to_proto(model))
+    report = prune_model(forced, PruneConfig(sparsity=0.5, calibration=fit, repair_steps=50))
+    res = report.passes["DistillRepairPass"]
+    assert res["budget"] == "50 steps per block"
+    assert all(r["steps"] <= 50 for r in res["repairs"])
+
+
+def test_repair_options_apply_to_the_distillation_only() -> None:
+    for option in ({"repair_steps": 10}, {"repair_seconds": 5.0}, {"repair_augment": 1}):
+        with pytest.raises(InputError, match="distillation"):
+            PruneConfig(sparsity=0.5, calibration=_batches(2, 0), reconstruct="lstsq",
+                        **option).passes(_ffn_model("Relu"), None, _batches(2, 0))
+    with pytest.raises(InputError, match="repair-steps"):
+        PruneConfig(sparsity=0.5, calibration=_batches(2, 0), repair_steps=0).passes(
+            _ffn_model("Relu"), None, _batches(2, 0))
+
+
 def test_cli_distill_on_the_digits_model(tmp_path, capsys) -> None:
     """`--reconstruct distill` end to end: a valid model, the pass in the report, and digits
     accuracy at 50 % no worse than the least-squares repair's by more than a few samples."""
@@ -282,7 +341,7 @@ def test_cli_distill_on_the_digits_model(tmp_path, capsys) -> None:
 
     common = [str(DIGITS), "--sparsity", "0.5", "--calibration", str(DIGITS_CALIB),
               "--no-verify"]
-    assert main([*common, "-o", str(tmp_path / "l.onnx")]) == 0
+    assert main([*common, "-o", str(tmp_path / "l.onnx"), "--reconstruct", "lstsq"]) == 0
     code = main([*common, "-o", str(tmp_path / "d.onnx"), "--reconstruct", "distill",
                  "--repair-seconds", "10", "--report", str(tmp_path / "r.json")])
     assert code == 0, capsys.readouterr().err

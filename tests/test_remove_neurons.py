@@ -355,7 +355,7 @@ def test_lstsq_repair_reduces_the_error_of_a_residual_mlp() -> None:
     none = error(criterion="activation", reconstruct="none")
     bias = error(criterion="activation", reconstruct="bias")
     lstsq = error(criterion="activation", reconstruct="lstsq")
-    obs = error(criterion="obs")
+    obs = error(criterion="obs", reconstruct="lstsq")
     data_free = _rel_err(run(prune(model, PruneConfig(sparsity=0.5)), {"x": test})[0], ref)
     # measured: data-free 0.614, none 0.554, bias 0.505, lstsq 0.289, obs 0.299
     assert lstsq < 0.6 * none
@@ -368,7 +368,8 @@ def test_residual_target_beats_the_plain_target(monkeypatch: pytest.MonkeyPatch)
     """Fitting the original residual sum also absorbs error earlier blocks left in s0."""
     model, calib, test = _residual_setup()
     ref = run(model, {"x": test})[0]
-    cfg = PruneConfig(sparsity=0.5, calibration=calib, criterion="activation")
+    cfg = PruneConfig(sparsity=0.5, calibration=calib, criterion="activation",
+                      reconstruct="lstsq")
     residual_aware = _rel_err(run(prune(model, cfg), {"x": test})[0], ref)
 
     def plain(group):  # type: ignore[no-untyped-def]

@@ -15,6 +15,7 @@ target missing from the original) are left as they are and the result says why.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -34,14 +35,20 @@ from onnxprune.repair.block import Block, BlockFunction, find_block
 from onnxprune.repair.fit import FitOptions, Rows, distill_block
 
 __all__ = ["DistillRepairPass", "DistillResult", "BlockRepair", "DEFAULT_AUGMENT",
-           "DEFAULT_REPAIR_SECONDS", "HOLDOUT_EVERY"]
+           "DEFAULT_REPAIR_FLOPS", "HOLDOUT_EVERY", "default_steps", "step_flops"]
 
 logger = logging.getLogger(__name__)
 
 # Every 8th calibration sample (sentence) is held out for early stopping.
 HOLDOUT_EVERY = 8
 MIN_SAMPLES = 2 * HOLDOUT_EVERY
-DEFAULT_REPAIR_SECONDS = 120.0
+# The default budget is arithmetic, not time, so the same model and data give the same bytes
+# on any machine at any load: the optimiser steps of all blocks together may cost this many
+# floating-point operations (forward and backward, `step_flops`), shared evenly. On MiniLM
+# at 50 % FFN that is 1000 steps per block (about 100 s on 2 cores).
+DEFAULT_REPAIR_FLOPS = 5.5e12
+MAX_BLOCK_STEPS = 2000  # a block never takes more by default
+MIN_BLOCK_STEPS = 100  # fewer than this by default: the least-squares repair is kept
 # Edited copies of each calibration batch (with a token mask). On MiniLM at 50 % FFN, 3
 # copies raised the held-out cosine from 0.9698 to 0.9721 in the same optimisation time.
 DEFAULT_AUGMENT = 3
@@ -74,6 +81,7 @@ class BlockRepair:
 class DistillResult:
     blocks: tuple[BlockRepair, ...] = ()
     seconds: float = 0.0
+    budget: str = ""  # how long blocks could optimise, e.g. "1000 steps per block"
 
     @property
     def distilled(self) -> int:
@@ -91,7 +99,22 @@ class DistillResult:
 
     def to_dict(self) -> dict[str, object]:
         return {"distilled_blocks": self.distilled, "seconds": round(self.seconds, 2),
-                "repairs": [b.to_dict() for b in self.blocks]}
+                "budget": self.budget, "repairs": [b.to_dict() for b in self.blocks]}
+
+
+def step_flops(block: Block, batch_rows: int) -> float:
+    """Floating-point operations of one optimiser step on `block`: forward and backward
+    through its weight matrices (3 multiply-adds per weight and row)."""
+    weights = sum(int(np.prod(np.shape(block.consts[v]))) for v in block.params)
+    return 6.0 * batch_rows * weights
+
+
+def default_steps(blocks: Sequence[Block], batch_rows: int, flops: float | None = None) -> int:
+    """Steps per block that an arithmetic budget (default DEFAULT_REPAIR_FLOPS) allows, at
+    most MAX_BLOCK_STEPS."""
+    per_step = sum(step_flops(b, batch_rows) for b in blocks)
+    budget = DEFAULT_REPAIR_FLOPS if flops is None else flops
+    return int(min(MAX_BLOCK_STEPS, budget // max(per_step, 1.0)))
 
 
 def _samples(batch: Batch, lead: tuple[int, ...]) -> np.ndarray:
@@ -184,7 +207,8 @@ class DistillRepairPass(ir.passes.InPlacePass):
         *,
         reference: ir.Model,
         calibration: Calibration,
-        seconds: float = DEFAULT_REPAIR_SECONDS,
+        seconds: float | None = None,
+        max_steps: int | None = None,
         groups: Collection[str] | None = None,
         kept: Mapping[str, np.ndarray] | None = None,
         options: FitOptions | None = None,
@@ -195,9 +219,13 @@ class DistillRepairPass(ir.passes.InPlacePass):
         """`reference`: the original model (not modified). `groups`: names of the groups to
         repair (default: every group with fewer channels than in `reference`). `kept`: the
         channels each pruned group kept (RemoveNeuronsPass.kept), needed where a block's
-        output is itself a pruned group (an MLP layer feeding the next). `seconds`: the
-        optimisation time for all blocks, shared evenly, unused time passed on (running the
-        calibration batches to capture inputs and targets comes on top). `augment`: edited
+        output is itself a pruned group (an MLP layer feeding the next). `max_steps`: the
+        optimiser steps each block may take. `seconds`: the optimisation time for all blocks,
+        shared evenly, unused time passed on (running the calibration batches to capture
+        inputs and targets comes on top); whichever of the two ends first stops a block.
+        Neither given: the default arithmetic budget (DEFAULT_REPAIR_FLOPS), which gives the
+        same bytes on any machine; a model too big for it keeps its least-squares repair and
+        the result says why. `augment`: edited
         copies of the calibration sentences added to the fitted rows (repair/augment.py);
         the held-out rows for early stopping stay unedited sentences. `steps`: replay a
         recorded run (DistillResult.steps): each named block takes exactly that many steps,
@@ -205,11 +233,14 @@ class DistillRepairPass(ir.passes.InPlacePass):
         named keeps its least-squares weights. `horizons`: the recorded learning-rate
         schedules (DistillResult.horizons) that go with `steps`."""
         super().__init__()
-        if seconds <= 0:
+        if seconds is not None and not seconds > 0:
             raise InputError(f"--repair-seconds must be > 0, got {seconds}")
+        if max_steps is not None and (type(max_steps) is not int or max_steps < 1):
+            raise InputError(f"--repair-steps must be an integer >= 1, got {max_steps}")
         self.reference = reference
         self.calibration = calibration
         self.seconds = seconds
+        self.max_steps = max_steps
         self.groups = None if groups is None else set(groups)
         self.kept = kept if kept is not None else {}
         self.options = options or FitOptions()
@@ -253,6 +284,13 @@ class DistillRepairPass(ir.passes.InPlacePass):
                 continue
             blocks.append(block)
         modified = False
+        cap, budget_text = self._step_cap(blocks)
+        if cap is not None and cap < MIN_BLOCK_STEPS and self.steps is None:
+            why = (f"the default budget allows {cap} optimiser steps per block for a model "
+                   f"this size (at least {MIN_BLOCK_STEPS} needed); the least-squares repair "
+                   "is kept. --repair-steps N or --repair-seconds S runs it anyway")
+            reports.extend(BlockRepair(b.name, "declined", why) for b in blocks)
+            blocks = []
         if blocks:
             extra = augmented(self.calibration.batches, self.calibration.token_mask,
                               self.augment)
@@ -261,17 +299,30 @@ class DistillRepairPass(ir.passes.InPlacePass):
             provider = self.calibration.provider
             self._source = Propagator(model, self._batches, provider)
             self._ref_source = Propagator(self.reference, self._batches, provider)
-            budget = self.seconds  # optimisation time; captures are not counted
+            budget = math.inf if self.seconds is None else self.seconds  # captures not counted
             for k, block in enumerate(blocks):
-                report = self._repair(model, block, budget / (len(blocks) - k))
+                report = self._repair(model, block, budget / (len(blocks) - k), cap)
                 budget = max(budget - report.seconds, 0.0)  # unused time moves on
                 reports.append(report)
                 modified = modified or report.status == "distilled"
                 logger.info("block %s: %s", block.name, report.status)
         done = {r.group: r for r in reports}
         ordered = tuple(done[g.name] for g in groups)
-        self.result = DistillResult(ordered, time.perf_counter() - t0)
+        self.result = DistillResult(ordered, time.perf_counter() - t0, budget_text)
         return ir.passes.PassResult(model, modified=modified)
+
+    def _step_cap(self, blocks: Sequence[Block]) -> tuple[int | None, str]:
+        """The steps each block may take (None: only the clock decides), and how that was
+        decided, for the report."""
+        if self.steps is not None:
+            return None, "recorded steps replayed"
+        if self.max_steps is not None:
+            clock = "" if self.seconds is None else f", within {self.seconds:g} s"
+            return self.max_steps, f"{self.max_steps} steps per block{clock}"
+        if self.seconds is not None:
+            return None, f"{self.seconds:g} s"
+        cap = default_steps(blocks, self.options.batch_rows)
+        return cap, f"{cap} steps per block (default budget: {DEFAULT_REPAIR_FLOPS:.3g} FLOPs)"
 
     def _block_inputs(self, source: Propagator, nodes: Sequence[ir.Node],
                       names: Sequence[str], collect: _Collector) -> None:
@@ -303,7 +354,8 @@ class DistillRepairPass(ir.passes.InPlacePass):
             self._block_inputs(self._ref_source, [order[i] for i in at], [out], collect)
         return collect.rows(out)
 
-    def _repair(self, model: ir.Model, block: Block, seconds: float) -> BlockRepair:
+    def _repair(self, model: ir.Model, block: Block, seconds: float, cap: int | None
+                ) -> BlockRepair:
         name, out = block.name, block.output.name or ""
         names = [v.name or "" for v in block.inputs]
         collect = _Collector(names, self.calibration.token_mask, np.float32, self._origins)
@@ -344,10 +396,11 @@ class DistillRepairPass(ir.passes.InPlacePass):
         # Edited copies of held-out sentences are dropped: they would leak into the check.
         fit_rows, held_rows = rows.take(~held_mask), rows.take(held_mask & ~edited)
         del rows, inputs, target
-        options = FitOptions(**{**vars(self.options), "seconds": seconds})
+        options = FitOptions(**{**vars(self.options), "seconds": seconds, "stop_at": cap})
         if self.steps is not None:
             options = FitOptions(**{**vars(options), "stop_at": self.steps.get(name, 0),
-                                    "horizon": self.horizons.get(name, 0)})
+                                    "horizon": self.horizons.get(name, 0),
+                                    "seconds": math.inf})
         res = distill_block(fn, start, fit_rows, held_rows, options)
         status = "distilled" if res.improved else "kept least squares"
         if res.improved:

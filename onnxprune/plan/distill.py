@@ -37,13 +37,14 @@ class DistillStage:
 
 
 def run_distill(model: ir.Model, reference: ir.Model, calib: Calibration,
-                kept: Mapping[str, tuple[int, ...]], *, seconds: float, augment: int,
+                kept: Mapping[str, tuple[int, ...]], *, seconds: float | None, augment: int,
                 steps: Mapping[str, int] | None = None,
                 horizons: Mapping[str, int] | None = None) -> DistillResult:
     """Distils the pruned groups named in `kept` of `model` (in place) against `reference`.
 
     `steps` and `horizons` replay a recorded run (DistillResult.steps, .horizons);
-    otherwise `seconds` is the optimisation time shared by the blocks. Blocks whose group
+    otherwise `seconds` is the optimisation time shared by the blocks (None: the default
+    arithmetic budget). Blocks whose group
     kept every channel are left alone, as are attention blocks (distillation covers FFN
     groups).
     """

@@ -34,7 +34,7 @@ _RATE_STEPS = 8  # steps timed to size the learning-rate schedule to the budget
 class FitOptions:
     """How hard to optimise one block. The defaults were tuned on MiniLM (benchmarks/distill.py)."""
 
-    seconds: float = 30.0
+    seconds: float = math.inf  # time budget (math.inf: none)
     max_epochs: int = 40
     batch_rows: int = 256
     # Adam step relative to each tensor's RMS. MiniLM 50 % FFN, 300 steps per block, held-out
@@ -44,8 +44,8 @@ class FitOptions:
     prior: float = 0.0  # ridge towards the start, relative to the starting loss
     patience: int = 3  # epochs without held-out gain before stopping
     seed: int = 0
-    # Replay: stop after exactly this many steps, whatever the time (FitResult.steps of an
-    # earlier run). The held-out checks fall where they fell then, so the weights are equal.
+    # At most this many steps. Replay: FitResult.steps of an earlier run, with no time
+    # budget; the held-out checks fall where they fell then, so the weights are equal.
     stop_at: int | None = None
     # The step rate decays along a half cosine to zero at `horizon` steps. None: estimated
     # from the time budget after the first steps (FitResult.horizon records it); 0: none
@@ -97,11 +97,30 @@ def _loss(fn: BlockFunction, rows: Rows, params: dict[ir.Value, np.ndarray],
     return total / max(rows.count * rows.target.shape[1], 1)
 
 
+def _adam(p: np.ndarray, g: np.ndarray, m: np.ndarray, s: np.ndarray, rate: float,
+          inv_c2: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8) -> None:
+    """One Adam step on `p`, in place (the moments too): p -= rate * m / (sqrt(s / c2) + eps),
+    where `rate` already holds the first moment's bias correction 1 / c1."""
+    dt = p.dtype.type
+    m *= dt(beta1)
+    m += dt(1 - beta1) * g
+    g2 = np.square(g)
+    g2 *= dt(1 - beta2)
+    s *= dt(beta2)
+    s += g2
+    np.multiply(s, dt(inv_c2), out=g2)
+    np.sqrt(g2, out=g2)
+    g2 += dt(eps)
+    np.divide(m, g2, out=g2)
+    g2 *= dt(rate)
+    p -= g2
+
+
 def distill_block(fn: BlockFunction, start: dict[ir.Value, np.ndarray], fit: Rows,
                   held: Rows, options: FitOptions) -> FitResult:
     """Adam from `start` on `fit`; the best weights on `held` (or `start`) are returned."""
     t0 = time.perf_counter()
-    deadline = t0 + options.seconds if options.stop_at is None else float("inf")
+    deadline = t0 + options.seconds  # math.inf: only the step count stops it
     stop_at = options.stop_at
     dtype = fn.dtype
     theta = {v: a.astype(dtype, copy=True) for v, a in start.items()}
@@ -119,7 +138,7 @@ def distill_block(fn: BlockFunction, start: dict[ir.Value, np.ndarray], fit: Row
     best, best_held, best_fit = theta, held_before, fit_before
     best_step = 0
     lr = options.lr
-    beta1, beta2, eps = 0.9, 0.999, 1e-8
+    beta1, beta2 = 0.9, 0.999  # Adam's moment decays (_adam)
     # Ridge weight per tensor: `prior` x starting loss per unit relative squared change.
     ridge = {v: options.prior * fit_before / (scale[v] ** 2 * theta[v].size) for v in theta}
     step = 0
@@ -130,7 +149,7 @@ def distill_block(fn: BlockFunction, start: dict[ir.Value, np.ndarray], fit: Row
     # Small calibration sets still get a few steps per epoch between held-out checks.
     batch_rows = max(1, min(options.batch_rows, fit.count // 16 or 1))
     horizon = options.horizon
-    if horizon is None and stop_at is not None:
+    if horizon is None and (stop_at is not None or math.isinf(deadline)):
         horizon = 0  # a replay without a recorded horizon: the constant rate it had
     t_steps = time.perf_counter()
     n_batches = -(-fit.count // batch_rows)
@@ -180,10 +199,7 @@ def distill_block(fn: BlockFunction, start: dict[ir.Value, np.ndarray], fit: Row
                     continue
                 if ridge[v]:
                     gr = gr + 2 * ridge[v] * (p - prior[v])
-                m[v] = beta1 * m[v] + (1 - beta1) * gr
-                s[v] = beta2 * s[v] + (1 - beta2) * gr * gr
-                upd = (m[v] / c1) / (np.sqrt(s[v] / c2) + eps)
-                theta[v] = p - (rate * scale[v]) * upd.astype(dtype, copy=False)
+                _adam(p, gr, m[v], s[v], rate * scale[v] / c1, 1 / c2)
             if (bi + 1) % every == 0 and bi + 1 < n_batches and check():
                 gave_up = True
                 break
@@ -192,8 +208,8 @@ def distill_block(fn: BlockFunction, start: dict[ir.Value, np.ndarray], fit: Row
             stopped = "held-out loss stopped improving"
             break
         if out_of_time or stop_at is not None and step >= stop_at:
-            stopped = ("replayed step count" if stop_at is not None else "schedule done"
-                       if horizon and step >= horizon else "time budget")
+            stopped = ("step budget" if stop_at is not None and step >= stop_at
+                       else "schedule done" if horizon and step >= horizon else "time budget")
             break
     improved = best_held < held_before
     if improved:
