@@ -131,6 +131,21 @@ def _decision_table(
     return t
 
 
+def _distill_table(name: str, res: dict[str, Any]) -> Table:
+    """Each pruned block's distillation: held-out error before and after, and why a block
+    kept its least-squares weights."""
+    t = Table(title=f"{name}: {res['distilled_blocks']} of {len(res['repairs'])} blocks "
+              f"distilled ({res.get('budget') or 'recorded steps'})")
+    for col in ("group", "held-out MSE", "steps", "outcome"):
+        t.add_column(col)
+    for r in res["repairs"]:
+        before, after = r.get("held_before"), r.get("held_after")
+        mse = "" if before is None or after is None else f"{before:.4g} -> {after:.4g}"
+        outcome = r["status"] + (f": {r['reason']}" if r.get("reason") else "")
+        t.add_row(r["group"], mse, str(r.get("steps", 0)), outcome)
+    return t
+
+
 def pass_table(name: str, res: dict[str, Any]) -> Table:
     if "quantized_layers" in res:
         t = Table(title=f"{name}: {res['quantized_layers']} layers int8, "
@@ -145,6 +160,8 @@ def pass_table(name: str, res: dict[str, Any]) -> Table:
         if not t.row_count:
             t.add_row("(none)", "every weight layer runs in int8")
         return t
+    if "repairs" in res:
+        return _distill_table(name, res)
     if "blocks" in res:
         rows = [(b["block"], b["heads_before"], b["heads_after"], b["reason"])
                 for b in res["blocks"]]

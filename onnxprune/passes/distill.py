@@ -322,7 +322,7 @@ class DistillRepairPass(ir.passes.InPlacePass):
         if self.seconds is not None:
             return None, f"{self.seconds:g} s"
         cap = default_steps(blocks, self.options.batch_rows)
-        return cap, f"{cap} steps per block (default budget: {DEFAULT_REPAIR_FLOPS:.3g} FLOPs)"
+        return cap, f"{cap} steps per block, default budget"
 
     def _block_inputs(self, source: Propagator, nodes: Sequence[ir.Node],
                       names: Sequence[str], collect: _Collector) -> None:
