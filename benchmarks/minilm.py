@@ -83,11 +83,12 @@ def variants(quick: bool, calib: Path, calib512: Path | None) -> list[tuple[str,
                                                       "--reconstruct", r]))
         rows.append((f"random + lstsq | {s:.0%}", [*sp, *cal, "--criterion", "random",
                                                    "--reconstruct", "lstsq"]))
-        rows.append((f"obs + lstsq (default) | {s:.0%}", [*sp, *cal]))
+        rows.append((f"obs + lstsq | {s:.0%}", [*sp, *cal, "--reconstruct", "lstsq"]))
+        rows.append((f"obs + lstsq + distill (default) | {s:.0%}", [*sp, *cal]))
         if calib512 is not None and s in (0.5, 0.7):
-            rows.append((f"obs + lstsq, 512 calibration sentences | {s:.0%}",
-                         [*sp, "--calibration", str(calib512), "--token-mask",
-                          "attention_mask"]))
+            rows.append((f"obs + lstsq + distill (default), 512 calibration sentences | "
+                         f"{s:.0%}", [*sp, "--calibration", str(calib512), "--token-mask",
+                                      "attention_mask"]))
     return rows
 
 

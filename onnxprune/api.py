@@ -46,7 +46,7 @@ from onnxprune.passes.remove_heads import RemoveHeadsPass
 from onnxprune.passes.remove_neurons import Progress, RemoveNeuronsPass
 from onnxprune.passes.zero_weights import ZeroWeightsPass
 from onnxprune.plan.analyze import Analysis, analyze_model
-from onnxprune.plan.distill import DEFAULT_SEARCH_REPAIR_SECONDS, DistillStage, run_distill
+from onnxprune.plan.distill import DistillStage, run_distill
 from onnxprune.plan.quality import BUILTIN_METRICS, BuiltinMetric, UserMetric, load_user_metric
 from onnxprune.plan.recipe import Plan
 from onnxprune.plan.search import (
@@ -132,6 +132,14 @@ class PruneConfig:
         return all(v is None for v in (self.sparsity, self.threshold, self.nm, self.heads,
                                        self.quantize, self.target, self.plan))
 
+    @property
+    def _repair_tuning(self) -> str | None:
+        """The first distillation option given, if any."""
+        return next((n for n, v in (("--repair-seconds", self.repair_seconds),
+                                    ("--repair-steps", self.repair_steps),
+                                    ("--repair-augment", self.repair_augment))
+                     if v is not None), None)
+
     def check_planning(self) -> None:
         """Refuses contradictory combinations of target search, plan and fixed options."""
         fixed = [n for n, v in (("--sparsity", self.sparsity), ("--heads", self.heads),
@@ -161,6 +169,10 @@ class PruneConfig:
             _check_metric(self.metric, self.eval)
             if self.max_drop is not None and self.max_drop < 0:
                 raise InputError(f"--max-drop must be >= 0, got {self.max_drop}")
+        searching = self.target is not None or self.is_default and self.calibration is not None
+        if searching and self._repair_tuning and self.reconstruct != "distill":
+            raise InputError(f"{self._repair_tuning} tunes the distillation repair; a search "
+                             "distils only with --reconstruct distill")
         if self.plan is not None and (fixed or self.criterion is not None):
             raise InputError(f"--plan decides what to prune; drop {(fixed or ['--criterion'])[0]}")
 
@@ -189,10 +201,7 @@ class PruneConfig:
             raise InputError(f"--repair-steps must be >= 1, got {self.repair_steps}")
         if self.repair_augment is not None and self.repair_augment < 0:
             raise InputError(f"--repair-augment must be >= 0, got {self.repair_augment}")
-        tuning = next((n for n, v in (("--repair-seconds", self.repair_seconds),
-                                      ("--repair-steps", self.repair_steps),
-                                      ("--repair-augment", self.repair_augment))
-                       if v is not None), None)
+        tuning = self._repair_tuning
         if tuning is not None and self.reconstruct not in (None, "distill"):
             raise InputError(f"{tuning} tunes the distillation repair; it does not apply to "
                              f"--reconstruct {self.reconstruct}")
@@ -473,7 +482,7 @@ def _prune_planned(model: ir.Model, config: PruneConfig, progress: Progress | No
         stage = None
         if config.reconstruct == "distill":
             stage = DistillStage(
-                seconds=config.repair_seconds or DEFAULT_SEARCH_REPAIR_SECONDS,
+                seconds=config.repair_seconds, steps=config.repair_steps,
                 augment=DEFAULT_AUGMENT if config.repair_augment is None
                 else config.repair_augment)
         result, pruned = search(model, cfg, batches, holdout=config.holdout_batches(model),

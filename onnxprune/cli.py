@@ -161,8 +161,8 @@ def _main_parser() -> argparse.ArgumentParser:
     g.add_argument("--repair-seconds", type=float, default=None, metavar="S",
                    help="time budget of the distillation repair, shared by the pruned "
                    "blocks (default: none; capturing their inputs comes on top; with "
-                   "--target: per real removal, default 45; a --plan replays its recorded "
-                   "steps instead)")
+                   "--target: per real removal; a --plan replays its recorded steps "
+                   "instead)")
     g.add_argument("--repair-augment", type=int, default=None, metavar="N",
                    help="--reconstruct distill with a token mask: also fit N copies of the "
                    "calibration sentences with a few tokens left out or exchanged "

@@ -21,6 +21,7 @@ __all__ = [
     "new_initializer",
     "other_reader_through_identity",
     "const_array",
+    "const_shape",
     "set_const_array",
     "is_constant",
     "is_plain_constant",
@@ -86,6 +87,21 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
     node = _constant_node(value)
     assert node is not None
     return node.attributes["value"].as_tensor().numpy()
+
+
+def const_shape(value: ir.Value | None) -> tuple[int, ...] | None:
+    """The shape of a constant (as const_array would give it) without reading its data."""
+    if value is None:
+        return None
+    if not is_plain_constant(value):
+        src = _identity_source(value)
+        return None if src is None else const_shape(src)
+    tensor = value.const_value
+    if tensor is None:
+        node = _constant_node(value)
+        assert node is not None
+        tensor = node.attributes["value"].as_tensor()
+    return tuple(int(d) for d in tensor.shape)
 
 
 def set_const_array(value: ir.Value, array: np.ndarray) -> None:

@@ -20,36 +20,36 @@ from onnxprune.passes.distill import DEFAULT_AUGMENT, DistillRepairPass, Distill
 from onnxprune.passes.reconstruct import Calibration
 from onnxprune.repair.augment import Augment
 
-__all__ = ["DEFAULT_SEARCH_REPAIR_SECONDS", "DistillStage", "run_distill"]
+__all__ = ["DistillStage", "run_distill"]
 
 logger = logging.getLogger(__name__)
-# A search distils up to `rounds` real removals; each gets this much optimisation time.
-DEFAULT_SEARCH_REPAIR_SECONDS = 45.0
 
 
 @dataclass(frozen=True)
 class DistillStage:
-    """How a search distils: the optimisation time per real removal and the edited copies
-    of the calibration sentences."""
+    """How a search distils each real removal: a time cap and a step cap per block (neither:
+    the pass's default arithmetic budget, so the search does not depend on the machine's
+    load) and the edited copies of the calibration sentences."""
 
-    seconds: float
+    seconds: float | None = None
+    steps: int | None = None
     augment: int = DEFAULT_AUGMENT
 
 
 def run_distill(model: ir.Model, reference: ir.Model, calib: Calibration,
                 kept: Mapping[str, tuple[int, ...]], *, seconds: float | None, augment: int,
-                steps: Mapping[str, int] | None = None,
+                max_steps: int | None = None, steps: Mapping[str, int] | None = None,
                 horizons: Mapping[str, int] | None = None) -> DistillResult:
     """Distils the pruned groups named in `kept` of `model` (in place) against `reference`.
 
     `steps` and `horizons` replay a recorded run (DistillResult.steps, .horizons);
-    otherwise `seconds` is the optimisation time shared by the blocks (None: the default
-    arithmetic budget). Blocks whose group
+    otherwise `seconds` (shared by the blocks) and `max_steps` (per block) cap the
+    optimisation (neither: the default arithmetic budget). Blocks whose group
     kept every channel are left alone, as are attention blocks (distillation covers FFN
     groups).
     """
     p = DistillRepairPass(
-        reference=reference, calibration=calib, seconds=seconds,
+        reference=reference, calibration=calib, seconds=seconds, max_steps=max_steps,
         groups=set(kept) if steps is None else set(steps),
         kept={k: np.asarray(v, dtype=np.int64) for k, v in kept.items()},
         augment=Augment(copies=augment), steps=steps, horizons=horizons)

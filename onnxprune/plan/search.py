@@ -354,7 +354,8 @@ class _Search:
             repair = None
             if self.distill is not None and kept_n:
                 repair = run_distill(trial, self.model, self.calib, kept_n,
-                                     seconds=self.distill.seconds, augment=self.distill.augment)
+                                     seconds=self.distill.seconds, augment=self.distill.augment,
+                                     max_steps=self.distill.steps)
             quality = evaluator.quality_of(make_session(trial, "cpu"))
             drop = evaluator.base - quality
             real_share = self._measure(model_stats(trial)) / total
