@@ -74,7 +74,8 @@ def main() -> None:
     dh = cached(f"x_dense_{a.kind}_held{a.n_eval}.npy", lambda: metrics.embed(dense, held))
     dc = cached(f"x_dense_{a.kind}_calib.npy", lambda: metrics.embed(dense, fitted))
     m0 = load_model(str(dense))
-    cfg = PruneConfig(sparsity=a.sp, calibration=str(calib), token_mask="attention_mask")
+    cfg = PruneConfig(sparsity=a.sp, calibration=str(calib), token_mask="attention_mask",
+                      reconstruct="lstsq")
     batches = cfg.batches(m0)
     kept_file = BUILD / (lst.name + ".kept.json")
     if not lst.exists():
