@@ -28,6 +28,7 @@ from onnxprune.scoring.lstsq import Problem, obs_order
 __all__ = ["UnitAnalysis", "Evaluator", "analyse_units", "measure_curves", "Progress"]
 
 Progress = Callable[[int, int, str], None]
+_KEEP_LEVELS = 4  # repaired weights kept per unit (UnitAnalysis.weights)
 
 
 @dataclass
@@ -48,13 +49,19 @@ class UnitAnalysis:
         return np.setdiff1d(np.arange(self.unit.items), self.order[:removed])
 
     def weights(self, removed: int) -> tuple[np.ndarray, np.ndarray]:
-        """Repaired joined consumer weights [C, D] (removed rows zero) and bias delta [D]."""
-        if removed not in self._cache:
-            cols = self.unit.columns(self.kept(removed))
-            sol = self.problem.solve(cols)
-            w = np.zeros((self.problem.channels, sol.shape[1]))
-            w[cols] = sol[:-1]
-            self._cache[removed] = (w, sol[-1])
+        """Repaired joined consumer weights [C, D] (removed rows zero) and bias delta [D],
+        in float32 (what the masked session runs). The last few levels asked for are kept:
+        a search asks for dozens per unit, and keeping them all held ~0.9 GB on MiniLM."""
+        if removed in self._cache:
+            self._cache[removed] = self._cache.pop(removed)  # most recently used last
+            return self._cache[removed]
+        cols = self.unit.columns(self.kept(removed))
+        sol = self.problem.solve(cols)
+        w = np.zeros((self.problem.channels, sol.shape[1]), dtype=np.float32)
+        w[cols] = sol[:-1]
+        self._cache[removed] = (w, sol[-1].astype(np.float32))
+        while len(self._cache) > _KEEP_LEVELS:
+            del self._cache[next(iter(self._cache))]
         return self._cache[removed]
 
     def drop(self, removed: int) -> float:
