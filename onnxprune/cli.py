@@ -164,7 +164,7 @@ def _main_parser() -> argparse.ArgumentParser:
                    "--target: per real removal; a --plan replays its recorded steps "
                    "instead)")
     g.add_argument("--repair-augment", type=int, default=None, metavar="N",
-                   help="--reconstruct distill with a token mask: also fit N copies of the "
+                   help="distillation repair with a token mask: also fit N copies of the "
                    "calibration sentences with a few tokens left out or exchanged "
                    "(default 3; 0: only the sentences as given)")
     g.add_argument("--ridge", type=_ridge, default=None, metavar="F|auto",

@@ -317,7 +317,8 @@ def test_a_model_over_the_default_budget_keeps_least_squares_and_says_why(monkey
     report = prune_model(forced, PruneConfig(sparsity=0.5, calibration=fit, repair_steps=50))
     res = report.passes["DistillRepairPass"]
     assert res["budget"] == "50 steps per block"
-    assert all(r["steps"] <= 50 for r in res["repairs"])
+    assert [r["status"] for r in res["repairs"]] == ["distilled"], res
+    assert all(0 < r["steps"] <= 50 for r in res["repairs"])
 
 
 def test_repair_options_apply_to_the_distillation_only() -> None:

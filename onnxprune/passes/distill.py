@@ -286,7 +286,8 @@ class DistillRepairPass(ir.passes.InPlacePass):
             blocks.append(block)
         modified = False
         cap, budget_text = self._step_cap(blocks)
-        if cap is not None and cap < MIN_BLOCK_STEPS and self.steps is None:
+        by_default = self.steps is None and self.max_steps is None and self.seconds is None
+        if by_default and cap is not None and cap < MIN_BLOCK_STEPS:
             why = (f"the default budget allows {cap} optimiser steps per block for a model "
                    f"this size (at least {MIN_BLOCK_STEPS} needed); the least-squares repair "
                    "is kept. --repair-steps N or --repair-seconds S runs it anyway")
