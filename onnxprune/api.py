@@ -39,6 +39,7 @@ from onnxprune.io import (
     stored_bytes,
 )
 from onnxprune.passes.cleanup import CleanupPass
+from onnxprune.calibration.propagate import SECTION_ABOVE_BYTES, weight_bytes
 from onnxprune.passes.distill import DEFAULT_AUGMENT, DistillRepairPass
 from onnxprune.passes.quantize_qdq import QuantizeQDQPass, QuantizeQDQResult
 from onnxprune.passes.reconstruct import Calibration, Reconstruct
@@ -131,6 +132,15 @@ class PruneConfig:
         """No pruning option given: the default recipe (see prune_model)."""
         return all(v is None for v in (self.sparsity, self.threshold, self.nm, self.heads,
                                        self.quantize, self.target, self.plan))
+
+    def distills(self, model: ir.Model | None) -> bool:
+        """Whether --sparsity with data ends with the distillation repair: asked for, or by
+        default on a model with less than SECTION_ABOVE_BYTES of weights (a bigger one is
+        calibrated section by section to stay near its own size in memory, and the default
+        step budget would not serve its blocks anyway)."""
+        if self.reconstruct is not None:
+            return self.reconstruct == "distill"
+        return model is not None and weight_bytes(model) < SECTION_ABOVE_BYTES
 
     @property
     def _repair_tuning(self) -> str | None:
@@ -234,9 +244,8 @@ class PruneConfig:
                 )
             )
             # With data, distillation follows the least-squares repair by default: on MiniLM
-            # at 50 % FFN, held-out cosine 0.9682 -> 0.975 (benchmarks/distill.py).
-            distill = self.reconstruct == "distill" or self.reconstruct is None
-            if distill and model is not None and calib is not None:
+            # at 50 % FFN, held-out cosine 0.9682 -> 0.9754 (benchmarks/distill.py).
+            if self.distills(model) and model is not None and calib is not None:
                 out.append(DistillRepairPass(
                     reference=model.clone(),  # shares the weights; passes replace, not edit
                     calibration=calib, seconds=self.repair_seconds,
@@ -338,6 +347,7 @@ def prune_model(
             report.notes.insert(0, mask_note)
         return report
     batches = config.batches(model)
+    distills = config.distills(model)
     passes = config.passes(model, progress, batches)
     before = model_stats(model)
     modified = False
@@ -358,6 +368,11 @@ def prune_model(
     if quantized is not None:
         report.passes["QuantizeQDQ"] = quantized.to_dict()
     _refuse_if_nothing_prunable(passes)
+    if (config.calibration is not None and config.sparsity is not None
+            and config.mode == "structured" and config.reconstruct is None and not distills):
+        report.notes.append(
+            f"repair: least squares only: distillation is not run by default on a model with "
+            f"{SECTION_ABOVE_BYTES >> 30} GiB of weights or more; --reconstruct distill runs it")
     report.token_mask = config.token_mask
     if mask_note:
         report.notes.insert(0, mask_note)

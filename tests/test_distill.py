@@ -321,6 +321,24 @@ def test_a_model_over_the_default_budget_keeps_least_squares_and_says_why(monkey
     assert all(0 < r["steps"] <= 50 for r in res["repairs"])
 
 
+def test_a_model_over_a_gib_of_weights_is_not_distilled_by_default(monkeypatch) -> None:
+    """Big models are calibrated section by section to stay near their own size in memory:
+    by default they keep least squares, and the report says so and how to distil."""
+    import onnxprune.api as api
+
+    model = _ffn_model("Relu", seed=2)
+    fit = _batches(24, 10)
+    monkeypatch.setattr(api, "SECTION_ABOVE_BYTES", 64)
+    pruned = ir.from_proto(ir.to_proto(model))
+    report = prune_model(pruned, PruneConfig(sparsity=0.5, calibration=fit))
+    assert "DistillRepairPass" not in report.passes
+    assert any("--reconstruct distill runs it" in n for n in report.notes), report.notes
+    forced = ir.from_proto(ir.to_proto(model))
+    report = prune_model(forced, PruneConfig(sparsity=0.5, calibration=fit,
+                                             reconstruct="distill"))
+    assert "DistillRepairPass" in report.passes
+
+
 def test_repair_options_apply_to_the_distillation_only() -> None:
     for option in ({"repair_steps": 10}, {"repair_seconds": 5.0}, {"repair_augment": 1}):
         with pytest.raises(InputError, match="distillation"):
