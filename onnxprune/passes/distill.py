@@ -286,8 +286,7 @@ class DistillRepairPass(ir.passes.InPlacePass):
             blocks.append(block)
         modified = False
         cap, budget_text = self._step_cap(blocks)
-        by_default = self.steps is None and self.max_steps is None and self.seconds is None
-        if by_default and cap is not None and cap < MIN_BLOCK_STEPS:
+        if self._default_budget and cap is not None and cap < MIN_BLOCK_STEPS:
             why = (f"the default budget allows {cap} optimiser steps per block for a model "
                    f"this size (at least {MIN_BLOCK_STEPS} needed); the least-squares repair "
                    "is kept. --repair-steps N or --repair-seconds S runs it anyway")
@@ -313,6 +312,11 @@ class DistillRepairPass(ir.passes.InPlacePass):
         self.result = DistillResult(ordered, time.perf_counter() - t0, budget_text)
         return ir.passes.PassResult(model, modified=modified)
 
+    @property
+    def _default_budget(self) -> bool:
+        """No replay, step cap or time budget was given: the arithmetic budget decides."""
+        return self.steps is None and self.max_steps is None and self.seconds is None
+
     def _step_cap(self, blocks: Sequence[Block]) -> tuple[int | None, str]:
         """The steps each block may take (None: only the clock decides), and how that was
         decided, for the report."""
@@ -321,7 +325,7 @@ class DistillRepairPass(ir.passes.InPlacePass):
         if self.max_steps is not None:
             clock = "" if self.seconds is None else f", within {self.seconds:g} s"
             return self.max_steps, f"{self.max_steps} steps per block{clock}"
-        if self.seconds is not None:
+        if not self._default_budget:
             return None, f"{self.seconds:g} s"
         cap = default_steps(blocks, self.options.batch_rows)
         return cap, f"{cap} steps per block, default budget"
@@ -346,8 +350,9 @@ class DistillRepairPass(ir.passes.InPlacePass):
         at = [i for i, n in enumerate(order) if n.name in names]
         after = order[at[-1] + 1:] if at else []
         produced = order[at[-1]].outputs[0] if at else None
-        if after and produced is not None and produced.name == out and any(
-                u.node in set(after) for u in produced.uses()):
+        later = set(after)
+        if produced is not None and produced.name == out and any(
+                u.node in later for u in produced.uses()):
             # The cut moves past the block, so the block runs once: its output is then a
             # value the cut holds, and the next block's section starts after it.
             self._ref_source.advance([after[0]])
