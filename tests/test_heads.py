@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from helpers import BATCH, GraphBuilder, run, to_ir
+from helpers import BATCH, GraphBuilder, dense, run, to_ir
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune.errors import InputError
@@ -84,8 +84,12 @@ def attention_model(
     mask: str = "input",
     kv_heads: int = H,
     seed: int = 0,
+    ffn: int = 0,
 ) -> onnx.ModelProto:
     """x[batch, seq, E] (+ mask) -> `layers` x (attention + residual + LayerNorm) -> y.
+
+    ffn > 0 adds an encoder layer's FFN after each LayerNorm: l{l}.fc1 (E -> ffn, ReLU),
+    l{l}.fc2 (ffn -> E), residual, LayerNorm l{l}_ffn_ln.
 
     Layer l's nodes are l{l}_q/_k/_v (MatMul, + Add bias), l{l}_softmax, l{l}_o (output
     projection, weight `l{l}.o.weight`). mask: 'input' (additive [batch, 1, 1, seq]),
@@ -143,6 +147,13 @@ def attention_model(
         x = b.op("LayerNormalization", [r_, b.const(f"{p}.ln.w", np.ones(E, np.float32)),
                                         b.const(f"{p}.ln.b", np.zeros(E, np.float32))],
                  name=f"{p}_ln", axis=-1)
+        if ffn:
+            h = b.op("Relu", [dense(b, x, E, ffn, name=f"{p}.fc1")], name=f"{p}_relu")
+            r_ = b.op("Add", [dense(b, h, ffn, E, name=f"{p}.fc2"), x], name=f"{p}_ffn_res")
+            x = b.op("LayerNormalization",
+                     [r_, b.const(f"{p}.ffn_ln.w", np.ones(E, np.float32)),
+                      b.const(f"{p}.ffn_ln.b", np.zeros(E, np.float32))],
+                     name=f"{p}_ffn_ln", axis=-1)
     b.nodes[-1].output[0] = "y"
     model = b.build(["y"], name=f"attention_{style}")
     if style == "dynamo":  # the dynamo exporter records every intermediate shape

@@ -316,3 +316,92 @@ def test_target_parsing() -> None:
     assert Target.parse("flops=0.75") == Target("flops", 0.75)
     with pytest.raises(InputError):
         Target.parse("flops=abc")
+
+
+class _Curve:
+    """A unit with a measured drop curve and no weights: the allocator's view of one."""
+
+    def __init__(self, name: str, items: int, drop_per_item: float) -> None:
+        from types import SimpleNamespace
+
+        self.unit = SimpleNamespace(name=name, kind="neurons", items=items)
+        self.max_removed = items - 1
+        self.rate = drop_per_item
+
+    def drop(self, removed: int) -> float:
+        return self.rate * removed
+
+    def weights(self, removed: int) -> int:
+        return removed
+
+
+class _Additive:
+    """Drops add up, except that unit `a` past 40 items costs a penalty (an interaction the
+    curves do not show), so the greedy's checkpoint rolls it back and freezes it."""
+
+    def __init__(self, curves: list[_Curve]) -> None:
+        self.rates = {c.unit.name: c.rate for c in curves}
+        self.calls = 0
+
+    def drop(self, candidate: dict[str, int]) -> float:
+        self.calls += 1
+        extra = 0.5 if candidate.get("a", 0) > 40 else 0.0
+        return sum(self.rates[n] * k for n, k in candidate.items()) + extra
+
+
+def test_the_allocator_finishes_a_stalled_greedy_with_one_small_jump(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from onnxprune.plan import allocate as alloc
+
+    # One cost unit per item, checkpoints every 19 items. The greedy takes a past 40, is
+    # rolled back to its last checkpoint (22) and freezes a; b then goes as far as the
+    # budget allows at its checkpoint (22) and is frozen too: 44 of the 55 items wanted.
+    # The missing 11 fit the budget, taken from a again (up to 40 it costs no penalty).
+    curves = [_Curve("a", 64, 0.001), _Curve("b", 64, 0.002), _Curve("c", 64, 0.004)]
+
+    def run() -> alloc.Allocation:
+        return alloc.allocate(curves, _Additive(curves), cost=lambda u: 1,  # type: ignore[arg-type]
+                              need=55, total=192, max_drop=0.08, checkpoint=0.1)
+
+    got = run()
+    assert got.reached and got.saved == 55 and got.removed == {"a": 33, "b": 22, "c": 0}
+    assert got.drop == pytest.approx(0.077) and got.history[-1] == (55 / 192, got.drop)
+    monkeypatch.setattr(alloc, "FINISH_TRIES", 0)
+    stalled = run()
+    assert not stalled.reached and stalled.saved == 44
+
+
+def test_one_sweep_removes_as_unit_by_unit_passes_did() -> None:
+    """apply_decisions shares one forward sweep (activations and targets) between the units;
+    the result is what a fresh pass per unit, each capturing the original again, gives."""
+    from test_heads import _calibration as heads_calibration
+    from test_heads import attention_model
+
+    from onnxprune.passes.remove_heads import RemoveHeadsPass
+    from onnxprune.passes.remove_neurons import RemoveNeuronsPass
+
+    proto = attention_model("dynamo", layers=2, ffn=32, seed=4)
+    calib = heads_calibration(proto)
+    swept = _named(proto)
+    units, _ = find_units(swept, calib)
+    assert [u.kind for u in units] == ["heads", "neurons", "heads", "neurons"]
+    neurons = {u.name: u.items - 12 for u in units if u.kind == "neurons"}
+    heads = {u.name: u.items - 1 for u in units if u.kind == "heads"}
+    kept_n, kept_h = apply_decisions(swept, neurons, heads, calib)
+
+    fresh = _named(proto)
+    reference = fresh.clone()
+    for u in units:  # graph order
+        if u.kind == "neurons":
+            RemoveNeuronsPass(keep={u.name: neurons[u.name]}, calibration=calib,
+                              reference=reference)(fresh)
+        else:
+            RemoveHeadsPass(fraction=0.0, keep={u.name: heads[u.name]}, calibration=calib,
+                            reference=reference)(fresh)
+    assert {k: len(v) for k, v in kept_n.items()} == neurons
+    assert {k: len(v) for k, v in kept_h.items()} == heads
+    a = {v.name: v.const_value.numpy() for v in swept.graph.initializers.values()}
+    b = {v.name: v.const_value.numpy() for v in fresh.graph.initializers.values()}
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-5, err_msg=k)

@@ -164,6 +164,24 @@ def test_target_store_in_memory_spilled_and_sectioned(budget: int, whole_below: 
             np.testing.assert_array_equal(arr, ref[i][n])
 
 
+def test_forward_target_store_captures_each_group_when_asked_and_holds_only_it() -> None:
+    model = to_ir(residual_stack(2))
+    data = batches(3)
+    names = ["l0.residual_out", "l1.ln_out"]
+    wanted = [(["l0.fc1"], ["l0.residual_out"], ["l0.relu_out"]),
+              (["l1.fc1"], ["l1.ln_out"], [])]
+    store = TargetStore(model, wanted, data, forward=True)
+    assert not any(store._arrays)  # nothing is run before a group is asked for
+    ref = whole(model, names, data)
+    for name in names:  # in graph order, as the pruning asks
+        for i in range(3):
+            np.testing.assert_allclose(store.get([name], i)[0], ref[i][name], rtol=1e-6,
+                                       atol=1e-6)
+        assert set(store._arrays[0]) == {name}  # the group before was let go
+    np.testing.assert_allclose(store.get([names[0]], 2)[0], ref[2][names[0]], rtol=1e-6,
+                               atol=1e-6)  # going back recomputes
+
+
 def _weights(model: ir.Model) -> dict[str, np.ndarray]:
     return {v.name: const_array(v) for v in model.graph.initializers.values()}  # type: ignore
 

@@ -366,11 +366,17 @@ class TargetStore:
 
     Arrays are kept in memory up to `budget` bytes; beyond that they go to a private
     temporary folder (removed when the store is collected) and are read back memory-mapped.
+
+    `forward=True` captures nothing up front: a group's tensors are captured when first
+    asked for, by a Propagator over `model` whose cut follows the groups, and replace the
+    group's before them. Memory then holds one group's tensors instead of every group's;
+    groups are best asked for in graph order (going back recomputes from the inputs), and
+    `model` must not be edited meanwhile.
     """
 
     def __init__(self, model: ir.Model, wanted: Sequence[Wanted], batches: Sequence[Batch], *,
                  provider: Provider = "cpu", budget: int = 2**30,
-                 whole_below: int = SECTION_ABOVE_BYTES):
+                 whole_below: int = SECTION_ABOVE_BYTES, forward: bool = False):
         from onnxprune.calibration.runner import capture
 
         self.names = list(dict.fromkeys(n for _, names, _ in wanted for n in names if n))
@@ -378,7 +384,18 @@ class TargetStore:
         self._held = 0
         self._budget = budget
         self._folder: Path | None = None
+        self._forward: dict[str, tuple[list[ir.Node], list[str], list[str]]] | None = None
         if not self.names:
+            return
+        if forward:
+            self._prop = Propagator(model, batches, provider)
+            by_name = {n.name: n for n in model.graph if n.name}
+            self._forward = {}
+            for stops, names, check in wanted:
+                entry = ([by_name[s] for s in stops if s in by_name],
+                         [n for n in names if n], [n for n in check if n])
+                for n in entry[1]:
+                    self._forward.setdefault(n, entry)
             return
         if weight_bytes(model) < whole_below:
             check = [n for _, _, c in wanted for n in c if n and n not in self.names]
@@ -425,8 +442,25 @@ class TargetStore:
                 self._held += arr.nbytes
                 kept[name] = arr
 
+    def _capture_group(self, name: str) -> None:
+        """forward=True: the tensors of the group that stores `name`, in place of the last."""
+        assert self._forward is not None
+        entry = self._forward.get(name)
+        if entry is None:
+            return  # get() names what is missing
+        nodes, keep, check = entry
+        self._arrays = [{} for _ in self._arrays]
+        self._held = 0
+        if nodes:
+            self._prop.advance(nodes)
+        extra = [n for n in check if n not in keep]
+        self._prop.capture(list(dict.fromkeys(extra + keep)), self._storer(keep))
+
     def get(self, names: Sequence[str], index: int) -> list[np.ndarray]:
         """The arrays of batch `index` (its position in the calibration batches)."""
+        if self._forward is not None and self._arrays and names and any(
+                n not in self._arrays[0] for n in names):
+            self._capture_group(names[0])
         try:
             row = self._arrays[index]
             return [np.asarray(row[n]) for n in names]

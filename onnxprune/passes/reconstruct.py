@@ -27,8 +27,9 @@ from onnxprune.graph.weights import WeightUse, const_array, set_const_array
 from onnxprune.runtime import Provider
 from onnxprune.scoring.lstsq import Problem, cross_validated_ridge, fold_bias, obs_order
 
-__all__ = ["Calibration", "Reconstruct", "GroupFit", "collect_stats", "fit_group", "apply_fit",
-           "reference_targets", "shared_input", "joined_weight", "DEFAULT_RIDGE", "conv_target"]
+__all__ = ["Calibration", "Reconstruct", "GroupFit", "Sweep", "collect_stats", "fit_group",
+           "apply_fit", "reference_targets", "shared_input", "joined_weight", "DEFAULT_RIDGE",
+           "conv_target"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,22 @@ class Calibration:
     reconstruct: Reconstruct = "lstsq"
     ridge: float | None = None  # None: chosen per layer by cross-validation
     provider: Provider = "cpu"  # where calibration batches run
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """One front-to-back calibrated removal that several pass runs share, as when a plan is
+    applied unit by unit: the activations of the model being pruned, cut where the last run
+    left off (each run only advances it), and the original model's targets, captured once
+    for every group the runs will repair. Without it each run starts again from the input
+    and captures the original again, which costs the square of the depth."""
+
+    source: Propagator  # over the model the runs edit
+    targets: TargetStore
+
+    def check(self, model: ir.Model) -> None:
+        if self.source.model is not model:
+            raise ValueError("a Sweep serves the model its Propagator runs; please report")
 
 
 @dataclass
@@ -245,10 +262,11 @@ def collect_stats(
     return stats
 
 
-def reference_targets(original: ir.Model, groups: Sequence[ChannelGroup], calib: Calibration
-                      ) -> TargetStore:
+def reference_targets(original: ir.Model, groups: Sequence[ChannelGroup], calib: Calibration,
+                      forward: bool = False) -> TargetStore:
     """The original model's tensors every group of `groups` fits to, captured before any
-    edit (whole, or section by section for a big model: see TargetStore)."""
+    edit (whole, or section by section for a big model), or with `forward` group by group
+    as they are asked for (see TargetStore)."""
     wanted = []
     for g in groups:
         names = (consumer_target(g).reference if g.consumers_are_matrices
@@ -256,7 +274,8 @@ def reference_targets(original: ir.Model, groups: Sequence[ChannelGroup], calib:
         stops = [u.node.name or "" for u in g.producers + g.consumers]
         check = [u.node.inputs[0].name or "" for u in g.consumers]
         wanted.append((stops, names, check))
-    return TargetStore(original, wanted, calib.batches, provider=calib.provider)
+    return TargetStore(original, wanted, calib.batches, provider=calib.provider,
+                       forward=forward)
 
 
 def fit_group(

@@ -39,6 +39,7 @@ from onnxprune.passes.reconstruct import (
     DEFAULT_RIDGE,
     Calibration,
     GroupFit,
+    Sweep,
     apply_fit,
     collect_stats,
     consumer_target,
@@ -110,12 +111,15 @@ class RemoveHeadsPass(ReportingPass):
         ignore: Sequence[str] = (),
         keep: KeepSpec | None = None,
         reference: ir.Model | None = None,
+        sweep: Sweep | None = None,
     ) -> None:
         """`criterion` defaults to "norm" without calibration data and "obs" with it.
 
         `keep`, when given, decides each named block (heads kept: a count, or which ones)
         instead of `fraction`; blocks it does not name keep every head. `reference` is the
         model the repair reproduces when `model` was already pruned (default: as given).
+        `sweep`: calibration state shared with the runs before and after this one (see
+        Sweep; it holds the targets).
         """
         super().__init__()
         calibration = as_calibration(calibration)  # a path or batches work too
@@ -142,6 +146,7 @@ class RemoveHeadsPass(ReportingPass):
         self.ignore = tuple(ignore)
         self.keep = keep
         self.reference = reference
+        self.sweep = sweep
         self.result = RemoveHeadsResult(criterion, ())
 
     def _blocks(self, model: ir.Model) -> list[AttentionBlock]:
@@ -232,8 +237,12 @@ class RemoveHeadsPass(ReportingPass):
         needs_targets = calib.reconstruct == "lstsq" or self.criterion == "obs"
         groups = {id(b): output_group(b) for b in blocks}
         # One pass of the original model for every block's targets, before any edit.
-        reference = (reference_targets(self.reference or model, list(groups.values()), calib)
-                     if needs_targets else None)
+        if self.sweep is not None:
+            self.sweep.check(model)
+            reference = self.sweep.targets if needs_targets else None
+        else:
+            reference = (reference_targets(self.reference or model, list(groups.values()),
+                                           calib) if needs_targets else None)
         if self.global_ranking and self.keep is None:
             scores = []
             source = Propagator(model, calib.batches, calib.provider)
@@ -248,7 +257,8 @@ class RemoveHeadsPass(ReportingPass):
         else:
             counts = self._counts(blocks, [np.zeros(b.num_heads) for b in blocks])
         decided: dict[int, HeadDecision] = {}
-        source = Propagator(model, calib.batches, calib.provider)
+        source = self.sweep.source if self.sweep is not None else Propagator(
+            model, calib.batches, calib.provider)
         for b, count in zip(blocks, counts, strict=True):
             before, size = b.num_heads, b.projections[0].head_size
             if count >= before:

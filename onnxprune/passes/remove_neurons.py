@@ -29,6 +29,7 @@ from onnxprune.passes.conv_repair import conv_repairable, prune_conv_group
 from onnxprune.passes.conv_sensitivity import DEFAULT_LEVELS, allocate_removals, conv_sensitivity
 from onnxprune.passes.reconstruct import (
     Calibration,
+    Sweep,
     apply_fit,
     collect_stats,
     fit_group,
@@ -199,10 +200,13 @@ class RemoveNeuronsPass(ReportingPass):
         progress: Progress | None = None,
         keep: KeepSpec | None = None,
         reference: ir.Model | None = None,
+        sweep: Sweep | None = None,
     ) -> None:
         """`keep`, when given, decides each named group instead of `sparsity`; groups it
-        does not name are left whole. `reference` is the model the repair reproduces when
-        `model` was already pruned by an earlier pass (default: the model as given).
+        does not name are left whole, and none after the last one it cuts is visited.
+        `reference` is the model the repair reproduces when `model` was already pruned by
+        an earlier pass (default: the model as given). `sweep`: calibration state shared
+        with the runs before and after this one (see Sweep; it holds the targets).
         `calibration`: a Calibration, a path to .npz data, or a list / iterator of batches."""
         super().__init__()
         calibration = as_calibration(calibration)
@@ -233,6 +237,7 @@ class RemoveNeuronsPass(ReportingPass):
         self.progress = progress
         self.keep = keep
         self.reference = reference
+        self.sweep = sweep
         self.result = RemoveNeuronsResult(criterion, ())
         self.kept: dict[str, np.ndarray] = {}  # the channels each pruned group kept
 
@@ -325,9 +330,17 @@ class RemoveNeuronsPass(ReportingPass):
                 reasons[g.name] = "consumers read different tensors; no calibration repair"
             elif not g.consumers_are_matrices:
                 reasons[g.name] = "channels spread over blocks; no calibration repair"
-        reference = (reference_targets(self.reference or model, prunable, calib)
-                     if needs_targets else None)
         counts = self._calibrated_counts(model, prunable, calib)
+        if self.keep is not None:  # groups after the last one cut have nothing to do
+            last = max((i for i, (g, c) in enumerate(zip(prunable, counts, strict=True))
+                        if c < g.size), default=-1)
+            prunable, counts = prunable[:last + 1], counts[:last + 1]
+        if self.sweep is not None:
+            self.sweep.check(model)
+            reference = self.sweep.targets if needs_targets else None
+        else:
+            reference = (reference_targets(self.reference or model, prunable, calib)
+                         if needs_targets else None)
         # Convs after the first cut are refit once more at the end (conv_refit); their
         # original outputs are captured now, before any edit.
         cut = [u.node for g, c in zip(prunable, counts, strict=True) if c < g.size
@@ -335,7 +348,8 @@ class RemoveNeuronsPass(ReportingPass):
         sweep = sweep_candidates(model, cut) if calib.reconstruct == "lstsq" else []
         sweep_targets = conv_sweep_targets(self.reference or model, sweep, calib) \
             if sweep else None
-        source = Propagator(model, calib.batches, calib.provider)
+        source = self.sweep.source if self.sweep is not None else Propagator(
+            model, calib.batches, calib.provider)
         decisions: dict[str, GroupDecision] = {}
         modified = False
         # Original output channels each pruned producer still has (for Conv refit targets).

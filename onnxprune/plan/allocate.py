@@ -6,7 +6,11 @@ level so that a curve which is flat after a bump is still found. Every `checkpoi
 total cost it evaluates the whole candidate on held-out batches through the masked model; if
 the drop is over the budget it rolls back, one unit at a time, the jumps since the last
 checkpoint that hurt most, and freezes those units. It stops at the target, or when nothing
-more fits the budget.
+more fits the budget. Stopped short of the target, it tries to finish in one jump: the few
+units whose curves promise the least drop for the missing cost, frozen or not, each cut by
+just that cost (down to single items), evaluated whole; the best that fits is taken. A
+roll-back freezes a whole unit, yet the last fraction of a percent is often a few dozen
+channels that some unit still takes at little cost.
 """
 
 from __future__ import annotations
@@ -101,9 +105,41 @@ def allocate(analyses: Sequence[UnitAnalysis], evaluator: Evaluator, *, cost: Co
             break
         mark, mark_saved, mark_drop = dict(removed), saved, drop
         result.history.append((saved / total, drop))
+    if mark_saved < need:
+        mark, mark_saved, mark_drop = _finish(analyses, evaluator, cost, need, max_drop,
+                                              mark, mark_saved, mark_drop)
+        if mark_saved >= need:
+            result.history.append((mark_saved / total, mark_drop))
     result.removed, result.saved, result.drop = mark, mark_saved, mark_drop
     result.reached = mark_saved >= need
     return result
+
+
+FINISH_TRIES = 4  # units evaluated for the finishing jump
+
+
+def _finish(analyses: Sequence[UnitAnalysis], evaluator: Evaluator, cost: Cost, need: int,
+            max_drop: float, removed: dict[str, int], saved: int, drop: float,
+            ) -> tuple[dict[str, int], int, float]:
+    """The state after the best single jump that meets the target within the budget, or
+    the state as given when none does (see the module doc)."""
+    missing = need - saved
+    jumps = []
+    for a in analyses:
+        c, cur = cost(a.unit), removed[a.unit.name]
+        if c <= 0:
+            continue
+        k = cur + -(-missing // c)  # the fewest items that cover the missing cost
+        if k <= a.max_removed:
+            jumps.append((a.drop(k) - a.drop(cur), a.unit.name, k))
+    best = (removed, saved, drop)
+    for _, name, k in sorted(jumps)[:FINISH_TRIES]:
+        trial = dict(removed, **{name: k})
+        d = evaluator.drop(candidate_of(analyses, trial))
+        if d <= max_drop and (best[1] < need or d < best[2]):
+            unit = next(a.unit for a in analyses if a.unit.name == name)
+            best = (trial, saved + cost(unit) * (k - removed[name]), d)
+    return best
 
 
 def uniform(analyses: Sequence[UnitAnalysis], evaluator: Evaluator, *, cost: Cost, need: int,

@@ -32,10 +32,11 @@ import onnx_ir as ir
 from onnx_ir.passes.common import NameFixPass, RemoveUnusedNodesPass
 
 from onnxprune.calibration.data import Batch
+from onnxprune.calibration.propagate import Propagator
 from onnxprune.errors import InputError
 from onnxprune.graph.accounting import ModelStats, model_stats
 from onnxprune.passes.distill import DistillResult
-from onnxprune.passes.reconstruct import Calibration
+from onnxprune.passes.reconstruct import Calibration, Sweep, reference_targets
 from onnxprune.passes.remove_heads import RemoveHeadsPass
 from onnxprune.passes.remove_neurons import KeepSpec, RemoveNeuronsPass, keep_counts
 from onnxprune.plan.allocate import UNIFORM, Allocation, allocate, uniform
@@ -169,22 +170,29 @@ def apply_decisions(model: ir.Model, neurons: KeepSpec, heads: KeepSpec,
         units = decided_units(model, neurons, heads, calib, ignore)
     kept_n: dict[str, tuple[int, ...]] = {}
     kept_h: dict[str, tuple[int, ...]] = {}
-    # Unit by unit in graph order, every repair reproducing the original model: each one
-    # then also absorbs what the units before it (neurons or heads) changed.
-    reference = model.clone() if calib is not None else None
     todo = [u for u in units if u.name in (neurons if u.kind == "neurons" else heads)]
+    # Unit by unit in graph order, every repair reproducing the original model: each one
+    # then also absorbs what the units before it (neurons or heads) changed. One sweep
+    # serves them all: the pruned model's activations and the original's targets move
+    # forward with the units, so each part of either model runs about once.
+    reference = model.clone() if calib is not None else None
+    sweep = None
+    if calib is not None and reference is not None and todo:
+        sweep = Sweep(Propagator(model, calib.batches, calib.provider),
+                      reference_targets(reference, [u.group for u in todo], calib,
+                                        forward=True))
     for i, u in enumerate(todo):
         if progress is not None:
             progress(i, len(todo), u.name)
         if u.kind == "neurons":
             p = RemoveNeuronsPass(keep={u.name: neurons[u.name]},
                                   criterion="obs" if calib else "l1", calibration=calib,
-                                  ignore=ignore, reference=reference)
+                                  ignore=ignore, reference=reference, sweep=sweep)
             p(model)
             kept_n.update({k: tuple(int(i) for i in v) for k, v in p.kept.items()})
         else:
             h = RemoveHeadsPass(fraction=0.0, keep={u.name: heads[u.name]}, calibration=calib,
-                                ignore=ignore, reference=reference)
+                                ignore=ignore, reference=reference, sweep=sweep)
             h(model)
             for b in h.result.blocks:
                 if b.heads_after < b.heads_before:
@@ -389,10 +397,12 @@ class _Search:
                 only = None
                 continue
             # Correct the allocator's budget by how far the masked estimate was from the
-            # real result, and try again.
+            # real result - the masked drop that corresponds to a real drop of --max-drop -
+            # and try again.
             if drop <= 0 or pick.drop <= 0:
                 break
-            budget = min(budget * 1.5, max(budget / 1.5, budget * pick.drop / drop))
+            limit = cfg.max_drop
+            budget = min(limit * 1.5, max(limit / 1.5, limit * pick.drop / drop))
             only = pick.label
         assert result is not None and best_model is not None
         result.candidates, result.rounds = candidates_log, rounds_log
