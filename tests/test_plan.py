@@ -387,7 +387,7 @@ def test_one_sweep_removes_as_unit_by_unit_passes_did() -> None:
     assert [u.kind for u in units] == ["heads", "neurons", "heads", "neurons"]
     neurons = {u.name: u.items - 12 for u in units if u.kind == "neurons"}
     heads = {u.name: u.items - 1 for u in units if u.kind == "heads"}
-    kept_n, kept_h = apply_decisions(swept, neurons, heads, calib)
+    kept_n, kept_h = apply_decisions(swept, neurons, heads, calib, absorb_inputs=False)
 
     fresh = _named(proto)
     reference = fresh.clone()
@@ -405,3 +405,52 @@ def test_one_sweep_removes_as_unit_by_unit_passes_did() -> None:
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-5, err_msg=k)
+
+
+def test_input_layers_absorb_the_error_of_the_units_before_them() -> None:
+    """A real removal refits the input layers (Q/K/V, the FFN's first layer) of every unit
+    after the first pruned one to their original outputs: where the input is unchanged
+    that gives the trained weights back; after a pruned unit it moves them, and the model
+    reproduces the original better on the data it was fitted to."""
+    from test_heads import _calibration as heads_calibration
+    from test_heads import attention_model
+
+    proto = attention_model("dynamo", layers=2, ffn=32, seed=4)
+    calib = heads_calibration(proto)
+    original = _weights_of(_named(proto))
+
+    def prune(neurons: dict, heads: dict, absorb: bool):
+        m = _named(proto)
+        units, _ = find_units(m, calib)
+        names = {u.name: u for u in units}
+        kept, _ = apply_decisions(m, {k: names[k].items - v for k, v in neurons.items()},
+                                  {k: names[k].items - v for k, v in heads.items()}, calib,
+                                  absorb_inputs=absorb)
+        return m, [u.name for u in units], kept
+
+    # Layer 1's heads pruned: layer 1's FFN reads the refit attention's output through the
+    # residual stream and LayerNorm, so its first layer moves; nothing before it does.
+    _, names, _ = prune({}, {}, True)
+    later, _, _ = prune({}, {names[2]: 1}, True)
+    got = _weights_of(later)
+    for k in ["l0.q.weight", "l0.fc1.weight", "l0.fc2.weight", "l0.o.weight"]:
+        np.testing.assert_array_equal(got[k], original[k], err_msg=k)
+    assert not np.allclose(got["l1.fc1.weight"], original["l1.fc1.weight"], atol=1e-6)
+    # Layer 0's heads pruned: layer 1's input layers move, layer 0's FFN too (it reads the
+    # pruned attention's output), and the outputs on the fitted data get closer.
+    spec = ({}, {names[0]: 1})
+    with_abs, _, _ = prune(*spec, True)
+    without, _, _ = prune(*spec, False)
+    w, wo = _weights_of(with_abs), _weights_of(without)
+    for k in ["l0.fc1.weight", "l1.q.weight", "l1.fc1.weight"]:
+        assert not np.allclose(w[k], wo[k], atol=1e-6), k
+    np.testing.assert_array_equal(w["l0.q.weight"], wo["l0.q.weight"])  # before the cut
+
+    def error(m) -> float:
+        return sum(float(np.mean((run(m, b)[0] - run(proto, b)[0]) ** 2)) for b in calib.batches)
+
+    assert error(with_abs) < error(without)
+
+
+def _weights_of(model) -> dict[str, np.ndarray]:
+    return {v.name: v.const_value.numpy() for v in model.graph.initializers.values()}

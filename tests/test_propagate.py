@@ -140,6 +140,10 @@ def test_graph_inputs_can_be_captured() -> None:
     model = to_ir(residual_stack(1))
     data = batches(2)
     prop = Propagator(model, data)
+    alone: list[np.ndarray] = []
+    prop.capture(["x"], lambda arrays, _: alone.append(arrays["x"]))  # inputs only
+    for a, batch in zip(alone, data, strict=True):
+        np.testing.assert_array_equal(a, batch["x"])
     got = sectioned(prop, ["x", "l0.relu_out"])
     expected = whole(model, ["l0.relu_out"], data)
     for e, batch in zip(expected, data, strict=True):

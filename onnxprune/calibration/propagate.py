@@ -268,13 +268,14 @@ class Propagator:
         self._refresh()
         wanted = [self._value(n) for n in dict.fromkeys(names)]
         computed = [v for v in wanted if not self._is_input(v)]
-        if not computed:
-            return run_batches(_Identity(), [], self.batches, on_batch, finite=self.finite)
 
         def with_inputs(arrays: dict[str, np.ndarray], batch: Batch) -> None:
             arrays.update({v.name: batch[v.name] for v in wanted  # type: ignore[misc]
                            if self._is_input(v)})
             on_batch(arrays, batch)
+
+        if not computed:  # graph inputs only
+            return run_batches(_Identity(), [], self.batches, with_inputs, finite=self.finite)
 
         if self._cache and all(v in self._cache[0] for v in computed):
             # The cut holds them already (checked when they were computed): nothing to run.

@@ -23,13 +23,13 @@ from onnxprune.calibration.stats import LayerStats
 from onnxprune.errors import DataError
 from onnxprune.graph.channels import ChannelGroup
 from onnxprune.graph.rewire import take_over_output
-from onnxprune.graph.weights import WeightUse, const_array, set_const_array
+from onnxprune.graph.weights import WeightUse, const_array, matmul_use, set_const_array
 from onnxprune.runtime import Provider
 from onnxprune.scoring.lstsq import Problem, cross_validated_ridge, fold_bias, obs_order
 
 __all__ = ["Calibration", "Reconstruct", "GroupFit", "Sweep", "collect_stats", "fit_group",
-           "apply_fit", "reference_targets", "shared_input", "joined_weight", "DEFAULT_RIDGE",
-           "conv_target"]
+           "apply_fit", "reference_targets", "input_group", "absorb", "shared_input",
+           "joined_weight", "DEFAULT_RIDGE", "conv_target"]
 
 logger = logging.getLogger(__name__)
 
@@ -276,6 +276,37 @@ def reference_targets(original: ir.Model, groups: Sequence[ChannelGroup], calib:
         wanted.append((stops, names, check))
     return TargetStore(original, wanted, calib.batches, provider=calib.provider,
                        forward=forward)
+
+
+def input_group(model: ir.Model, source: str, name: str) -> ChannelGroup | None:
+    """The layers with a constant weight of their own (MatMul/Gemm) that read `source`, as
+    one group whose channels are `source`'s features, for absorb(); None when there are
+    none."""
+    value = next((v for v in model.graph.inputs if v.name == source), None) or next(
+        (out for node in model.graph for out in node.outputs if out.name == source), None)
+    if value is None:
+        return None
+    uses = []
+    for use in value.uses():
+        w = matmul_use(use.node) if use.idx == 0 else None
+        if w is not None and use.node.graph is model.graph and len(w.weight.uses()) == 1:
+            uses.append(w)
+    if not uses:
+        return None
+    size = const_array(uses[0].weight).shape[uses[0].reduce_axis]  # type: ignore[union-attr]
+    return ChannelGroup(name, int(size), consumers=uses)
+
+
+def absorb(model: ir.Model, group: ChannelGroup, sweep: Sweep, calib: Calibration) -> None:
+    """Refits the layers of an input_group() to their original outputs from the input the
+    pruned model now gives them, so the error of the units pruned before is absorbed before
+    it reaches this block's nonlinearity (softmax, GELU). Nothing is removed. The ridge
+    pulls towards the trained weights: an input the pruning left alone gives them back."""
+    sweep.check(model)
+    sweep.source.advance(u.node for u in group.consumers)
+    stats = collect_stats(sweep.source, sweep.targets, group, calib, histogram=False)
+    fit = fit_group(group, stats, group.size, None, calib, keep=np.arange(group.size))
+    apply_fit(model.graph, group, fit)
 
 
 def fit_group(

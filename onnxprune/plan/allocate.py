@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 from onnxprune.plan.sensitivity import Evaluator, UnitAnalysis, candidate_of
 from onnxprune.plan.units import Unit
 
-__all__ = ["Allocation", "allocate", "uniform", "UNIFORM"]
+__all__ = ["Allocation", "allocate", "uniform", "UNIFORM", "CHECKPOINT"]
 
 UNIFORM = "uniform"  # label prefix of uniform allocations
+CHECKPOINT = 0.025  # of the total cost between two evaluations of the whole candidate
 Cost = Callable[[Unit], int]  # what one item of the unit costs (FLOPs or parameters)
 
 
@@ -67,7 +68,7 @@ def _next_jump(analyses: Sequence[UnitAnalysis], removed: dict[str, int], frozen
 
 
 def allocate(analyses: Sequence[UnitAnalysis], evaluator: Evaluator, *, cost: Cost,
-             need: int, total: int, max_drop: float, checkpoint: float = 0.025,
+             need: int, total: int, max_drop: float, checkpoint: float = CHECKPOINT,
              label: str = "greedy") -> Allocation:
     """Greedy allocation with held-out checkpoints and roll-back (see the module doc)."""
     by_name = {a.unit.name: a for a in analyses}

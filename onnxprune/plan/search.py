@@ -35,11 +35,18 @@ from onnxprune.calibration.data import Batch
 from onnxprune.calibration.propagate import Propagator
 from onnxprune.errors import InputError
 from onnxprune.graph.accounting import ModelStats, model_stats
+from onnxprune.graph.channels import ChannelGroup
 from onnxprune.passes.distill import DistillResult
-from onnxprune.passes.reconstruct import Calibration, Sweep, reference_targets
+from onnxprune.passes.reconstruct import (
+    Calibration,
+    Sweep,
+    absorb,
+    input_group,
+    reference_targets,
+)
 from onnxprune.passes.remove_heads import RemoveHeadsPass
 from onnxprune.passes.remove_neurons import KeepSpec, RemoveNeuronsPass, keep_counts
-from onnxprune.plan.allocate import UNIFORM, Allocation, allocate, uniform
+from onnxprune.plan.allocate import CHECKPOINT, UNIFORM, Allocation, allocate, uniform
 from onnxprune.plan.analyze import analyze_model
 from onnxprune.plan.distill import DistillStage, run_distill
 from onnxprune.plan.quality import BuiltinMetric, UserMetric
@@ -160,11 +167,14 @@ def decided_units(model: ir.Model, neurons: KeepSpec, heads: KeepSpec,
 def apply_decisions(model: ir.Model, neurons: KeepSpec, heads: KeepSpec,
                     calib: Calibration | None, progress: Progress | None = None,
                     ignore: tuple[str, ...] = (), units: Sequence[Unit] | None = None,
+                    absorb_inputs: bool = True,
                     ) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
     """Removes for real (in place): counts are chosen by OBS, indices are taken as given.
 
     `units`: what decided_units() gave for this model, when the caller checked already.
-    Returns the channels and heads actually kept, which is what a plan records.
+    With a least-squares repair and `absorb_inputs`, every unit after the first pruned one
+    first has its input layers refit (reconstruct.absorb). Returns the channels and
+    heads actually kept, which is what a plan records.
     """
     if units is None:  # every entry is checked before anything is removed
         units = decided_units(model, neurons, heads, calib, ignore)
@@ -177,13 +187,34 @@ def apply_decisions(model: ir.Model, neurons: KeepSpec, heads: KeepSpec,
     # forward with the units, so each part of either model runs about once.
     reference = model.clone() if calib is not None else None
     sweep = None
+    inputs: dict[str, ChannelGroup] = {}
     if calib is not None and reference is not None and todo:
+        if absorb_inputs and calib.reconstruct == "lstsq":
+            # On MiniLM at 75 % of the FLOPs (the search's plan) the held-out drop went from
+            # 0.0196 to 0.0192; refitting the output layers of units left whole made it
+            # worse (0.0202), so only the input side is refit.
+            first = units.index(todo[0])  # the units before it, and it, read what they did
+            for u in units[first + 1:]:
+                g = None if u.source is None else input_group(model, u.source, u.name)
+                if g is not None:
+                    inputs[u.name] = g
+        wanted = [g for u in units for g in (inputs.get(u.name), u.group if u in todo else None)
+                  if g is not None]
         sweep = Sweep(Propagator(model, calib.batches, calib.provider),
-                      reference_targets(reference, [u.group for u in todo], calib,
-                                        forward=True))
-    for i, u in enumerate(todo):
+                      reference_targets(reference, wanted, calib, forward=True))
+    step = 0
+    for u in units:
+        if u.name in inputs:
+            assert sweep is not None and calib is not None and u.source is not None
+            # Found again: earlier units' slicing may have replaced the weights' values.
+            g = input_group(model, u.source, u.name)
+            if g is not None:
+                absorb(model, g, sweep, calib)
+        if u not in todo:
+            continue
         if progress is not None:
-            progress(i, len(todo), u.name)
+            progress(step, len(todo), u.name)
+        step += 1
         if u.kind == "neurons":
             p = RemoveNeuronsPass(keep={u.name: neurons[u.name]},
                                   criterion="obs" if calib else "l1", calibration=calib,
@@ -276,7 +307,12 @@ class _Search:
 
         `only` (after a budget correction) reruns just the allocator that won; when uniform
         won, the all-units greedy runs beside it, since the new budget may now favour it.
+        A corrected budget is close to what the target needs, so the greedy then checks
+        its allocation twice as often: on MiniLM at flops=0.75 the first round's 2.5 %
+        steps ended at 75.12 % of the FLOPs with a masked drop of 0.0230, 1.25 % steps at
+        75.00 % and 0.0228, for 46 evaluations instead of 19.
         """
+        checkpoint = CHECKPOINT if only is None else CHECKPOINT / 2
         neurons = [a for a in analyses if a.unit.kind == "neurons"]
         pools = [(_GREEDY_ALL, analyses)]
         if neurons and len(neurons) < len(analyses):
@@ -287,7 +323,7 @@ class _Search:
         for label, pool in pools:
             if wanted is None or label in wanted:
                 a = allocate(pool, evaluator, cost=self._cost, need=need, total=total,
-                             max_drop=budget, label=label)
+                             max_drop=budget, label=label, checkpoint=checkpoint)
                 a.removed = {**{x.unit.name: 0 for x in analyses}, **a.removed}
                 out.append(a)
         if wanted is None or only.startswith(UNIFORM):  # type: ignore[union-attr]

@@ -34,6 +34,9 @@ class Unit:
     group: ChannelGroup  # the consumer(s) as a channel group, for the repair code
     flops: int  # weight-MatMul FLOPs per row that one item costs
     params: int  # parameters one item costs
+    # The tensor the unit's first layers read (the FFN's up projection, Q/K/V), when they
+    # share one: a real removal refits its readers to absorb the error of units before.
+    source: str | None = None
 
     @property
     def x(self) -> str:
@@ -68,9 +71,16 @@ def _in_dim(use: object) -> int:
     return int(w.shape[use.reduce_axis])  # type: ignore[attr-defined]
 
 
+def _source(uses: list) -> str | None:
+    inputs = {u.node.inputs[0] for u in uses}
+    value = next(iter(inputs)) if len(inputs) == 1 else None
+    return None if value is None else value.name
+
+
 def _neuron_unit(g: ChannelGroup) -> Unit:
     macs = sum(_in_dim(u) for u in g.producers) + sum(_other_dim(u) for u in g.consumers)
-    return Unit(g.name, "neurons", g.size, 1, g, 2 * macs, macs + len(g.constants))
+    return Unit(g.name, "neurons", g.size, 1, g, 2 * macs, macs + len(g.constants),
+                _source(g.producers))
 
 
 def find_units(model: ir.Model, calibration: Calibration | None = None,
@@ -104,6 +114,6 @@ def find_units(model: ir.Model, calibration: Calibration | None = None,
         macs += dv * _other_dim(b.output)
         biases = sum(p.head_size for p in b.projections if p.bias is not None)
         units.append(Unit(b.name, "heads", b.num_heads, dv, output_group(b), 2 * macs,
-                          macs + biases))
+                          macs + biases, _source([p.use for p in b.projections])))
     units.sort(key=lambda u: order.get(u.group.consumers[0].node, 0))
     return units, skipped
