@@ -7,10 +7,12 @@
 3. Candidate allocations - greedy over all units with checkpoints and roll-back, greedy over
    FFN groups only, uniform FFN - are evaluated whole in the masked session; the best one
    that meets the target goes on.
-4. The winner is removed for real, with the sequential residual-aware repair of the passes,
-   and verified on the held-out batches. When the real drop differs from the masked
-   estimate, the budget given to the allocator is corrected by the ratio and the search runs
-   again (at most `rounds` real removals); the best real result within budget is kept.
+4. The winner is removed for real, with the sequential residual-aware repair of the passes
+   in one forward sweep (apply_decisions), each unit after the first pruned one having its
+   input layers refit first, and verified on the held-out batches. When the real drop
+   differs from the masked estimate, the allocator's budget is set to the masked drop that
+   corresponds to a real drop of --max-drop and the search runs again (at most `rounds`
+   real removals); the best real result within budget is kept.
    With a distillation stage (`--reconstruct distill`) every real removal is distilled
    before it is measured, so the correction counts what distillation wins back.
 Latency targets are met by measuring onnxruntime on this machine: a structurally pruned
