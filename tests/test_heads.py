@@ -85,11 +85,13 @@ def attention_model(
     kv_heads: int = H,
     seed: int = 0,
     ffn: int = 0,
+    parallel: bool = False,
 ) -> onnx.ModelProto:
     """x[batch, seq, E] (+ mask) -> `layers` x (attention + residual + LayerNorm) -> y.
 
     ffn > 0 adds an encoder layer's FFN after each LayerNorm: l{l}.fc1 (E -> ffn, ReLU),
-    l{l}.fc2 (ffn -> E), residual, LayerNorm l{l}_ffn_ln.
+    l{l}.fc2 (ffn -> E), residual, LayerNorm l{l}_ffn_ln. With `parallel` the FFN reads the
+    layer's input beside the attention (GPT-J style) and both are added to the residual.
 
     Layer l's nodes are l{l}_q/_k/_v (MatMul, + Add bias), l{l}_softmax, l{l}_o (output
     projection, weight `l{l}.o.weight`). mask: 'input' (additive [batch, 1, 1, seq]),
@@ -143,11 +145,14 @@ def attention_model(
         o = b.op("MatMul", [c, b.weight(f"{p}.o.weight", [E, E])], name=f"{p}_o")
         o = b.op("Add", [o, b.const(f"{p}.o.bias", np.zeros(E, np.float32) + 0.01)],
                  name=f"{p}_o_bias")
+        if ffn and parallel:
+            h = b.op("Relu", [dense(b, x, E, ffn, name=f"{p}.fc1")], name=f"{p}_relu")
+            o = b.op("Add", [o, dense(b, h, ffn, E, name=f"{p}.fc2")], name=f"{p}_branches")
         r_ = b.op("Add", [o, x], name=f"{p}_residual")
         x = b.op("LayerNormalization", [r_, b.const(f"{p}.ln.w", np.ones(E, np.float32)),
                                         b.const(f"{p}.ln.b", np.zeros(E, np.float32))],
                  name=f"{p}_ln", axis=-1)
-        if ffn:
+        if ffn and not parallel:
             h = b.op("Relu", [dense(b, x, E, ffn, name=f"{p}.fc1")], name=f"{p}_relu")
             r_ = b.op("Add", [dense(b, h, ffn, E, name=f"{p}.fc2"), x], name=f"{p}_ffn_res")
             x = b.op("LayerNormalization",

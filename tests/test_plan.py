@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 from helpers import residual_mlp_model, run, save, sha256, to_ir
@@ -454,3 +455,24 @@ def test_input_layers_absorb_the_error_of_the_units_before_them() -> None:
 
 def _weights_of(model) -> dict[str, np.ndarray]:
     return {v.name: v.const_value.numpy() for v in model.graph.initializers.values()}
+
+
+def test_input_refit_leaves_out_a_parallel_branch_that_was_sliced() -> None:
+    """In a parallel block (attention and FFN read the same input) the FFN unit's input
+    layers include Q/K/V, which the heads removal just narrowed: they are not refit again
+    against their original (wider) outputs."""
+    from test_heads import _calibration as heads_calibration
+    from test_heads import attention_model
+
+    proto = attention_model("dynamo", layers=2, ffn=32, parallel=True, seed=4)
+    calib = heads_calibration(proto)
+    m = _named(proto)
+    units, _ = find_units(m, calib)
+    assert [u.source for u in units[2:]] == ["l0_ln_out", "l0_ln_out"]  # shared input
+    heads = {units[0].name: 3, units[2].name: 3}
+    neurons = {units[3].name: 20}
+    kept_n, kept_h = apply_decisions(m, neurons, heads, calib)
+    assert {k: len(v) for k, v in kept_h.items()} == heads
+    assert {k: len(v) for k, v in kept_n.items()} == neurons
+    out = run(ir.serde.serialize_model(m), calib.batches[0])[0]
+    assert np.all(np.isfinite(out))
