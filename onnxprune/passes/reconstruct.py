@@ -54,9 +54,10 @@ class Calibration:
 class Sweep:
     """One front-to-back calibrated removal that several pass runs share, as when a plan is
     applied unit by unit: the activations of the model being pruned, cut where the last run
-    left off (each run only advances it), and the original model's targets, captured once
-    for every group the runs will repair. Without it each run starts again from the input
-    and captures the original again, which costs the square of the depth."""
+    left off (each run only advances it), and the original model's targets for every group
+    the runs will repair (best a forward TargetStore, which moves along with them). Without
+    it each run starts again from the input and captures the original again, which costs
+    the square of the depth."""
 
     source: Propagator  # over the model the runs edit
     targets: TargetStore

@@ -184,6 +184,7 @@ def apply_decisions(model: ir.Model, neurons: KeepSpec, heads: KeepSpec,
     kept_n: dict[str, tuple[int, ...]] = {}
     kept_h: dict[str, tuple[int, ...]] = {}
     todo = [u for u in units if u.name in (neurons if u.kind == "neurons" else heads)]
+    pruned = {u.name for u in todo}
     # Unit by unit in graph order, every repair reproducing the original model: each one
     # then also absorbs what the units before it (neurons or heads) changed. One sweep
     # serves them all: the pruned model's activations and the original's targets move
@@ -204,7 +205,8 @@ def apply_decisions(model: ir.Model, neurons: KeepSpec, heads: KeepSpec,
                     inputs[u.name] = g
                     widths.update((c.node.name or "", const_shape(c.weight))
                                   for c in g.consumers)
-        wanted = [g for u in units for g in (inputs.get(u.name), u.group if u in todo else None)
+        wanted = [g for u in units for g in (inputs.get(u.name),
+                                              u.group if u.name in pruned else None)
                   if g is not None]
         sweep = Sweep(Propagator(model, calib.batches, calib.provider),
                       reference_targets(reference, wanted, calib, forward=True))
@@ -221,7 +223,7 @@ def apply_decisions(model: ir.Model, neurons: KeepSpec, heads: KeepSpec,
                                   if widths.get(c.node.name or "") == const_shape(c.weight)]
             if g is not None and g.consumers:
                 absorb(model, g, sweep, calib)
-        if u not in todo:
+        if u.name not in pruned:
             continue
         if progress is not None:
             progress(step, len(todo), u.name)
