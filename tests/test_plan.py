@@ -476,3 +476,32 @@ def test_input_refit_leaves_out_a_parallel_branch_that_was_sliced() -> None:
     assert {k: len(v) for k, v in kept_n.items()} == neurons
     out = run(ir.serde.serialize_model(m), calib.batches[0])[0]
     assert np.all(np.isfinite(out))
+
+
+def test_a_round_that_repeats_an_earlier_allocation_is_not_removed_again(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """When a corrected budget gives the allocation already removed and measured, the search
+    stops with what it has instead of removing the same units again."""
+    import onnxprune.plan.search as search_mod
+    from onnxprune.plan.allocate import Allocation
+
+    removals = []
+    real = search_mod.apply_decisions
+
+    def counted(*args, **kwargs):
+        removals.append(dict(args[1]))
+        return real(*args, **kwargs)
+
+    def same(self, analyses, *args, **kwargs):  # every round's allocators agree
+        removed = {a.unit.name: 0 for a in analyses}
+        removed[analyses[0].unit.name] = 4
+        return [Allocation(removed, 1, 1e-6, True, "fixed")]
+
+    monkeypatch.setattr(search_mod, "apply_decisions", counted)
+    monkeypatch.setattr(search_mod._Search, "_candidates", same)
+    proto = residual_mlp_model(DIM, HIDDEN, blocks=2, seed=1)
+    # Over budget and off target: without the check every round would remove it again.
+    report = prune_model(to_ir(proto), PruneConfig(calibration=_batches(), target="flops=0.3",
+                                                   max_drop=1e-9))
+    assert report.search is not None and not report.search.reached
+    assert len(removals) == 1 and len(report.search.rounds) == 1

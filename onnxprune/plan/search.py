@@ -391,6 +391,7 @@ class _Search:
         candidates_log: list[dict[str, object]] = []
         rounds_log: list[dict[str, object]] = []
         only: str | None = None  # after a budget correction: rerun the winning allocator
+        tried: set[tuple[tuple[str, int], ...]] = set()
         for round_ in range(cfg.rounds):
             cands = self._candidates(analyses, evaluator, need, total, budget, only)
             for c in cands:
@@ -400,6 +401,12 @@ class _Search:
             fitting = [c for c in cands if c.drop <= budget]
             pick = min(fitting or cands,
                        key=lambda c: (not c.reached, c.drop if c.reached else -c.saved))
+            chosen = tuple(sorted((n, k) for n, k in pick.removed.items() if k))
+            if chosen in tried:  # removed and measured already: nothing new to learn
+                logger.info("round %d: %s gave an earlier round's allocation; stopping",
+                            round_ + 1, pick.label)
+                break
+            tried.add(chosen)
             if self.on_plan is not None:
                 self.on_plan(self._plan(_indices(analyses, pick.removed, "neurons"),
                                         _indices(analyses, pick.removed, "heads"),
