@@ -482,7 +482,7 @@ def _prune_planned(model: ir.Model, config: PruneConfig, progress: Progress | No
                                 plan.repair, ridge=config.ridge)  # type: ignore
         reference = model.clone() if plan.repair == "distill" else None
         kept_n, _ = apply_decisions(model, plan.neurons, plan.heads, calib, progress,
-                                    config.ignore, units)
+                                    config.ignore, units, absorb_inputs=plan.refit_inputs)
         # A plan whose blocks all kept least squares (0 steps) has nothing to replay.
         if reference is not None and calib is not None and any(plan.distill_steps.values()):
             res = run_distill(model, reference, calib, kept_n, seconds=None,

@@ -505,3 +505,36 @@ def test_a_round_that_repeats_an_earlier_allocation_is_not_removed_again(
                                                    max_drop=1e-9))
     assert report.search is not None and not report.search.reached
     assert len(removals) == 1 and len(report.search.rounds) == 1
+
+
+def test_plans_say_whether_input_layers_were_refit(work: Path, capsys) -> None:
+    """A search's plan records that its removal refit later units' input layers; a plan
+    without the key (saved before that existed) replays without the refit, as it was made."""
+    rc = main(["m.onnx", "-o", "out.onnx", "--target", "params=0.6", "--max-drop", "0.5",
+               "--calibration", "calib", "--save-plan", "p.json", "-q"])
+    assert rc in (0, 1)
+    saved = json.loads(Path("p.json").read_text())
+    assert saved["refit_inputs"] is True and len(saved["neurons"]) == 2
+    old = {k: v for k, v in saved.items() if k != "refit_inputs"}
+    Path("old.json").write_text(json.dumps(old))
+    assert main(["m.onnx", "-o", "old.onnx", "--plan", "old.json", "--calibration", "calib",
+                 "-q"]) == 0
+    assert sha256("old.onnx") != sha256("out.onnx")
+    plan = Plan.load("old.json")
+    assert not plan.refit_inputs
+    m = _named(onnx.load("m.onnx"))
+    from onnxprune.calibration.data import input_specs, load_batches
+    from onnxprune.passes.reconstruct import Calibration
+
+    fit = plan.fit_batches(list(load_batches("calib", input_specs(m))))
+    apply_decisions(m, plan.neurons, plan.heads, Calibration(fit), absorb_inputs=False)
+    expected = _weights_of(m)
+    got = _weights_of(_named(onnx.load("old.onnx")))
+    assert expected.keys() == got.keys()
+    for k in expected:
+        np.testing.assert_array_equal(got[k], expected[k], err_msg=k)
+    Path("bad.json").write_text(json.dumps({**saved, "refit_inputs": "yes"}))
+    capsys.readouterr()
+    assert main(["m.onnx", "-o", "bad.onnx", "--plan", "bad.json", "--calibration",
+                 "calib"]) == 2
+    assert "refit_inputs" in capsys.readouterr().err and not Path("bad.onnx").exists()

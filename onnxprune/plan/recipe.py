@@ -56,6 +56,9 @@ class Plan:
     # repair "distill": {"steps": {group: optimiser steps}, "horizons": {group: schedule
     # length in steps}, "augment": edited copies}
     distill: dict[str, Any] = field(default_factory=dict)
+    # The real removal refit each later unit's input layers (search.apply_decisions). Plans
+    # saved before that existed lack the key and replay without it, as they were made.
+    refit_inputs: bool = False
 
     @property
     def distill_steps(self) -> dict[str, int]:
@@ -79,6 +82,7 @@ class Plan:
             "neurons": {k: list(v) for k, v in self.neurons.items()},
             "heads": {k: list(v) for k, v in self.heads.items()},
             **({"distill": self.distill} if self.repair == "distill" else {}),
+            **({"refit_inputs": True} if self.refit_inputs else {}),
             "summary": self.summary,
         }
 
@@ -156,10 +160,13 @@ class Plan:
             if kind not in ("rows", "batches") or not count.isdigit() or len(count) > 9:
                 raise InputError(f"{p}: \"calibration_split\" must be rows:N or batches:N, "
                                  f"not '{split[:40]}'")
+        refit_inputs = data.get("refit_inputs", False)
+        if type(refit_inputs) is not bool:
+            raise InputError(f"{p}: \"refit_inputs\" must be true or false")
         return cls(decisions("neurons"), decisions("heads"), repair, text("token_mask"),
                    text("calibration_sha256"), dict(summary), split,
                    {"steps": dict(steps), "horizons": dict(horizons), "augment": augment}
-                   if repair == "distill" else {})
+                   if repair == "distill" else {}, refit_inputs)
 
     def fit_batches(self, batches: Sequence[Batch] | None) -> list[Batch] | None:
         """The batches the repair was fitted on: the given data, checked, less the held-out

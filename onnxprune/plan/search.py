@@ -294,12 +294,13 @@ class _Search:
               summary: dict[str, object], repair: DistillResult | None = None) -> Plan:
         if self.distill is None:
             return Plan(neurons, heads, self.calib.reconstruct, self.calib.token_mask,
-                        self.fingerprint, summary, self.split)
+                        self.fingerprint, summary, self.split,
+                        refit_inputs=self.calib.reconstruct == "lstsq")
         return Plan(neurons, heads, "distill", self.calib.token_mask, self.fingerprint,
                     summary, self.split,
                     {"steps": repair.steps if repair else {},
                      "horizons": repair.horizons if repair else {},
-                     "augment": self.distill.augment})
+                     "augment": self.distill.augment}, refit_inputs=True)
 
     def _tell(self, done: int, total: int, label: str) -> None:
         if self.progress is not None:
