@@ -145,16 +145,18 @@ def attention_model(
         o = b.op("MatMul", [c, b.weight(f"{p}.o.weight", [E, E])], name=f"{p}_o")
         o = b.op("Add", [o, b.const(f"{p}.o.bias", np.zeros(E, np.float32) + 0.01)],
                  name=f"{p}_o_bias")
+        def feed_forward(inp: str, p: str = p) -> str:
+            h = b.op("Relu", [dense(b, inp, E, ffn, name=f"{p}.fc1")], name=f"{p}_relu")
+            return dense(b, h, ffn, E, name=f"{p}.fc2")
+
         if ffn and parallel:
-            h = b.op("Relu", [dense(b, x, E, ffn, name=f"{p}.fc1")], name=f"{p}_relu")
-            o = b.op("Add", [o, dense(b, h, ffn, E, name=f"{p}.fc2")], name=f"{p}_branches")
+            o = b.op("Add", [o, feed_forward(x)], name=f"{p}_branches")
         r_ = b.op("Add", [o, x], name=f"{p}_residual")
         x = b.op("LayerNormalization", [r_, b.const(f"{p}.ln.w", np.ones(E, np.float32)),
                                         b.const(f"{p}.ln.b", np.zeros(E, np.float32))],
                  name=f"{p}_ln", axis=-1)
         if ffn and not parallel:
-            h = b.op("Relu", [dense(b, x, E, ffn, name=f"{p}.fc1")], name=f"{p}_relu")
-            r_ = b.op("Add", [dense(b, h, ffn, E, name=f"{p}.fc2"), x], name=f"{p}_ffn_res")
+            r_ = b.op("Add", [feed_forward(x), x], name=f"{p}_ffn_res")
             x = b.op("LayerNormalization",
                      [r_, b.const(f"{p}.ffn_ln.w", np.ones(E, np.float32)),
                       b.const(f"{p}.ffn_ln.b", np.zeros(E, np.float32))],

@@ -41,7 +41,7 @@ from onnxprune.io import model_bytes
 from onnxprune.runtime import Provider, make_session
 
 __all__ = ["Propagator", "TargetStore", "run_batches", "section", "SECTION_ABOVE_BYTES",
-           "sectioned_outputs", "weight_bytes"]
+           "graph_value", "sectioned_outputs", "weight_bytes"]
 
 # A model with at least this many bytes of weights is calibrated section by section, so no
 # session holds all of its weights and its memory-mapped pages are read one section at a time.
@@ -174,6 +174,18 @@ def _same(a: tuple, b: tuple) -> bool:
         for x, y in zip(a, b, strict=True))
 
 
+def graph_value(graph: ir.Graph, name: str) -> ir.Value | None:
+    """The graph input or node output of the main graph called `name`, if any."""
+    for v in graph.inputs:
+        if v.name == name:
+            return v
+    for node in graph:
+        for out in node.outputs:
+            if out.name == name:
+                return out
+    return None
+
+
 def weight_bytes(model: ir.Model) -> int:
     """Bytes of the main graph's initializers."""
     return sum(v.const_value.nbytes for v in model.graph.initializers.values()
@@ -254,14 +266,10 @@ class Propagator:
             release_pages(self.model)  # the next section reads other weights
 
     def _value(self, name: str) -> ir.Value:
-        for v in self.model.graph.inputs:
-            if v.name == name:
-                return v
-        for node in self.model.graph:
-            for out in node.outputs:
-                if out.name == name:
-                    return out
-        raise DataError(f"cannot capture '{name}': no such tensor in the main graph")
+        value = graph_value(self.model.graph, name)
+        if value is None:
+            raise DataError(f"cannot capture '{name}': no such tensor in the main graph")
+        return value
 
     def capture(self, names: Sequence[str], on_batch: OnBatch) -> int:
         """As runner.capture on the current model, running only what the cut leaves to do."""

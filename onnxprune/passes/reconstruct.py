@@ -17,7 +17,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxprune.calibration.data import Batch
-from onnxprune.calibration.propagate import Propagator, TargetStore
+from onnxprune.calibration.propagate import Propagator, TargetStore, graph_value
 from onnxprune.calibration.runner import capture, row_mask
 from onnxprune.calibration.stats import LayerStats
 from onnxprune.errors import DataError
@@ -29,7 +29,7 @@ from onnxprune.scoring.lstsq import Problem, cross_validated_ridge, fold_bias, o
 
 __all__ = ["Calibration", "Reconstruct", "GroupFit", "Sweep", "collect_stats", "fit_group",
            "apply_fit", "reference_targets", "input_group", "absorb", "shared_input",
-           "joined_weight", "DEFAULT_RIDGE", "conv_target"]
+           "common_input", "joined_weight", "DEFAULT_RIDGE", "conv_target"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,12 @@ class GroupFit:
 
 def shared_input(group: ChannelGroup) -> ir.Value | None:
     """The one activation all consumers read, or None when they read different ones."""
-    inputs = {u.node.inputs[0] for u in group.consumers}
+    return common_input(group.consumers)
+
+
+def common_input(uses: Sequence[WeightUse]) -> ir.Value | None:
+    """The one tensor all these weight users read, or None when they read different ones."""
+    inputs = {u.node.inputs[0] for u in uses}
     return next(iter(inputs)) if len(inputs) == 1 else None
 
 
@@ -283,8 +288,7 @@ def input_group(model: ir.Model, source: str, name: str) -> ChannelGroup | None:
     """The layers with a constant weight of their own (MatMul/Gemm) that read `source`, as
     one group whose channels are `source`'s features, for absorb(); None when there are
     none."""
-    value = next((v for v in model.graph.inputs if v.name == source), None) or next(
-        (out for node in model.graph for out in node.outputs if out.name == source), None)
+    value = graph_value(model.graph, source)
     if value is None:
         return None
     uses = []

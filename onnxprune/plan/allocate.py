@@ -132,14 +132,13 @@ def _finish(analyses: Sequence[UnitAnalysis], evaluator: Evaluator, cost: Cost, 
             continue
         k = cur + -(-missing // c)  # the fewest items that cover the missing cost
         if k <= a.max_removed:
-            jumps.append((a.drop(k) - a.drop(cur), a.unit.name, k))
+            jumps.append((a.drop(k) - a.drop(cur), a.unit.name, k, c * (k - cur)))
     best = (removed, saved, drop)
-    for _, name, k in sorted(jumps)[:FINISH_TRIES]:
+    for _, name, k, gain in sorted(jumps)[:FINISH_TRIES]:
         trial = dict(removed, **{name: k})
         d = evaluator.drop(candidate_of(analyses, trial))
         if d <= max_drop and (best[1] < need or d < best[2]):
-            unit = next(a.unit for a in analyses if a.unit.name == name)
-            best = (trial, saved + cost(unit) * (k - removed[name]), d)
+            best = (trial, saved + gain, d)
     return best
 
 

@@ -17,7 +17,12 @@ import onnx_ir as ir
 
 from onnxprune.graph.channels import ChannelGroup, find_channel_groups
 from onnxprune.graph.weights import const_array
-from onnxprune.passes.reconstruct import Calibration, consumer_target, shared_input
+from onnxprune.passes.reconstruct import (
+    Calibration,
+    common_input,
+    consumer_target,
+    shared_input,
+)
 from onnxprune.passes.remove_heads import output_group, recognise_blocks
 
 __all__ = ["Unit", "find_units"]
@@ -72,8 +77,7 @@ def _in_dim(use: object) -> int:
 
 
 def _source(uses: list) -> str | None:
-    inputs = {u.node.inputs[0] for u in uses}
-    value = next(iter(inputs)) if len(inputs) == 1 else None
+    value = common_input(uses)
     return None if value is None else value.name
 
 
