@@ -15,7 +15,7 @@ import time
 import onnx_ir as ir
 from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
-from onnxprune.passes.remove_heads import recognise_blocks
+from onnxprune.attention.remove_heads import recognise_blocks
 
 
 def main(paths: list[str]) -> None:

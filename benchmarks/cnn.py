@@ -46,12 +46,12 @@ BUILD = ROOT / "build"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from onnxprune.graph.accounting import inference_flops, model_stats  # noqa: E402
-from onnxprune.graph.channels import find_channel_groups  # noqa: E402
-from onnxprune.graph.weights import const_array, conv_uses, set_const_array  # noqa: E402
-from onnxprune.passes.reconstruct import Calibration  # noqa: E402
-from onnxprune.passes.remove_neurons import RemoveNeuronsPass  # noqa: E402
-from onnxprune.quantize import QuantizeConfig, quantize_model  # noqa: E402
+from onnxprune.core.accounting import inference_flops, model_stats  # noqa: E402
+from onnxprune.channels.groups import find_channel_groups  # noqa: E402
+from onnxprune.core.weights import const_array, conv_uses, set_const_array  # noqa: E402
+from onnxprune.repair.reconstruct import Calibration  # noqa: E402
+from onnxprune.prune.remove_neurons import RemoveNeuronsPass  # noqa: E402
+from onnxprune.quant.driver import QuantizeConfig, quantize_model  # noqa: E402
 
 CHARS = "0123456789abcdefghijklmnopqrstuvwxyz"
 
@@ -187,8 +187,8 @@ def sensitivity_keep(path: Path, calib: list[dict], sparsities: list[float]
     curves measured once for every sparsity: per sparsity, the channels each group keeps."""
     from onnx_ir.passes.common import NameFixPass
 
-    from onnxprune.passes.conv_repair import conv_repairable
-    from onnxprune.passes.conv_sensitivity import allocate_removals, conv_sensitivity
+    from onnxprune.conv.repair import conv_repairable
+    from onnxprune.conv.sensitivity import allocate_removals, conv_sensitivity
 
     m = ir.load(str(path))
     NameFixPass()(m)

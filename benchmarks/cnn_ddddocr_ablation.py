@@ -24,17 +24,17 @@ from onnx_ir.passes.common import NameFixPass
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cnn  # noqa: E402
 
-from onnxprune.graph.channels import find_channel_groups  # noqa: E402
-from onnxprune.passes import conv_refit, conv_repair, reconstruct, remove_neurons  # noqa: E402
-from onnxprune.passes.conv_repair import conv_repairable  # noqa: E402
-from onnxprune.passes.conv_sensitivity import (  # noqa: E402
+from onnxprune.channels.groups import find_channel_groups  # noqa: E402
+from onnxprune.conv import refit as conv_refit, conv_repair, reconstruct, remove_neurons  # noqa: E402
+from onnxprune.conv.repair import conv_repairable  # noqa: E402
+from onnxprune.conv.sensitivity import (  # noqa: E402
     GroupCurve,
     allocate_removals,
     conv_sensitivity,
 )
-from onnxprune.passes.reconstruct import Calibration, Target  # noqa: E402
-from onnxprune.passes.remove_neurons import RemoveNeuronsPass  # noqa: E402
-from onnxprune.runtime import make_session  # noqa: E402
+from onnxprune.repair.reconstruct import Calibration, Target  # noqa: E402
+from onnxprune.prune.remove_neurons import RemoveNeuronsPass  # noqa: E402
+from onnxprune.io.runtime import make_session  # noqa: E402
 
 METRICS = ("rel", "kl", "flips", "hinge", "strings")
 

@@ -32,9 +32,9 @@ import textdata  # noqa: E402
 from onnx_ir.passes.common import RemoveUnusedNodesPass  # noqa: E402
 
 from onnxprune.api import PruneConfig  # noqa: E402
-from onnxprune.io import load_model, save_model  # noqa: E402
-from onnxprune.passes.distill import DistillRepairPass  # noqa: E402
-from onnxprune.passes.reconstruct import Calibration  # noqa: E402
+from onnxprune.io.models import load_model, save_model  # noqa: E402
+from onnxprune.repair.distill import DistillRepairPass  # noqa: E402
+from onnxprune.repair.reconstruct import Calibration  # noqa: E402
 from onnxprune.repair.augment import Augment  # noqa: E402
 from onnxprune.repair.fit import FitOptions  # noqa: E402
 
@@ -99,7 +99,7 @@ def main() -> None:
     if "augment" in po:
         po["augment"] = Augment(**po["augment"])
     if a.steps is not None:
-        from onnxprune.graph.channels import find_channel_groups
+        from onnxprune.channels.groups import find_channel_groups
 
         names = [g.name for g in find_channel_groups(m) if g.prunable]
         counts = [int(c) for c in a.steps.split(",")]

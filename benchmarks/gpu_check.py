@@ -7,7 +7,7 @@ BERT of all-MiniLM-L6-v2's shape,
 
 * the provider and the GPU;
 * verification of the float model on CUDA against the same model on the CPU (cosine);
-* the int8 QDQ model (`onnxprune.quantize`) on CUDA and on the CPU, against the float model;
+* the int8 QDQ model (`onnxprune.quant.driver`) on CUDA and on the CPU, against the float model;
 * dense latency, CPU vs CUDA (batch 8 x 128 tokens, medians of interleaved runs);
 * calibrated pruning time (`--sparsity 0.5 --calibration`), with its calibration provider.
 
@@ -163,10 +163,10 @@ def main() -> int:
         return 2
 
     import onnxprune
-    from onnxprune.io import load_model, save_model
-    from onnxprune.quantize import QuantizeConfig, quantize_model
+    from onnxprune.io.models import load_model, save_model
+    from onnxprune.quant.driver import QuantizeConfig, quantize_model
     from onnxprune.calibration.data import input_specs, load_batches
-    from onnxprune.runtime import make_session
+    from onnxprune.io.runtime import make_session
 
     work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
     start_all = time.perf_counter()

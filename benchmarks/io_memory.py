@@ -5,7 +5,7 @@
 Builds a model of 16 MatMul layers whose weights (float32, 1 GiB in all) sit in an
 external data file, written from memory-mapped arrays so the builder itself stays small.
 Then, in fresh processes under /usr/bin/time -v, measures the maximum resident set size of
-(a) onnxprune.io load_model + save_model (re-save with external data) and
+(a) onnxprune.io.models load_model + save_model (re-save with external data) and
 (b) the full CLI (`onnxprune MODEL -o OUT --threshold 0 --no-verify`), which also reads
 every weight. Target: (a) below 400 MiB.
 """
@@ -72,9 +72,9 @@ def main() -> int:
     model = build(args.dir, args.gib)
     data = model.with_name(model.name + ".data")
     print(f"model: {model} + {data.stat().st_size / 2**30:.2f} GiB external data")
-    baseline = peak_mib([sys.executable, "-c", "import onnxprune.io, onnx_ir, onnxruntime"])
+    baseline = peak_mib([sys.executable, "-c", "import onnxprune.io.models, onnx_ir, onnxruntime"])
     resave = peak_mib([sys.executable, "-c",
-                       "import sys; from onnxprune.io import load_model, save_model; "
+                       "import sys; from onnxprune.io.models import load_model, save_model; "
                        "save_model(load_model(sys.argv[1]), sys.argv[2])",
                        str(model), str(args.dir / "resaved.onnx")])
     cli = peak_mib([sys.executable, "-m", "onnxprune", str(model), "-o",

@@ -7,7 +7,7 @@
 Rows per exporter (legacy TorchScript and dynamo), each against the dense model of the same
 exporter on the held-out sentences:
 
-* onnxprune int8 QDQ (`onnxprune.quantize.quantize_model`, default config);
+* onnxprune int8 QDQ (`onnxprune.quant.driver.quantize_model`, default config);
 * onnxruntime `quantize_static`, QDQ, MinMax, per-channel, every op it supports;
 * onnxruntime `quantize_static`, QDQ, MinMax, per-channel, weight MatMuls only
   (op_types_to_quantize=["MatMul"], MatMulConstBOnly);
@@ -57,8 +57,8 @@ def _batches(calib: Path) -> Iterator[dict[str, np.ndarray]]:
 def run_onnxprune(model: Path, out: Path, calib: Path) -> float:
     """Load, calibrate, quantize and save, as `onnxprune quantize` does; wall seconds."""
     from onnxprune.calibration.data import input_specs, load_batches
-    from onnxprune.io import load_model, save_model
-    from onnxprune.quantize import QuantizeConfig, quantize_model
+    from onnxprune.io.models import load_model, save_model
+    from onnxprune.quant.driver import QuantizeConfig, quantize_model
 
     start = time.perf_counter()
     m = load_model(model)

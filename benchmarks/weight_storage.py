@@ -1,7 +1,7 @@
 """Is int8 weight storage safe enough for the no-option default recipe?
 
 For each model, each int8 storage form is checked against the dense model with the default
-verification tolerances (onnxprune.verify, no tolerance given) on real data, and timed
+verification tolerances (onnxprune.verify.compare, no tolerance given) on real data, and timed
 against it on onnxruntime (CPU, 1 thread, interleaved, medians):
 
     python benchmarks/weight_storage.py [--repeats 20]

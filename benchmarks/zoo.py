@@ -368,7 +368,7 @@ HEADER = ["arch", "exporter", "attention", "prunable", "heads", "removed", "runs
 def _run(path: Path | bytes, feeds: dict[str, np.ndarray]) -> np.ndarray:
     import onnxruntime as ort
 
-    from onnxprune.graph import cache_slices
+    from onnxprune.attention import cache_slices
 
     session = ort.InferenceSession(path if isinstance(path, bytes) else str(path),
                                    providers=["CPUExecutionProvider"])
@@ -383,9 +383,9 @@ def prunable_share(model: object) -> tuple[float, list[object]]:
     """Share of MatMul/Gemm weight parameters that a channel group or a head can remove."""
     import onnx_ir as ir
 
-    from onnxprune.graph.channels import find_channel_groups
-    from onnxprune.graph.weights import const_array
-    from onnxprune.passes.remove_heads import recognise_blocks
+    from onnxprune.channels.groups import find_channel_groups
+    from onnxprune.core.weights import const_array
+    from onnxprune.attention.remove_heads import recognise_blocks
 
     assert isinstance(model, ir.Model)
     weights: dict[ir.Value, int] = {}
@@ -417,9 +417,9 @@ def exactness(path: Path, feeds: dict[str, np.ndarray]) -> float | None:
     returns max |zeroed - pruned| (None when no block is recognised)."""
     import onnx_ir as ir
 
-    from onnxprune.graph.head_slicing import head_columns
-    from onnxprune.graph.weights import const_array, set_const_array
-    from onnxprune.passes.remove_heads import RemoveHeadsPass, recognise_blocks
+    from onnxprune.attention.slicing import head_columns
+    from onnxprune.core.weights import const_array, set_const_array
+    from onnxprune.attention.remove_heads import RemoveHeadsPass, recognise_blocks
 
     model = ir.load(str(path))
     blocks = [b for b in recognise_blocks(model) if b.prunable]
@@ -481,7 +481,7 @@ def analyse(path: Path, row: Row) -> Row:
 
 
 def _count(model: object) -> int:
-    from onnxprune.graph.accounting import model_stats
+    from onnxprune.core.accounting import model_stats
 
     return model_stats(model).parameters  # type: ignore[arg-type]
 

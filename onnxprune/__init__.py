@@ -23,18 +23,18 @@ from onnxprune.errors import (
     ProviderError,
     UnsupportedModelError,
 )
-from onnxprune.graph.channels import ChannelGroup, find_channel_groups
-from onnxprune.passes.base import ReportPassResult
-from onnxprune.passes.canonical_gelu import CanonicalGeluPass
-from onnxprune.passes.cleanup import CleanupPass
-from onnxprune.passes.quantize_qdq import QuantizeQDQPass
-from onnxprune.passes.reconstruct import Calibration
-from onnxprune.passes.remove_heads import RemoveHeadsPass
-from onnxprune.passes.remove_neurons import RemoveNeuronsPass
-from onnxprune.passes.zero_weights import ZeroWeightsPass
-from onnxprune.quantize import QuantizeConfig
-from onnxprune.scoring.criteria import register_criterion
-from onnxprune.verify import Tolerances, VerifyResult
+from onnxprune.channels.groups import ChannelGroup, find_channel_groups
+from onnxprune.core.passes import ReportPassResult
+from onnxprune.quant.canonical_gelu import CanonicalGeluPass
+from onnxprune.prune.cleanup import CleanupPass
+from onnxprune.quant.qdq_pass import QuantizeQDQPass
+from onnxprune.repair.reconstruct import Calibration
+from onnxprune.attention.remove_heads import RemoveHeadsPass
+from onnxprune.prune.remove_neurons import RemoveNeuronsPass
+from onnxprune.prune.zero_weights import ZeroWeightsPass
+from onnxprune.quant.driver import QuantizeConfig
+from onnxprune.channels.criteria import register_criterion
+from onnxprune.verify.compare import Tolerances, VerifyResult
 
 __all__ = [
     "Calibration",

@@ -22,15 +22,15 @@ from onnxprune.calibration.data import (
     random_batches,
 )
 from onnxprune.calibration.mask import AUTO, NONE, resolve_token_mask
-from onnxprune.detached import check_detached
+from onnxprune.io.detached import check_detached
 from onnxprune.errors import InputError, OnnxPruneError, UnsupportedModelError
-from onnxprune.golden import Golden, compare_golden, load_golden
-from onnxprune.golden import save_golden as write_golden
-from onnxprune.graph.accounting import ModelStats, model_stats
-from onnxprune.graph.attention import AttentionBlock, find_attention_blocks
-from onnxprune.graph.channels import ChannelGroup, find_channel_groups
-from onnxprune.graph.pages import release_pages
-from onnxprune.io import (
+from onnxprune.verify.golden import Golden, compare_golden, load_golden
+from onnxprune.verify.golden import save_golden as write_golden
+from onnxprune.core.accounting import ModelStats, model_stats
+from onnxprune.attention.blocks import AttentionBlock, find_attention_blocks
+from onnxprune.channels.groups import ChannelGroup, find_channel_groups
+from onnxprune.core.pages import release_pages
+from onnxprune.io.models import (
     MIN_OPSET,
     check_output_path,
     load_model,
@@ -38,19 +38,19 @@ from onnxprune.io import (
     serialized_model,
     stored_bytes,
 )
-from onnxprune.passes.cleanup import CleanupPass
+from onnxprune.prune.cleanup import CleanupPass
 from onnxprune.calibration.propagate import SECTION_ABOVE_BYTES, weight_bytes
-from onnxprune.passes.distill import DEFAULT_AUGMENT, DistillRepairPass
-from onnxprune.passes.quantize_qdq import QuantizeQDQPass, QuantizeQDQResult
-from onnxprune.passes.reconstruct import Calibration, Reconstruct
-from onnxprune.passes.remove_heads import RemoveHeadsPass
-from onnxprune.passes.remove_neurons import Progress, RemoveNeuronsPass
-from onnxprune.passes.zero_weights import ZeroWeightsPass
-from onnxprune.plan.analyze import Analysis, analyze_model
-from onnxprune.plan.distill import DistillStage, run_distill
-from onnxprune.plan.quality import BUILTIN_METRICS, BuiltinMetric, UserMetric, load_user_metric
-from onnxprune.plan.recipe import Plan
-from onnxprune.plan.search import (
+from onnxprune.repair.distill import DEFAULT_AUGMENT, DistillRepairPass
+from onnxprune.quant.qdq_pass import QuantizeQDQPass, QuantizeQDQResult
+from onnxprune.repair.reconstruct import Calibration, Reconstruct
+from onnxprune.attention.remove_heads import RemoveHeadsPass
+from onnxprune.prune.remove_neurons import Progress, RemoveNeuronsPass
+from onnxprune.prune.zero_weights import ZeroWeightsPass
+from onnxprune.search.analyze import Analysis, analyze_model
+from onnxprune.search.distill import DistillStage, run_distill
+from onnxprune.search.quality import BUILTIN_METRICS, BuiltinMetric, UserMetric, load_user_metric
+from onnxprune.search.plans import Plan
+from onnxprune.search.search import (
     DEFAULT_MAX_DROP,
     SearchConfig,
     SearchResult,
@@ -60,11 +60,11 @@ from onnxprune.plan.search import (
     search,
     split_holdout,
 )
-from onnxprune.quantize import QuantizeConfig, quantize_model
+from onnxprune.quant.driver import QuantizeConfig, quantize_model
 from onnxprune.repair.augment import Augment
-from onnxprune.runtime import ModelSource, Provider, make_session
-from onnxprune.validate import check_finite_weights
-from onnxprune.verify import Tolerances, VerifyResult, compare_models
+from onnxprune.io.runtime import ModelSource, Provider, make_session
+from onnxprune.io.validate import check_finite_weights
+from onnxprune.verify.compare import Tolerances, VerifyResult, compare_models
 
 __all__ = [
     "PruneConfig",

@@ -20,8 +20,8 @@ from olive.passes.onnx.common import get_external_data_config, model_proto_to_ol
 from olive.passes.pass_config import BasePassConfig, PassConfigParam
 
 from onnxprune.api import PruneConfig, check_written, prune_model
-from onnxprune.io import load_model
-from onnxprune.quantize import QuantizeConfig
+from onnxprune.io.models import load_model
+from onnxprune.quant.driver import QuantizeConfig
 
 __all__ = ["OnnxPrune", "OnnxPruneQuantize", "PACKAGE_CONFIG"]
 

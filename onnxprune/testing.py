@@ -17,8 +17,8 @@ import onnx
 from onnxprune.api import verify, verify_golden
 from onnxprune.calibration.data import Batch
 from onnxprune.errors import InputError
-from onnxprune.runtime import ModelSource, Provider
-from onnxprune.verify import VerifyResult
+from onnxprune.io.runtime import ModelSource, Provider
+from onnxprune.verify.compare import VerifyResult
 
 __all__ = ["assert_close"]
 

@@ -608,9 +608,9 @@ def remove_silent_channels(model: onnx.ModelProto, name: str,
     """Zeroes the consumers' rows of two channels of group `name`, removes those channels,
     and checks the outputs on `feeds` agree to 1e-5 (the exactness test of a pattern).
     Returns the group and the pruned model (checked by the full checker)."""
-    from onnxprune.graph.channels import find_channel_groups
-    from onnxprune.graph.slicing import keep_many
-    from onnxprune.graph.weights import const_array, set_const_array
+    from onnxprune.channels.groups import find_channel_groups
+    from onnxprune.channels.slicing import keep_many
+    from onnxprune.core.weights import const_array, set_const_array
 
     m = to_ir(model)
     g = next(g for g in find_channel_groups(m) if g.name == name)

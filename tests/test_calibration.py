@@ -21,7 +21,7 @@ from onnxprune.calibration.runner import row_mask
 from onnxprune.calibration.stats import LayerStats
 from onnxprune.cli import main
 from onnxprune.errors import DataError
-from onnxprune.scoring.lstsq import obs_select, refit
+from onnxprune.repair.lstsq import obs_select, refit
 
 # ----------------------------------------------------------------- LayerStats
 

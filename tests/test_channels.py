@@ -25,9 +25,9 @@ from helpers import (
 )
 from onnx import TensorProto, helper
 
-from onnxprune.graph.channels import ChannelGroup, find_channel_groups
-from onnxprune.graph.slicing import keep_channels
-from onnxprune.graph.weights import const_array, set_const_array
+from onnxprune.channels.groups import ChannelGroup, find_channel_groups
+from onnxprune.channels.slicing import keep_channels
+from onnxprune.core.weights import const_array, set_const_array
 
 K, C, N = 6, 8, 5  # input features, channels of the group under test, output features
 DROP = (1, 4)  # channels whose consumer rows are zeroed, then removed

@@ -11,9 +11,9 @@ import onnx_ir as ir
 import pytest
 from helpers import GraphBuilder, run, to_ir
 
-from onnxprune.graph.channels import ChannelGroup, find_channel_groups
-from onnxprune.graph.slicing import keep_many
-from onnxprune.graph.weights import const_array, einsum_matrix, set_const_array
+from onnxprune.channels.groups import ChannelGroup, find_channel_groups
+from onnxprune.channels.slicing import keep_many
+from onnxprune.core.weights import const_array, einsum_matrix, set_const_array
 
 K, F, N = 6, 8, 5
 

@@ -10,9 +10,9 @@ import numpy as np
 import onnx
 from helpers import GraphBuilder, remove_silent_channels, to_ir
 
-from onnxprune.graph.channels import ChannelGroup, find_channel_groups
-from onnxprune.graph.slicing import keep_many
-from onnxprune.graph.weights import const_array
+from onnxprune.channels.groups import ChannelGroup, find_channel_groups
+from onnxprune.channels.slicing import keep_many
+from onnxprune.core.weights import const_array
 
 K, F, N = 6, 8, 5
 

@@ -13,9 +13,9 @@ import onnx_ir as ir
 import pytest
 from helpers import GraphBuilder, remove_silent_channels, to_ir
 
-from onnxprune.graph.channels import ChannelGroup, find_channel_groups
-from onnxprune.graph.shape_exprs import elements, fold
-from onnxprune.graph.weights import const_array
+from onnxprune.channels.groups import ChannelGroup, find_channel_groups
+from onnxprune.core.shape_exprs import elements, fold
+from onnxprune.core.weights import const_array
 
 K, F, N = 6, 8, 5
 I64 = np.int64

@@ -19,9 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto
 
-from onnxprune.graph.channels import ChannelGroup, find_channel_groups
-from onnxprune.graph.slicing import keep_many
-from onnxprune.graph.weights import const_array, set_const_array
+from onnxprune.channels.groups import ChannelGroup, find_channel_groups
+from onnxprune.channels.slicing import keep_many
+from onnxprune.core.weights import const_array, set_const_array
 
 H = W = 8
 BLOCKS = ("conv", "conv_s2", "conv_dil", "bn", "relu", "relu6", "hardswish", "hardsigmoid",
@@ -272,7 +272,7 @@ def test_declines_conv_graphs_it_does_not_understand_naming_the_node(bad: str) -
 
 
 def _calibrated_error(model: onnx.ModelProto, group: str, **options: object) -> float:
-    from onnxprune.passes.remove_neurons import RemoveNeuronsPass
+    from onnxprune.prune.remove_neurons import RemoveNeuronsPass
 
     rng = np.random.default_rng(1)
     test = [{"x": rng.standard_normal((2, 3, H, W)).astype(np.float32)} for _ in range(8)]
@@ -291,7 +291,7 @@ def test_calibrated_repair_of_conv_and_gemm_consumers_beats_data_free(
         group: str, consumer: str) -> None:
     """Half of a group removed: the im2col refit of the next Conv (or of the Gemm after
     GlobalAveragePool + Flatten, whose bias C is not counted twice) cuts the error."""
-    from onnxprune.passes.reconstruct import Calibration
+    from onnxprune.repair.reconstruct import Calibration
 
     net = Net(7, channels=16)
     for kind in ("relu", "conv", "relu"):
@@ -310,7 +310,7 @@ def test_im2col_rows_match_onnxruntime_conv_and_subsampled_gram() -> None:
     """im2col @ W reproduces onnxruntime's Conv (strides, dilations, asymmetric pads); the
     gathered subsample equals those rows of the full matrix; ConvStats' per-fold float32
     Gram sums to the float64 Gram of the same rows."""
-    from onnxprune.passes.conv_repair import ConvStats, im2col
+    from onnxprune.conv.repair import ConvStats, im2col
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 3, 9, 11)).astype(np.float32)
@@ -339,7 +339,7 @@ def test_im2col_rows_match_onnxruntime_conv_and_subsampled_gram() -> None:
 
 
 def _three_conv_net() -> tuple[onnx.ModelProto, object]:
-    from onnxprune.passes.reconstruct import Calibration
+    from onnxprune.repair.reconstruct import Calibration
 
     net = Net(11, channels=12)
     for kind in ("relu", "conv", "relu", "conv", "relu"):
@@ -356,12 +356,12 @@ def test_measured_sensitivity_equals_really_pruning_the_group_alone(monkeypatch)
     the final downstream refit, which the measurement leaves out)."""
     from onnx_ir.passes.common import NameFixPass
 
-    from onnxprune.passes import remove_neurons
-    from onnxprune.passes.conv_repair import conv_repairable
+    from onnxprune.prune import remove_neurons
+    from onnxprune.conv.repair import conv_repairable
 
     monkeypatch.setattr(remove_neurons, "sweep_candidates", lambda *a: [])
-    from onnxprune.passes.conv_sensitivity import _output_error, conv_sensitivity
-    from onnxprune.passes.remove_neurons import RemoveNeuronsPass
+    from onnxprune.conv.sensitivity import _output_error, conv_sensitivity
+    from onnxprune.prune.remove_neurons import RemoveNeuronsPass
 
     model, calib = _three_conv_net()
     m = to_ir(model)
@@ -382,13 +382,13 @@ def test_measured_sensitivity_equals_really_pruning_the_group_alone(monkeypatch)
 
 
 def make_session_of(m: ir.Model):  # noqa: ANN201
-    from onnxprune.runtime import make_session
+    from onnxprune.io.runtime import make_session
 
     return make_session(m, "cpu")
 
 
 def test_allocation_follows_the_measured_curves_and_stops_at_the_last_level() -> None:
-    from onnxprune.passes.conv_sensitivity import GroupCurve, allocate_removals
+    from onnxprune.conv.sensitivity import GroupCurve, allocate_removals
 
     cheap = GroupCurve("cheap", 10, (4, 8), (0.01, 0.5))
     dear = GroupCurve("dear", 10, (4, 8), (0.2, 0.4))
@@ -399,7 +399,7 @@ def test_allocation_follows_the_measured_curves_and_stops_at_the_last_level() ->
 
 
 def test_global_calibrated_pruning_of_conv_groups_spends_the_budget_by_sensitivity() -> None:
-    from onnxprune.passes.remove_neurons import RemoveNeuronsPass
+    from onnxprune.prune.remove_neurons import RemoveNeuronsPass
 
     model, calib = _three_conv_net()
     m = to_ir(model)

@@ -13,11 +13,11 @@ import pytest
 from helpers import make_model, run, to_ir, value_info
 from onnx import helper, numpy_helper
 
-from onnxprune.graph.weights import const_array, conv_use
-from onnxprune.passes import remove_neurons
-from onnxprune.passes.conv_refit import sweep_candidates
-from onnxprune.passes.reconstruct import Calibration, conv_target
-from onnxprune.passes.remove_neurons import RemoveNeuronsPass
+from onnxprune.core.weights import const_array, conv_use
+from onnxprune.prune import remove_neurons
+from onnxprune.conv.refit import sweep_candidates
+from onnxprune.repair.reconstruct import Calibration, conv_target
+from onnxprune.prune.remove_neurons import RemoveNeuronsPass
 
 H = W = 8
 

@@ -19,7 +19,7 @@ from onnxprune.calibration.data import (
     random_batches,
 )
 from onnxprune.errors import DataError, InputError
-from onnxprune.io import load_model
+from onnxprune.io.models import load_model
 
 TEXT_INPUTS = {
     "input_ids": (TensorProto.INT64, ["batch", "seq"]),

@@ -15,7 +15,7 @@ from helpers import weights as weights_of
 
 import onnxprune
 from onnxprune.cli import main
-from onnxprune.passes.cleanup import CleanupPass
+from onnxprune.prune.cleanup import CleanupPass
 
 
 def _dead_mlp() -> onnx.ModelProto:

@@ -18,10 +18,10 @@ import pytest
 from helpers import mlp_model, random_input, replace_weight, run, save
 
 from onnxprune.api import check_written
-from onnxprune.detached import DETACH_MIN_BYTES, PLACEHOLDER, check_detached
+from onnxprune.io.detached import DETACH_MIN_BYTES, PLACEHOLDER, check_detached
 from onnxprune.errors import OnnxPruneError
-from onnxprune.io import load_model, model_bytes
-from onnxprune.runtime import make_session
+from onnxprune.io.models import load_model, model_bytes
+from onnxprune.io.runtime import make_session
 
 X = random_input([5, 32], seed=4)
 
@@ -107,7 +107,7 @@ def test_a_weight_whose_array_contradicts_its_dims_is_refused(model: onnx.ModelP
 
 
 def test_stored_bytes_count_the_external_data(tmp_path: Path, model: onnx.ModelProto) -> None:
-    from onnxprune.io import stored_bytes
+    from onnxprune.io.models import stored_bytes
 
     _external(tmp_path, model)
     onnx_file, data_file = tmp_path / "ext" / "m.onnx", tmp_path / "ext" / "m.onnx.data"
@@ -139,7 +139,7 @@ def test_weights_an_optimizer_reads_are_copied_in_and_still_right(
     x = rng.standard_normal((1, 8, 6, 6)).astype(np.float32)
     m = ir.serde.deserialize_model(proto)
     assert set(model_bytes(m).weights) == {"w"}
-    with caplog.at_level("DEBUG", logger="onnxprune.runtime"):
+    with caplog.at_level("DEBUG", logger="onnxprune.io.runtime"):
         session = make_session(m)
     assert "shared weights refused" in caplog.text  # the copy-in path was taken
     np.testing.assert_allclose(session.run(None, {"x": x})[0], run(proto, {"x": x})[0],

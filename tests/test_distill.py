@@ -12,10 +12,10 @@ from helpers import BATCH, GraphBuilder, activation, dense, residual_mlp_model, 
 
 from onnxprune.api import PruneConfig, prune_model
 from onnxprune.errors import InputError
-from onnxprune.graph.channels import find_channel_groups
-from onnxprune.passes import distill as distill_mod
-from onnxprune.passes.distill import DistillRepairPass
-from onnxprune.passes.reconstruct import Calibration
+from onnxprune.channels.groups import find_channel_groups
+from onnxprune.repair import distill as distill_mod
+from onnxprune.repair.distill import DistillRepairPass
+from onnxprune.repair.reconstruct import Calibration
 from onnxprune.repair.block import BlockFunction, find_block
 from onnxprune.repair.fit import FitOptions, Rows, distill_block
 from onnxprune.repair.ops import OPS
@@ -127,7 +127,7 @@ def test_block_function_reproduces_onnxruntime(act: str) -> None:
                                               "fc2.bias"}
     feeds = _batches(1, 3)[0]
     from onnxprune.calibration.runner import with_outputs
-    from onnxprune.runtime import make_session
+    from onnxprune.io.runtime import make_session
     sess = make_session(with_outputs(model, ["ln0_out", "ln1_out"]), "cpu")
     s, want = sess.run(["ln0_out", "ln1_out"], feeds)
     fn = BlockFunction(block, np.float64)
@@ -534,7 +534,7 @@ def test_a_distilled_search_records_its_steps_and_the_plan_reproduces_the_bytes(
 
 
 def test_a_distill_plan_with_bad_steps_is_refused(tmp_path) -> None:
-    from onnxprune.plan.recipe import Plan
+    from onnxprune.search.plans import Plan
 
     base = {"format": "onnxprune-plan/1", "repair": "distill", "neurons": {"fc1": [0, 2]}}
     for distill in ({"steps": {"fc1": -1}}, {"steps": {"fc1": 1.5}}, {"steps": []},

@@ -7,7 +7,7 @@ import onnx
 import onnx_ir as ir
 from helpers import GraphBuilder, run, to_ir
 
-from onnxprune.passes.fold_batchnorm import FoldBatchNormPass
+from onnxprune.conv.fold_batchnorm import FoldBatchNormPass
 
 
 def _model(*, bias: bool, shared_weight: bool = False, bn_out_is_output: bool = False,

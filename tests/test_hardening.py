@@ -39,8 +39,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune.cli import main
 from onnxprune.errors import InputError
-from onnxprune.files import check_writable
-from onnxprune.io import load_model, save_model
+from onnxprune.io.files import check_writable
+from onnxprune.io.models import load_model, save_model
 
 X = random_input([6, 8], seed=1)
 
@@ -153,7 +153,7 @@ def test_case02_overwriting_an_external_data_output_alternates_data_files(
 _KILL_CHILD = textwrap.dedent("""
     import sys, numpy as np, onnx_ir as ir
     sys.path.insert(0, {repo!r})
-    from onnxprune.io import save_model
+    from onnxprune.io.models import save_model
     out = sys.argv[1]
     i = 0
     while True:
@@ -218,8 +218,8 @@ def test_case02_kill_9_during_save_50_tries(tmp_path: Path) -> None:
 def test_case02_sigterm_during_save_leaves_no_temp_files(tmp_path: Path) -> None:
     script = tmp_path / "child.py"
     script.write_text(_KILL_CHILD.format(repo=str(REPO)).replace(
-        "from onnxprune.io import save_model",
-        "from onnxprune.io import save_model\nimport signal\n"
+        "from onnxprune.io.models import save_model",
+        "from onnxprune.io.models import save_model\nimport signal\n"
         "def stop(*a):\n    raise KeyboardInterrupt\nsignal.signal(signal.SIGTERM, stop)"))
     out = tmp_path / "out.onnx"
     for delay in (0.3,):
@@ -244,7 +244,7 @@ def test_case02_cli_turns_sigterm_into_a_clean_exit(
     save(mlp, tmp_path / "m.onnx")
     import signal
 
-    import onnxprune.io as io_module
+    import onnxprune.io.models as io_module
 
     real = io_module.ir.save
 

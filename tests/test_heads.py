@@ -21,12 +21,12 @@ from helpers import BATCH, GraphBuilder, dense, run, to_ir
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune.errors import InputError
-from onnxprune.graph.attention import AttentionBlock, find_attention_blocks
-from onnxprune.graph.head_slicing import keep_heads
-from onnxprune.graph.weights import const_array, set_const_array
-from onnxprune.passes.reconstruct import Calibration
-from onnxprune.passes.remove_heads import RemoveHeadsPass
-from onnxprune.scoring.heads import obs_heads
+from onnxprune.attention.blocks import AttentionBlock, find_attention_blocks
+from onnxprune.attention.slicing import keep_heads
+from onnxprune.core.weights import const_array, set_const_array
+from onnxprune.repair.reconstruct import Calibration
+from onnxprune.attention.remove_heads import RemoveHeadsPass
+from onnxprune.attention.head_scores import obs_heads
 
 H, D, SEQ = 4, 8, 5
 E = H * D

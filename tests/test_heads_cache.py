@@ -13,12 +13,12 @@ import pytest
 from helpers import GraphBuilder, run, to_ir
 from onnx import TensorProto, helper
 
-from onnxprune.graph import cache_slices
-from onnxprune.graph.attention import find_attention_blocks
-from onnxprune.graph.head_slicing import keep_heads
-from onnxprune.graph.weights import const_array, set_const_array
-from onnxprune.passes.remove_heads import RemoveHeadsPass, recognise_blocks
-from onnxprune.verify import Tolerances, compare_models
+from onnxprune.attention import cache_slices
+from onnxprune.attention.blocks import find_attention_blocks
+from onnxprune.attention.slicing import keep_heads
+from onnxprune.core.weights import const_array, set_const_array
+from onnxprune.attention.remove_heads import RemoveHeadsPass, recognise_blocks
+from onnxprune.verify.compare import Tolerances, compare_models
 
 D, SEQ, PAST, E = 4, 3, 2, 16
 I64 = np.int64

@@ -14,10 +14,10 @@ from test_heads import ZERO, attention_model, check, zero_head
 from test_heads import D as TD
 from test_heads import H as TH
 
-from onnxprune.graph.attention import find_attention_blocks
-from onnxprune.graph.head_slicing import keep_heads
-from onnxprune.graph.weights import const_array, set_const_array
-from onnxprune.passes.remove_heads import RemoveHeadsPass
+from onnxprune.attention.blocks import find_attention_blocks
+from onnxprune.attention.slicing import keep_heads
+from onnxprune.core.weights import const_array, set_const_array
+from onnxprune.attention.remove_heads import RemoveHeadsPass
 
 H, D, SEQ, BUCKETS = 4, 4, 5, 7
 E = H * D

@@ -1,4 +1,4 @@
-"""onnxprune.io: refusing unusable model files, atomic saves, external data."""
+"""onnxprune.io.models: refusing unusable model files, atomic saves, external data."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from helpers import (
 )
 
 from onnxprune.errors import InputError
-from onnxprune.io import check_output_path, load_model, save_model, uses_external_data
+from onnxprune.io.models import check_output_path, load_model, save_model, uses_external_data
 
 X = random_input([5, 8], seed=1)
 
@@ -360,8 +360,8 @@ def test_save_never_reuses_a_data_file_the_model_reads(
 def test_sessions_never_read_the_working_directory(
     ext_dir: Path, tmp_path: Path, model: onnx.ModelProto, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from onnxprune.io import model_bytes
-    from onnxprune.runtime import make_session
+    from onnxprune.io.models import model_bytes
+    from onnxprune.io.runtime import make_session
 
     decoy = tmp_path / "decoy"
     decoy.mkdir()

@@ -16,11 +16,11 @@ from onnx_ir.passes.common import NameFixPass
 from onnxprune.api import PruneConfig, analyze, prune_model
 from onnxprune.cli import main
 from onnxprune.errors import InputError
-from onnxprune.graph.accounting import model_stats
-from onnxprune.plan.masked import MaskedModel
-from onnxprune.plan.recipe import Plan
-from onnxprune.plan.search import Target, apply_decisions
-from onnxprune.plan.units import find_units
+from onnxprune.core.accounting import model_stats
+from onnxprune.search.masked import MaskedModel
+from onnxprune.search.plans import Plan
+from onnxprune.search.search import Target, apply_decisions
+from onnxprune.search.units import find_units
 
 DIM, HIDDEN = 8, 32
 
@@ -28,7 +28,7 @@ DIM, HIDDEN = 8, 32
 def _silenced(model: onnx.ModelProto, silent: int) -> onnx.ModelProto:
     """The residual MLP with `silent` channels of block 0 that contribute nothing."""
     m = to_ir(model)
-    from onnxprune.graph.weights import const_array, set_const_array
+    from onnxprune.core.weights import const_array, set_const_array
 
     for node in m.graph:
         if node.name == "fc0b":
@@ -86,7 +86,7 @@ def test_masked_model_reproduces_the_original_and_the_sliced_model() -> None:
     np.testing.assert_array_equal(masked.run([batch], {})[0][0], original)
     # Zero rows of the consumer weight == removing those channels for real.
     keep = np.arange(0, HIDDEN, 2)
-    from onnxprune.passes.reconstruct import joined_weight
+    from onnxprune.repair.reconstruct import joined_weight
 
     w = joined_weight(units[0].group).copy()
     w[np.setdiff1d(np.arange(HIDDEN), keep)] = 0
@@ -304,7 +304,7 @@ def test_latency_target_is_measured(work: Path) -> None:
 
 
 def test_a_zero_budget_is_a_budget() -> None:
-    from onnxprune.plan.search import SearchResult
+    from onnxprune.search.search import SearchResult
 
     def result(max_drop: float) -> SearchResult:
         return SearchResult(Plan(), False, 1.0, 0.995, 0.8, "", max_drop=max_drop)
@@ -352,7 +352,7 @@ class _Additive:
 
 def test_the_allocator_finishes_a_stalled_greedy_with_one_small_jump(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from onnxprune.plan import allocate as alloc
+    from onnxprune.search import allocate as alloc
 
     # One cost unit per item, checkpoints every 19 items. The greedy takes a past 40, is
     # rolled back to its last checkpoint (22) and freezes a; b then goes as far as the
@@ -378,8 +378,8 @@ def test_one_sweep_removes_as_unit_by_unit_passes_did() -> None:
     from test_heads import _calibration as heads_calibration
     from test_heads import attention_model
 
-    from onnxprune.passes.remove_heads import RemoveHeadsPass
-    from onnxprune.passes.remove_neurons import RemoveNeuronsPass
+    from onnxprune.attention.remove_heads import RemoveHeadsPass
+    from onnxprune.prune.remove_neurons import RemoveNeuronsPass
 
     proto = attention_model("dynamo", layers=2, ffn=32, seed=4)
     calib = heads_calibration(proto)
@@ -482,8 +482,8 @@ def test_a_round_that_repeats_an_earlier_allocation_is_not_removed_again(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """When a corrected budget gives the allocation already removed and measured, the search
     stops with what it has instead of removing the same units again."""
-    import onnxprune.plan.search as search_mod
-    from onnxprune.plan.allocate import Allocation
+    import onnxprune.search.search as search_mod
+    from onnxprune.search.allocate import Allocation
 
     removals = []
     real = search_mod.apply_decisions
@@ -524,7 +524,7 @@ def test_plans_say_whether_input_layers_were_refit(work: Path, capsys) -> None:
     assert not plan.refit_inputs
     m = _named(onnx.load("m.onnx"))
     from onnxprune.calibration.data import input_specs, load_batches
-    from onnxprune.passes.reconstruct import Calibration
+    from onnxprune.repair.reconstruct import Calibration
 
     fit = plan.fit_batches(list(load_batches("calib", input_specs(m))))
     apply_decisions(m, plan.neurons, plan.heads, Calibration(fit), absorb_inputs=False)

@@ -13,12 +13,12 @@ from test_heads import attention_model
 
 from onnxprune.calibration.propagate import Propagator, TargetStore
 from onnxprune.calibration.runner import capture
-from onnxprune.graph.channels import find_channel_groups
-from onnxprune.graph.slicing import keep_channels
-from onnxprune.graph.weights import const_array, set_const_array
-from onnxprune.passes.reconstruct import Calibration
-from onnxprune.passes.remove_heads import RemoveHeadsPass
-from onnxprune.passes.remove_neurons import RemoveNeuronsPass
+from onnxprune.channels.groups import find_channel_groups
+from onnxprune.channels.slicing import keep_channels
+from onnxprune.core.weights import const_array, set_const_array
+from onnxprune.repair.reconstruct import Calibration
+from onnxprune.attention.remove_heads import RemoveHeadsPass
+from onnxprune.prune.remove_neurons import RemoveNeuronsPass
 
 WIDTH, HIDDEN, LAYERS = 8, 16, 4
 
@@ -264,7 +264,7 @@ def test_calibration_on_cuda_decides_as_on_cpu() -> None:
 def test_sectioned_reference_decides_as_one_pass(heads: bool,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """A model too big for one session gets its targets section by section: same result."""
-    import onnxprune.passes.reconstruct as reconstruct
+    import onnxprune.repair.reconstruct as reconstruct
 
     proto = attention_model("dynamo", layers=3, seed=4) if heads else residual_stack()
     calib = heads_calibration(proto) if heads else Calibration(batches(6))
@@ -286,7 +286,7 @@ def test_sectioned_reference_decides_as_one_pass(heads: bool,
 
 def _ranges(model: ir.Model, names: list[str], data: list, sectioned: bool,
             monkeypatch: pytest.MonkeyPatch) -> dict:
-    import onnxprune.calibration.ranges as ranges
+    import onnxprune.quant.ranges as ranges
 
     with monkeypatch.context() as m:
         m.setattr(ranges, "SECTION_ABOVE_BYTES", 0 if sectioned else 1 << 62)
@@ -331,7 +331,7 @@ def _output(model: ir.Model, node_name: str) -> str:
 def test_released_pages_read_back_the_same_weights(tmp_path) -> None:
     """release_pages drops memory-mapped weights from RSS; reading them again gives the
     same values, and arrays a pass wrote are never touched."""
-    from onnxprune.graph.pages import release_pages
+    from onnxprune.core.pages import release_pages
 
     proto = residual_stack(layers=2)
     path = tmp_path / "m.onnx"
@@ -353,7 +353,7 @@ def test_big_reference_is_verified_section_by_section(monkeypatch: pytest.Monkey
     """Verification of a big reference runs it in sections: the same metrics as one run."""
     import importlib
 
-    verify = importlib.import_module("onnxprune.verify")  # the package exports a verify()
+    verify = importlib.import_module("onnxprune.verify.compare")  # the package exports a verify()
 
     reference = to_ir(residual_stack())
     candidate = to_ir(residual_stack())
@@ -398,7 +398,7 @@ def _rss_file_kib() -> int | None:
 def test_released_pages_leave_the_resident_set(tmp_path) -> None:
     """After reading 32 MiB of memory-mapped weights, release_pages takes them out of this
     process's file-backed RSS (Linux; skipped where /proc has no RssFile)."""
-    from onnxprune.graph.pages import release_pages
+    from onnxprune.core.pages import release_pages
 
     if _rss_file_kib() is None:
         pytest.skip("no RssFile in /proc/self/status on this system")

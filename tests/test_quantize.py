@@ -28,19 +28,19 @@ from helpers import (
 from onnx import TensorProto, helper, numpy_helper
 from onnx_ir.passes import PreconditionError
 
-from onnxprune.calibration.qerror import (
+from onnxprune.quant.qerror import (
     activation_qparams,
     fake_quant,
     quantize_weight,
     sqnr_db,
 )
-from onnxprune.calibration.ranges import RangeCollector, kl_threshold
+from onnxprune.quant.ranges import RangeCollector, kl_threshold
 from onnxprune.errors import InputError, UnsupportedModelError
-from onnxprune.graph.qlayers import find_layers
-from onnxprune.io import load_model
-from onnxprune.passes.canonical_gelu import CanonicalGeluPass
-from onnxprune.passes.quantize_qdq import QuantizeQDQPass
-from onnxprune.quantize import QuantizeConfig, quantize_model
+from onnxprune.quant.layers import find_layers
+from onnxprune.io.models import load_model
+from onnxprune.quant.canonical_gelu import CanonicalGeluPass
+from onnxprune.quant.qdq_pass import QuantizeQDQPass
+from onnxprune.quant.driver import QuantizeConfig, quantize_model
 
 PLAIN = QuantizeConfig(method="minmax", smooth=None, search_clip=False)
 

@@ -27,15 +27,15 @@ from helpers import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import onnxprune.passes.reconstruct as reconstruct
+import onnxprune.repair.reconstruct as reconstruct
 from onnxprune.api import PruneConfig, prune
 from onnxprune.calibration.stats import LayerStats
 from onnxprune.errors import InputError
-from onnxprune.graph.channels import find_channel_groups
-from onnxprune.graph.weights import const_array, set_const_array
-from onnxprune.passes.reconstruct import Calibration, consumer_target
-from onnxprune.passes.remove_neurons import RemoveNeuronsPass, group_weights
-from onnxprune.scoring.criteria import CRITERIA, DATA_AWARE, register_criterion, score_channels
+from onnxprune.channels.groups import find_channel_groups
+from onnxprune.core.weights import const_array, set_const_array
+from onnxprune.repair.reconstruct import Calibration, consumer_target
+from onnxprune.prune.remove_neurons import RemoveNeuronsPass, group_weights
+from onnxprune.channels.criteria import CRITERIA, DATA_AWARE, register_criterion, score_channels
 
 PROPERTY = settings(max_examples=40, deadline=None, derandomize=True)
 ACTS = ("Relu", "Tanh", "Sigmoid", "erf_gelu", "silu")

@@ -15,8 +15,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import scale  # noqa: E402
 
-from onnxprune.io import load_model  # noqa: E402
-from onnxprune.runtime import make_session  # noqa: E402
+from onnxprune.io.models import load_model  # noqa: E402
+from onnxprune.io.runtime import make_session  # noqa: E402
 
 
 def _outputs_load(work: Path, names: list[str]) -> None:

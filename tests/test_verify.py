@@ -1,4 +1,4 @@
-"""onnxprune.verify and onnxprune.api.verify: comparing a candidate with its reference."""
+"""onnxprune.verify.compare and onnxprune.api.verify: comparing a candidate with its reference."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from helpers import (
 
 from onnxprune import api
 from onnxprune.errors import DataError, InputError, ProviderError
-from onnxprune.verify import Tolerances, compare_models
+from onnxprune.verify.compare import Tolerances, compare_models
 
 WIDTHS = [8, 16, 4]
 

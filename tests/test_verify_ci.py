@@ -19,7 +19,7 @@ from onnxprune import api
 from onnxprune.cli import main
 from onnxprune.errors import DataError, InputError
 from onnxprune.testing import assert_close
-from onnxprune.verify import Tolerances, output_kind
+from onnxprune.verify.compare import Tolerances, output_kind
 
 
 def _broken_digits(tmp_path: Path, factor: float = -1.0) -> Path:

@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from onnxprune.errors import InputError
-from onnxprune.passes.zero_weights import ZeroWeightsPass, nm_mask
+from onnxprune.prune.zero_weights import ZeroWeightsPass, nm_mask
 
 X = random_input([6, 8], seed=11)
 PROPERTY = settings(max_examples=30, deadline=None, derandomize=True)

@@ -33,12 +33,12 @@ import onnx
 import onnx_ir as ir
 
 from onnxprune.calibration.data import Batch
-from onnxprune.detached import initializer_proto
+from onnxprune.io.detached import initializer_proto
 from onnxprune.errors import DataError
-from onnxprune.external_data import external_folder
-from onnxprune.graph.pages import release_pages
-from onnxprune.io import model_bytes
-from onnxprune.runtime import Provider, make_session
+from onnxprune.io.external_data import external_folder
+from onnxprune.core.pages import release_pages
+from onnxprune.io.models import model_bytes
+from onnxprune.io.runtime import Provider, make_session
 
 __all__ = ["Propagator", "TargetStore", "run_batches", "section", "SECTION_ABOVE_BYTES",
            "graph_value", "sectioned_outputs", "weight_bytes"]

@@ -15,11 +15,11 @@ import onnx_ir as ir
 
 from onnxprune.calibration.data import Batch
 from onnxprune.calibration.propagate import Propagator, run_batches, value_info
-from onnxprune.detached import serialize_detached
+from onnxprune.io.detached import serialize_detached
 from onnxprune.errors import DataError
-from onnxprune.graph.pages import release_pages
-from onnxprune.io import ModelBytes, model_bytes
-from onnxprune.runtime import Provider, make_session
+from onnxprune.core.pages import release_pages
+from onnxprune.io.models import ModelBytes, model_bytes
+from onnxprune.io.runtime import Provider, make_session
 
 __all__ = ["capture", "row_mask", "with_outputs"]
 

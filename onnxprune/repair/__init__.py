@@ -1,1 +1,1 @@
-"""Distillation repair: numpy gradients of pruned blocks and their optimisation."""
+"""Repairing what removal broke: least squares refits and block distillation."""

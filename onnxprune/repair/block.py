@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from onnxprune.graph.channels import ChannelGroup
-from onnxprune.graph.weights import const_array, is_constant
+from onnxprune.channels.groups import ChannelGroup
+from onnxprune.core.weights import const_array, is_constant
 from onnxprune.repair.ops import OPS
 
 __all__ = ["Block", "BlockFunction", "find_block"]

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from onnxprune.calibration.data import input_specs, load_batches
-from onnxprune.io import load_model, save_model
-from onnxprune.quantize import QuantizeConfig, quantize_model
-from onnxprune.runtime import make_session
+from onnxprune.io.models import load_model, save_model
+from onnxprune.quant.driver import QuantizeConfig, quantize_model
+from onnxprune.io.runtime import make_session
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from helpers import ort_optimized_ops  # noqa: E402

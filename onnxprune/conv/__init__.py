@@ -1,0 +1,1 @@
+"""Conv layers: calibrated channel removal with im2col statistics, refits, sensitivity, BatchNorm folding."""

@@ -1,0 +1,142 @@
+"""Counting what a model costs: parameters, non-zeros, op counts, MatMul/Gemm FLOPs.
+
+FLOPs are counted per row of the activation (per token for a transformer, per sample for
+an MLP), because batch and sequence sizes are usually symbolic: 2 * in * out for every
+MatMul/Gemm with a constant weight. That is the figure structured pruning changes.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxprune.core.weights import const_array, iter_nodes, weight_uses
+
+__all__ = ["ModelStats", "model_stats", "inference_flops"]
+
+
+@dataclass(frozen=True)
+class ModelStats:
+    parameters: int
+    nonzero_parameters: int
+    weight_flops_per_row: int
+    op_counts: dict[str, int] = field(default_factory=dict)
+    file_bytes: int | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "parameters": self.parameters,
+            "nonzero_parameters": self.nonzero_parameters,
+            "weight_flops_per_row": self.weight_flops_per_row,
+            "op_counts": dict(self.op_counts),
+            "file_bytes": self.file_bytes,
+        }
+
+
+def _constants(graph: ir.Graph) -> list[ir.Value]:
+    """Every constant tensor once: initializers and Constant node outputs, with subgraphs."""
+    seen: dict[int, ir.Value] = {}
+    graphs = [graph] + [
+        a.as_graph()
+        for n in iter_nodes(graph)
+        for a in n.attributes.values()
+        if a.type == ir.AttributeType.GRAPH
+    ]
+    for g in graphs:
+        for v in g.initializers.values():
+            if not v.is_graph_input():
+                seen[id(v)] = v
+    for n in iter_nodes(graph):
+        if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and "value" in n.attributes:
+            seen[id(n.outputs[0])] = n.outputs[0]
+    return list(seen.values())
+
+
+def model_stats(model: ir.Model, file_bytes: int | None = None) -> ModelStats:
+    params = 0
+    nonzero = 0
+    for v in _constants(model.graph):
+        arr = const_array(v)
+        if arr is None or not np.issubdtype(arr.dtype, np.number):
+            continue
+        params += int(arr.size)
+        nonzero += int(np.count_nonzero(arr))
+    flops = 0
+    for use in weight_uses(model.graph):
+        shape = use.weight.shape
+        if shape is not None and all(isinstance(d, int) for d in shape):
+            flops += 2 * int(shape[0]) * int(shape[1])
+    flops += _quantized_weight_flops(model.graph)
+    ops = Counter(n.op_type for n in iter_nodes(model.graph))
+    return ModelStats(params, nonzero, flops, dict(sorted(ops.items())), file_bytes)
+
+
+def _quantized_weight_flops(graph: ir.Graph) -> int:
+    """FLOPs of MatMul/Gemm whose weight is DequantizeLinear(constant): 8-bit layers count too."""
+    total = 0
+    for node in iter_nodes(graph):
+        if node.op_type not in ("MatMul", "Gemm") or len(node.inputs) < 2:
+            continue
+        producer = node.inputs[1].producer() if node.inputs[1] is not None else None
+        if producer is None or producer.op_type != "DequantizeLinear":
+            continue
+        q = const_array(producer.inputs[0])
+        if q is not None and q.ndim == 2:
+            total += 2 * int(q.shape[0]) * int(q.shape[1])
+    return total
+
+
+def inference_flops(model: ir.Model, input_shapes: dict[str, list[int]]) -> int:
+    """FLOPs (2 x multiply-adds) of one run with the given input shapes: Conv,
+    ConvTranspose, MatMul/Gemm with a constant (or dequantized) weight, and LSTM.
+
+    Unlike `weight_flops_per_row`, this counts a CNN's convolutions, whose cost depends on
+    the image size; shapes come from onnx shape inference on a copy with fixed inputs.
+    """
+    import onnx
+
+    proto = ir.serde.serialize_model(model)
+    for inp in proto.graph.input:
+        dims = input_shapes.get(inp.name)
+        if dims is None:
+            continue
+        shape = inp.type.tensor_type.shape
+        del shape.dim[:]
+        for d in dims:
+            shape.dim.add().dim_value = int(d)
+    inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+    shapes: dict[str, list[int]] = {}
+    for vi in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
+        t = vi.type.tensor_type
+        if t.HasField("shape"):
+            shapes[vi.name] = [d.dim_value for d in t.shape.dim]
+    for init in inferred.graph.initializer:
+        shapes[init.name] = list(init.dims)
+    for node in inferred.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].HasField("t"):
+            shapes[node.output[0]] = list(node.attribute[0].t.dims)
+        if node.op_type in ("DequantizeLinear", "Identity") and node.input[0] in shapes:
+            shapes.setdefault(node.output[0], shapes[node.input[0]])
+    macs = 0
+    for node in inferred.graph.node:
+        ins = list(node.input)
+        out = shapes.get(node.output[0]) if node.output else None
+        w = shapes.get(ins[1]) if len(ins) > 1 else None
+        if out is None or w is None or not all(out) or not all(w):
+            continue
+        if node.op_type == "Conv":
+            macs += int(np.prod(out)) * int(np.prod(w[1:]))
+        elif node.op_type == "ConvTranspose":
+            x = shapes.get(ins[0])
+            if x and all(x):
+                macs += int(np.prod(x)) * int(np.prod(w[1:]))
+        elif node.op_type in ("MatMul", "Gemm") and len(w) == 2:
+            macs += int(np.prod(out[:-1])) * w[0] * w[1]
+        elif node.op_type == "LSTM" and len(ins) > 2:
+            x, r = shapes.get(ins[0]), shapes.get(ins[2])
+            if x and r and all(x):
+                macs += x[0] * x[1] * int(np.prod(w)) + x[0] * x[1] * int(np.prod(r))
+    return 2 * macs

@@ -1,0 +1,1 @@
+"""The pruning passes: whole neurons (dispatching to repair/ and conv/), weight zeroing, lossless clean-up."""

@@ -1,0 +1,1 @@
+"""8-bit quantization: the driver, the QDQ pass, which layers, QDQ building, scale folding, ranges, error."""

@@ -1,0 +1,1 @@
+"""Comparing a candidate with its reference (or saved golden outputs) on onnxruntime."""

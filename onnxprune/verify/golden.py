@@ -1,0 +1,107 @@
+"""Golden outputs: a model's inputs and outputs saved once, compared against later.
+
+CI then needs only the candidate model and a small .npz, not the full reference model
+(what polygraphy's --save-outputs / --load-outputs do). One file holds every batch:
+`input/<batch>/<name>` and `output/<batch>/<name>` arrays plus the output order.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from onnxprune.calibration.data import Batch
+from onnxprune.errors import DataError, InputError
+from onnxprune.io.files import atomic_path
+from onnxprune.io.runtime import ModelSource, Provider, make_session
+from onnxprune.verify.compare import Tolerances, VerifyResult, compare_outputs
+
+__all__ = ["Golden", "save_golden", "load_golden", "compare_golden"]
+
+_FORMAT = "onnxprune-golden-1"
+
+
+@dataclass(frozen=True)
+class Golden:
+    """Saved batches and, for each, the outputs in `names` order."""
+
+    names: tuple[str, ...]
+    batches: tuple[Batch, ...]
+    outputs: tuple[tuple[np.ndarray, ...], ...]
+    path: str = ""
+
+
+def save_golden(model: ModelSource, batches: Iterable[Batch],
+                path: str | os.PathLike[str]) -> Golden:
+    """Runs `model` on the CPU provider on every batch and writes inputs + outputs."""
+    sess = make_session(model, "cpu")
+    names = tuple(o.name for o in sess.get_outputs())
+    arrays: dict[str, np.ndarray] = {}
+    kept_batches: list[Batch] = []
+    kept_outputs: list[tuple[np.ndarray, ...]] = []
+    for i, batch in enumerate(batches):
+        try:
+            outs = tuple(sess.run(None, batch))
+        except Exception as e:
+            raise DataError(f"the model failed on batch {i}: {str(e).strip()[:200]}") from e
+        for k, v in batch.items():
+            arrays[f"input/{i}/{k}"] = v
+        for k, v in zip(names, outs, strict=True):
+            arrays[f"output/{i}/{k}"] = v
+        kept_batches.append(batch)
+        kept_outputs.append(outs)
+    if not kept_batches:
+        raise DataError("no batches to save golden outputs for")
+    arrays["__format__"] = np.array(_FORMAT)
+    arrays["__outputs__"] = np.array(names)
+    out = Path(path)
+    if out.suffix != ".npz":
+        raise InputError(f"{out}: golden outputs are written as .npz; name the file *.npz")
+    with atomic_path(out) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    return Golden(names, tuple(kept_batches), tuple(kept_outputs), str(out))
+
+
+def load_golden(path: str | os.PathLike[str]) -> Golden:
+    """Reads a file written by save_golden, with a clear error for anything else."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{p}: no such golden-output file (write one with --save-golden)")
+    try:
+        with np.load(p, allow_pickle=False) as f:
+            data = {k: f[k] for k in f.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise DataError(f"{p}: not a readable .npz file ({e})") from e
+    if str(data.get("__format__", "")) != _FORMAT or "__outputs__" not in data:
+        raise DataError(f"{p}: not a golden-output file written by onnxprune verify "
+                        "--save-golden (a plain data .npz goes to --data)")
+    names = tuple(str(n) for n in data["__outputs__"])
+    count = 1 + max(int(k.split("/")[1]) for k in data if k.startswith("input/"))
+    batches: list[Batch] = []
+    outputs: list[tuple[np.ndarray, ...]] = []
+    for i in range(count):
+        pre = f"input/{i}/"
+        batches.append({k[len(pre):]: v for k, v in data.items() if k.startswith(pre)})
+        try:
+            outputs.append(tuple(data[f"output/{i}/{n}"] for n in names))
+        except KeyError as e:
+            raise DataError(f"{p}: batch {i} lacks output {e}; save the file again") from e
+    return Golden(names, tuple(batches), tuple(outputs), str(p))
+
+
+def compare_golden(
+    golden: Golden,
+    candidate: ModelSource,
+    *,
+    providers: Sequence[Provider] = ("cpu",),
+    tolerances: Tolerances = Tolerances(),
+) -> VerifyResult:
+    """Compares the candidate's outputs on the saved inputs with the saved outputs."""
+    return compare_outputs(golden.names, lambda i, _batch: golden.outputs[i], candidate,
+                           golden.batches, providers=providers, tolerances=tolerances,
+                           against=f"golden outputs {golden.path or ''}".strip())
