@@ -25,16 +25,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cnn  # noqa: E402
 
 from onnxprune.channels.groups import find_channel_groups  # noqa: E402
-from onnxprune.conv import refit as conv_refit, conv_repair, reconstruct, remove_neurons  # noqa: E402
+from onnxprune.conv import conv_repair, reconstruct, remove_neurons
+from onnxprune.conv import refit as conv_refit  # noqa: E402
 from onnxprune.conv.repair import conv_repairable  # noqa: E402
 from onnxprune.conv.sensitivity import (  # noqa: E402
     GroupCurve,
     allocate_removals,
     conv_sensitivity,
 )
-from onnxprune.repair.reconstruct import Calibration, Target  # noqa: E402
-from onnxprune.prune.remove_neurons import RemoveNeuronsPass  # noqa: E402
 from onnxprune.io.runtime import make_session  # noqa: E402
+from onnxprune.prune.remove_neurons import RemoveNeuronsPass  # noqa: E402
+from onnxprune.repair.reconstruct import Calibration, Target  # noqa: E402
 
 METRICS = ("rel", "kl", "flips", "hinge", "strings")
 

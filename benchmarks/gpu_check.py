@@ -163,10 +163,10 @@ def main() -> int:
         return 2
 
     import onnxprune
-    from onnxprune.io.models import load_model, save_model
-    from onnxprune.quant.driver import QuantizeConfig, quantize_model
     from onnxprune.calibration.data import input_specs, load_batches
+    from onnxprune.io.models import load_model, save_model
     from onnxprune.io.runtime import make_session
+    from onnxprune.quant.driver import QuantizeConfig, quantize_model
 
     work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
     start_all = time.perf_counter()

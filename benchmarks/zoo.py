@@ -383,9 +383,9 @@ def prunable_share(model: object) -> tuple[float, list[object]]:
     """Share of MatMul/Gemm weight parameters that a channel group or a head can remove."""
     import onnx_ir as ir
 
+    from onnxprune.attention.remove_heads import recognise_blocks
     from onnxprune.channels.groups import find_channel_groups
     from onnxprune.core.weights import const_array
-    from onnxprune.attention.remove_heads import recognise_blocks
 
     assert isinstance(model, ir.Model)
     weights: dict[ir.Value, int] = {}
@@ -417,9 +417,9 @@ def exactness(path: Path, feeds: dict[str, np.ndarray]) -> float | None:
     returns max |zeroed - pruned| (None when no block is recognised)."""
     import onnx_ir as ir
 
+    from onnxprune.attention.remove_heads import RemoveHeadsPass, recognise_blocks
     from onnxprune.attention.slicing import head_columns
     from onnxprune.core.weights import const_array, set_const_array
-    from onnxprune.attention.remove_heads import RemoveHeadsPass, recognise_blocks
 
     model = ir.load(str(path))
     blocks = [b for b in recognise_blocks(model) if b.prunable]

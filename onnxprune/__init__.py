@@ -16,6 +16,11 @@ from onnxprune.api import (
     verify,
     verify_golden,
 )
+from onnxprune.attention.remove_heads import RemoveHeadsPass
+from onnxprune.channels.criteria import register_criterion
+from onnxprune.channels.groups import find_channel_groups
+from onnxprune.channels.model import ChannelGroup
+from onnxprune.core.passes import ReportPassResult
 from onnxprune.errors import (
     DataError,
     InputError,
@@ -23,17 +28,13 @@ from onnxprune.errors import (
     ProviderError,
     UnsupportedModelError,
 )
-from onnxprune.channels.groups import ChannelGroup, find_channel_groups
-from onnxprune.core.passes import ReportPassResult
-from onnxprune.quant.canonical_gelu import CanonicalGeluPass
 from onnxprune.prune.cleanup import CleanupPass
-from onnxprune.quant.qdq_pass import QuantizeQDQPass
-from onnxprune.repair.reconstruct import Calibration
-from onnxprune.attention.remove_heads import RemoveHeadsPass
 from onnxprune.prune.remove_neurons import RemoveNeuronsPass
 from onnxprune.prune.zero_weights import ZeroWeightsPass
+from onnxprune.quant.canonical_gelu import CanonicalGeluPass
 from onnxprune.quant.driver import QuantizeConfig
-from onnxprune.channels.criteria import register_criterion
+from onnxprune.quant.qdq_pass import QuantizeQDQPass
+from onnxprune.repair.reconstruct import Calibration
 from onnxprune.verify.compare import Tolerances, VerifyResult
 
 __all__ = [

@@ -15,6 +15,8 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
+from onnxprune.attention.blocks import AttentionBlock, find_attention_blocks
+from onnxprune.attention.remove_heads import RemoveHeadsPass
 from onnxprune.calibration.data import (
     Batch,
     input_specs,
@@ -22,14 +24,13 @@ from onnxprune.calibration.data import (
     random_batches,
 )
 from onnxprune.calibration.mask import AUTO, NONE, resolve_token_mask
-from onnxprune.io.detached import check_detached
-from onnxprune.errors import InputError, OnnxPruneError, UnsupportedModelError
-from onnxprune.verify.golden import Golden, compare_golden, load_golden
-from onnxprune.verify.golden import save_golden as write_golden
+from onnxprune.calibration.propagate import SECTION_ABOVE_BYTES, weight_bytes
+from onnxprune.channels.groups import find_channel_groups
+from onnxprune.channels.model import ChannelGroup
 from onnxprune.core.accounting import ModelStats, model_stats
-from onnxprune.attention.blocks import AttentionBlock, find_attention_blocks
-from onnxprune.channels.groups import ChannelGroup, find_channel_groups
 from onnxprune.core.pages import release_pages
+from onnxprune.errors import InputError, OnnxPruneError, UnsupportedModelError
+from onnxprune.io.detached import check_detached
 from onnxprune.io.models import (
     MIN_OPSET,
     check_output_path,
@@ -38,18 +39,20 @@ from onnxprune.io.models import (
     serialized_model,
     stored_bytes,
 )
+from onnxprune.io.runtime import ModelSource, Provider, make_session
+from onnxprune.io.validate import check_finite_weights
 from onnxprune.prune.cleanup import CleanupPass
-from onnxprune.calibration.propagate import SECTION_ABOVE_BYTES, weight_bytes
-from onnxprune.repair.distill import DEFAULT_AUGMENT, DistillRepairPass
-from onnxprune.quant.qdq_pass import QuantizeQDQPass, QuantizeQDQResult
-from onnxprune.repair.reconstruct import Calibration, Reconstruct
-from onnxprune.attention.remove_heads import RemoveHeadsPass
 from onnxprune.prune.remove_neurons import Progress, RemoveNeuronsPass
 from onnxprune.prune.zero_weights import ZeroWeightsPass
+from onnxprune.quant.driver import QuantizeConfig, quantize_model
+from onnxprune.quant.qdq_pass import QuantizeQDQPass, QuantizeQDQResult
+from onnxprune.repair.augment import Augment
+from onnxprune.repair.distill import DEFAULT_AUGMENT, DistillRepairPass
+from onnxprune.repair.reconstruct import Calibration, Reconstruct
 from onnxprune.search.analyze import Analysis, analyze_model
 from onnxprune.search.distill import DistillStage, run_distill
-from onnxprune.search.quality import BUILTIN_METRICS, BuiltinMetric, UserMetric, load_user_metric
 from onnxprune.search.plans import Plan
+from onnxprune.search.quality import BUILTIN_METRICS, BuiltinMetric, UserMetric, load_user_metric
 from onnxprune.search.search import (
     DEFAULT_MAX_DROP,
     SearchConfig,
@@ -60,11 +63,9 @@ from onnxprune.search.search import (
     search,
     split_holdout,
 )
-from onnxprune.quant.driver import QuantizeConfig, quantize_model
-from onnxprune.repair.augment import Augment
-from onnxprune.io.runtime import ModelSource, Provider, make_session
-from onnxprune.io.validate import check_finite_weights
 from onnxprune.verify.compare import Tolerances, VerifyResult, compare_models
+from onnxprune.verify.golden import Golden, compare_golden, load_golden
+from onnxprune.verify.golden import save_golden as write_golden
 
 __all__ = [
     "PruneConfig",

@@ -25,7 +25,8 @@ from helpers import (
 )
 from onnx import TensorProto, helper
 
-from onnxprune.channels.groups import ChannelGroup, find_channel_groups
+from onnxprune.channels.groups import find_channel_groups
+from onnxprune.channels.model import ChannelGroup
 from onnxprune.channels.slicing import keep_channels
 from onnxprune.core.weights import const_array, set_const_array
 

@@ -11,7 +11,8 @@ import onnx_ir as ir
 import pytest
 from helpers import GraphBuilder, run, to_ir
 
-from onnxprune.channels.groups import ChannelGroup, find_channel_groups
+from onnxprune.channels.groups import find_channel_groups
+from onnxprune.channels.model import ChannelGroup
 from onnxprune.channels.slicing import keep_many
 from onnxprune.core.weights import const_array, einsum_matrix, set_const_array
 

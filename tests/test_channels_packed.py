@@ -10,7 +10,8 @@ import numpy as np
 import onnx
 from helpers import GraphBuilder, remove_silent_channels, to_ir
 
-from onnxprune.channels.groups import ChannelGroup, find_channel_groups
+from onnxprune.channels.groups import find_channel_groups
+from onnxprune.channels.model import ChannelGroup
 from onnxprune.channels.slicing import keep_many
 from onnxprune.core.weights import const_array
 

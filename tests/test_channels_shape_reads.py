@@ -13,7 +13,8 @@ import onnx_ir as ir
 import pytest
 from helpers import GraphBuilder, remove_silent_channels, to_ir
 
-from onnxprune.channels.groups import ChannelGroup, find_channel_groups
+from onnxprune.channels.groups import find_channel_groups
+from onnxprune.channels.model import ChannelGroup
 from onnxprune.core.shape_exprs import elements, fold
 from onnxprune.core.weights import const_array
 

@@ -19,7 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto
 
-from onnxprune.channels.groups import ChannelGroup, find_channel_groups
+from onnxprune.channels.groups import find_channel_groups
+from onnxprune.channels.model import ChannelGroup
 from onnxprune.channels.slicing import keep_many
 from onnxprune.core.weights import const_array, set_const_array
 
@@ -356,8 +357,8 @@ def test_measured_sensitivity_equals_really_pruning_the_group_alone(monkeypatch)
     the final downstream refit, which the measurement leaves out)."""
     from onnx_ir.passes.common import NameFixPass
 
-    from onnxprune.prune import remove_neurons
     from onnxprune.conv.repair import conv_repairable
+    from onnxprune.prune import remove_neurons
 
     monkeypatch.setattr(remove_neurons, "sweep_candidates", lambda *a: [])
     from onnxprune.conv.sensitivity import _output_error, conv_sensitivity

@@ -13,11 +13,11 @@ import pytest
 from helpers import make_model, run, to_ir, value_info
 from onnx import helper, numpy_helper
 
+from onnxprune.conv.refit import sweep_candidates
 from onnxprune.core.weights import const_array, conv_use
 from onnxprune.prune import remove_neurons
-from onnxprune.conv.refit import sweep_candidates
-from onnxprune.repair.reconstruct import Calibration, conv_target
 from onnxprune.prune.remove_neurons import RemoveNeuronsPass
+from onnxprune.repair.reconstruct import Calibration, conv_target
 
 H = W = 8
 

@@ -102,11 +102,10 @@ def test_cli_calibration_alone_meets_the_default_budget(tmp_path: Path) -> None:
 
 
 def _embedding_model(tied: bool) -> onnx.ModelProto:
+    from helpers import make_model, value_info
     from onnx import TensorProto as T
     from onnx import helper as h
     from onnx import numpy_helper
-
-    from helpers import make_model, value_info
 
     rng = np.random.default_rng(0)
     table = rng.standard_normal((500, 16)).astype(np.float32)

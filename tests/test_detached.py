@@ -18,8 +18,8 @@ import pytest
 from helpers import mlp_model, random_input, replace_weight, run, save
 
 from onnxprune.api import check_written
-from onnxprune.io.detached import DETACH_MIN_BYTES, PLACEHOLDER, check_detached
 from onnxprune.errors import OnnxPruneError
+from onnxprune.io.detached import DETACH_MIN_BYTES, PLACEHOLDER, check_detached
 from onnxprune.io.models import load_model, model_bytes
 from onnxprune.io.runtime import make_session
 

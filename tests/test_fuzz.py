@@ -31,7 +31,7 @@ import pytest
 from helpers import folder_snapshot, mlp_model, random_input, save
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from onnx import TensorProto, helper
+from onnx import helper
 
 from onnxprune.cli import main
 

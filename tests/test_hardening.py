@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 import pytest
-import onnx_ir as ir
 from helpers import (
     REPO,
     folder_snapshot,
@@ -408,7 +408,7 @@ def test_case07_default_budget_applies(tmp_path: Path, mlp: onnx.ModelProto,
     from onnxprune.calibration.data import check_budget, default_budget
 
     _calib(tmp_path / "c.npz")
-    assert 2**26 <= default_budget()
+    assert default_budget() >= 2**26
     assert check_budget([tmp_path / "c.npz"]) < 2**20
     with pytest.raises(InputError, match="memory budget"):
         check_budget([tmp_path / "c.npz"], budget=100)

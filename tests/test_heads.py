@@ -20,13 +20,13 @@ import pytest
 from helpers import BATCH, GraphBuilder, dense, run, to_ir
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxprune.errors import InputError
 from onnxprune.attention.blocks import AttentionBlock, find_attention_blocks
+from onnxprune.attention.head_scores import obs_heads
+from onnxprune.attention.remove_heads import RemoveHeadsPass
 from onnxprune.attention.slicing import keep_heads
 from onnxprune.core.weights import const_array, set_const_array
+from onnxprune.errors import InputError
 from onnxprune.repair.reconstruct import Calibration
-from onnxprune.attention.remove_heads import RemoveHeadsPass
-from onnxprune.attention.head_scores import obs_heads
 
 H, D, SEQ = 4, 8, 5
 E = H * D

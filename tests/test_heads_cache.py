@@ -15,9 +15,9 @@ from onnx import TensorProto, helper
 
 from onnxprune.attention import cache_slices
 from onnxprune.attention.blocks import find_attention_blocks
+from onnxprune.attention.remove_heads import RemoveHeadsPass, recognise_blocks
 from onnxprune.attention.slicing import keep_heads
 from onnxprune.core.weights import const_array, set_const_array
-from onnxprune.attention.remove_heads import RemoveHeadsPass, recognise_blocks
 from onnxprune.verify.compare import Tolerances, compare_models
 
 D, SEQ, PAST, E = 4, 3, 2, 16

@@ -14,9 +14,9 @@ from helpers import GraphBuilder, run, to_ir
 from onnx import TensorProto, helper
 
 from onnxprune.attention.blocks import find_attention_blocks
+from onnxprune.attention.remove_heads import RemoveHeadsPass
 from onnxprune.attention.slicing import keep_heads
 from onnxprune.core.weights import const_array, set_const_array
-from onnxprune.attention.remove_heads import RemoveHeadsPass
 
 H, KV, D, SEQ, E = 4, 2, 16, 5, 24  # the CPU kernel rotates heads of a multiple of 16
 GROUP = H // KV

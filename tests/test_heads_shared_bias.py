@@ -15,9 +15,9 @@ from test_heads import D as TD
 from test_heads import H as TH
 
 from onnxprune.attention.blocks import find_attention_blocks
+from onnxprune.attention.remove_heads import RemoveHeadsPass
 from onnxprune.attention.slicing import keep_heads
 from onnxprune.core.weights import const_array, set_const_array
-from onnxprune.attention.remove_heads import RemoveHeadsPass
 
 H, D, SEQ, BUCKETS = 4, 4, 5, 7
 E = H * D

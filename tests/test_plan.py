@@ -15,8 +15,8 @@ from onnx_ir.passes.common import NameFixPass
 
 from onnxprune.api import PruneConfig, analyze, prune_model
 from onnxprune.cli import main
-from onnxprune.errors import InputError
 from onnxprune.core.accounting import model_stats
+from onnxprune.errors import InputError
 from onnxprune.search.masked import MaskedModel
 from onnxprune.search.plans import Plan
 from onnxprune.search.search import Target, apply_decisions

@@ -11,14 +11,14 @@ from helpers import GraphBuilder, dense, random_input, to_ir
 from test_heads import _calibration as heads_calibration
 from test_heads import attention_model
 
+from onnxprune.attention.remove_heads import RemoveHeadsPass
 from onnxprune.calibration.propagate import Propagator, TargetStore
 from onnxprune.calibration.runner import capture
 from onnxprune.channels.groups import find_channel_groups
 from onnxprune.channels.slicing import keep_channels
 from onnxprune.core.weights import const_array, set_const_array
-from onnxprune.repair.reconstruct import Calibration
-from onnxprune.attention.remove_heads import RemoveHeadsPass
 from onnxprune.prune.remove_neurons import RemoveNeuronsPass
+from onnxprune.repair.reconstruct import Calibration
 
 WIDTH, HIDDEN, LAYERS = 8, 16, 4
 

@@ -28,6 +28,12 @@ from helpers import (
 from onnx import TensorProto, helper, numpy_helper
 from onnx_ir.passes import PreconditionError
 
+from onnxprune.errors import InputError, UnsupportedModelError
+from onnxprune.io.models import load_model
+from onnxprune.quant.canonical_gelu import CanonicalGeluPass
+from onnxprune.quant.driver import QuantizeConfig, quantize_model
+from onnxprune.quant.layers import find_layers
+from onnxprune.quant.qdq_pass import QuantizeQDQPass
 from onnxprune.quant.qerror import (
     activation_qparams,
     fake_quant,
@@ -35,12 +41,6 @@ from onnxprune.quant.qerror import (
     sqnr_db,
 )
 from onnxprune.quant.ranges import RangeCollector, kl_threshold
-from onnxprune.errors import InputError, UnsupportedModelError
-from onnxprune.quant.layers import find_layers
-from onnxprune.io.models import load_model
-from onnxprune.quant.canonical_gelu import CanonicalGeluPass
-from onnxprune.quant.qdq_pass import QuantizeQDQPass
-from onnxprune.quant.driver import QuantizeConfig, quantize_model
 
 PLAIN = QuantizeConfig(method="minmax", smooth=None, search_clip=False)
 

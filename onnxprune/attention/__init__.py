@@ -1,1 +1,3 @@
-"""Attention heads: recognising blocks by what the ops compute, tracing them, scoring and removing heads."""
+"""Attention heads: recognising blocks by what the ops compute, tracing them, scoring and removing
+heads.
+"""

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
-from onnxprune.channels.groups import ConstSlice
+from onnxprune.channels.model import ConstSlice
 from onnxprune.core.weights import WeightUse
 
 __all__ = ["AttentionBlock", "HeadCountSite", "Projection"]

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import onnx_ir as ir
 
 from onnxprune.attention.block import AttentionBlock, HeadCountSite, Projection
-from onnxprune.attention.trace import PASS, STD, Decline, Trace, int_attr, is_scalar, label
 from onnxprune.attention.fused import recognise_fused
+from onnxprune.attention.trace import PASS, STD, Decline, Trace, int_attr, is_scalar, label
 from onnxprune.core.weights import is_constant
 
 __all__ = ["AttentionBlock", "HeadCountSite", "Projection", "find_attention_blocks"]

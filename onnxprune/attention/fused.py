@@ -19,7 +19,7 @@ import onnx_ir as ir
 
 from onnxprune.attention.block import Projection
 from onnxprune.attention.trace import Decline, Trace, int_attr, label
-from onnxprune.channels.groups import ConstSlice
+from onnxprune.channels.model import ConstSlice
 from onnxprune.core.weights import WeightUse, const_array
 
 __all__ = ["recognise_fused"]

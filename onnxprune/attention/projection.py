@@ -14,7 +14,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxprune.attention.block import HeadCountSite, Projection
-from onnxprune.channels.groups import ConstSlice
+from onnxprune.channels.model import ConstSlice
 from onnxprune.core.shape_literals import target_entries
 from onnxprune.core.weights import WeightUse, const_array, is_constant
 

@@ -28,7 +28,7 @@ from onnxprune.attention.projection import (
     is_scalar,
     label,
 )
-from onnxprune.channels.groups import ConstSlice
+from onnxprune.channels.model import ConstSlice
 from onnxprune.core.shape_literals import target_entries
 from onnxprune.core.weights import (
     WeightUse,

@@ -33,10 +33,10 @@ import onnx
 import onnx_ir as ir
 
 from onnxprune.calibration.data import Batch
-from onnxprune.io.detached import initializer_proto
-from onnxprune.errors import DataError
-from onnxprune.io.external_data import external_folder
 from onnxprune.core.pages import release_pages
+from onnxprune.errors import DataError
+from onnxprune.io.detached import initializer_proto
+from onnxprune.io.external_data import external_folder
 from onnxprune.io.models import model_bytes
 from onnxprune.io.runtime import Provider, make_session
 

@@ -15,9 +15,9 @@ import onnx_ir as ir
 
 from onnxprune.calibration.data import Batch
 from onnxprune.calibration.propagate import Propagator, run_batches, value_info
-from onnxprune.io.detached import serialize_detached
-from onnxprune.errors import DataError
 from onnxprune.core.pages import release_pages
+from onnxprune.errors import DataError
+from onnxprune.io.detached import serialize_detached
 from onnxprune.io.models import ModelBytes, model_bytes
 from onnxprune.io.runtime import Provider, make_session
 

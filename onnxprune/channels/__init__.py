@@ -1,1 +1,3 @@
-"""Channel groups: which (tensor, axis) slices go together, how they are cut, and how they are scored."""
+"""Channel groups: which (tensor, axis) slices go together, how they are cut, and how they are
+scored.
+"""

@@ -8,18 +8,16 @@ map learns something new, until nothing changes.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from contextvars import ContextVar
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 
-from onnxprune.channels.groups import (
-    _NORM_PARAMS,
+from onnxprune.channels import rules
+from onnxprune.channels.model import (
     BINARY,
     MS_ELEMENTWISE,
+    NORM_PARAMS,
     POOLING,
     REDUCE,
     UNARY,
@@ -27,6 +25,8 @@ from onnxprune.channels.groups import (
     ConstSlice,
     ShapeEdit,
 )
+from onnxprune.channels.shape_reads import shape_read
+from onnxprune.channels.shapes import Decline, Shapes, int_attr, label
 from onnxprune.core.weights import (
     WeightUse,
     const_array,
@@ -35,75 +35,9 @@ from onnxprune.core.weights import (
     other_reader_through_identity,
 )
 
-__all__ = ["Fill", "Decline", "is_carry_through", "label"]
+__all__ = ["Fill", "is_carry_through"]
 
 _LAYERS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum")
-
-
-class Decline(Exception):
-    pass
-
-
-def label(node: ir.Node) -> str:
-    return f"{node.op_type} '{node.name}'" if node.name else node.op_type
-
-
-def _int(node: ir.Node, name: str, default: int = 0) -> int:
-    attr = node.attributes.get(name)
-    return default if attr is None else int(attr.as_int())
-
-
-def _ints(node: ir.Node, name: str) -> list[int] | None:
-    attr = node.attributes.get(name)
-    return None if attr is None else [int(v) for v in attr.as_ints()]
-
-
-# Shapes onnx shape inference found for values the model leaves unannotated (the legacy
-# exporter's intermediate tensors), by name; set by find_channel_groups for one analysis.
-SHAPE_HINTS: ContextVar[dict[str, list[int | None]]] = ContextVar("SHAPE_HINTS", default={})
-
-
-def _dims(value: ir.Value) -> list[int | None] | None:
-    if value.shape is None:
-        arr = const_array(value)
-        if arr is not None:
-            return list(arr.shape)
-        return SHAPE_HINTS.get().get(value.name or "")
-    return [d if isinstance(d, int) else None for d in value.shape]
-
-
-def _rank(value: ir.Value) -> int | None:
-    dims = _dims(value)
-    return None if dims is None else len(dims)
-
-
-def shape_hints(model: ir.Model) -> dict[str, list[int | None]]:
-    """Shapes of the main graph's unannotated values, from onnx shape inference on a copy."""
-    graph = model.graph
-    if all(v.shape is not None for n in graph for v in n.outputs):
-        return {}
-    try:
-        proto = ir.serde.serialize_model(model)
-        inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
-    except Exception:  # noqa: BLE001 - hints only; the analysis declines without them
-        return {}
-    hints: dict[str, list[int | None]] = {}
-    for vi in inferred.graph.value_info:
-        t = vi.type.tensor_type
-        if t.HasField("shape"):
-            hints[vi.name] = [d.dim_value if d.HasField("dim_value") else None
-                              for d in t.shape.dim]
-    return hints
-
-
-def _dim(value: ir.Value, axis: int) -> int | None:
-    """Size of `value` at negative `axis`: 1 when broadcast (too low rank), None unknown."""
-    dims = _dims(value)
-    if dims is None:
-        return None
-    if len(dims) < -axis:
-        return 1
-    return dims[axis]
 
 
 def is_carry_through(use: WeightUse) -> bool:
@@ -111,12 +45,13 @@ def is_carry_through(use: WeightUse) -> bool:
     if use.node.op_type != "Conv":
         return False
     w = const_array(use.weight)
-    return w is not None and _int(use.node, "group", 1) > 1 and w.shape[1] == 1
+    return w is not None and int_attr(use.node, "group", 1) > 1 and w.shape[1] == 1
 
 
 class Fill:
-    def __init__(self, graph: ir.Graph, start: WeightUse) -> None:
+    def __init__(self, graph: ir.Graph, start: WeightUse, shapes: Shapes) -> None:
         self.graph = graph
+        self.shapes = shapes
         self.parent: list[int] = []
         self.maps: dict[ir.Value, np.ndarray] = {}
         self.axes: dict[ir.Value, int] = {}
@@ -158,16 +93,16 @@ class Fill:
         self.parent.extend(range(start, start + n))
         return np.arange(start, start + n, dtype=np.int64)
 
-    def _len(self, value: ir.Value, axis: int) -> int | None:
+    def length(self, value: ir.Value, axis: int) -> int | None:
         m = self.maps.get(value)
-        return int(m.size) if m is not None else _dim(value, axis)
+        return int(m.size) if m is not None else self.shapes.dim(value, axis)
 
     def _set(self, value: ir.Value, axis: int, new: np.ndarray, via: str | None = None) -> None:
         old = self.maps.get(value)
         if old is None:
             if not np.any(new >= 0):
                 return
-            size = _dim(value, axis)
+            size = self.shapes.dim(value, axis)
             if isinstance(size, int) and size != new.size:
                 raise Decline(f"'{value.name}' has {size} channels where {new.size} were "
                               "expected")
@@ -193,14 +128,14 @@ class Fill:
     def couple(self, a: ir.Value, axis_a: int, b: ir.Value, axis_b: int,
                src: np.ndarray | None = None) -> None:
         """Position p of b's channel axis is position src[p] of a's (-1: unrelated)."""
-        len_b = self._len(b, axis_b)
+        len_b = self.length(b, axis_b)
         if src is None:
-            n = self._len(a, axis_a) if len_b is None else len_b
+            n = self.length(a, axis_a) if len_b is None else len_b
             if n is None:
                 raise Decline(f"the channel count of '{a.name}' is unknown")
             src = np.arange(n)
             len_b = n
-        len_a = self._len(a, axis_a)
+        len_a = self.length(a, axis_a)
         if len_a is None:
             len_a = int(src.max()) + 1 if src.size else 0
         ma = self.maps.get(a)
@@ -259,8 +194,6 @@ class Fill:
             self._visit(use.node, value)
 
     def _visit(self, node: ir.Node, value: ir.Value) -> None:
-        from onnxprune.channels import rules as rules
-
         if node.graph is not self.graph:
             raise Decline(f"its channels are used inside a subgraph ({label(node)})")
         microsoft = node.domain == "com.microsoft" and node.op_type in MS_ELEMENTWISE
@@ -275,13 +208,11 @@ class Fill:
             rules.elementwise(self, node, value, axis)
         elif op in _LAYERS:
             self._layer(node, value, axis)
-        elif op in POOLING or op in _NORM_PARAMS:
+        elif op in POOLING or op in NORM_PARAMS:
             rules.per_channel(self, node, value, axis)
         elif op in REDUCE:
             rules.reduce(self, node, value, axis)
         elif op in ("Shape", "Size"):
-            from onnxprune.channels.shape_reads import shape_read
-
             shape_read(self, node, value, axis)
         else:
             rule = rules.LAYOUT_RULES.get(op)
@@ -304,10 +235,10 @@ class Fill:
         if node.op_type == "Conv":
             return int(w.shape[0])
         if node.op_type == "ConvTranspose":
-            return int(w.shape[1]) * _int(node, "group", 1)
+            return int(w.shape[1]) * int_attr(node, "group", 1)
         if node.op_type == "Einsum":
             return int(w.shape[self._use(node).out_axis])
-        trans_b = node.op_type == "Gemm" and _int(node, "transB") == 1
+        trans_b = node.op_type == "Gemm" and int_attr(node, "transB") == 1
         return int(w.shape[0 if trans_b else 1])
 
     def _use(self, node: ir.Node) -> WeightUse:
@@ -318,19 +249,19 @@ class Fill:
         if node.op_type == "Einsum":
             reduce, out = einsum_matrix(node)  # type: ignore[misc]
             return WeightUse(node, node.inputs[1], reduce, out)  # type: ignore[arg-type]
-        trans_b = node.op_type == "Gemm" and _int(node, "transB") == 1
+        trans_b = node.op_type == "Gemm" and int_attr(node, "transB") == 1
         return WeightUse(node, node.inputs[1], 1 if trans_b else 0, 0 if trans_b else 1)  # type: ignore[arg-type]
 
     def _channel_axis(self, node: ir.Node, w: np.ndarray, output: bool) -> int:
         if node.op_type in ("Conv", "ConvTranspose"):
             return 1 - w.ndim
-        if node.op_type == "Gemm" and not output and _int(node, "transA") == 1:
+        if node.op_type == "Gemm" and not output and int_attr(node, "transA") == 1:
             return -2
         return -1
 
     def _layer(self, node: ir.Node, value: ir.Value, axis: int) -> None:
         w = self._weight(node)
-        if node.op_type == "ConvTranspose" and _int(node, "group", 1) != 1:
+        if node.op_type == "ConvTranspose" and int_attr(node, "group", 1) != 1:
             raise Decline(f"its channels reach the grouped {label(node)}")
         use = self._use(node)
         if is_carry_through(use):
@@ -346,8 +277,8 @@ class Fill:
         if axis != self._channel_axis(node, w, False):
             raise Decline(f"its channels reach {label(node)} on a non-reduced axis")
         reduce = int(w.shape[use.reduce_axis])
-        groups = _int(node, "group", 1) if node.op_type == "Conv" else 1
-        n = self._len(value, axis)
+        groups = int_attr(node, "group", 1) if node.op_type == "Conv" else 1
+        n = self.length(value, axis)
         if n is not None and n != reduce * groups:
             raise Decline(f"{label(node)} reduces over {reduce * groups} inputs, not {n}")
         if groups > 1:  # the same index goes from every group
@@ -365,7 +296,7 @@ class Fill:
         n = self._out_channels(node)
         if ids is None:
             ids = self._fresh(n)
-            groups = _int(node, "group", 1) if node.op_type == "Conv" else 1
+            groups = int_attr(node, "group", 1) if node.op_type == "Conv" else 1
             per = n // groups
             for o in range(per, n):
                 self._union(int(ids[o]), int(ids[o % per]))
@@ -403,7 +334,7 @@ class Fill:
                 self._set(other.inputs[0], axis, self.maps[value], via=via)
 
     def _depthwise(self, node: ir.Node, value: ir.Value, axis: int, w: np.ndarray) -> None:
-        groups = _int(node, "group", 1)
+        groups = int_attr(node, "group", 1)
         mult = int(w.shape[0]) // groups
         if axis != 1 - w.ndim or value is not node.inputs[0] and value is not node.outputs[0]:
             raise Decline(f"its channels reach {label(node)} on a non-channel axis")
@@ -509,9 +440,3 @@ class Fill:
 
 def _attrs(node: ir.Node) -> Sequence[tuple[str, object]]:
     return sorted((k, repr(v)) for k, v in node.attributes.items())
-
-
-def prod(dims: Sequence[int | None]) -> int | None:
-    if any(d is None for d in dims):
-        return None
-    return int(math.prod(dims))  # type: ignore[arg-type]

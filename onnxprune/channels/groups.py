@@ -21,147 +21,15 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
-import numpy as np
 import onnx_ir as ir
 
-from onnxprune.core.weights import (
-    WeightUse,
-    const_array,
-    producer_use,
-)
+from onnxprune.channels.fill import Fill, is_carry_through
+from onnxprune.channels.model import ChannelGroup
+from onnxprune.channels.shapes import Decline, Shapes, shape_hints
+from onnxprune.core.weights import producer_use
 
-__all__ = ["ChannelGroup", "ConstSlice", "ShapeEdit", "find_channel_groups", "group_of"]
-
-# Ops whose output channel c depends only on input channel c (and constants).
-UNARY = frozenset(
-    {
-        "Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Gelu", "Sigmoid", "HardSigmoid",
-        "HardSwish", "Tanh", "Erf", "Softplus", "Softsign", "Mish", "Abs", "Neg", "Exp",
-        "Log", "Sqrt", "Reciprocal", "Sin", "Cos", "Identity", "Cast", "Dropout", "Clip",
-        "ThresholdedRelu", "Floor", "Ceil", "Round", "Sign",
-    }
-)
-BINARY = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean"})
-# com.microsoft ops (onnxruntime's transformer optimizer) that act on each channel alone;
-# a bias operand (BiasGelu's B, FastGelu's bias) is a per-channel constant, sliced.
-MS_ELEMENTWISE = frozenset({"BiasGelu", "FastGelu", "Gelu", "QuickGelu"})
-# For these, only the inputs listed may carry channels; the rest must be scalar constants.
-_DATA_INPUTS = {"Clip": (0,), "Dropout": (0,), "PRelu": (0, 1)}
-# Ops that keep the channel axis (1, NCHW) and work on each channel alone.
-POOLING = frozenset(
-    {
-        "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool",
-        "GlobalLpPool",
-    }
-)
-# Per-channel normalisations: inputs listed are [C] constants sliced with the channels.
-_NORM_PARAMS = {"BatchNormalization": (1, 2, 3, 4), "InstanceNormalization": (1, 2)}
-# Reductions that keep channels when they do not reduce over the channel axis.
-REDUCE = frozenset({"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL2",
-                    "ReduceL1", "ReduceProd", "ReduceSumSquare", "ReduceLogSumExp"})
-# Ops that move data around without mixing channels, given constant parameters.
-_LAYOUT = frozenset({"Resize", "Upsample", "Pad", "Squeeze", "Unsqueeze", "Split", "Slice",
-                     "Concat", "Flatten", "Reshape", "Transpose"})
-
-
-@dataclass(frozen=True)
-class ConstSlice:
-    """A constant cut along `axis` when channels go (bias, scale, weight).
-
-    `cls` maps each position of that axis to the group's channel (-1: not this group's);
-    None means position p is channel p.
-    """
-
-    value: ir.Value
-    axis: int
-    node: ir.Node
-    cls: np.ndarray | None = field(default=None, compare=False)
-
-
-@dataclass(frozen=True)
-class ShapeEdit:
-    """A constant or attribute that spells a channel count or offset and must follow.
-
-    kind: "reshape" (target entry `index` of `node` input 1 shrinks with `value`'s axis),
-    "split" (the split sizes follow the outputs), "slice" (starts/ends follow the input),
-    "group" (a depthwise Conv's group attribute follows its input channels),
-    "resize" (the sizes entry of the channel axis follows the output), "concat_last" (the
-    constant last piece of a run-time Reshape target, input `index` of the Concat `node`).
-    """
-
-    kind: str
-    node: ir.Node
-    value: ir.Value
-    axis: int
-    index: int = 0
-    # "slice" with bounds computed at run time: (starts, ends) folded from static shapes; the
-    # slicing writes the new bounds as constants of this Slice's own.
-    folded: tuple[tuple[int, ...], ...] | None = field(default=None, compare=False)
-
-
-@dataclass
-class ChannelGroup:
-    """Everything that must shrink together when channel indices of one group are removed."""
-
-    name: str
-    size: int
-    producers: list[WeightUse] = field(default_factory=list)
-    consumers: list[WeightUse] = field(default_factory=list)
-    constants: list[ConstSlice] = field(default_factory=list)
-    reshapes: list[ir.Node] = field(default_factory=list)
-    members: dict[ir.Value, int] = field(default_factory=dict)  # value -> negative axis
-    skip_reason: str | None = None
-    maps: dict[ir.Value, np.ndarray] = field(default_factory=dict)  # value -> channel per pos
-    use_maps: dict[WeightUse, np.ndarray] = field(default_factory=dict)  # weight axis map
-    edits: list[ShapeEdit] = field(default_factory=list)
-
-    @property
-    def prunable(self) -> bool:
-        return self.skip_reason is None
-
-    @property
-    def is_matrix(self) -> bool:
-        """True when every weight is a 2-D matrix and position p is channel p everywhere
-        (the plain MatMul/Gemm case the calibration repair and the planner work on)."""
-        uses = self.producers + self.consumers
-        if any(np.ndim(const_array(u.weight)) != 2 for u in uses):
-            return False
-        return all(_identity(m) for m in self.use_maps.values())
-
-    @property
-    def consumers_are_matrices(self) -> bool:
-        """True when every consumer is a MatMul/Gemm reading channel p at position p (the
-        MatMul repair applies, whatever the producers are)."""
-        if any(np.ndim(const_array(u.weight)) != 2 for u in self.consumers):
-            return False
-        return all(_identity(self.use_maps[u]) for u in self.consumers if u in self.use_maps)
-
-    def channel_map(self, use: WeightUse, role: str = "") -> np.ndarray:
-        """Channel of every position on the use's sliced axis (producer: out, else reduce)."""
-        m = self.use_maps.get(use)
-        if m is not None:
-            return m
-        w = const_array(use.weight)
-        assert w is not None
-        axis = use.out_axis if (role or ("out" if use in self.producers else "in")) == "out" \
-            else use.reduce_axis
-        return np.arange(w.shape[axis])
-
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "name": self.name,
-            "channels": self.size,
-            "producers": [u.node.name for u in self.producers],
-            "consumers": [u.node.name for u in self.consumers],
-            "prunable": self.prunable,
-            "reason": self.skip_reason,
-        }
-
-
-def _identity(m: np.ndarray) -> bool:
-    return bool(np.array_equal(m, np.arange(m.size)))
+__all__ = ["find_channel_groups", "group_of"]
 
 
 def find_channel_groups(model: ir.Model, *, ignore: Sequence[str] = (),
@@ -169,13 +37,8 @@ def find_channel_groups(model: ir.Model, *, ignore: Sequence[str] = (),
     """Every channel group of the main graph, prunable or not (with the reason).
 
     `hints`: shape_hints(model) when the caller already has them."""
-    from onnxprune.channels.fill import SHAPE_HINTS, shape_hints
-
-    token = SHAPE_HINTS.set(shape_hints(model) if hints is None else hints)
-    try:
-        return _find(model, ignore)
-    finally:
-        SHAPE_HINTS.reset(token)
+    shapes = Shapes(shape_hints(model) if hints is None else hints)
+    return _find(model, ignore, shapes)
 
 
 def group_of(model: ir.Model, producer: ir.Node, hints: dict[str, list[int | None]]
@@ -184,26 +47,18 @@ def group_of(model: ir.Model, producer: ir.Node, hints: dict[str, list[int | Non
     sliced: one fill from it instead of the whole analysis, with `hints` from the
     shape_hints of an earlier analysis (the values of an unsliced group keep their shapes).
     """
-    from onnxprune.channels.fill import SHAPE_HINTS, Decline, Fill
-
     graph = model.graph
     use = producer_use(producer) if producer.graph is graph else None
     if use is None:
         return None
-    token = SHAPE_HINTS.set(hints)
+    fill = Fill(graph, use, Shapes(hints))
     try:
-        fill = Fill(graph, use)
-        try:
-            return fill.run()
-        except Decline as e:
-            return fill.declined(str(e))
-    finally:
-        SHAPE_HINTS.reset(token)
+        return fill.run()
+    except Decline as e:
+        return fill.declined(str(e))
 
 
-def _find(model: ir.Model, ignore: Sequence[str]) -> list[ChannelGroup]:
-    from onnxprune.channels.fill import Decline, Fill, is_carry_through
-
+def _find(model: ir.Model, ignore: Sequence[str], shapes: Shapes) -> list[ChannelGroup]:
     graph = model.graph
     uses = [u for n in graph if (u := producer_use(n)) is not None]  # in graph order
     groups: list[ChannelGroup] = []
@@ -211,7 +66,7 @@ def _find(model: ir.Model, ignore: Sequence[str]) -> list[ChannelGroup]:
     for use in uses:
         if use.node in claimed or is_carry_through(use):
             continue
-        fill = Fill(graph, use)
+        fill = Fill(graph, use, shapes)
         try:
             group = fill.run()
         except Decline as e:

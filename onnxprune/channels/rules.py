@@ -1,4 +1,4 @@
-"""How each op relates channel positions of its inputs and outputs (see channel_fill).
+"""How each op relates channel positions of its inputs and outputs (see channels/fill.py).
 
 A rule gets the fill, the node, the tensor it was reached through and that tensor's
 (negative) channel axis, and calls `fill.couple` for every pair of ports whose positions
@@ -12,9 +12,9 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
-from onnxprune.channels.fill import Decline, Fill, _dims, _int, _ints, _rank, label, prod
-from onnxprune.channels.groups import _DATA_INPUTS, _NORM_PARAMS, ShapeEdit
+from onnxprune.channels.model import DATA_INPUTS, NORM_PARAMS, ShapeEdit
 from onnxprune.channels.shape_reads import folded_slice_params, own_count_reshape
+from onnxprune.channels.shapes import Coupler, Decline, int_attr, ints_attr, label, prod
 from onnxprune.core.weights import const_array, is_constant
 
 __all__ = ["elementwise", "per_channel", "reduce", "LAYOUT_RULES"]
@@ -28,25 +28,18 @@ def _unused_outputs(node: ir.Node, first: int = 1) -> None:
             raise Decline(f"the extra output '{out.name}' of {label(node)} is used")
 
 
-def _rank_of(node: ir.Node, value: ir.Value) -> int:
-    r = _rank(value)
+def _rank_of(fill: Coupler, node: ir.Node, value: ir.Value) -> int:
+    r = fill.shapes.rank(value)
     if r is None:
         for v in (*node.inputs[:1], *node.outputs[:1]):
-            if v is not None and (r := _rank(v)) is not None:
+            if v is not None and (r := fill.shapes.rank(v)) is not None:
                 return r
         raise Decline(f"the rank of '{value.name}' at {label(node)} is unknown")
     return r
 
 
-def _dim_at(value: ir.Value, axis: int) -> int | None:
-    dims = _dims(value)
-    if dims is None:
-        return None
-    return 1 if len(dims) < -axis else dims[axis]
-
-
-def elementwise(fill: Fill, node: ir.Node, value: ir.Value, axis: int) -> None:
-    data = _DATA_INPUTS.get(node.op_type)
+def elementwise(fill: Coupler, node: ir.Node, value: ir.Value, axis: int) -> None:
+    data = DATA_INPUTS.get(node.op_type)
     ports: list[ir.Value] = []
     for i, inp in enumerate(node.inputs):
         if inp is None:
@@ -59,7 +52,7 @@ def elementwise(fill: Fill, node: ir.Node, value: ir.Value, axis: int) -> None:
         if is_constant(inp):
             fill.const_operand(node, i, inp, value, axis)
             continue
-        if inp is not value and _dim_at(inp, axis) == 1 and fill._len(value, axis) != 1:
+        if inp is not value and fill.shapes.dim(inp, axis) == 1 and fill.length(value, axis) != 1:
             continue  # broadcast over the channels: not coupled
         ports.append(inp)
     for k, out in enumerate(node.outputs):
@@ -73,15 +66,15 @@ def elementwise(fill: Fill, node: ir.Node, value: ir.Value, axis: int) -> None:
             fill.couple(value, axis, p, axis)
 
 
-def per_channel(fill: Fill, node: ir.Node, value: ir.Value, axis: int) -> None:
+def per_channel(fill: Coupler, node: ir.Node, value: ir.Value, axis: int) -> None:
     """Pooling and BatchNorm/InstanceNorm: channel axis 1, each channel on its own."""
-    if axis != 1 - _rank_of(node, value):
+    if axis != 1 - _rank_of(fill, node, value):
         raise Decline(f"its channels reach {label(node)} on a non-channel axis")
     _unused_outputs(node)
     inp, out = node.inputs[0], node.outputs[0]
     assert inp is not None
     fill.couple(inp, axis, out, axis)
-    for idx in _NORM_PARAMS.get(node.op_type, ()):
+    for idx in NORM_PARAMS.get(node.op_type, ()):
         if idx < len(node.inputs) and node.inputs[idx] is not None:
             fill.const_operand(node, idx, node.inputs[idx], out, 0, absolute=True)  # type: ignore[arg-type]
 
@@ -92,21 +85,21 @@ def _axes_input(node: ir.Node, index: int, attr: str) -> list[int] | None:
         if arr is None:
             raise Decline(f"{label(node)} has axes computed at run time")
         return [int(a) for a in arr.reshape(-1)]
-    return _ints(node, attr)
+    return ints_attr(node, attr)
 
 
-def reduce(fill: Fill, node: ir.Node, value: ir.Value, axis: int) -> None:
+def reduce(fill: Coupler, node: ir.Node, value: ir.Value, axis: int) -> None:
     """A reduction over other axes (the squeeze of squeeze-and-excitation) keeps channels."""
     inp, out = node.inputs[0], node.outputs[0]
     assert inp is not None
     axes = _axes_input(node, 1, "axes")
     if not axes:
         raise Decline(f"its channels reach {label(node)}, which mixes channels")
-    r = _rank(inp) or _rank(out)
+    r = fill.shapes.rank(inp) or fill.shapes.rank(out)
     if r is None and any(a >= 0 for a in axes):
         raise Decline(f"the rank of '{value.name}' at {label(node)} is unknown")
     neg = sorted(a % r - r if r is not None else a for a in axes)
-    keep = _int(node, "keepdims", 1) == 1
+    keep = int_attr(node, "keepdims", 1) == 1
     if value is inp:
         if axis in neg:
             raise Decline(f"its channels reach {label(node)}, which mixes channels")
@@ -123,8 +116,8 @@ def reduce(fill: Fill, node: ir.Node, value: ir.Value, axis: int) -> None:
     fill.couple(inp, in_axis, out, axis)
 
 
-def transpose(fill: Fill, node: ir.Node, value: ir.Value, axis: int) -> None:
-    perm = _ints(node, "perm")
+def transpose(fill: Coupler, node: ir.Node, value: ir.Value, axis: int) -> None:
+    perm = ints_attr(node, "perm")
     if perm is None:
         raise Decline(f"{label(node)} has no explicit perm")
     rank = len(perm)
@@ -138,7 +131,7 @@ def transpose(fill: Fill, node: ir.Node, value: ir.Value, axis: int) -> None:
         fill.couple(inp, perm[rank + axis] - rank, out, axis)
 
 
-def reshape(fill: Fill, node: ir.Node, value: ir.Value, axis: int) -> None:
+def reshape(fill: Coupler, node: ir.Node, value: ir.Value, axis: int) -> None:
     inp, out = node.inputs[0], node.outputs[0]
     assert inp is not None
     target = const_array(node.inputs[1])
@@ -148,13 +141,13 @@ def reshape(fill: Fill, node: ir.Node, value: ir.Value, axis: int) -> None:
     target = [int(t) for t in target.reshape(-1)]
     if value is out and inp in fill.axes:  # seen from the input side already
         value, axis = inp, fill.axes[inp]
-    n = fill._len(value, axis)
+    n = fill.length(value, axis)
     if axis == -1 and target and (target[-1] == 0 or target[-1] == n and n is not None):
         if target[-1] > 0:
             fill.edit(ShapeEdit("reshape", node, out, -1, len(target) - 1))
         fill.couple(inp, -1, out, -1)
         return
-    dims = _dims(inp)
+    dims = fill.shapes.dims(inp)
     if value is inp and dims is not None and n is not None:
         pos = len(dims) + axis
         inner = prod(dims[pos + 1:])
@@ -168,17 +161,18 @@ def reshape(fill: Fill, node: ir.Node, value: ir.Value, axis: int) -> None:
     raise Decline(f"{label(node)} does not keep the channel axis last")
 
 
-def _run_time_reshape(fill: Fill, node: ir.Node, value: ir.Value, axis: int) -> None:
+def _run_time_reshape(fill: Coupler, node: ir.Node, value: ir.Value, axis: int) -> None:
     """Reshape(x, Concat(<run-time leading dims>, [C])): a Gemm on a flattened input shaped
     back at run time (GPT-2's Conv1D as the dynamo exporter writes it). Only the constant
     last entry spells the channels; the leading dims must not come from the channels."""
     inp, out = node.inputs[0], node.outputs[0]
     assert inp is not None
-    if own_count_reshape(node, inp, axis):  # Reshape(x, [..., Shape(x)[-1]]): stays right
+    # Reshape(x, [..., Shape(x)[-1]]) stays right
+    if own_count_reshape(fill.shapes, node, inp, axis):
         fill.couple(inp, -1, out, -1)
         return
     cat = node.inputs[1].producer() if node.inputs[1] is not None else None
-    n = fill._len(value, axis)
+    n = fill.length(value, axis)
     last = const_array(cat.inputs[-1]) if cat is not None and cat.op_type == "Concat" \
         and cat.inputs and cat.inputs[-1] is not None else None
     if axis != -1 or last is None or last.size != 1 or n is None or int(last.reshape(-1)[0]) \
@@ -195,34 +189,34 @@ def _run_time_reshape(fill: Fill, node: ir.Node, value: ir.Value, axis: int) -> 
     fill.couple(inp, -1, out, -1)
 
 
-def flatten(fill: Fill, node: ir.Node, value: ir.Value, axis: int) -> None:
+def flatten(fill: Coupler, node: ir.Node, value: ir.Value, axis: int) -> None:
     inp, out = node.inputs[0], node.outputs[0]
     assert inp is not None
-    dims = _dims(inp)
+    dims = fill.shapes.dims(inp)
     if value is out and inp in fill.axes:  # seen from the input side already
         value, axis = inp, fill.axes[inp]
     if value is not inp or dims is None:
         raise Decline(f"its channels reach {label(node)} from its output or with unknown shape")
     r = len(dims)
-    k = _int(node, "axis", 1) % r if r else 0
+    k = int_attr(node, "axis", 1) % r if r else 0
     pos = r + axis
-    n = fill._len(inp, axis)
+    n = fill.length(inp, axis)
     inner, outer = prod(dims[pos + 1:]), prod(dims[k:pos])
     if pos < k or inner is None or outer is None or n is None:
         raise Decline(f"{label(node)} does not flatten the channels into features")
     fill.couple(inp, axis, out, -1, (np.arange(outer * n * inner) // inner) % n)
 
 
-def concat(fill: Fill, node: ir.Node, value: ir.Value, axis: int) -> None:
+def concat(fill: Coupler, node: ir.Node, value: ir.Value, axis: int) -> None:
     out = node.outputs[0]
-    r = _rank_of(node, value)
-    cat = _int(node, "axis") % r - r
+    r = _rank_of(fill, node, value)
+    cat = int_attr(node, "axis") % r - r
     inputs = [v for v in node.inputs if v is not None]
     if cat != axis:
         for v in inputs:
             fill.couple(v, axis, out, axis)
         return
-    sizes = [fill._len(v, axis) for v in inputs]
+    sizes = [fill.length(v, axis) for v in inputs]
     if any(s is None for s in sizes):
         raise Decline(f"{label(node)} joins inputs of unknown size along the channels")
     total = sum(sizes)  # type: ignore[arg-type]
@@ -234,16 +228,16 @@ def concat(fill: Fill, node: ir.Node, value: ir.Value, axis: int) -> None:
         start += s  # type: ignore[operator]
 
 
-def split(fill: Fill, node: ir.Node, value: ir.Value, axis: int) -> None:
+def split(fill: Coupler, node: ir.Node, value: ir.Value, axis: int) -> None:
     inp = node.inputs[0]
     assert inp is not None
-    r = _rank_of(node, value)
-    ax = _int(node, "axis") % r - r
+    r = _rank_of(fill, node, value)
+    ax = int_attr(node, "axis") % r - r
     if ax != axis:
         for out in node.outputs:
             fill.couple(inp, axis, out, axis)
         return
-    n = fill._len(inp, axis)
+    n = fill.length(inp, axis)
     sizes = _axes_input(node, 1, "split")
     if sizes is None:
         if n is None or n % len(node.outputs):
@@ -256,16 +250,16 @@ def split(fill: Fill, node: ir.Node, value: ir.Value, axis: int) -> None:
     fill.edit(ShapeEdit("split", node, inp, axis))
 
 
-def slice_(fill: Fill, node: ir.Node, value: ir.Value, axis: int) -> None:
+def slice_(fill: Coupler, node: ir.Node, value: ir.Value, axis: int) -> None:
     inp, out = node.inputs[0], node.outputs[0]
     assert inp is not None
-    params = folded_slice_params(node)
+    params = folded_slice_params(fill.shapes, node)
     if params is None:
         raise Decline(f"its channels reach {label(node)}, whose bounds are computed at run time")
     run_time = any(const_array(v) is None for v in node.inputs[1:3] if v is not None)
     if len(node.inputs) < 3:
         raise Decline(f"{label(node)} (opset < 10 Slice) is not supported")
-    r = _rank_of(node, value)
+    r = _rank_of(fill, node, value)
     starts, ends = (p.reshape(-1).tolist() for p in params[:2])  # type: ignore[union-attr]
     axes = params[2].reshape(-1).tolist() if len(params) > 2 and params[2] is not None \
         else list(range(len(starts)))
@@ -276,7 +270,7 @@ def slice_(fill: Fill, node: ir.Node, value: ir.Value, axis: int) -> None:
         fill.couple(inp, axis, out, axis)
         return
     i = hit[0]
-    n = fill._len(inp, axis)
+    n = fill.length(inp, axis)
     if steps[i] != 1 or n is None:
         raise Decline(f"{label(node)} slices the channels with a step or unknown size")
     lo, hi = (int(np.clip(v + n if v < 0 else v, 0, n)) for v in (starts[i], ends[i]))
@@ -287,10 +281,10 @@ def slice_(fill: Fill, node: ir.Node, value: ir.Value, axis: int) -> None:
     fill.edit(ShapeEdit("slice", node, inp, axis, i, folded))
 
 
-def resize(fill: Fill, node: ir.Node, value: ir.Value, axis: int) -> None:
+def resize(fill: Coupler, node: ir.Node, value: ir.Value, axis: int) -> None:
     inp, out = node.inputs[0], node.outputs[0]
     assert inp is not None
-    r = _rank_of(node, value)
+    r = _rank_of(fill, node, value)
     idx = 1 if node.op_type == "Upsample" else 2
     scales = const_array(node.inputs[idx]) if len(node.inputs) > idx and node.inputs[idx] \
         is not None else None
@@ -299,7 +293,8 @@ def resize(fill: Fill, node: ir.Node, value: ir.Value, axis: int) -> None:
     sizes = node.inputs[3] if node.op_type == "Resize" and len(node.inputs) > 3 else None
     if sizes is not None:
         s = const_array(sizes)
-        if s is None or s.size != r or _dims(inp) is None or s[r + axis] != _dims(inp)[axis]:  # type: ignore[index]
+        dims = fill.shapes.dims(inp)
+        if s is None or s.size != r or dims is None or s[r + axis] != dims[axis]:
             raise Decline(f"{label(node)} resizes to sizes it does not keep per channel")
         fill.edit(ShapeEdit("resize", node, out, axis, r + axis))
     elif scales is None or scales.size != r or scales[r + axis] != 1:
@@ -307,14 +302,14 @@ def resize(fill: Fill, node: ir.Node, value: ir.Value, axis: int) -> None:
     fill.couple(inp, axis, out, axis)
 
 
-def pad(fill: Fill, node: ir.Node, value: ir.Value, axis: int) -> None:
+def pad(fill: Coupler, node: ir.Node, value: ir.Value, axis: int) -> None:
     inp, out = node.inputs[0], node.outputs[0]
     assert inp is not None
-    r = _rank_of(node, value)
+    r = _rank_of(fill, node, value)
     if len(node.inputs) > 3 and node.inputs[3] is not None:
         raise Decline(f"{label(node)} pads selected axes")
     pads = const_array(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None \
-        else np.asarray(_ints(node, "pads") or [0] * (2 * r))
+        else np.asarray(ints_attr(node, "pads") or [0] * (2 * r))
     if pads is None or pads.size != 2 * r:
         raise Decline(f"{label(node)} has pads computed at run time")
     if pads[r + axis] != 0 or pads[2 * r + axis] != 0:
@@ -322,10 +317,10 @@ def pad(fill: Fill, node: ir.Node, value: ir.Value, axis: int) -> None:
     fill.couple(inp, axis, out, axis)
 
 
-def squeeze(fill: Fill, node: ir.Node, value: ir.Value, axis: int) -> None:
+def squeeze(fill: Coupler, node: ir.Node, value: ir.Value, axis: int) -> None:
     inp, out = node.inputs[0], node.outputs[0]
     assert inp is not None
-    r_in = _rank(inp)
+    r_in = fill.shapes.rank(inp)
     axes = _axes_input(node, 1, "axes")
     if r_in is None or axes is None:
         raise Decline(f"{label(node)} has unknown axes or rank")
@@ -352,7 +347,7 @@ def squeeze(fill: Fill, node: ir.Node, value: ir.Value, axis: int) -> None:
         fill.couple(inp, in_axes[pos] - r_in, out, axis)
 
 
-LAYOUT_RULES: dict[str, Callable[[Fill, ir.Node, ir.Value, int], None]] = {
+LAYOUT_RULES: dict[str, Callable[[Coupler, ir.Node, ir.Value, int], None]] = {
     "Transpose": transpose,
     "Reshape": reshape,
     "Flatten": flatten,

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 
-from onnxprune.channels.groups import ChannelGroup
+from onnxprune.channels.model import ChannelGroup
 from onnxprune.core.pages import release_tensor
 from onnxprune.core.weights import const_array, set_const_array
 

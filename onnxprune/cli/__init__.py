@@ -28,6 +28,8 @@ from rich.table import Table
 
 from onnxprune import api
 from onnxprune.calibration.data import Batch, data_budget, parse_shape_overrides
+from onnxprune.channels.criteria import CRITERIA
+from onnxprune.cli.report import human_bytes, pass_table, stats_table, verify_table, write_json
 from onnxprune.errors import InputError, OnnxPruneError
 from onnxprune.io.files import atomic_path, same_file
 from onnxprune.io.models import (
@@ -37,14 +39,12 @@ from onnxprune.io.models import (
     stored_bytes,
     uses_external_data,
 )
+from onnxprune.io.runtime import Provider, parse_providers
+from onnxprune.quant.driver import QuantizeConfig
 from onnxprune.recipe.export_folder import check_copy_config, copy_config, layer_sizes
 from onnxprune.repair.reconstruct import DEFAULT_RIDGE
 from onnxprune.search.plot import write_plot
 from onnxprune.search.search import DEFAULT_MAX_DROP
-from onnxprune.quant.driver import QuantizeConfig
-from onnxprune.cli.report import human_bytes, pass_table, stats_table, verify_table, write_json
-from onnxprune.io.runtime import Provider, parse_providers
-from onnxprune.channels.criteria import CRITERIA
 from onnxprune.verify.compare import Tolerances, VerifyResult
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3

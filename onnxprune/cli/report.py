@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
 
-from onnxprune.io.files import atomic_path
 from onnxprune.core.accounting import ModelStats
+from onnxprune.io.files import atomic_path
 
 if TYPE_CHECKING:  # report sits below verify in the layers; only the type is needed
     from onnxprune.verify.compare import VerifyResult

@@ -1,1 +1,3 @@
-"""Conv layers: calibrated channel removal with im2col statistics, refits, sensitivity, BatchNorm folding."""
+"""Conv layers: calibrated channel removal with im2col statistics, refits, sensitivity, BatchNorm
+folding.
+"""

@@ -20,14 +20,14 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxprune.calibration.propagate import Propagator, TargetStore
-from onnxprune.channels.groups import ChannelGroup
-from onnxprune.core.weights import WeightUse, const_array, conv_use
+from onnxprune.channels.model import ChannelGroup
 from onnxprune.conv.repair import (
     apply_conv_fit,
     collect_conv_stats,
     conv_geometry,
     fit_conv_group,
 )
+from onnxprune.core.weights import WeightUse, const_array, conv_use
 from onnxprune.repair.reconstruct import Calibration, conv_target
 
 __all__ = ["sweep_candidates", "conv_sweep_targets", "refit_convs"]

@@ -25,9 +25,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from onnxprune.calibration.propagate import Propagator
-from onnxprune.io.external_data import model_bytes
-from onnxprune.channels.groups import ChannelGroup
-from onnxprune.core.weights import const_array
+from onnxprune.channels.model import ChannelGroup
 from onnxprune.conv.repair import (
     _bias,
     _single,
@@ -35,8 +33,10 @@ from onnxprune.conv.repair import (
     fit_conv_group,
     select_conv_channels,
 )
-from onnxprune.repair.reconstruct import Calibration, reference_targets
+from onnxprune.core.weights import const_array
+from onnxprune.io.external_data import model_bytes
 from onnxprune.io.runtime import make_session
+from onnxprune.repair.reconstruct import Calibration, reference_targets
 
 __all__ = ["GroupCurve", "conv_sensitivity", "allocate_removals", "DEFAULT_LEVELS"]
 

@@ -1,1 +1,3 @@
-"""The lowest layer: reading and writing constants, shapes, accounting, page release, the pass base."""
+"""The lowest layer: reading and writing constants, shapes, accounting, page release, the pass
+base.
+"""

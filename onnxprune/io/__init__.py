@@ -1,1 +1,3 @@
-"""Models in and out: load/save, external data, detached weights, atomic files, the validation gate, sessions."""
+"""Models in and out: load/save, external data, detached weights, atomic files, the validation
+gate, sessions.
+"""

@@ -20,8 +20,8 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnxprune.io.detached import PLACEHOLDER, detach_from_proto, serialize_detached
 from onnxprune.errors import InputError
+from onnxprune.io.detached import PLACEHOLDER, detach_from_proto, serialize_detached
 from onnxprune.io.files import NAME_MAX
 from onnxprune.io.validate import tensor_nbytes
 

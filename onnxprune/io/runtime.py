@@ -20,8 +20,8 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from onnxprune.io.detached import PREPACK_LIMIT_BYTES, placeholder_folder
 from onnxprune.errors import InputError, OnnxPruneError, ProviderError
+from onnxprune.io.detached import PREPACK_LIMIT_BYTES, placeholder_folder
 
 logger = logging.getLogger(__name__)
 

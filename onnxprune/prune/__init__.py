@@ -1,1 +1,3 @@
-"""The pruning passes: whole neurons (dispatching to repair/ and conv/), weight zeroing, lossless clean-up."""
+"""The pruning passes: whole neurons (dispatching to repair/ and conv/), weight zeroing, lossless
+clean-up.
+"""

@@ -23,12 +23,13 @@ import onnx_ir as ir
 from onnx_ir.passes.common import DeduplicateInitializersPass, RemoveUnusedNodesPass
 
 from onnxprune.calibration.data import Batch, input_specs, random_batches
-from onnxprune.channels.groups import ChannelGroup, find_channel_groups
-from onnxprune.quant.qdq_build import constant_bytes
-from onnxprune.core.weights import const_array
+from onnxprune.channels.groups import find_channel_groups
+from onnxprune.channels.model import ChannelGroup
 from onnxprune.core.passes import ReportingPass
-from onnxprune.repair.reconstruct import Calibration, shared_input
+from onnxprune.core.weights import const_array
 from onnxprune.prune.remove_neurons import RemoveNeuronsPass
+from onnxprune.quant.qdq_build import constant_bytes
+from onnxprune.repair.reconstruct import Calibration, shared_input
 
 __all__ = ["CleanupPass", "CleanupResult", "dead_channels"]
 

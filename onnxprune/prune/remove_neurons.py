@@ -17,16 +17,18 @@ import onnx_ir as ir
 from onnx_ir.passes.common import NameFixPass
 
 from onnxprune.calibration.propagate import Propagator
-from onnxprune.errors import InputError, OnnxPruneError
-from onnxprune.channels.fill import shape_hints
-from onnxprune.channels.groups import ChannelGroup, find_channel_groups, group_of
-from onnxprune.core.pages import release_pages
+from onnxprune.channels.criteria import CRITERIA, DATA_AWARE, ChannelWeights, score_channels
+from onnxprune.channels.groups import find_channel_groups, group_of
+from onnxprune.channels.model import ChannelGroup
+from onnxprune.channels.shapes import shape_hints
 from onnxprune.channels.slicing import keep_channels, keep_many
-from onnxprune.core.weights import const_array
-from onnxprune.core.passes import CalibrationLike, ReportingPass, as_calibration
 from onnxprune.conv.refit import conv_sweep_targets, refit_convs, sweep_candidates
 from onnxprune.conv.repair import conv_repairable, prune_conv_group
 from onnxprune.conv.sensitivity import DEFAULT_LEVELS, allocate_removals, conv_sensitivity
+from onnxprune.core.pages import release_pages
+from onnxprune.core.passes import CalibrationLike, ReportingPass, as_calibration
+from onnxprune.core.weights import const_array
+from onnxprune.errors import InputError, OnnxPruneError
 from onnxprune.repair.reconstruct import (
     Calibration,
     Sweep,
@@ -36,7 +38,6 @@ from onnxprune.repair.reconstruct import (
     reference_targets,
     shared_input,
 )
-from onnxprune.channels.criteria import CRITERIA, DATA_AWARE, ChannelWeights, score_channels
 
 __all__ = ["RemoveNeuronsPass", "GroupDecision", "RemoveNeuronsResult", "group_weights",
            "KeepSpec", "keep_counts", "fixed_indices"]

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from onnxprune.errors import InputError
-from onnxprune.core.weights import WeightUse, const_array, set_const_array, weight_uses
 from onnxprune.core.passes import ReportingPass
+from onnxprune.core.weights import WeightUse, const_array, set_const_array, weight_uses
+from onnxprune.errors import InputError
 
 __all__ = ["ZeroWeightsPass", "ZeroedLayer", "ZeroWeightsResult", "nm_mask"]
 

@@ -1,1 +1,3 @@
-"""8-bit quantization: the driver, the QDQ pass, which layers, QDQ building, scale folding, ranges, error."""
+"""8-bit quantization: the driver, the QDQ pass, which layers, QDQ building, scale folding, ranges,
+error.
+"""

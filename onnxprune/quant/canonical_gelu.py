@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from onnxprune.core.weights import const_array
 from onnxprune.core.passes import ReportingPass
+from onnxprune.core.weights import const_array
 
 __all__ = ["CanonicalGeluPass", "CanonicalGeluResult"]
 

@@ -27,6 +27,18 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxprune.calibration.data import Batch
+from onnxprune.conv.fold_batchnorm import FoldBatchNormPass
+from onnxprune.core.pages import release_pages
+from onnxprune.errors import InputError, UnsupportedModelError
+from onnxprune.io.runtime import Provider
+from onnxprune.quant.canonical_gelu import CanonicalGeluPass
+from onnxprune.quant.layers import QLayer, check_not_quantized, find_layers
+from onnxprune.quant.qdq_pass import (
+    ActivationQuant,
+    EmbeddingLayout,
+    QuantizedLayer,
+    QuantizeQDQPass,
+)
 from onnxprune.quant.qerror import (
     SMOOTH_GAIN,
     ActDtype,
@@ -40,18 +52,6 @@ from onnxprune.quant.qerror import (
     sqnr_db,
 )
 from onnxprune.quant.ranges import RangeCollector, collect_ranges
-from onnxprune.errors import InputError, UnsupportedModelError
-from onnxprune.core.pages import release_pages
-from onnxprune.quant.layers import QLayer, check_not_quantized, find_layers
-from onnxprune.quant.canonical_gelu import CanonicalGeluPass
-from onnxprune.conv.fold_batchnorm import FoldBatchNormPass
-from onnxprune.quant.qdq_pass import (
-    ActivationQuant,
-    EmbeddingLayout,
-    QuantizedLayer,
-    QuantizeQDQPass,
-)
-from onnxprune.io.runtime import Provider
 
 __all__ = ["QuantizeConfig", "LayerReport", "QuantizeReport", "quantize_model"]
 

@@ -16,8 +16,8 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from onnxprune.errors import UnsupportedModelError
 from onnxprune.core.weights import const_array, is_constant
+from onnxprune.errors import UnsupportedModelError
 
 __all__ = [
     "QLayer",

@@ -24,14 +24,14 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common
 
-from onnxprune.quant.qerror import ActDtype, dequantize_weight, quantize_weight, sqnr_db
-from onnxprune.errors import InputError, UnsupportedModelError
 from onnxprune.core.pages import release_pages
-from onnxprune.quant.qdq_build import QdqBuilder, constant_bytes
-from onnxprune.quant.layers import QLayer, check_not_quantized, find_layers, layer_name
-from onnxprune.quant.scale_fold import fold_channel_scale
-from onnxprune.core.weights import const_array
 from onnxprune.core.passes import CalibrationLike, ReportingPass, as_calibration
+from onnxprune.core.weights import const_array
+from onnxprune.errors import InputError, UnsupportedModelError
+from onnxprune.quant.layers import QLayer, check_not_quantized, find_layers, layer_name
+from onnxprune.quant.qdq_build import QdqBuilder, constant_bytes
+from onnxprune.quant.qerror import ActDtype, dequantize_weight, quantize_weight, sqnr_db
+from onnxprune.quant.scale_fold import fold_channel_scale
 
 if TYPE_CHECKING:
     from onnxprune.quant.driver import QuantizeConfig

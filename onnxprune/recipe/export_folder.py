@@ -15,10 +15,10 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from onnxprune.errors import InputError
-from onnxprune.io.files import atomic_path, check_writable
 from onnxprune.attention.blocks import find_attention_blocks
 from onnxprune.channels.groups import find_channel_groups
+from onnxprune.errors import InputError
+from onnxprune.io.files import atomic_path, check_writable
 
 __all__ = ["check_copy_config", "copy_config", "layer_sizes"]
 

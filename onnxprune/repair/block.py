@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from onnxprune.channels.groups import ChannelGroup
+from onnxprune.channels.model import ChannelGroup
 from onnxprune.core.weights import const_array, is_constant
 from onnxprune.repair.ops import OPS
 

@@ -26,13 +26,14 @@ import onnx_ir as ir
 from onnxprune.calibration.data import Batch
 from onnxprune.calibration.propagate import Propagator
 from onnxprune.calibration.runner import row_mask
-from onnxprune.errors import DataError, InputError
-from onnxprune.channels.groups import ChannelGroup, find_channel_groups
+from onnxprune.channels.groups import find_channel_groups
+from onnxprune.channels.model import ChannelGroup
 from onnxprune.core.weights import const_array, const_shape, set_const_array
-from onnxprune.repair.reconstruct import Calibration
+from onnxprune.errors import DataError, InputError
 from onnxprune.repair.augment import Augment, augmented
 from onnxprune.repair.block import Block, BlockFunction, find_block
 from onnxprune.repair.fit import FitOptions, Rows, distill_block
+from onnxprune.repair.reconstruct import Calibration
 
 __all__ = ["DistillRepairPass", "DistillResult", "BlockRepair", "DEFAULT_AUGMENT",
            "DEFAULT_REPAIR_FLOPS", "HOLDOUT_EVERY", "default_steps", "step_flops"]

@@ -20,10 +20,10 @@ from onnxprune.calibration.data import Batch
 from onnxprune.calibration.propagate import Propagator, TargetStore, graph_value
 from onnxprune.calibration.runner import capture, row_mask
 from onnxprune.calibration.stats import LayerStats
-from onnxprune.errors import DataError
-from onnxprune.channels.groups import ChannelGroup
+from onnxprune.channels.model import ChannelGroup
 from onnxprune.core.rewire import take_over_output
 from onnxprune.core.weights import WeightUse, const_array, matmul_use, set_const_array
+from onnxprune.errors import DataError
 from onnxprune.io.runtime import Provider
 from onnxprune.repair.lstsq import Problem, cross_validated_ridge, fold_bias, obs_order
 

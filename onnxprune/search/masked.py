@@ -18,10 +18,10 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from onnxprune.calibration.data import Batch
-from onnxprune.errors import DataError, OnnxPruneError
 from onnxprune.core.weights import const_array
-from onnxprune.search.units import Unit
+from onnxprune.errors import DataError, OnnxPruneError
 from onnxprune.io.runtime import make_session
+from onnxprune.search.units import Unit
 
 __all__ = ["MaskedModel", "MaskedSession", "Candidate", "run_batches"]
 

@@ -33,12 +33,15 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import NameFixPass, RemoveUnusedNodesPass
 
+from onnxprune.attention.remove_heads import RemoveHeadsPass
 from onnxprune.calibration.data import Batch
 from onnxprune.calibration.propagate import Propagator
-from onnxprune.errors import InputError
+from onnxprune.channels.model import ChannelGroup
 from onnxprune.core.accounting import ModelStats, model_stats
-from onnxprune.channels.groups import ChannelGroup
 from onnxprune.core.weights import const_shape
+from onnxprune.errors import InputError
+from onnxprune.io.runtime import make_session
+from onnxprune.prune.remove_neurons import KeepSpec, RemoveNeuronsPass, keep_counts
 from onnxprune.repair.distill import DistillResult
 from onnxprune.repair.reconstruct import (
     Calibration,
@@ -47,16 +50,13 @@ from onnxprune.repair.reconstruct import (
     input_group,
     reference_targets,
 )
-from onnxprune.attention.remove_heads import RemoveHeadsPass
-from onnxprune.prune.remove_neurons import KeepSpec, RemoveNeuronsPass, keep_counts
 from onnxprune.search.allocate import CHECKPOINT, UNIFORM, Allocation, allocate, uniform
 from onnxprune.search.analyze import analyze_model
 from onnxprune.search.distill import DistillStage, run_distill
-from onnxprune.search.quality import BuiltinMetric, UserMetric
 from onnxprune.search.plans import Plan, apply_split, data_fingerprint, default_split
+from onnxprune.search.quality import BuiltinMetric, UserMetric
 from onnxprune.search.sensitivity import Evaluator, UnitAnalysis
 from onnxprune.search.units import Unit, find_units
-from onnxprune.io.runtime import make_session
 
 __all__ = ["DEFAULT_MAX_DROP", "Target", "SearchConfig", "SearchResult", "search",
            "apply_decisions", "decided_units",

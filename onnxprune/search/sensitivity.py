@@ -16,14 +16,14 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
+from onnxprune.attention.head_scores import obs_head_order
 from onnxprune.calibration.data import Batch
 from onnxprune.calibration.runner import capture, row_mask
+from onnxprune.repair.lstsq import Problem, obs_order
 from onnxprune.repair.reconstruct import DEFAULT_RIDGE, joined_weight
 from onnxprune.search.masked import Candidate, MaskedModel, MaskedSession, run_batches
 from onnxprune.search.quality import BuiltinMetric, UserMetric, builtin_score, call_user_metric
 from onnxprune.search.units import Unit
-from onnxprune.attention.head_scores import obs_head_order
-from onnxprune.repair.lstsq import Problem, obs_order
 
 __all__ = ["UnitAnalysis", "Evaluator", "analyse_units", "measure_curves", "Progress"]
 

@@ -15,7 +15,9 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from onnxprune.channels.groups import ChannelGroup, find_channel_groups
+from onnxprune.attention.remove_heads import output_group, recognise_blocks
+from onnxprune.channels.groups import find_channel_groups
+from onnxprune.channels.model import ChannelGroup
 from onnxprune.core.weights import const_array
 from onnxprune.repair.reconstruct import (
     Calibration,
@@ -23,7 +25,6 @@ from onnxprune.repair.reconstruct import (
     consumer_target,
     shared_input,
 )
-from onnxprune.attention.remove_heads import output_group, recognise_blocks
 
 __all__ = ["Unit", "find_units"]
 
