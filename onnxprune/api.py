@@ -45,7 +45,8 @@ from onnxprune.prune.cleanup import CleanupPass
 from onnxprune.prune.remove_neurons import Progress, RemoveNeuronsPass
 from onnxprune.prune.zero_weights import ZeroWeightsPass
 from onnxprune.quant.driver import QuantizeConfig, quantize_model
-from onnxprune.quant.qdq_pass import QuantizeQDQPass, QuantizeQDQResult
+from onnxprune.quant.insert_qdq import QuantizeQDQResult
+from onnxprune.quant.qdq_pass import QuantizeQDQPass
 from onnxprune.repair.augment import Augment
 from onnxprune.repair.distill import DEFAULT_AUGMENT, DistillRepairPass
 from onnxprune.repair.reconstruct import Calibration, Reconstruct

@@ -12,8 +12,9 @@ from test_heads import _calibration as heads_calibration
 from test_heads import attention_model
 
 from onnxprune.attention.remove_heads import RemoveHeadsPass
-from onnxprune.calibration.propagate import Propagator, TargetStore
+from onnxprune.calibration.propagate import Propagator
 from onnxprune.calibration.runner import capture
+from onnxprune.calibration.targets import TargetStore
 from onnxprune.channels.groups import find_channel_groups
 from onnxprune.channels.slicing import keep_channels
 from onnxprune.core.weights import const_array, set_const_array

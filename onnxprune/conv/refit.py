@@ -19,7 +19,8 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 
-from onnxprune.calibration.propagate import Propagator, TargetStore
+from onnxprune.calibration.propagate import Propagator
+from onnxprune.calibration.targets import TargetStore
 from onnxprune.channels.model import ChannelGroup
 from onnxprune.conv.repair import (
     apply_conv_fit,

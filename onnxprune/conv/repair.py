@@ -15,9 +15,10 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxprune.calibration.data import Batch
-from onnxprune.calibration.propagate import Propagator, TargetStore
+from onnxprune.calibration.propagate import Propagator
 from onnxprune.calibration.runner import capture
 from onnxprune.calibration.stats import LayerStats
+from onnxprune.calibration.targets import TargetStore
 from onnxprune.channels.model import ChannelGroup
 from onnxprune.channels.slicing import keep_channels
 from onnxprune.core.weights import const_array, set_const_array

@@ -9,7 +9,7 @@ The driver makes the decisions the QDQ pass only carries out:
    that lowers its consumers' output error) and, where it clearly helps, a SmoothQuant
    vector that moves outlier channels into the weights (`calibration.qerror`);
 4. keep in float the few layers whose measured output SQNR is worst (`max_float_layers`);
-5. run `QuantizeQDQPass` with those choices and return a report that says, per layer,
+5. run `InsertQDQPass` with those choices and return a report that says, per layer,
    what was done and why.
 
 Tensors holding infinities or mask constants never get a range: their layers stay float.
@@ -32,13 +32,13 @@ from onnxprune.core.pages import release_pages
 from onnxprune.errors import InputError, UnsupportedModelError
 from onnxprune.io.runtime import Provider
 from onnxprune.quant.canonical_gelu import CanonicalGeluPass
-from onnxprune.quant.layers import QLayer, check_not_quantized, find_layers
-from onnxprune.quant.qdq_pass import (
+from onnxprune.quant.insert_qdq import (
     ActivationQuant,
     EmbeddingLayout,
+    InsertQDQPass,
     QuantizedLayer,
-    QuantizeQDQPass,
 )
+from onnxprune.quant.layers import QLayer, check_not_quantized, find_layers
 from onnxprune.quant.qerror import (
     SMOOTH_GAIN,
     ActDtype,
@@ -267,7 +267,7 @@ def quantize_model(
         )
     upgrade_opset(model)
     FoldBatchNormPass()(model)  # one integer Conv per Conv + BatchNormalization
-    QuantizeQDQPass().requires(model)  # opset check before anything changes
+    InsertQDQPass().requires(model)  # opset check before anything changes
     gelus: tuple[str, ...] = ()
     if config.canonicalize_gelu:
         gelu_pass = CanonicalGeluPass()
@@ -296,7 +296,7 @@ def quantize_model(
         if _choose_float_layers(config, plan):
             _plan_activations(layers, collectors, config, plan)
         release_pages(model)
-    qdq = QuantizeQDQPass(
+    qdq = InsertQDQPass(
         activations={
             name: ActivationQuant(c.scale, c.zero_point, c.smooth)
             for name, c in plan.choices.items()

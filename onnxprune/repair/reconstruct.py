@@ -17,9 +17,10 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxprune.calibration.data import Batch
-from onnxprune.calibration.propagate import Propagator, TargetStore, graph_value
+from onnxprune.calibration.propagate import Propagator, graph_value
 from onnxprune.calibration.runner import capture, row_mask
 from onnxprune.calibration.stats import LayerStats
+from onnxprune.calibration.targets import TargetStore
 from onnxprune.channels.model import ChannelGroup
 from onnxprune.core.rewire import take_over_output
 from onnxprune.core.weights import WeightUse, const_array, matmul_use, set_const_array
