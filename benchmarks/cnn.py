@@ -46,12 +46,12 @@ BUILD = ROOT / "build"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from onnxprune.calibration.calibration import Calibration  # noqa: E402
 from onnxprune.channels.groups import find_channel_groups  # noqa: E402
 from onnxprune.core.accounting import inference_flops, model_stats  # noqa: E402
 from onnxprune.core.weights import const_array, conv_uses, set_const_array  # noqa: E402
 from onnxprune.prune.remove_neurons import RemoveNeuronsPass  # noqa: E402
 from onnxprune.quant.driver import QuantizeConfig, quantize_model  # noqa: E402
-from onnxprune.repair.reconstruct import Calibration  # noqa: E402
 
 CHARS = "0123456789abcdefghijklmnopqrstuvwxyz"
 

@@ -21,8 +21,8 @@ import onnx_ir as ir
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cnn  # noqa: E402
 
+from onnxprune.calibration.calibration import Calibration  # noqa: E402
 from onnxprune.prune.remove_neurons import RemoveNeuronsPass  # noqa: E402
-from onnxprune.repair.reconstruct import Calibration  # noqa: E402
 
 
 def main(name: str, n: int) -> None:

@@ -24,6 +24,7 @@ from onnx_ir.passes.common import NameFixPass
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cnn  # noqa: E402
 
+from onnxprune.calibration.calibration import Calibration
 from onnxprune.channels.groups import find_channel_groups  # noqa: E402
 from onnxprune.conv import conv_repair, reconstruct, remove_neurons
 from onnxprune.conv import refit as conv_refit  # noqa: E402
@@ -35,7 +36,7 @@ from onnxprune.conv.sensitivity import (  # noqa: E402
 )
 from onnxprune.io.runtime import make_session  # noqa: E402
 from onnxprune.prune.remove_neurons import RemoveNeuronsPass  # noqa: E402
-from onnxprune.repair.reconstruct import Calibration, Target  # noqa: E402
+from onnxprune.repair.reconstruct import Target  # noqa: E402
 
 METRICS = ("rel", "kl", "flips", "hinge", "strings")
 

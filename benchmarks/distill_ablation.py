@@ -32,11 +32,11 @@ import textdata  # noqa: E402
 from onnx_ir.passes.common import RemoveUnusedNodesPass  # noqa: E402
 
 from onnxprune.api import PruneConfig  # noqa: E402
+from onnxprune.calibration.calibration import Calibration  # noqa: E402
 from onnxprune.io.models import load_model, save_model  # noqa: E402
 from onnxprune.repair.augment import Augment  # noqa: E402
 from onnxprune.repair.distill import DistillRepairPass  # noqa: E402
 from onnxprune.repair.fit import FitOptions  # noqa: E402
-from onnxprune.repair.reconstruct import Calibration  # noqa: E402
 
 BUILD = ROOT / "build"
 

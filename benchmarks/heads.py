@@ -33,9 +33,9 @@ import metrics  # noqa: E402
 import textdata  # noqa: E402
 
 from onnxprune.attention.remove_heads import RemoveHeadsPass  # noqa: E402
+from onnxprune.calibration.calibration import Calibration  # noqa: E402
 from onnxprune.calibration.data import input_specs, load_batches  # noqa: E402
 from onnxprune.prune.remove_neurons import RemoveNeuronsPass  # noqa: E402
-from onnxprune.repair.reconstruct import Calibration  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / "build"

@@ -17,6 +17,7 @@ from onnxprune.api import (
     verify_golden,
 )
 from onnxprune.attention.remove_heads import RemoveHeadsPass
+from onnxprune.calibration.calibration import Calibration
 from onnxprune.channels.criteria import register_criterion
 from onnxprune.channels.groups import find_channel_groups
 from onnxprune.channels.model import ChannelGroup
@@ -34,7 +35,6 @@ from onnxprune.prune.zero_weights import ZeroWeightsPass
 from onnxprune.quant.canonical_gelu import CanonicalGeluPass
 from onnxprune.quant.driver import QuantizeConfig
 from onnxprune.quant.qdq_pass import QuantizeQDQPass
-from onnxprune.repair.reconstruct import Calibration
 from onnxprune.verify.compare import Tolerances, VerifyResult
 
 __all__ = [

@@ -17,6 +17,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from onnxprune.attention.blocks import AttentionBlock, find_attention_blocks
 from onnxprune.attention.remove_heads import RemoveHeadsPass
+from onnxprune.calibration.calibration import Calibration, Reconstruct
 from onnxprune.calibration.data import (
     Batch,
     input_specs,
@@ -49,7 +50,6 @@ from onnxprune.quant.insert_qdq import QuantizeQDQResult
 from onnxprune.quant.qdq_pass import QuantizeQDQPass
 from onnxprune.repair.augment import Augment
 from onnxprune.repair.distill import DEFAULT_AUGMENT, DistillRepairPass
-from onnxprune.repair.reconstruct import Calibration, Reconstruct
 from onnxprune.search.analyze import Analysis, analyze_model
 from onnxprune.search.distill import DistillStage, run_distill
 from onnxprune.search.plans import Plan

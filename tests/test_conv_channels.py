@@ -292,7 +292,7 @@ def test_calibrated_repair_of_conv_and_gemm_consumers_beats_data_free(
         group: str, consumer: str) -> None:
     """Half of a group removed: the im2col refit of the next Conv (or of the Gemm after
     GlobalAveragePool + Flatten, whose bias C is not counted twice) cuts the error."""
-    from onnxprune.repair.reconstruct import Calibration
+    from onnxprune.calibration.calibration import Calibration
 
     net = Net(7, channels=16)
     for kind in ("relu", "conv", "relu"):
@@ -340,7 +340,7 @@ def test_im2col_rows_match_onnxruntime_conv_and_subsampled_gram() -> None:
 
 
 def _three_conv_net() -> tuple[onnx.ModelProto, object]:
-    from onnxprune.repair.reconstruct import Calibration
+    from onnxprune.calibration.calibration import Calibration
 
     net = Net(11, channels=12)
     for kind in ("relu", "conv", "relu", "conv", "relu"):

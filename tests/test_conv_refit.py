@@ -13,11 +13,12 @@ import pytest
 from helpers import make_model, run, to_ir, value_info
 from onnx import helper, numpy_helper
 
+from onnxprune.calibration.calibration import Calibration
 from onnxprune.conv.refit import sweep_candidates
 from onnxprune.core.weights import const_array, conv_use
 from onnxprune.prune import remove_neurons
 from onnxprune.prune.remove_neurons import RemoveNeuronsPass
-from onnxprune.repair.reconstruct import Calibration, conv_target
+from onnxprune.repair.reconstruct import conv_target
 
 H = W = 8
 

@@ -11,6 +11,7 @@ import pytest
 from helpers import BATCH, GraphBuilder, activation, dense, residual_mlp_model, run, to_ir
 
 from onnxprune.api import PruneConfig, prune_model
+from onnxprune.calibration.calibration import Calibration
 from onnxprune.channels.groups import find_channel_groups
 from onnxprune.errors import InputError
 from onnxprune.repair import distill as distill_mod
@@ -18,7 +19,6 @@ from onnxprune.repair.block import BlockFunction, find_block
 from onnxprune.repair.distill import DistillRepairPass
 from onnxprune.repair.fit import FitOptions, Rows, distill_block
 from onnxprune.repair.ops import OPS
-from onnxprune.repair.reconstruct import Calibration
 
 # ----------------------------------------------------------------- gradient checks
 

@@ -24,9 +24,9 @@ from onnxprune.attention.blocks import AttentionBlock, find_attention_blocks
 from onnxprune.attention.head_scores import obs_heads
 from onnxprune.attention.remove_heads import RemoveHeadsPass
 from onnxprune.attention.slicing import keep_heads
+from onnxprune.calibration.calibration import Calibration
 from onnxprune.core.weights import const_array, set_const_array
 from onnxprune.errors import InputError
-from onnxprune.repair.reconstruct import Calibration
 
 H, D, SEQ = 4, 8, 5
 E = H * D

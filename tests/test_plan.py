@@ -523,8 +523,8 @@ def test_plans_say_whether_input_layers_were_refit(work: Path, capsys) -> None:
     plan = Plan.load("old.json")
     assert not plan.refit_inputs
     m = _named(onnx.load("m.onnx"))
+    from onnxprune.calibration.calibration import Calibration
     from onnxprune.calibration.data import input_specs, load_batches
-    from onnxprune.repair.reconstruct import Calibration
 
     fit = plan.fit_batches(list(load_batches("calib", input_specs(m))))
     apply_decisions(m, plan.neurons, plan.heads, Calibration(fit), absorb_inputs=False)

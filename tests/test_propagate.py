@@ -12,6 +12,7 @@ from test_heads import _calibration as heads_calibration
 from test_heads import attention_model
 
 from onnxprune.attention.remove_heads import RemoveHeadsPass
+from onnxprune.calibration.calibration import Calibration
 from onnxprune.calibration.propagate import Propagator
 from onnxprune.calibration.runner import capture
 from onnxprune.calibration.targets import TargetStore
@@ -19,7 +20,6 @@ from onnxprune.channels.groups import find_channel_groups
 from onnxprune.channels.slicing import keep_channels
 from onnxprune.core.weights import const_array, set_const_array
 from onnxprune.prune.remove_neurons import RemoveNeuronsPass
-from onnxprune.repair.reconstruct import Calibration
 
 WIDTH, HIDDEN, LAYERS = 8, 16, 4
 

@@ -29,13 +29,14 @@ from hypothesis import strategies as st
 
 import onnxprune.repair.reconstruct as reconstruct
 from onnxprune.api import PruneConfig, prune
+from onnxprune.calibration.calibration import Calibration
 from onnxprune.calibration.stats import LayerStats
 from onnxprune.channels.criteria import CRITERIA, DATA_AWARE, register_criterion, score_channels
 from onnxprune.channels.groups import find_channel_groups
 from onnxprune.core.weights import const_array, set_const_array
 from onnxprune.errors import InputError
 from onnxprune.prune.remove_neurons import RemoveNeuronsPass, group_weights
-from onnxprune.repair.reconstruct import Calibration, consumer_target
+from onnxprune.repair.reconstruct import consumer_target
 
 PROPERTY = settings(max_examples=40, deadline=None, derandomize=True)
 ACTS = ("Relu", "Tanh", "Sigmoid", "erf_gelu", "silu")

@@ -28,12 +28,13 @@ from onnxprune.attention import cache_slices
 from onnxprune.attention.blocks import AttentionBlock, find_attention_blocks
 from onnxprune.attention.head_scores import contributions, obs_heads, value_bias_fold, weight_norms
 from onnxprune.attention.slicing import head_columns, keep_heads
+from onnxprune.calibration.calibration import Calibration, CalibrationLike, as_calibration
 from onnxprune.calibration.data import InputSpec, input_specs, random_batches
 from onnxprune.calibration.propagate import Propagator
 from onnxprune.calibration.runner import with_outputs
 from onnxprune.calibration.stats import LayerStats
 from onnxprune.channels.model import ChannelGroup
-from onnxprune.core.passes import CalibrationLike, ReportingPass, as_calibration
+from onnxprune.core.passes import ReportingPass
 from onnxprune.core.weights import const_array
 from onnxprune.errors import InputError, OnnxPruneError
 from onnxprune.io.runtime import make_session
@@ -41,7 +42,6 @@ from onnxprune.prune.remove_neurons import KeepSpec, fixed_indices, keep_counts
 from onnxprune.repair.lstsq import cross_validated_ridge, fold_bias, refit
 from onnxprune.repair.reconstruct import (
     DEFAULT_RIDGE,
-    Calibration,
     GroupFit,
     Sweep,
     apply_fit,

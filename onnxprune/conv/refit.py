@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 
+from onnxprune.calibration.calibration import Calibration
 from onnxprune.calibration.propagate import Propagator
 from onnxprune.calibration.targets import TargetStore
 from onnxprune.channels.model import ChannelGroup
@@ -29,7 +30,7 @@ from onnxprune.conv.repair import (
     fit_conv_group,
 )
 from onnxprune.core.weights import WeightUse, const_array, conv_use
-from onnxprune.repair.reconstruct import Calibration, conv_target
+from onnxprune.repair.reconstruct import conv_target
 
 __all__ = ["sweep_candidates", "conv_sweep_targets", "refit_convs"]
 

@@ -14,6 +14,7 @@ import math
 import numpy as np
 import onnx_ir as ir
 
+from onnxprune.calibration.calibration import Calibration
 from onnxprune.calibration.data import Batch
 from onnxprune.calibration.propagate import Propagator
 from onnxprune.calibration.runner import capture
@@ -24,7 +25,7 @@ from onnxprune.channels.slicing import keep_channels
 from onnxprune.core.weights import const_array, set_const_array
 from onnxprune.errors import DataError
 from onnxprune.repair.lstsq import Problem, cross_validated_ridge, refit
-from onnxprune.repair.reconstruct import DEFAULT_RIDGE, Calibration, GroupFit, conv_target
+from onnxprune.repair.reconstruct import DEFAULT_RIDGE, GroupFit, conv_target
 
 __all__ = ["conv_repairable", "prune_conv_group", "conv_geometry", "collect_conv_stats",
            "fit_conv_group", "apply_conv_fit", "channel_stats", "obs_block_select", "im2col",

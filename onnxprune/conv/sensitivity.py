@@ -24,6 +24,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
+from onnxprune.calibration.calibration import Calibration
 from onnxprune.calibration.propagate import Propagator
 from onnxprune.channels.model import ChannelGroup
 from onnxprune.conv.repair import (
@@ -36,7 +37,7 @@ from onnxprune.conv.repair import (
 from onnxprune.core.weights import const_array
 from onnxprune.io.external_data import model_bytes
 from onnxprune.io.runtime import make_session
-from onnxprune.repair.reconstruct import Calibration, reference_targets
+from onnxprune.repair.reconstruct import reference_targets
 
 __all__ = ["GroupCurve", "conv_sensitivity", "allocate_removals", "DEFAULT_LEVELS"]
 

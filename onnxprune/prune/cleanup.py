@@ -22,6 +22,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import DeduplicateInitializersPass, RemoveUnusedNodesPass
 
+from onnxprune.calibration.calibration import Calibration
 from onnxprune.calibration.data import Batch, input_specs, random_batches
 from onnxprune.channels.groups import find_channel_groups
 from onnxprune.channels.model import ChannelGroup
@@ -29,7 +30,7 @@ from onnxprune.core.passes import ReportingPass
 from onnxprune.core.weights import const_array
 from onnxprune.prune.remove_neurons import RemoveNeuronsPass
 from onnxprune.quant.qdq_build import constant_bytes
-from onnxprune.repair.reconstruct import Calibration, shared_input
+from onnxprune.repair.reconstruct import shared_input
 
 __all__ = ["CleanupPass", "CleanupResult", "dead_channels"]
 

@@ -16,6 +16,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import NameFixPass
 
+from onnxprune.calibration.calibration import Calibration, CalibrationLike, as_calibration
 from onnxprune.calibration.propagate import Propagator
 from onnxprune.channels.criteria import CRITERIA, DATA_AWARE, ChannelWeights, score_channels
 from onnxprune.channels.groups import find_channel_groups, group_of
@@ -26,11 +27,10 @@ from onnxprune.conv.refit import conv_sweep_targets, refit_convs, sweep_candidat
 from onnxprune.conv.repair import conv_repairable, prune_conv_group
 from onnxprune.conv.sensitivity import DEFAULT_LEVELS, allocate_removals, conv_sensitivity
 from onnxprune.core.pages import release_pages
-from onnxprune.core.passes import CalibrationLike, ReportingPass, as_calibration
+from onnxprune.core.passes import ReportingPass
 from onnxprune.core.weights import const_array
 from onnxprune.errors import InputError, OnnxPruneError
 from onnxprune.repair.reconstruct import (
-    Calibration,
     Sweep,
     apply_fit,
     collect_stats,

@@ -13,7 +13,7 @@ from typing import Any
 
 import onnx_ir as ir
 
-from onnxprune.core.passes import CalibrationLike, as_calibration
+from onnxprune.calibration.calibration import CalibrationLike, as_calibration
 from onnxprune.errors import InputError
 from onnxprune.quant.driver import QuantizeConfig, quantize_model
 from onnxprune.quant.insert_qdq import InsertQDQPass

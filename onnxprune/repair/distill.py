@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from onnxprune.calibration.calibration import Calibration
 from onnxprune.calibration.data import Batch
 from onnxprune.calibration.propagate import Propagator
 from onnxprune.calibration.runner import row_mask
@@ -33,7 +34,6 @@ from onnxprune.errors import DataError, InputError
 from onnxprune.repair.augment import Augment, augmented
 from onnxprune.repair.block import Block, BlockFunction, find_block
 from onnxprune.repair.fit import FitOptions, Rows, distill_block
-from onnxprune.repair.reconstruct import Calibration
 
 __all__ = ["DistillRepairPass", "DistillResult", "BlockRepair", "DEFAULT_AUGMENT",
            "DEFAULT_REPAIR_FLOPS", "HOLDOUT_EVERY", "default_steps", "step_flops"]

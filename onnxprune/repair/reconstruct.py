@@ -11,11 +11,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
 
+from onnxprune.calibration.calibration import Calibration
 from onnxprune.calibration.data import Batch
 from onnxprune.calibration.propagate import Propagator, graph_value
 from onnxprune.calibration.runner import capture, row_mask
@@ -25,30 +25,17 @@ from onnxprune.channels.model import ChannelGroup
 from onnxprune.core.rewire import take_over_output
 from onnxprune.core.weights import WeightUse, const_array, matmul_use, set_const_array
 from onnxprune.errors import DataError
-from onnxprune.io.runtime import Provider
 from onnxprune.repair.lstsq import Problem, cross_validated_ridge, fold_bias, obs_order
 
-__all__ = ["Calibration", "Reconstruct", "GroupFit", "Sweep", "collect_stats", "fit_group",
+__all__ = ["GroupFit", "Sweep", "collect_stats", "fit_group",
            "apply_fit", "reference_targets", "input_group", "absorb", "shared_input",
            "common_input", "joined_weight", "DEFAULT_RIDGE", "conv_target"]
 
 logger = logging.getLogger(__name__)
 
-Reconstruct = Literal["none", "bias", "lstsq"]
 # Relative to the mean activation power. Tuned on MiniLM at 50 % FFN: 1e-3 0.9551, 0.01 0.9573,
 # 0.05 0.9597, 0.1 0.9595, 1.0 0.9386 (mean cosine, 256 calibration sentences).
 DEFAULT_RIDGE = 0.05
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """Calibration data and what to do with it."""
-
-    batches: Sequence[Batch]
-    token_mask: str | None = None
-    reconstruct: Reconstruct = "lstsq"
-    ridge: float | None = None  # None: chosen per layer by cross-validation
-    provider: Provider = "cpu"  # where calibration batches run
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 import onnx_ir as ir
 from onnx_ir.passes.common import NameFixPass
 
+from onnxprune.calibration.calibration import Calibration
 from onnxprune.calibration.data import Batch
 from onnxprune.errors import InputError
-from onnxprune.repair.reconstruct import Calibration
 from onnxprune.search.masked import MaskedModel
 from onnxprune.search.quality import BuiltinMetric, UserMetric
 from onnxprune.search.sensitivity import Evaluator, UnitAnalysis, analyse_units, measure_curves

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from onnxprune.calibration.calibration import Calibration
 from onnxprune.repair.augment import Augment
 from onnxprune.repair.distill import DEFAULT_AUGMENT, DistillRepairPass, DistillResult
-from onnxprune.repair.reconstruct import Calibration
 
 __all__ = ["DistillStage", "run_distill"]
 

@@ -34,6 +34,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import NameFixPass, RemoveUnusedNodesPass
 
 from onnxprune.attention.remove_heads import RemoveHeadsPass
+from onnxprune.calibration.calibration import Calibration
 from onnxprune.calibration.data import Batch
 from onnxprune.calibration.propagate import Propagator
 from onnxprune.channels.model import ChannelGroup
@@ -43,13 +44,7 @@ from onnxprune.errors import InputError
 from onnxprune.io.runtime import make_session
 from onnxprune.prune.remove_neurons import KeepSpec, RemoveNeuronsPass, keep_counts
 from onnxprune.repair.distill import DistillResult
-from onnxprune.repair.reconstruct import (
-    Calibration,
-    Sweep,
-    absorb,
-    input_group,
-    reference_targets,
-)
+from onnxprune.repair.reconstruct import Sweep, absorb, input_group, reference_targets
 from onnxprune.search.allocate import CHECKPOINT, UNIFORM, Allocation, allocate, uniform
 from onnxprune.search.analyze import analyze_model
 from onnxprune.search.distill import DistillStage, run_distill

@@ -16,15 +16,11 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxprune.attention.remove_heads import output_group, recognise_blocks
+from onnxprune.calibration.calibration import Calibration
 from onnxprune.channels.groups import find_channel_groups
 from onnxprune.channels.model import ChannelGroup
 from onnxprune.core.weights import const_array
-from onnxprune.repair.reconstruct import (
-    Calibration,
-    common_input,
-    consumer_target,
-    shared_input,
-)
+from onnxprune.repair.reconstruct import common_input, consumer_target, shared_input
 
 __all__ = ["Unit", "find_units"]
 
