@@ -257,14 +257,15 @@ def run_model(spec: Spec, commands: list[str], timeout: float) -> list[Row]:
     src = root / "models" / spec.name
     model, cal, ver = src / "model.onnx", src / "cal", src / "ver"
     dest = root / "out" / spec.name
-    shutil.rmtree(dest, ignore_errors=True)
-    dest.mkdir(parents=True)
+    dest.mkdir(parents=True, exist_ok=True)
     before, in_bytes = param_count(model), model_bytes(model)
     rows = []
     for cmd in commands:
         if cmd == "heads" and not has_attention(model):
             continue
         out = dest / f"{cmd}.onnx"
+        for old in dest.glob(f"{cmd}.onnx*"):  # a stale output would pass for a new one
+            old.unlink()
         code, secs, so, se = _call(command_args(cmd, model, out, cal), timeout)
         row = Row(spec.name, cmd, code, round(secs, 1))
         if code != 0:
@@ -316,6 +317,26 @@ def write_tables(rows: list[Row], total_s: float) -> None:
     (root / "results.md").write_text("\n".join(md) + "\n")
 
 
+def _previous(models: set[str], commands: set[str]) -> tuple[list[Row], float]:
+    """Rows of an earlier run that this one does not redo (other models or commands), so
+    `--only` / `--commands` reruns update the table instead of replacing it."""
+    path = corpus_dir() / "results.json"
+    if not path.exists():
+        return [], 0.0
+    doc = json.loads(path.read_text())
+    fields = set(Row.__dataclass_fields__)
+    rows = [Row(**{k: v for k, v in r.items() if k in fields}) for r in doc["rows"]]
+    kept = [r for r in rows if not (r.model in models and r.command in commands)]
+    return kept, sum(r.seconds for r in kept)
+
+
+def _merge(kept: list[Row], new: list[Row]) -> list[Row]:
+    """Rows in corpus order, then command order."""
+    order = {s.name: i for i, s in enumerate(SPECS)}
+    return sorted(kept + new, key=lambda r: (order.get(r.model, 99), COMMANDS.index(r.command)
+                                            if r.command in COMMANDS else 99))
+
+
 def run(names: list[str] | None, commands: list[str], timeout: float) -> list[Row]:
     """Every selected model, one at a time (the commands are CPU-heavy)."""
     specs = [s for s in SPECS if not names or s.name in names]
@@ -325,12 +346,13 @@ def run(names: list[str] | None, commands: list[str], timeout: float) -> list[Ro
         raise SystemExit(f"not fetched: {', '.join(missing)} (python benchmarks/corpus.py fetch)")
     print(fmt_row(Row(*HEADER[:2], "exit", 0.0)).replace("   0.0", "     s"), flush=True)
     rows: list[Row] = []
+    kept, before_s = _previous({s.name for s in specs}, set(commands))
     t0 = time.perf_counter()
     for spec in specs:
         rows += run_model(spec, commands, timeout)
-        write_tables(rows, time.perf_counter() - t0)  # a cut run keeps what it measured
-    total = time.perf_counter() - t0
-    write_tables(rows, total)
+        write_tables(_merge(kept, rows), before_s + time.perf_counter() - t0)  # a cut run
+    total = time.perf_counter() - t0  # keeps what it measured
+    write_tables(_merge(kept, rows), before_s + total)
     print(f"\n{len(rows)} rows in {total:.0f} s; tables in {corpus_dir()}/results.md, .json")
     return rows
 
