@@ -448,7 +448,8 @@ def analyse(path: Path, row: Row) -> Row:
     import onnx
     import onnx_ir as ir
 
-    from onnxprune.api import PruneConfig, prune_model
+    from onnxprune.api import PruneConfig
+    from onnxprune.recipe.run import prune_model
 
     feeds = dict(np.load(path.with_suffix(".npz")))
     model = ir.load(str(path))

@@ -6,6 +6,9 @@ CLI shows it as the only line the user sees.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
+
 
 class OnnxPruneError(Exception):
     """Base class of every error onnxprune raises on purpose."""
@@ -29,3 +32,21 @@ class ProviderError(OnnxPruneError):
 
 class MetricError(InputError):
     """A user metric raised, or returned something that is not a finite number."""
+
+
+class OptionError(InputError):
+    """A bad option value or combination. The message names options by their config field
+    (`@max_drop`); the library shows field names, the CLI renders its flags instead."""
+
+    def __init__(self, message: str) -> None:
+        self.template = message
+        super().__init__(self.render(lambda field: field))
+
+    def render(self, name: Callable[[str], str]) -> str:
+        """The message with every `@field` replaced by `name(field)`."""
+        return re.sub(r"@([a-z_0-9]+)", lambda m: name(m.group(1)), self.template)
+
+
+class InternalError(OnnxPruneError):
+    """onnxprune's own rewriting produced something invalid: a bug to report, not bad input
+    (the CLI exits 3)."""

@@ -10,7 +10,8 @@ import onnx_ir as ir
 import pytest
 from helpers import BATCH, GraphBuilder, activation, dense, residual_mlp_model, run, to_ir
 
-from onnxprune.api import PruneConfig, prune_model
+from onnxprune.api import PruneConfig
+from onnxprune.recipe.run import prune_model
 from onnxprune.calibration.calibration import Calibration
 from onnxprune.channels.groups import find_channel_groups
 from onnxprune.errors import InputError
@@ -267,9 +268,9 @@ def test_bad_time_budget_is_refused() -> None:
     with pytest.raises(InputError, match="repair-seconds"):
         DistillRepairPass(reference=_ffn_model("Relu"), calibration=Calibration([]),
                           seconds=0)
-    with pytest.raises(InputError, match="repair-augment"):
+    with pytest.raises(InputError, match="repair_augment must be >= 0"):
         PruneConfig(sparsity=0.5, calibration=_batches(2, 0), reconstruct="distill",
-                    repair_augment=-1).passes(_ffn_model("Relu"), None, _batches(2, 0))
+                    repair_augment=-1).check()
 
 
 def _initializers(model: ir.Model) -> dict[str, np.ndarray]:
@@ -324,11 +325,11 @@ def test_a_model_over_the_default_budget_keeps_least_squares_and_says_why(monkey
 def test_a_model_over_a_gib_of_weights_is_not_distilled_by_default(monkeypatch) -> None:
     """Big models are calibrated section by section to stay near their own size in memory:
     by default they keep least squares, and the report says so and how to distil."""
-    import onnxprune.api as api
+    import onnxprune.recipe.config as config
 
     model = _ffn_model("Relu", seed=2)
     fit = _batches(24, 10)
-    monkeypatch.setattr(api, "SECTION_ABOVE_BYTES", 64)
+    monkeypatch.setattr(config, "SECTION_ABOVE_BYTES", 64)
     pruned = ir.from_proto(ir.to_proto(model))
     report = prune_model(pruned, PruneConfig(sparsity=0.5, calibration=fit))
     assert "DistillRepairPass" not in report.passes
@@ -343,10 +344,9 @@ def test_repair_options_apply_to_the_distillation_only() -> None:
     for option in ({"repair_steps": 10}, {"repair_seconds": 5.0}, {"repair_augment": 1}):
         with pytest.raises(InputError, match="distillation"):
             PruneConfig(sparsity=0.5, calibration=_batches(2, 0), reconstruct="lstsq",
-                        **option).passes(_ffn_model("Relu"), None, _batches(2, 0))
-    with pytest.raises(InputError, match="repair-steps"):
-        PruneConfig(sparsity=0.5, calibration=_batches(2, 0), repair_steps=0).passes(
-            _ffn_model("Relu"), None, _batches(2, 0))
+                        **option).check()
+    with pytest.raises(InputError, match="repair_steps must be >= 1"):
+        PruneConfig(sparsity=0.5, calibration=_batches(2, 0), repair_steps=0).check()
 
 
 def test_cli_distill_on_the_digits_model(tmp_path, capsys) -> None:

@@ -809,7 +809,7 @@ def test_case23_library_warnings_are_captured(
     import logging
     import warnings
 
-    import onnxprune.cli as cli_module
+    from onnxprune.cli import commands
 
     def noisy(*args: object, **kwargs: object) -> int:
         logging.getLogger("onnx_ir").warning("a library warning")
@@ -817,7 +817,7 @@ def test_case23_library_warnings_are_captured(
         np.log(np.zeros(1))
         raise InputError("the one line")
 
-    monkeypatch.setattr(cli_module, "_cmd_inspect", noisy)
+    monkeypatch.setitem(commands.COMMANDS, "inspect", noisy)
     code, err = cli(capsys, "inspect", "m.onnx")
     assert code == 2 and err == ["onnxprune: error: the one line"]
 

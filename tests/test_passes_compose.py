@@ -145,7 +145,7 @@ def test_auto_token_mask_leaves_padding_out_and_says_so() -> None:
     reports = {}
     for given in (None, "attention_mask", "none"):
         model = to_ir(_masked_model())
-        reports[given] = onnxprune.api.prune_model(
+        reports[given] = onnxprune.recipe.run.prune_model(
             model, onnxprune.PruneConfig(sparsity=0.5, calibration=batches, token_mask=given))
         reports[given].model = model
     assert reports[None].token_mask == "attention_mask" == reports["attention_mask"].token_mask

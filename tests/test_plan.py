@@ -13,7 +13,8 @@ import pytest
 from helpers import residual_mlp_model, run, save, sha256, to_ir
 from onnx_ir.passes.common import NameFixPass
 
-from onnxprune.api import PruneConfig, analyze, prune_model
+from onnxprune.api import PruneConfig, analyze
+from onnxprune.recipe.run import prune_model
 from onnxprune.cli import main
 from onnxprune.core.accounting import model_stats
 from onnxprune.errors import InputError

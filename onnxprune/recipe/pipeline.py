@@ -1,0 +1,205 @@
+"""The pipeline every front end runs: load -> passes -> check -> verify -> save.
+
+The CLI's main command and Olive's pass both call `run_job`; they differ only in how they
+show progress and results (and Olive hands in its own `save`). The order is the promise:
+options are checked before any file is touched, the model is verified in memory before it
+is written (a run that cannot verify writes nothing), and a default run that changed nothing
+writes the input's own bytes, so the output is never larger.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import onnx_ir as ir
+
+from onnxprune.calibration.data import Batch, input_specs, load_batches, random_batches
+from onnxprune.errors import InputError, InternalError, OptionError
+from onnxprune.io.detached import check_detached
+from onnxprune.io.files import atomic_path, same_file
+from onnxprune.io.models import (
+    check_output_path,
+    load_model,
+    save_model,
+    serialized_model,
+    stored_bytes,
+    uses_external_data,
+)
+from onnxprune.io.runtime import Provider, make_session
+from onnxprune.recipe.config import PruneConfig
+from onnxprune.recipe.export_folder import check_copy_config, copy_config, layer_sizes
+from onnxprune.recipe.passes import build_passes
+from onnxprune.recipe.run import PruneReport, check_supported, prune_model
+from onnxprune.search.plans import Plan
+from onnxprune.verify.compare import Tolerances, VerifyResult, compare_models
+
+__all__ = ["Job", "Checks", "Outcome", "run_job", "check_written", "verification_batches",
+           "check_distinct_outputs"]
+
+Progress = Callable[[int, int, str], None]
+Saver = Callable[[ir.Model, Path], None]
+
+
+@dataclass(frozen=True)
+class Checks:
+    """How the written model is verified against the input."""
+
+    tolerances: Tolerances
+    data: str | os.PathLike[str] | None = None  # None: inputs generated from the signature
+    providers: tuple[Provider, ...] = ("cpu",)
+    shapes: dict[str, tuple[int, ...]] | None = None
+
+
+@dataclass(frozen=True)
+class Job:
+    """One run: which model, what to do to it, where the results go."""
+
+    model: str | os.PathLike[str]
+    output: str | os.PathLike[str]
+    config: PruneConfig
+    checks: Checks | None = None  # None: not verified
+    force: bool = False  # the output may be the input file
+    copy_config: bool = False  # export folder: config.json and tokenizer files go along
+    save_plan: str | os.PathLike[str] | None = None
+    report: str | os.PathLike[str] | None = None  # where the CLI writes its JSON report
+
+
+@dataclass
+class Outcome:
+    report: PruneReport
+    output: Path
+    verification: VerifyResult | None = None
+    written: bool = True  # False: a search stayed over its budget, nothing written
+    notes: list[str] = field(default_factory=list)  # the export folder's copied files
+
+
+def verification_batches(
+    model: ir.Model,
+    data: str | os.PathLike[str] | None,
+    shapes: dict[str, tuple[int, ...]] | None = None,
+) -> tuple[list[Batch], bool]:
+    """The user's data, or inputs generated from the signature (second item True)."""
+    specs = input_specs(model)
+    if data is not None:
+        return list(load_batches(data, specs)), False
+    return random_batches(specs, shapes), True
+
+
+def check_written(model: ir.Model, *, load: bool = True) -> None:
+    """The checks every model we write must pass: onnx.checker (full) and onnxruntime load.
+
+    `load=False` skips the onnxruntime load for a caller that loads the model next anyway
+    (verification on the CPU provider). A failure is ours (InternalError: the CLI exits 3),
+    and nothing broken is ever saved.
+    """
+    with serialized_model(model) as data:
+        try:  # the graph without its big weights; their sizes checked against their dims
+            check_detached(data, data.weights)
+        except OSError as e:  # the machine's, not the model's: a full disk, a file limit
+            raise InputError(f"cannot check the rewritten model: {e}; nothing was "
+                             "written") from e
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise InternalError(
+                f"the rewritten model fails onnx.checker ({first}); nothing was written. "
+                "Please report this with the model's op list (onnxprune inspect)"
+            ) from e
+        if load:
+            try:
+                make_session(data, "cpu")
+            except Exception as e:
+                raise InternalError(
+                    f"onnxruntime cannot load the rewritten model ({str(e).splitlines()[0]}); "
+                    "nothing was written. Please report this with the model's op list "
+                    "(onnxprune inspect)") from e
+
+
+def check_distinct_outputs(paths: dict[str, str | os.PathLike[str] | None],
+                           *inputs: str | os.PathLike[str]) -> None:
+    """Every output path is safe to write and names a different file from the others (a
+    report equal to the model's output would replace the model with JSON) and from the
+    inputs. Keys are config-style names (`@output`), rendered as flags by the CLI."""
+    given = [(name, p) for name, p in paths.items() if p]
+    for i, (name, p) in enumerate(given):
+        if name != "output":
+            check_output_path(p, list(inputs))
+        for other_name, other in given[:i]:
+            if same_file(p, other):
+                raise OptionError(f"{p}: @{name} names the same file as @{other_name}; give "
+                                  "each output its own path")
+            if other_name == "output" and _is_data_name(Path(p), Path(other)):
+                raise OptionError(f"{p}: @{name} names a data file of the model written to "
+                                  f"{other}; choose another path")
+
+
+def _is_data_name(path: Path, model: Path) -> bool:
+    """Whether `path` has the form save_model uses for the data of `model` (<name>[.*].data)."""
+    return (same_file(path.parent, model.parent) and path.name.startswith(f"{model.name}.")
+            and path.name.endswith(".data"))
+
+
+def _planned(config: PruneConfig) -> bool:
+    return config.target is not None or config.plan is not None
+
+
+def run_job(job: Job, *, progress: Progress | None = None,
+            on_plan: Callable[[Plan], None] | None = None,
+            save: Saver | None = None) -> Outcome:
+    """Loads, prunes, checks, verifies and saves; returns what happened for the caller to
+    show. `save(model, path)` replaces the default atomic save (Olive writes its own)."""
+    config = job.config
+    config.check()  # validates the options before any file is touched
+    if not _planned(config):
+        build_passes(config)  # the passes' own option checks
+    if job.save_plan and not _planned(config):
+        raise OptionError("@save_plan records a @target search or a @plan; with fixed "
+                          "options the command line itself is the recipe")
+    out = check_output_path(job.output, [job.model], force=job.force)
+    check_distinct_outputs({"output": out, "report": job.report, "save_plan": job.save_plan},
+                           job.model)
+    if job.copy_config:
+        check_copy_config(job.model, out)
+    model = load_model(job.model)
+    check_supported(model, str(job.model))
+    # With external data, verification compares against the loaded model (a clone sharing
+    # its memory-mapped weights): onnxruntime given the file would map every weight again.
+    reference: str | os.PathLike[str] | ir.Model = (
+        model.clone() if uses_external_data(model) else job.model)
+    sizes_before = layer_sizes(model) if job.copy_config else None
+    checks = job.checks
+    batches, generated = None, False
+    if checks is not None:  # bad verification options must fail before anything is written
+        batches, generated = verification_batches(model, checks.data, checks.shapes)
+    report = prune_model(model, config, progress, on_plan=on_plan)
+    outcome = Outcome(report, out)
+    if report.search is not None and report.search.over_budget:
+        if job.save_plan and report.plan is not None:
+            report.plan.save(job.save_plan)
+        outcome.written = False
+        return outcome
+    report.before = replace(report.before, file_bytes=stored_bytes(job.model))
+    check_written(model, load=checks is None or "cpu" not in checks.providers)
+    if checks is not None:
+        # Verify the model in memory first: a run that cannot verify writes nothing.
+        assert batches is not None
+        outcome.verification = compare_models(
+            reference, model, batches, providers=checks.providers,
+            tolerances=checks.tolerances, generated_inputs=generated)
+    if save is not None:
+        save(model, out)
+    elif config.is_default and not report.modified and not uses_external_data(model):
+        # Nothing changed: the input's own bytes, so the output is never larger.
+        with atomic_path(out) as tmp:
+            shutil.copyfile(job.model, tmp)
+    else:
+        save_model(model, out, keep=[] if same_file(job.model, out) else [job.model])
+    report.after = replace(report.after, file_bytes=stored_bytes(out))
+    if sizes_before is not None:
+        outcome.notes = copy_config(job.model, out, sizes_before, layer_sizes(model))
+    if job.save_plan and report.plan is not None:
+        report.plan.save(job.save_plan)
+    return outcome
