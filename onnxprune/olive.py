@@ -19,11 +19,11 @@ from olive.passes import Pass
 from olive.passes.onnx.common import get_external_data_config, model_proto_to_olive_model
 from olive.passes.pass_config import BasePassConfig, PassConfigParam
 
+from onnxprune.io.models import load_model
+from onnxprune.quant.driver import QuantizeConfig
 from onnxprune.recipe.config import PruneConfig
 from onnxprune.recipe.pipeline import check_written
 from onnxprune.recipe.run import prune_model
-from onnxprune.io.models import load_model
-from onnxprune.quant.driver import QuantizeConfig
 
 __all__ = ["OnnxPrune", "OnnxPruneQuantize", "PACKAGE_CONFIG"]
 

@@ -22,7 +22,8 @@ def _shared(path_identity_first: bool) -> ir.Model:
     for layer in range(2):
         up, down = "w_up", "w_down"
         if layer == 1 or path_identity_first:
-            nodes += [helper.make_node("Identity", ["w_up"], [f"w_up_{layer}"], name=f"id_up{layer}"),
+            nodes += [helper.make_node("Identity", ["w_up"], [f"w_up_{layer}"],
+                                       name=f"id_up{layer}"),
                       helper.make_node("Identity", ["w_down"], [f"w_down_{layer}"],
                                        name=f"id_down{layer}")]
             up, down = f"w_up_{layer}", f"w_down_{layer}"

@@ -17,11 +17,11 @@ import onnx_ir as ir
 import pytest
 from helpers import mlp_model, random_input, replace_weight, run, save
 
-from onnxprune.recipe.pipeline import check_written
 from onnxprune.errors import OnnxPruneError
 from onnxprune.io.detached import DETACH_MIN_BYTES, PLACEHOLDER, check_detached
 from onnxprune.io.models import load_model, model_bytes
 from onnxprune.io.runtime import make_session
+from onnxprune.recipe.pipeline import check_written
 
 X = random_input([5, 32], seed=4)
 

@@ -11,10 +11,10 @@ import pytest
 from helpers import BATCH, GraphBuilder, activation, dense, residual_mlp_model, run, to_ir
 
 from onnxprune.api import PruneConfig
-from onnxprune.recipe.run import prune_model
 from onnxprune.calibration.calibration import Calibration
 from onnxprune.channels.groups import find_channel_groups
 from onnxprune.errors import InputError
+from onnxprune.recipe.run import prune_model
 from onnxprune.repair import distill as distill_mod
 from onnxprune.repair.block import BlockFunction, find_block
 from onnxprune.repair.distill import DistillRepairPass

@@ -13,10 +13,10 @@ import pytest
 from helpers import GraphBuilder, run, to_ir
 from onnx import TensorProto, helper
 
-from onnxprune.attention import cache_slices
 from onnxprune.attention.blocks import find_attention_blocks
 from onnxprune.attention.remove_heads import RemoveHeadsPass, recognise_blocks
 from onnxprune.attention.slicing import keep_heads
+from onnxprune.core import cache_slices
 from onnxprune.core.weights import const_array, set_const_array
 from onnxprune.verify.compare import Tolerances, compare_models
 

@@ -14,13 +14,14 @@ from helpers import residual_mlp_model, run, save, sha256, to_ir
 from onnx_ir.passes.common import NameFixPass
 
 from onnxprune.api import PruneConfig, analyze
-from onnxprune.recipe.run import prune_model
 from onnxprune.cli import main
 from onnxprune.core.accounting import model_stats
 from onnxprune.errors import InputError
+from onnxprune.recipe.run import prune_model
+from onnxprune.search.apply import apply_decisions
 from onnxprune.search.masked import MaskedModel
 from onnxprune.search.plans import Plan
-from onnxprune.search.search import Target, apply_decisions
+from onnxprune.search.search import Target
 from onnxprune.search.units import find_units
 
 DIM, HIDDEN = 8, 32

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import onnx_ir as ir
 
 from onnxprune.attention.block import AttentionBlock, HeadCountSite, Projection
+from onnxprune.attention.closing import close
 from onnxprune.attention.fused import recognise_fused
 from onnxprune.attention.trace import PASS, STD, Decline, Trace, int_attr, is_scalar, label
 from onnxprune.core.weights import is_constant
@@ -64,7 +65,7 @@ def _softmax_block(graph: ir.Graph, softmax: ir.Node,
         ctx = _context_matmul(softmax, walk)
         walk.trace_heads(ctx.inputs[1], -3, -1, "v")  # type: ignore[arg-type]
         walk.trace_output(ctx.outputs[0], -3, -1)
-        return walk.finish()
+        return close(walk)
     except Decline as e:
         walk.block.skip_reason = str(e)
         return walk.block

@@ -18,6 +18,7 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from onnxprune.attention.block import Projection
+from onnxprune.attention.closing import close
 from onnxprune.attention.trace import Decline, Trace, int_attr, label
 from onnxprune.channels.model import ConstSlice
 from onnxprune.core.weights import WeightUse, const_array
@@ -86,7 +87,7 @@ def _ms_attention(walk: Trace, node: ir.Node) -> None:
     if attention_bias is not None:
         walk.masks.append((attention_bias, -3, "head"))
     walk.trace_output(node.outputs[0], merged=True)
-    walk.finish(heads_attr=heads)
+    close(walk, heads_attr=heads)
 
 
 def _ms_multihead(walk: Trace, node: ir.Node) -> None:
@@ -117,7 +118,7 @@ def _ms_multihead(walk: Trace, node: ir.Node) -> None:
         if mask is not None and i == 5:
             walk.masks.append((mask, -3, "head"))
     walk.trace_output(node.outputs[0], merged=True)
-    walk.finish(heads_attr=heads)
+    close(walk, heads_attr=heads)
 
 
 def _ms_group_query(walk: Trace, node: ir.Node) -> None:
@@ -160,7 +161,7 @@ def _ms_group_query(walk: Trace, node: ir.Node) -> None:
     if bias is not None:
         walk.masks.append((bias, -3, "head"))
     walk.trace_output(node.outputs[0], merged=True)
-    walk.finish()
+    close(walk)
 
 
 def _onnx_attention(walk: Trace, node: ir.Node) -> None:
@@ -182,10 +183,10 @@ def _onnx_attention(walk: Trace, node: ir.Node) -> None:
         walk.site(node, 0, "head", "q_num_heads")
         walk.site(node, 0, "head", "kv_num_heads")
         walk.trace_output(node.outputs[0], merged=True)
-        walk.finish(heads_attr=q_heads)
+        close(walk, heads_attr=q_heads)
         return
     for role, inp in zip("qkv", node.inputs[:3], strict=True):  # 4-D [B, heads, S, size]
         walk.trace_heads(inp, -3, -1, role)  # type: ignore[arg-type]
     walk.trace_output(node.outputs[0], -3, -1)
-    walk.finish()
+    close(walk)
 

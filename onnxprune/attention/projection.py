@@ -203,7 +203,7 @@ class ProjectionTrace:
         self.widths[role] = min(cols, end if end is not None else cols) - offset
 
     # -- forwards from the 4-D context to the output projection ----------------------------
-    def _slice_sites(self, unit: dict[str, int]) -> list[HeadCountSite]:
+    def slice_sites(self, unit: dict[str, int]) -> list[HeadCountSite]:
         """Starts and ends of the Slices that cut a packed projection, in units."""
         units = self.block.num_heads
         order = sorted(self.slices, key=lambda t: t[2])
@@ -223,7 +223,7 @@ class ProjectionTrace:
             before = stop
         return sites
 
-    def _check_packing(self) -> None:
+    def check_packing(self) -> None:
         for node, parts in self.packed_parts.items():
             if node.op_type == "Split" and set(parts) != set(range(len(node.outputs))):
                 free = next(i for i in range(len(node.outputs)) if i not in parts)

@@ -24,7 +24,6 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import NameFixPass
 
-from onnxprune.attention import cache_slices
 from onnxprune.attention.blocks import AttentionBlock, find_attention_blocks
 from onnxprune.attention.head_scores import contributions, obs_heads, value_bias_fold, weight_norms
 from onnxprune.attention.slicing import head_columns, keep_heads
@@ -33,12 +32,13 @@ from onnxprune.calibration.data import InputSpec, input_specs, random_batches
 from onnxprune.calibration.propagate import Propagator
 from onnxprune.calibration.runner import with_outputs
 from onnxprune.calibration.stats import LayerStats
+from onnxprune.channels.keep import KeepSpec, fixed_indices, keep_counts
 from onnxprune.channels.model import ChannelGroup
+from onnxprune.core import cache_slices
 from onnxprune.core.passes import ReportingPass
 from onnxprune.core.weights import const_array
 from onnxprune.errors import InputError, OnnxPruneError
 from onnxprune.io.runtime import make_session
-from onnxprune.prune.remove_neurons import KeepSpec, fixed_indices, keep_counts
 from onnxprune.repair.lstsq import cross_validated_ridge, fold_bias, refit
 from onnxprune.repair.reconstruct import (
     DEFAULT_RIDGE,

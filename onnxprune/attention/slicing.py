@@ -14,7 +14,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxprune.attention.blocks import AttentionBlock
-from onnxprune.attention.cache_slices import record
+from onnxprune.core.cache_slices import record
 from onnxprune.core.shape_literals import fresh_constant, rewrite_targets
 from onnxprune.core.weights import const_array, set_const_array
 

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from onnxprune.attention.block import AttentionBlock, HeadCountSite, Projection
+from onnxprune.attention.block import AttentionBlock
 from onnxprune.attention.layout import (
     chain_permutation,
     is_self_reshape,
@@ -34,10 +34,9 @@ from onnxprune.core.weights import (
     WeightUse,
     const_array,
     is_constant,
-    other_reader_through_identity,
 )
 
-__all__ = ["Decline", "Trace", "STD", "PASS", "int_attr", "label", "is_scalar"]
+__all__ = ["Decline", "Trace", "STD", "PASS", "int_attr", "label", "is_scalar", "only_shape_read"]
 
 _REPEAT = frozenset({"Expand", "Tile", "Unsqueeze", "RepeatInterleave"})
 
@@ -69,7 +68,7 @@ def _head_dim(value: ir.Value, axis: int, shapes: Mapping[str, Sequence[int]]) -
     return None
 
 
-def _only_shape_read(node: ir.Node, depth: int = 3) -> bool:
+def only_shape_read(node: ir.Node, depth: int = 3) -> bool:
     """A Shape, or a layout op whose result only Shape ops read (the legacy T5 export
     transposes K once more just to read its length)."""
     if node.op_type == "Shape":
@@ -77,7 +76,7 @@ def _only_shape_read(node: ir.Node, depth: int = 3) -> bool:
     if depth == 0 or node.op_type not in ("Transpose", "Identity", "Reshape") or any(
             o.is_graph_output() for o in node.outputs):
         return False
-    return all(_only_shape_read(u.node, depth - 1) for o in node.outputs for u in o.uses())
+    return all(only_shape_read(u.node, depth - 1) for o in node.outputs for u in o.uses())
 
 
 class Trace(ProjectionTrace):
@@ -441,133 +440,3 @@ class Trace(ProjectionTrace):
             return
         raise Decline(f"the mask '{mask.name}' has {size} slices on the head axis (a mask "
                        "per head)")
-
-    def finish(self, heads_attr: int | None = None) -> AttentionBlock:
-        """Settles head counts and sizes from widths and split literals, then checks.
-
-        With K/V heads repeated (grouped-query attention) the unit of removal is one K/V
-        head together with the query heads that read it, so the repeat factor is kept."""
-        b = self.block
-        if b.output is None:
-            raise Decline("no output projection found")
-        heads: dict[str, int] = {}
-        sizes: dict[str, int] = {}
-        for role, width in self.widths.items():
-            node, h, d = self.split.get(role, (None, heads_attr, None))
-            if d is not None:
-                if width % d:
-                    raise Decline(f"head size {d} does not divide the {role.upper()} width "
-                                   f"{width}")
-                if h is not None and h * d != width:
-                    raise Decline(f"{h} heads of size {d} do not make the {role.upper()} "
-                                   f"width {width}")
-                h = width // d
-            elif h is None:
-                raise Decline(f"the {role.upper()} head count is not known")
-            elif width % h:
-                raise Decline(f"{h} heads do not divide the {role.upper()} width {width}")
-            heads[role] = h
-            sizes[role] = width // h
-            if node is not None and self.split[role][1] is not None:
-                self.site(node, -2, self.split_kind.get(role, "head"))
-        if set(sizes) != {"q", "k", "v"}:
-            raise Decline("Q, K and V projections were not all found")
-        if sizes["q"] != sizes["k"]:
-            raise Decline(f"Q and K have different head sizes ({sizes['q']}, {sizes['k']})")
-        if heads["k"] != heads["v"]:
-            raise Decline(f"K and V have different head counts ({heads['k']}, {heads['v']})")
-        if self.repeated and self.repeated != {"k", "v"}:
-            raise Decline("only one of K and V is repeated over the query heads")
-        group = heads["q"] // heads["k"]
-        if heads["q"] % heads["k"] or group > 1 and not self.repeated:
-            raise Decline(f"{heads['q']} query heads read {heads['k']} key/value heads "
-                           "without a repeat this analysis understands")
-        if self.rep_literal not in (None, group):
-            raise Decline(f"K/V heads are repeated {self.rep_literal} times, not {group}")
-        b.num_heads, b.group = heads["k"], group
-        if group > 1:
-            b.kind = f"{b.kind}, grouped-query ({group} query heads per K/V head)"
-        if self.caches:
-            b.kind = f"{b.kind}, key/value cache (fed and returned at the pruned width)"
-        unit = {"q": group * sizes["q"], "k": sizes["k"], "v": sizes["v"]}
-        per = {"head": group, "kvhead": 1, "out": group * sizes["v"], **unit,
-               "packed": sum(unit.values())}
-        b.projections = [Projection(p.role, p.use, p.bias, p.offset, unit[p.role])
-                         for p in b.projections]
-        b.sites = [HeadCountSite(n, per[k], pos, attr) for n, pos, k, attr in self.pending]
-        b.sites += self._slice_sites(unit)
-        self._check_packing()
-        for site in b.sites:
-            self._check_literal(site)
-        b.members = {v: (axis, per[k]) for v, (axis, k) in self.kinds.items()}
-        w = const_array(b.output.weight)
-        assert w is not None
-        width = heads["q"] * sizes["v"]
-        if w.shape[b.output.reduce_axis] != width:
-            raise Decline(f"the output projection reads {w.shape[b.output.reduce_axis]} "
-                           f"inputs, not {heads['q']} x {sizes['v']}")
-        if self.merged_width not in (None, width):
-            raise Decline(f"the merge Reshape spells width {self.merged_width}, not "
-                          f"{heads['q']} x {sizes['v']}")
-        for p in b.projections:
-            bias = None if p.bias is None else const_array(p.bias.value)
-            w_p = const_array(p.use.weight)
-            assert w_p is not None
-            if bias is not None and p.bias is not None and not p.bias.node.op_type.endswith(
-                    "Attention") and bias.shape[p.bias.axis] != w_p.shape[p.use.out_axis]:
-                raise Decline(f"the {p.role.upper()} bias '{p.bias.value.name}' has "
-                              f"{bias.shape[p.bias.axis]} entries")
-        for mask, axis, kind in self.masks:
-            self.check_mask(mask, axis, heads["q"] if kind == "head" else None)
-        self._check_closed()
-        if b.unresolved_masks:
-            raise Decline(f"cannot tell whether '{b.unresolved_masks[0]}' differs per head: "
-                          "its shape is not recorded (give data to probe it)")
-        return b
-
-    def _check_literal(self, site: HeadCountSite) -> None:
-        """A literal about to be rewritten must spell what the analysis thinks it does."""
-        if site.attribute is not None:
-            return
-        if site.node.op_type in ("Reshape", "Expand"):
-            entries = target_entries(site.node.inputs[site.input_index])
-            value = None if not entries else entries[site.position].value
-        else:
-            arr = const_array(site.node.inputs[site.input_index])
-            value = None if arr is None else int(np.asarray(arr).reshape(-1)[site.position])
-        want = self.block.num_heads * site.per_head
-        if value != want:
-            raise Decline(f"{label(site.node)} spells {value} where {want} "
-                          f"({self.block.num_heads} x {site.per_head}) was expected")
-
-    def _check_closed(self) -> None:
-        """Everything inside the block is read only inside it, and its shapes agree."""
-        b = self.block
-        inside = b.nodes | {b.output.node} if b.output else b.nodes
-        for value, (axis, per) in b.members.items():
-            if value.is_graph_output() and value not in self.caches:
-                raise Decline(f"'{value.name}' inside the attention is a graph output")
-            for use in value.uses():
-                if use.node not in inside:
-                    if _only_shape_read(use.node):
-                        continue  # read at run time: follows the pruned head count
-                    raise Decline(f"'{value.name}' inside the attention is also read by "
-                                   f"{label(use.node)}")
-            if value.shape is not None and len(value.shape) >= -axis:
-                dim = value.shape[axis]
-                if isinstance(dim, int) and dim != b.num_heads * per:
-                    raise Decline(f"the recorded shape of '{value.name}' has {dim} where "
-                                   f"{b.num_heads} x {per} was expected")
-        users: dict[ir.Value, set[ir.Node]] = {}
-        for p in b.projections:
-            users.setdefault(p.use.weight, set()).add(p.use.node)
-        users.setdefault(b.output.weight, set()).add(b.output.node)  # type: ignore[union-attr]
-        for weight, nodes in users.items():
-            shared = other_reader_through_identity(weight)
-            if shared is not None:
-                raise Decline(f"weight '{weight.name}' is the tensor '{shared[0].name}', also "
-                               f"read by {label(shared[1])} through Identity (a shared weight)")
-            other = [u.node for u in weight.uses() if u.node not in nodes]
-            if other or weight.is_graph_output() or weight.is_graph_input():
-                where = label(other[0]) if other else "the graph interface"
-                raise Decline(f"weight '{weight.name}' is shared with {where}")

@@ -377,7 +377,7 @@ class Fill:
     # -- result ----------------------------------------------------------------------------
     def _classes(self) -> dict[int, int]:
         cls: dict[int, int] = {}
-        for node, use in self.producers.items():
+        for node in self.producers:
             for i in self.maps[node.outputs[0]].tolist():
                 r = self._find(i)
                 if r not in cls:

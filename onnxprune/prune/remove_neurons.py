@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +20,7 @@ from onnxprune.calibration.calibration import Calibration, CalibrationLike, as_c
 from onnxprune.calibration.propagate import Propagator
 from onnxprune.channels.criteria import CRITERIA, DATA_AWARE, ChannelWeights, score_channels
 from onnxprune.channels.groups import find_channel_groups, group_of
+from onnxprune.channels.keep import KeepSpec, fixed_indices, keep_counts
 from onnxprune.channels.model import ChannelGroup
 from onnxprune.channels.shapes import shape_hints
 from onnxprune.channels.slicing import keep_channels, keep_many
@@ -39,8 +40,7 @@ from onnxprune.repair.reconstruct import (
     shared_input,
 )
 
-__all__ = ["RemoveNeuronsPass", "GroupDecision", "RemoveNeuronsResult", "group_weights",
-           "KeepSpec", "keep_counts", "fixed_indices"]
+__all__ = ["RemoveNeuronsPass", "GroupDecision", "RemoveNeuronsResult", "group_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -151,37 +151,6 @@ def _kept_count(size: int, remove: int, round_to: int) -> int:
 
 Scorer = Callable[[ChannelGroup], np.ndarray]
 Progress = Callable[[int, int, str], None]  # (groups done, groups in all, current group)
-# Per group name: how many channels it keeps (chosen by the criterion) or exactly which.
-KeepSpec = Mapping[str, "int | Sequence[int] | np.ndarray"]
-
-
-def fixed_indices(spec: int | Sequence[int] | np.ndarray | None) -> np.ndarray | None:
-    """The given kept indices, or None when only a count was given."""
-    if spec is None or isinstance(spec, (int, np.integer)):
-        return None
-    return np.sort(np.asarray(spec, dtype=np.int64))
-
-
-def keep_counts(spec: KeepSpec, sizes: Mapping[str, int], what: str) -> dict[str, int]:
-    """How many items each unit keeps under `spec` (units it does not name keep all), after
-    checking that every named unit exists and every count or index fits it."""
-    for name, k in spec.items():
-        if name not in sizes:
-            raise InputError(
-                f"the plan names {what} '{name}', which this model does not have (or cannot "
-                "prune); was the plan made for another model?"
-            )
-        idx = fixed_indices(k)
-        n = int(k) if idx is None else len(idx)  # type: ignore[arg-type]
-        bad = idx is not None and (len(np.unique(idx)) != n or n and (
-            idx[0] < 0 or idx[-1] >= sizes[name]))
-        if not 1 <= n <= sizes[name] or bad:
-            raise InputError(f"the plan's entry for {what} '{name}' does not fit its "
-                             f"{sizes[name]} channels")
-    return {name: size if name not in spec else
-            int(spec[name]) if (idx := fixed_indices(spec[name])) is None  # type: ignore[arg-type]
-            else len(idx) for name, size in sizes.items()}
-
 
 class RemoveNeuronsPass(ReportingPass):
     """Removes the least important channels of every prunable channel group."""

@@ -30,17 +30,10 @@ from onnxprune.quant.qdq_pass import QuantizeQDQPass
 from onnxprune.recipe.config import PruneConfig, chosen_metric
 from onnxprune.recipe.passes import build_passes
 from onnxprune.repair.distill import DEFAULT_AUGMENT
+from onnxprune.search.apply import apply_decisions, decided_units
 from onnxprune.search.distill import DistillStage, run_distill
 from onnxprune.search.plans import Plan
-from onnxprune.search.search import (
-    DEFAULT_MAX_DROP,
-    SearchConfig,
-    SearchResult,
-    Target,
-    apply_decisions,
-    decided_units,
-    search,
-)
+from onnxprune.search.search import DEFAULT_MAX_DROP, SearchConfig, SearchResult, Target, search
 from onnxprune.verify.compare import Tolerances, compare_models
 
 __all__ = ["PruneReport", "prune_model", "check_supported", "MORE_OPTIONS"]

@@ -8,7 +8,7 @@
    FFN groups only, uniform FFN - are evaluated whole in the masked session; the best one
    that meets the target goes on.
 4. The winner is removed for real, with the sequential residual-aware repair of the passes
-   in one forward sweep (apply_decisions), each unit after the first pruned one having its
+   in one forward sweep (apply.py: apply_decisions), each unit after the first pruned one having its
    input layers refit first, and verified on the held-out batches. When the real drop
    differs from the masked estimate, the allocator's budget is set to the masked drop that
    corresponds to a real drop of --max-drop and the search runs again (at most `rounds`
@@ -29,32 +29,24 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes.common import NameFixPass, RemoveUnusedNodesPass
 
-from onnxprune.attention.remove_heads import RemoveHeadsPass
 from onnxprune.calibration.calibration import Calibration
 from onnxprune.calibration.data import Batch
-from onnxprune.calibration.propagate import Propagator
-from onnxprune.channels.model import ChannelGroup
 from onnxprune.core.accounting import ModelStats, model_stats
-from onnxprune.core.weights import const_shape
 from onnxprune.errors import InputError
 from onnxprune.io.runtime import make_session
-from onnxprune.prune.remove_neurons import KeepSpec, RemoveNeuronsPass, keep_counts
 from onnxprune.repair.distill import DistillResult
-from onnxprune.repair.reconstruct import Sweep, absorb, input_group, reference_targets
 from onnxprune.search.allocate import CHECKPOINT, UNIFORM, Allocation, allocate, uniform
 from onnxprune.search.analyze import analyze_model
+from onnxprune.search.apply import apply_decisions
 from onnxprune.search.distill import DistillStage, run_distill
 from onnxprune.search.plans import Plan, apply_split, data_fingerprint, default_split
 from onnxprune.search.quality import BuiltinMetric, UserMetric
 from onnxprune.search.sensitivity import Evaluator, UnitAnalysis
-from onnxprune.search.units import Unit, find_units
+from onnxprune.search.units import Unit
 
 __all__ = ["DEFAULT_MAX_DROP", "Target", "SearchConfig", "SearchResult", "search",
-           "apply_decisions", "decided_units",
            "split_holdout", "measure_latency"]
 
 logger = logging.getLogger(__name__)
@@ -147,98 +139,6 @@ def split_holdout(batches: Sequence[Batch],
     split = default_split(batches)
     fit, held = apply_split(batches, split)
     return fit, held, split
-
-
-def decided_units(model: ir.Model, neurons: KeepSpec, heads: KeepSpec,
-                  calib: Calibration | None = None, ignore: tuple[str, ...] = ()) -> list[Unit]:
-    """The model's units, after checking that every decision names one and fits it.
-
-    Names the model's nodes (NameFixPass) first, as units are found by name.
-    """
-    NameFixPass()(model)
-    units, _ = find_units(model, calib, ignore)
-    keep_counts(neurons, {u.name: u.items for u in units if u.kind == "neurons"}, "group")
-    keep_counts(heads, {u.name: u.items for u in units if u.kind == "heads"}, "attention block")
-    return units
-
-
-def apply_decisions(model: ir.Model, neurons: KeepSpec, heads: KeepSpec,
-                    calib: Calibration | None, progress: Progress | None = None,
-                    ignore: tuple[str, ...] = (), units: Sequence[Unit] | None = None,
-                    absorb_inputs: bool = True,
-                    ) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
-    """Removes for real (in place): counts are chosen by OBS, indices are taken as given.
-
-    `units`: what decided_units() gave for this model, when the caller checked already.
-    With a least-squares repair and `absorb_inputs`, every unit after the first pruned one
-    first has its input layers refit (reconstruct.absorb). Returns the channels and
-    heads actually kept, which is what a plan records.
-    """
-    if units is None:  # every entry is checked before anything is removed
-        units = decided_units(model, neurons, heads, calib, ignore)
-    kept_n: dict[str, tuple[int, ...]] = {}
-    kept_h: dict[str, tuple[int, ...]] = {}
-    todo = [u for u in units if u.name in (neurons if u.kind == "neurons" else heads)]
-    pruned = {u.name for u in todo}
-    # Unit by unit in graph order, every repair reproducing the original model: each one
-    # then also absorbs what the units before it (neurons or heads) changed. One sweep
-    # serves them all: the pruned model's activations and the original's targets move
-    # forward with the units, so each part of either model runs about once.
-    reference = model.clone() if calib is not None else None
-    sweep = None
-    inputs: dict[str, ChannelGroup] = {}
-    widths: dict[str, tuple[int, ...] | None] = {}  # input layers' weight shapes, unpruned
-    if calib is not None and reference is not None and todo:
-        if absorb_inputs and calib.reconstruct == "lstsq":
-            # On MiniLM at 75 % of the FLOPs (the search's plan) the held-out drop went from
-            # 0.0196 to 0.0192; refitting the output layers of units left whole made it
-            # worse (0.0202), so only the input side is refit.
-            first = units.index(todo[0])  # the units before it, and it, read what they did
-            for u in units[first + 1:]:
-                g = None if u.source is None else input_group(model, u.source, u.name)
-                if g is not None:
-                    inputs[u.name] = g
-                    widths.update((c.node.name or "", const_shape(c.weight))
-                                  for c in g.consumers)
-        wanted = [g for u in units for g in (inputs.get(u.name),
-                                              u.group if u.name in pruned else None)
-                  if g is not None]
-        sweep = Sweep(Propagator(model, calib.batches, calib.provider),
-                      reference_targets(reference, wanted, calib, forward=True))
-    step = 0
-    for u in units:
-        if u.name in inputs:
-            assert sweep is not None and calib is not None and u.source is not None
-            # Found again: earlier units' slicing may have replaced the weights' values. A
-            # layer that slicing narrowed (a parallel block's other branch) is left out:
-            # its original output no longer matches it.
-            g = input_group(model, u.source, u.name)
-            if g is not None:
-                g.consumers[:] = [c for c in g.consumers
-                                  if widths.get(c.node.name or "") == const_shape(c.weight)]
-            if g is not None and g.consumers:
-                absorb(model, g, sweep, calib)
-        if u.name not in pruned:
-            continue
-        if progress is not None:
-            progress(step, len(todo), u.name)
-        step += 1
-        if u.kind == "neurons":
-            p = RemoveNeuronsPass(keep={u.name: neurons[u.name]},
-                                  criterion="obs" if calib else "l1", calibration=calib,
-                                  ignore=ignore, reference=reference, sweep=sweep)
-            p(model)
-            kept_n.update({k: tuple(int(i) for i in v) for k, v in p.kept.items()})
-        else:
-            h = RemoveHeadsPass(fraction=0.0, keep={u.name: heads[u.name]}, calibration=calib,
-                                ignore=ignore, reference=reference, sweep=sweep)
-            h(model)
-            for b in h.result.blocks:
-                if b.heads_after < b.heads_before:
-                    kept_h[b.block] = tuple(int(i) for i in np.setdiff1d(
-                        np.arange(b.heads_before), b.removed))
-    RemoveUnusedNodesPass()(model)
-    return kept_n, kept_h
 
 
 def measure_latency(original: ir.Model, candidate: ir.Model, batch: Batch,

@@ -18,9 +18,9 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from onnxprune.attention import cache_slices
 from onnxprune.calibration.data import Batch
 from onnxprune.calibration.propagate import SECTION_ABOVE_BYTES, sectioned_outputs, weight_bytes
+from onnxprune.core import cache_slices
 from onnxprune.core.pages import release_pages
 from onnxprune.errors import DataError, InputError
 from onnxprune.io.models import external_data_files, uses_external_data
