@@ -115,8 +115,13 @@ def _collect(cuts: _Cuts, group: ChannelGroup, keep: np.ndarray) -> None:
     cuts.edits.extend(group.edits)
 
 
-def keep_many(graph: ir.Graph, plan: Sequence[tuple[ChannelGroup, np.ndarray]]) -> None:
-    """Keeps, for every (group, kept channel indices), only those channels; all at once."""
+def keep_many(graph: ir.Graph, plan: Sequence[tuple[ChannelGroup, np.ndarray]], *,
+              hints: dict[str, list[int | None]] | None = None) -> None:
+    """Keeps, for every (group, kept channel indices), only those channels; all at once.
+
+    `hints`: the shape_hints a later analysis of the same model reads (group_of); the
+    entries of unannotated values that lose channels are updated in place, so a group that
+    shares a tensor with this one (a Concat both feed) is found again at its new width."""
     cuts = _Cuts()
     for group, keep in plan:
         keep = np.asarray(sorted(int(k) for k in keep), dtype=np.int64)
@@ -140,6 +145,10 @@ def keep_many(graph: ir.Graph, plan: Sequence[tuple[ChannelGroup, np.ndarray]]) 
         _write(graph, value, {k: _take(arr, ax, d) for k, (ax, d) in readers.items()})
     _apply_edits(graph, cuts)
     for value, (axis, drop) in cuts.values.items():
+        hint = hints.get(value.name or "") if hints is not None and value.shape is None \
+            else None
+        if drop and hint is not None and len(hint) >= -axis and isinstance(hint[axis], int):
+            hint[axis] = hint[axis] - len(drop)  # type: ignore[operator]
         if not drop or value.shape is None or len(value.shape) < -axis:
             continue
         dims = list(value.shape)
@@ -150,9 +159,10 @@ def keep_many(graph: ir.Graph, plan: Sequence[tuple[ChannelGroup, np.ndarray]]) 
         group.size = len(keep)
 
 
-def keep_channels(graph: ir.Graph, group: ChannelGroup, keep: np.ndarray) -> None:
+def keep_channels(graph: ir.Graph, group: ChannelGroup, keep: np.ndarray, *,
+                  hints: dict[str, list[int | None]] | None = None) -> None:
     """Keeps channels `keep` (sorted indices) of `group`; all others are removed."""
-    keep_many(graph, [(group, keep)])
+    keep_many(graph, [(group, keep)], hints=hints)
 
 
 def _apply_edits(graph: ir.Graph, cuts: _Cuts) -> None:

@@ -5,6 +5,10 @@ C·k·k column vector (channel-major: the k·k taps of channel c are columns c·
 (c+1)·k·k − 1). The same least-squares repair as for MatMul therefore applies, with the
 Gram matrix of those columns streamed batch by batch, and removing a channel removes a
 block of k·k columns: OBS selection costs a block by ‖W_S‖²_{(H⁻¹_SS)⁻¹}.
+
+Which input channels of the consumer are the group's comes from the group's index map
+(channel_columns): a Conv reading a Concat sees the group's channels at an offset, and the
+other inputs' columns (map -1) stay in the fit, never removed (an FPN/PAN neck).
 """
 
 from __future__ import annotations
@@ -22,14 +26,14 @@ from onnxprune.calibration.stats import LayerStats
 from onnxprune.calibration.targets import TargetStore
 from onnxprune.channels.model import ChannelGroup
 from onnxprune.channels.slicing import keep_channels
-from onnxprune.core.weights import const_array, set_const_array
+from onnxprune.core.weights import WeightUse, const_array, set_const_array
 from onnxprune.errors import DataError
 from onnxprune.repair.lstsq import Problem, cross_validated_ridge, refit
 from onnxprune.repair.reconstruct import DEFAULT_RIDGE, GroupFit, conv_target
 
 __all__ = ["conv_repairable", "prune_conv_group", "conv_geometry", "collect_conv_stats",
            "fit_conv_group", "apply_conv_fit", "channel_stats", "obs_block_select", "im2col",
-           "ConvStats", "select_conv_channels"]
+           "ConvStats", "select_conv_channels", "channel_columns", "kept_positions"]
 
 # Output pixels per batch that enter the statistics (a seeded subsample): about
 # _ROWS_PER_COLUMN rows per im2col column over all batches, between _MIN_ROWS and _MAX_ROWS.
@@ -232,27 +236,69 @@ def _residual(arrays: dict[str, np.ndarray], batch: Batch, name: str,
     return r
 
 
-def channel_stats(stats: LayerStats | ConvStats, block: int) -> dict[str, np.ndarray]:
-    """Per-channel statistics for the data-aware criteria: the channel's k·k taps averaged."""
-    return {k: v.reshape(-1, block).mean(axis=1) for k, v in stats.as_dict().items()}
+def channel_columns(group: ChannelGroup, use: WeightUse, columns: int) -> np.ndarray:
+    """[channels, n·k·k]: the im2col columns of `use`'s input that carry each channel of
+    `group` (n: the positions per channel, from the index map; columns of other groups'
+    positions are in no row). `columns`: C·k·k of the consumer."""
+    m = group.channel_map(use, "in")
+    kk = columns // m.size
+    order = np.argsort(m, kind="stable")
+    order = order[m[order] >= 0]
+    per = order.size // group.size
+    if per == 0 or order.size != per * group.size or np.any(
+            np.bincount(m[order], minlength=group.size) != per):
+        raise ValueError(f"group '{group.name}': channels do not appear equally often in "
+                         f"the input of {use.node.op_type} '{use.node.name}'")
+    pos = order.reshape(group.size, per)  # channel-sorted, so row c is channel c
+    return (pos[:, :, None] * kk + np.arange(kk)).reshape(group.size, per * kk)
 
 
-def obs_block_select(problem: Problem, n_keep: int, block: int, max_steps: int = 64
-                     ) -> np.ndarray:
-    """Kept channels (sorted) by OBS over blocks of `block` columns (one block per channel)."""
-    c = problem.channels
-    nb = c // block
+def kept_positions(group: ChannelGroup, use: WeightUse, keep: np.ndarray) -> np.ndarray:
+    """Positions of `use`'s input channel axis still there once only `keep` is kept: the
+    kept channels' and every position that is not this group's."""
+    m = group.channel_map(use, "in")
+    return np.nonzero((m < 0) | np.isin(m, keep))[0]
+
+
+def _kept_columns(group: ChannelGroup, use: WeightUse, columns: int, keep: np.ndarray
+                  ) -> np.ndarray:
+    kk = columns // group.channel_map(use, "in").size
+    pos = kept_positions(group, use, keep)
+    return (pos[:, None] * kk + np.arange(kk)).reshape(-1)
+
+
+def channel_stats(stats: LayerStats | ConvStats, block: int | np.ndarray
+                  ) -> dict[str, np.ndarray]:
+    """Per-channel statistics for the data-aware criteria: the channel's columns averaged
+    (`block`: k·k when channel c owns columns c·k·k..., else channel_columns' rows)."""
+    idx = _blocks(stats.channels, block)
+    return {k: v[idx].mean(axis=1) for k, v in stats.as_dict().items()}
+
+
+def _blocks(columns: int, block: int | np.ndarray) -> np.ndarray:
+    if isinstance(block, np.ndarray):
+        return block
+    return np.arange(columns // block)[:, None] * block + np.arange(block)[None, :]
+
+
+def obs_block_select(problem: Problem, n_keep: int, block: int | np.ndarray,
+                     max_steps: int = 64) -> np.ndarray:
+    """Kept channels (sorted) by OBS over blocks of columns, one block per channel:
+    `block` columns each in order, or the rows of channel_columns (columns in no row are
+    never removed)."""
+    idx = _blocks(problem.channels, block)
+    nb = idx.shape[0]
     hinv = np.linalg.inv(problem.h)
     hinv = (hinv + hinv.T) / 2
     w = hinv @ problem.b
     alive = np.ones(nb, dtype=bool)
-    idx = np.arange(nb)[:, None] * block + np.arange(block)[None, :]
+    width = idx.shape[1]
     to_remove = nb - n_keep
     step = max(1, math.ceil(to_remove / max_steps))
     while to_remove > 0:
         hb = hinv[idx[:, :, None], idx[:, None, :]]
-        hb_inv = np.linalg.inv(hb + 1e-12 * np.eye(block))
-        wb = w[idx]  # [nb, block, D]
+        hb_inv = np.linalg.inv(hb + 1e-12 * np.eye(width))
+        wb = w[idx]  # [nb, width, D]
         cost = np.einsum("nij,njd,nid->n", hb_inv, wb, wb)
         cost[~alive] = np.inf
         k = min(step, to_remove)
@@ -270,9 +316,9 @@ def obs_block_select(problem: Problem, n_keep: int, block: int, max_steps: int =
 def fit_conv_group(group: ChannelGroup, stats: LayerStats | ConvStats, n_keep: int,
                    scores: np.ndarray | None, calib: Calibration,
                    keep: np.ndarray | None = None) -> GroupFit:
-    node = group.consumers[0].node
-    prior = _prior(node)
-    block = prior.shape[0] // group.size
+    use = group.consumers[0]
+    prior = _prior(use.node)
+    block = channel_columns(group, use, prior.shape[0])
     ridge = DEFAULT_RIDGE if calib.ridge is None else calib.ridge
     if keep is not None:
         keep = np.sort(np.asarray(keep, dtype=np.int64))
@@ -281,7 +327,7 @@ def fit_conv_group(group: ChannelGroup, stats: LayerStats | ConvStats, n_keep: i
                                 n_keep, block)
     else:
         keep = np.sort(np.argsort(-scores, kind="stable")[:n_keep])
-    cols = (keep[:, None] * block + np.arange(block)[None, :]).reshape(-1)
+    cols = _kept_columns(group, use, prior.shape[0], keep)
     if calib.reconstruct != "lstsq":
         return GroupFit(keep, None, None)
     if calib.ridge is None and len(stats.fold_gram) > 1:
@@ -318,8 +364,9 @@ def apply_conv_fit(graph: ir.Graph, group: ChannelGroup, fit: GroupFit) -> None:
 
 
 def conv_repairable(group: ChannelGroup) -> bool:
-    """Every consumer is a plain 2-D Conv (group 1) reading channel p at position p; they
-    may read different tensors (a residual stream read by every block)."""
+    """Every consumer is a plain 2-D Conv (group 1) that reads each channel of the group
+    equally often (position p channel p, or at an offset of a Concat among other groups'
+    channels); they may read different tensors (a residual stream read by every block)."""
     if not group.consumers:
         return False
     for use in group.consumers:
@@ -330,7 +377,10 @@ def conv_repairable(group: ChannelGroup) -> bool:
         if conv_geometry(node) is None:
             return False
         m = group.use_maps.get(use)
-        if m is None or not np.array_equal(m, np.arange(group.size)):
+        if m is None or not np.any(m >= 0):
+            return False
+        counts = np.bincount(m[m >= 0], minlength=group.size)
+        if counts.size != group.size or np.any(counts != counts[0]):
             return False
     return True
 
@@ -340,12 +390,12 @@ def _single(group: ChannelGroup, use: object) -> ChannelGroup:
                         use_maps={use: group.use_maps[use]})  # type: ignore[index]
 
 
-def _one_step_costs(problem: Problem, block: int) -> np.ndarray:
+def _one_step_costs(problem: Problem, block: int | np.ndarray) -> np.ndarray:
     hinv = np.linalg.inv(problem.h)
     w = hinv @ problem.b
-    nb = problem.channels // block
-    idx = np.arange(nb)[:, None] * block + np.arange(block)[None, :]
-    hb_inv = np.linalg.inv(hinv[idx[:, :, None], idx[:, None, :]] + 1e-12 * np.eye(block))
+    idx = _blocks(problem.channels, block)
+    hb_inv = np.linalg.inv(hinv[idx[:, :, None], idx[:, None, :]]
+                           + 1e-12 * np.eye(idx.shape[1]))
     wb = w[idx]
     return np.einsum("nij,njd,nid->n", hb_inv, wb, wb)
 
@@ -356,17 +406,17 @@ def select_conv_channels(subs: list[ChannelGroup], stats: list[LayerStats | Conv
     """The `count` channels to keep (sorted). One consumer: block OBS. Several (a residual
     stream): each channel's one-step OBS cost summed over the consumers.
     `criterion_scores(stats_by_channel)` replaces OBS when given."""
-    size = subs[0].size
     ridge = DEFAULT_RIDGE if calib.ridge is None else calib.ridge
+    blocks = [channel_columns(s, s.consumers[0], st.channels)
+              for s, st in zip(subs, stats, strict=True)]
     if criterion_scores is not None:
-        scores = criterion_scores(channel_stats(stats[0], stats[0].channels // size))  # type: ignore[operator]
+        scores = criterion_scores(channel_stats(stats[0], blocks[0]))  # type: ignore[operator]
         return np.sort(np.argsort(-scores, kind="stable")[:count])
     problems = [Problem(st.gram, st.cross, ridge, _prior(s.consumers[0].node))  # type: ignore[arg-type]
                 for s, st in zip(subs, stats, strict=True)]
     if len(subs) == 1:
-        return obs_block_select(problems[0], count, stats[0].channels // size)
-    cost = sum(_one_step_costs(p, st.channels // size)
-               for p, st in zip(problems, stats, strict=True))
+        return obs_block_select(problems[0], count, blocks[0])
+    cost = sum(_one_step_costs(p, b) for p, b in zip(problems, blocks, strict=True))
     return np.sort(np.argsort(-np.asarray(cost), kind="stable")[:count])
 
 
@@ -374,10 +424,12 @@ def prune_conv_group(model: ir.Model, reference: TargetStore | None,
                      group: ChannelGroup, count: int, calib: Calibration, *,
                      criterion_scores: object = None, fixed: np.ndarray | None = None,
                      out_index: dict[str | None, np.ndarray] | None = None,
-                     source: Propagator | None = None) -> np.ndarray:
+                     source: Propagator | None = None,
+                     hints: dict[str, list[int | None]] | None = None) -> np.ndarray:
     """Selects and removes channels of a group read by Conv layers, refitting each of them
     on its own im2col statistics; returns the kept channels (see select_conv_channels).
-    `source` gives the activations of `model` (a Propagator over it), else it runs whole."""
+    `source` gives the activations of `model` (a Propagator over it), else it runs whole.
+    `hints`: the shape hints later analyses read, kept current (see keep_many)."""
     subs = [_single(group, u) for u in group.consumers]
     stats = collect_conv_stats(source or model, reference, subs, calib, out_index,
                                per_channel=criterion_scores is not None)
@@ -386,7 +438,7 @@ def prune_conv_group(model: ir.Model, reference: TargetStore | None,
         keep = select_conv_channels(subs, stats, count, calib, criterion_scores)
     fits = [fit_conv_group(s, st, count, None, calib, keep=keep)
             for s, st in zip(subs, stats, strict=True)]
-    keep_channels(model.graph, group, keep)
+    keep_channels(model.graph, group, keep, hints=hints)
     for s, fit in zip(subs, fits, strict=True):
         apply_conv_fit(model.graph, s, fit)
     return keep

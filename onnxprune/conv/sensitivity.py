@@ -32,6 +32,7 @@ from onnxprune.conv.repair import (
     _single,
     collect_conv_stats,
     fit_conv_group,
+    kept_positions,
     select_conv_channels,
 )
 from onnxprune.core.weights import const_array
@@ -103,7 +104,8 @@ def _masked_proto(base: onnx.ModelProto, subs: list[ChannelGroup], keep: np.ndar
         assert w is not None and fit.weights is not None
         o, _, kh, kw = w.shape
         new = np.zeros_like(w)
-        new[:, keep] = fit.weights.T.reshape(o, len(keep), kh, kw).astype(w.dtype)
+        pos = kept_positions(s, s.consumers[0], keep)  # a Concat's other inputs stay
+        new[:, pos] = fit.weights.T.reshape(o, len(pos), kh, kw).astype(w.dtype)
         bias = (_bias(node) + fit.bias_delta).astype(w.dtype)
         target = by_output[node.outputs[0].name or ""]
         stem = f"{target.output[0]}__sensitivity"

@@ -23,6 +23,7 @@ import onnx_ir as ir
 from onnx import TensorProto
 
 from onnxprune.errors import InputError
+from onnxprune.io.finite import MaskConstant, accepted_non_finite
 
 __all__ = ["check_input_model", "check_finite_weights", "tensor_nbytes", "MAX_TENSOR_BYTES"]
 
@@ -233,21 +234,9 @@ def check_input_model(proto: onnx.ModelProto, path: str | os.PathLike[str]) -> N
     _run_checker(proto, p)
 
 
-def check_finite_weights(model: ir.Model, where: str = "model") -> None:
-    """Refuses float initializers holding NaN or Inf before a pass reads them: scores,
-    repairs and int8 scales built on them are meaningless (verification of such a model
-    fails instead; only rewriting it is refused)."""
-    for graph in model.graphs():
-        for v in graph.initializers.values():
-            t = v.const_value
-            if t is None or v in graph.inputs:
-                continue
-            try:
-                dtype = t.dtype.numpy()
-            except Exception:  # types numpy cannot hold (e.g. float8): nothing to check
-                continue
-            if not np.issubdtype(dtype, np.floating):
-                continue
-            if not np.all(np.isfinite(t.numpy())):
-                raise InputError(f"{where}: initializer '{v.name}' holds NaN or Inf; fix the "
-                                 "model's weights first")
+def check_finite_weights(model: ir.Model, where: str = "model") -> list[MaskConstant]:
+    """Refuses constants holding NaN, and ±inf anywhere but a mask/fill use, before a pass
+    reads them: scores, repairs and int8 scales built on them are meaningless (verification
+    of such a model fails instead; only rewriting it is refused). Returns the accepted ±inf
+    constants with their readers (io/finite.py: accepted_non_finite) for the report."""
+    return accepted_non_finite(model, where)

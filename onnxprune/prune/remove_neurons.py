@@ -101,7 +101,10 @@ def _by_channel(w: np.ndarray, axis: int, cls: np.ndarray, size: int) -> np.ndar
     counts = np.bincount(cls[order], minlength=size)
     per = max(int(counts.max()) if counts.size else 1, 1)
     if per == 1 and counts.size == size and np.all(counts == 1):
-        return flat if np.array_equal(order, np.arange(size)) else flat[order]
+        # A view only when every position is a channel of this group, in order; positions of
+        # other groups (-1, a Concat's other inputs) are dropped by the index.
+        whole = flat.shape[0] == size and np.array_equal(order, np.arange(size))
+        return flat if whole else flat[order]
     out = np.zeros((size, per * flat.shape[1]))
     slot = np.zeros(size, dtype=np.int64)
     for p in order.tolist():
@@ -346,7 +349,7 @@ class RemoveNeuronsPass(ReportingPass):
                             return score_channels(self.criterion, cw)
                     self.kept[g0.name] = prune_conv_group(
                         model, reference, current, count, calib, criterion_scores=scorer,
-                        fixed=fixed, out_index=out_index, source=source)
+                        fixed=fixed, out_index=out_index, source=source, hints=hints)
                 elif note is None:
                     stats = collect_stats(source, reference, current, calib,
                                           histogram=self.criterion != "obs")
@@ -355,14 +358,14 @@ class RemoveNeuronsPass(ReportingPass):
                         cw = group_weights(current, seed=self.seed, stats=stats.as_dict())
                         scores = score_channels(self.criterion, cw)
                     fit = fit_group(current, stats, count, scores, calib, keep=fixed)
-                    keep_channels(model.graph, current, fit.keep)
+                    keep_channels(model.graph, current, fit.keep, hints=hints)
                     apply_fit(model.graph, current, fit)
                     self.kept[g0.name] = fit.keep
                 else:
                     if fixed is None:
                         s = score_channels("l1", group_weights(current, seed=self.seed))
                         fixed = np.sort(np.argsort(-s)[:count])
-                    keep_channels(model.graph, current, fixed)
+                    keep_channels(model.graph, current, fixed, hints=hints)
                     self.kept[g0.name] = fixed
                 modified = True
                 kept = self.kept[g0.name]
