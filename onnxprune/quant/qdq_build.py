@@ -9,9 +9,21 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["QdqBuilder", "constant_bytes"]
+__all__ = ["QdqBuilder", "constant_bytes", "retype"]
 
 _IR = {np.dtype(np.uint8): ir.DataType.UINT8, np.dtype(np.int8): ir.DataType.INT8}
+
+
+def retype(value: ir.Value, dtype: ir.DataType, shape: ir.Shape | None) -> None:
+    """Gives `value` a type and shape objects of its own.
+
+    Never `value.dtype = ...`: onnx_ir changes the existing type object in place, and
+    `ir.Model.clone()` shares type objects between the copy and the original, so retyping
+    a value recorded in value_info (the dynamo exporter records them all) would retype the
+    reference model too (issue 25). Shapes are copied for the same reason.
+    """
+    value.type = ir.TensorType(dtype)
+    value.shape = None if shape is None else shape.copy()
 
 
 class QdqBuilder:
@@ -34,16 +46,17 @@ class QdqBuilder:
         """A new initializer; a 0-d array stays a scalar (np.ascontiguousarray would not)."""
         name = self.name(base)
         array = array if array.flags.c_contiguous else array.copy()
-        value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
-        value.shape = ir.Shape(array.shape)
-        value.dtype = value.const_value.dtype  # type: ignore[union-attr]
+        tensor = ir.tensor(array, name=name)
+        value = ir.Value(name=name, type=ir.TensorType(tensor.dtype),
+                         shape=ir.Shape(array.shape), const_value=tensor)
         self.graph.register_initializer(value)
         return value
 
     def _out(self, node: ir.Node, base: str, dtype: ir.DataType,
              shape: ir.Shape | None) -> ir.Value:
         out = node.outputs[0]
-        out.name, out.dtype, out.shape = self.name(base), dtype, shape
+        out.name = self.name(base)
+        retype(out, dtype, shape)
         return out
 
     def dequantized_const(self, base: str, q: np.ndarray, scale: np.ndarray,
@@ -135,7 +148,7 @@ class QdqBuilder:
             out.name = self.name(f"{old_name}_quantized")
             result.name = old_name
         node.replace_input_with(0, qv)
-        out.dtype = ir.DataType.INT8
+        retype(out, ir.DataType.INT8, out.shape)
         self.graph.insert_after(node, [row_scale, cast, mul])
 
 
