@@ -59,16 +59,29 @@ class QdqBuilder:
         retype(out, dtype, shape)
         return out
 
+    def int8_const(self, base: str, q: np.ndarray, scale: np.ndarray
+                   ) -> tuple[ir.Value, ir.Value, ir.Value]:
+        """The stored form of a narrow constant: values, scale, zero point (initializers)."""
+        return (self.const(f"{base}_quantized", q), self.const(f"{base}_scale", scale),
+                self.const(f"{base}_zero_point", np.zeros(scale.shape, q.dtype)))
+
+    def dequantize_const(self, base: str, stored: tuple[ir.Value, ir.Value, ir.Value],
+                         axis: int | None, before: ir.Node) -> ir.Value:
+        """DequantizeLinear(q, scale, 0) of an `int8_const`, inserted before `before`.
+
+        Layers that share a weight each get a DequantizeLinear of their own reading the one
+        stored copy: the file holds it once, and each Dequantize has the single consumer
+        onnxruntime's QDQ fusions look for.
+        """
+        node = ir.node("DequantizeLinear", list(stored), {} if axis is None else {"axis": axis},
+                       name=self.name(f"{base}_DequantizeLinear"))
+        self.graph.insert_before(before, node)
+        return self._out(node, f"{base}_dequantized", ir.DataType.FLOAT, stored[0].shape)
+
     def dequantized_const(self, base: str, q: np.ndarray, scale: np.ndarray,
                           axis: int | None, before: ir.Node) -> ir.Value:
         """DequantizeLinear(q, scale, 0) inserted before `before`: a constant stored narrow."""
-        qv = self.const(f"{base}_quantized", q)
-        sv = self.const(f"{base}_scale", scale)
-        zv = self.const(f"{base}_zero_point", np.zeros(scale.shape, q.dtype))
-        node = ir.node("DequantizeLinear", [qv, sv, zv], {} if axis is None else {"axis": axis},
-                       name=self.name(f"{base}_DequantizeLinear"))
-        self.graph.insert_before(before, node)
-        return self._out(node, f"{base}_dequantized", ir.DataType.FLOAT, ir.Shape(q.shape))
+        return self.dequantize_const(base, self.int8_const(base, q, scale), axis, before)
 
     def quantize(self, value: ir.Value, src: ir.Value, scale: float, zero_point: np.ndarray,
                  pre: list[ir.Node]) -> ir.Value:
@@ -121,23 +134,24 @@ class QdqBuilder:
         self.graph.insert_after(node, [q, dq])
         return True
 
-    def gather_first(self, node: ir.Node, base: str, q: np.ndarray, scale: np.ndarray) -> None:
+    def gather_first(self, node: ir.Node, base: str, table: ir.Value,
+                     row_scale: ir.Value) -> None:
         """Gather(table) becomes Gather(int8 table) * Gather(row scales): no full dequantize.
 
         DequantizeLinear before Gather is the textbook QDQ form, but onnxruntime does not
         constant-fold it, so every run would dequantize the whole table (5 ms of an 80 ms
-        MiniLM run); gathering first touches only the rows the batch uses.
+        MiniLM run); gathering first touches only the rows the batch uses. `table` is the
+        int8 table ([rows, width]) and `row_scale` its scales as [rows, 1]; both may be
+        shared with other readers of the same float table.
         """
-        qv = self.const(f"{base}_quantized", q)
-        sv = self.const(f"{base}_scale", scale.reshape(-1, 1))
         out = node.outputs[0]
         uses = list(out.uses())
-        row_scale = ir.node("Gather", [sv, node.inputs[1]], {"axis": 0},
-                            name=self.name(f"{base}_GatherScale"))
+        row_scale_node = ir.node("Gather", [row_scale, node.inputs[1]], {"axis": 0},
+                                 name=self.name(f"{base}_GatherScale"))
         cast = ir.node("Cast", [out], {"to": ir.DataType.FLOAT}, name=self.name(f"{base}_Cast"))
-        mul = ir.node("Mul", [cast.outputs[0], row_scale.outputs[0]],
+        mul = ir.node("Mul", [cast.outputs[0], row_scale_node.outputs[0]],
                       name=self.name(f"{base}_Dequantize"))
-        self._out(row_scale, f"{out.name}_row_scale", ir.DataType.FLOAT, None)
+        self._out(row_scale_node, f"{out.name}_row_scale", ir.DataType.FLOAT, None)
         self._out(cast, f"{out.name}_float", ir.DataType.FLOAT, out.shape)
         result = self._out(mul, f"{out.name}_dequantized", ir.DataType.FLOAT, out.shape)
         for user, index in uses:
@@ -147,9 +161,9 @@ class QdqBuilder:
             old_name = out.name
             out.name = self.name(f"{old_name}_quantized")
             result.name = old_name
-        node.replace_input_with(0, qv)
+        node.replace_input_with(0, table)
         retype(out, ir.DataType.INT8, out.shape)
-        self.graph.insert_after(node, [row_scale, cast, mul])
+        self.graph.insert_after(node, [row_scale_node, cast, mul])
 
 
 def constant_bytes(graph: ir.Graph) -> int:
