@@ -110,8 +110,10 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
                 conv.resize_inputs(3)
                 conv.replace_input_with(2, fresh)
         out, y = conv.outputs[0], bn.outputs[0]
-        out.shape = y.shape or out.shape
-        out.type = out.type or y.type
+        # Copies, not y's objects: a clone of the model shares type objects with the original.
+        shape = y.shape or out.shape
+        out.shape = None if shape is None else shape.copy()
+        out.type = out.type or (ir.TensorType(y.dtype) if y.dtype is not None else None)
         take_over_output(graph, y, out, "_bn_unused")
         ir.convenience.replace_all_uses_with(y, out)
         graph.remove(bn, safe=True)

@@ -21,6 +21,8 @@ __all__ = [
     "new_initializer",
     "other_reader_through_identity",
     "const_array",
+    "constant_source",
+    "constant_readers",
     "const_shape",
     "set_const_array",
     "is_constant",
@@ -87,6 +89,35 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
     node = _constant_node(value)
     assert node is not None
     return node.attributes["value"].as_tensor().numpy()
+
+
+def constant_source(value: ir.Value | None) -> ir.Value | None:
+    """The plain constant a value is, or that an Identity chain ending at it copies.
+
+    Two layers reading the same source hold one weight, however each reaches it: passes
+    that write a new form of a weight (int8, rescaled) key it by this, so that the file
+    keeps one copy of it.
+    """
+    if value is None:
+        return None
+    return value if is_plain_constant(value) else _identity_source(value)
+
+
+def constant_readers(source: ir.Value) -> list[ir.Node]:
+    """The nodes that read `source` directly or through chains of Identity nodes (the
+    Identity nodes themselves not counted), each once, in no particular order."""
+    readers: list[ir.Node] = []
+    frontier, seen = [source], {id(source)}
+    while frontier:
+        value = frontier.pop()
+        for user, _ in value.uses():
+            if user.op_type == "Identity" and user.domain in ("", "ai.onnx"):
+                if id(user.outputs[0]) not in seen:
+                    seen.add(id(user.outputs[0]))
+                    frontier.append(user.outputs[0])
+            elif all(user is not r for r in readers):
+                readers.append(user)
+    return readers
 
 
 def const_shape(value: ir.Value | None) -> tuple[int, ...] | None:

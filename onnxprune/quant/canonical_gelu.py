@@ -18,6 +18,7 @@ import onnx_ir as ir
 
 from onnxprune.core.passes import ReportingPass
 from onnxprune.core.weights import const_array
+from onnxprune.quant.qdq_build import retype
 
 __all__ = ["CanonicalGeluPass", "CanonicalGeluResult"]
 
@@ -95,7 +96,8 @@ class CanonicalGeluPass(ReportingPass):
             node.replace_input_with(1 - xi, one_plus_erf)
             scaled = ir.node("Mul", [out, const], name=f"{node.name or 'gelu'}_half")
             result = scaled.outputs[0]
-            result.dtype, result.shape = out.dtype, out.shape
+            if out.dtype is not None:  # a type of its own: out's may be the reference's too
+                retype(result, out.dtype, out.shape)
             old_name = out.name
             for user, index in list(out.uses()):
                 if user is not scaled:

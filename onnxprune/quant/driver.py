@@ -29,6 +29,7 @@ import onnx_ir as ir
 from onnxprune.calibration.data import Batch
 from onnxprune.conv.fold_batchnorm import FoldBatchNormPass
 from onnxprune.core.pages import release_pages
+from onnxprune.core.weights import constant_readers, constant_source
 from onnxprune.errors import InputError, UnsupportedModelError
 from onnxprune.io.runtime import Provider
 from onnxprune.quant.canonical_gelu import CanonicalGeluPass
@@ -38,7 +39,7 @@ from onnxprune.quant.insert_qdq import (
     InsertQDQPass,
     QuantizedLayer,
 )
-from onnxprune.quant.layers import QLayer, check_not_quantized, find_layers
+from onnxprune.quant.layers import QLayer, check_not_quantized, find_layers, layer_name
 from onnxprune.quant.qerror import (
     SMOOTH_GAIN,
     ActDtype,
@@ -141,6 +142,7 @@ class LayerReport(QuantizedLayer):
     activation_zero_point: int | None = None
     range_choice: str | None = None
     smoothed: bool = False
+    smooth_declined: str | None = None  # why SmoothQuant was not tried on the input
     activation_sqnr_db: float | None = None
     layer_sqnr_db: float | None = None
 
@@ -181,6 +183,24 @@ class QuantizeReport:
     @property
     def kept_float(self) -> int:
         return sum(not layer.quantized for layer in self.layers)
+
+    def why_nothing(self) -> str:
+        """What to tell a user whose `quantize` changed nothing: the layer report's reasons,
+        most common first, each with the layers it held back."""
+        held: dict[str, list[str]] = {}
+        for layer in self.layers:
+            if not layer.quantized:
+                held.setdefault(layer.reason or "no reason recorded", []).append(layer.node)
+        if not held:
+            return ("nothing was quantized: the model has no MatMul/Gemm/Conv with a constant "
+                    "float32 weight and no embedding table (Gather of a constant)")
+        parts = []
+        for reason, nodes in sorted(held.items(), key=lambda kv: -len(kv[1]))[:3]:
+            names = ", ".join(f"'{n}'" for n in nodes[:3]) + (", ..." if len(nodes) > 3 else "")
+            parts.append(f"{reason} ({len(nodes)} layer(s): {names})")
+        more = len(held) - len(parts)
+        return "nothing was quantized: " + "; ".join(parts) + (
+            f"; and {more} other reason(s) (all in --report)" if more > 0 else "")
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -242,6 +262,7 @@ class _Plan:
     keep_float: dict[str, str] = field(default_factory=dict)
     float_tensors: dict[str, str] = field(default_factory=dict)
     outputs: dict[str, ActivationQuant] = field(default_factory=dict)
+    smooth_declined: dict[str, str] = field(default_factory=dict)  # tensor -> why not
 
 
 def quantize_model(
@@ -308,6 +329,12 @@ def quantize_model(
     )
     qdq(model)
     reports = tuple(_layer_report(r, plan) for r in qdq.result.layers)
+    if qdq.result.constant_bytes_after > qdq.result.constant_bytes_before:
+        logger.warning(
+            "the quantized constants take more bytes than the float ones (%d > %d); float "
+            "weights kept beside their int8 copies: %s", qdq.result.constant_bytes_after,
+            qdq.result.constant_bytes_before, ", ".join(qdq.result.float_weights_kept) or "none",
+        )
     logger.info(
         "quantized %d layers, %d kept float, in %.1f s",
         sum(r.quantized for r in reports), sum(not r.quantized for r in reports),
@@ -346,6 +373,7 @@ def _plan_activations(
     chosen for the layers that still read it.
     """
     plan.choices.clear()
+    plan.smooth_declined.clear()
     by_tensor: dict[str, list[QLayer]] = {}
     for layer in layers:
         if layer.name in plan.keep_float:
@@ -397,10 +425,15 @@ def _choose_for(
             plan.layer_sqnr[layer.name] = sqnr_db(x @ w, x @ dequantize_weight(q, s, 1))
         return
     only_dense = len(dense) == len(consumers)
+    alphas = _alphas(config.smooth) if only_dense else ()
+    shared = _shared_weight(consumers, name) if alphas else None
+    if shared is not None:
+        plan.smooth_declined[name] = shared
+        alphas = ()
     choice = choose_activation(
         collector, mats, method=config.method, percentile=config.percentile,
         dtype=config.activation_dtype,
-        smooth_alphas=_alphas(config.smooth) if only_dense else (),
+        smooth_alphas=alphas,
         # An alpha the user chose is used wherever it does not hurt; "auto" weighs the Mul.
         smooth_gain=SMOOTH_GAIN if config.smooth == "auto" else 1.0,
         search=config.search_clip and only_dense,
@@ -408,6 +441,28 @@ def _choose_for(
     plan.choices[name] = choice
     for layer, sq in zip(dense, choice.layer_sqnr, strict=True):
         plan.layer_sqnr[layer.name] = sq
+
+
+def _shared_weight(consumers: Sequence[QLayer], name: str) -> str | None:
+    """Why tensor `name` cannot be smoothed because of a shared weight, or None.
+
+    Smoothing multiplies each consumer's weight by the tensor's factor. A weight that
+    another node reads too (a layer fed by another tensor, a layer kept float, the same
+    table gathered as an embedding: an unrolled RNN, ALBERT, tied embeddings) would need a
+    smoothed copy beside the original, one per factor: a file bigger than the float one.
+    """
+    nodes = {id(layer.node) for layer in consumers}
+    for layer in consumers:
+        source = constant_source(layer.weight)
+        if source is None:
+            continue
+        other = next((n for n in constant_readers(source) if id(n) not in nodes), None)
+        if other is not None or source.is_graph_output():
+            by = f"node '{layer_name(other)}'" if other is not None else "a graph output"
+            return (f"weight '{source.name}' of '{layer.name}' is also read by {by}, which "
+                    f"does not read '{name}'; one SmoothQuant factor cannot serve both, and a "
+                    "smoothed copy per reader would make the file bigger")
+    return None
 
 
 def _alphas(smooth: float | str | None) -> tuple[float, ...]:
@@ -443,6 +498,7 @@ def _layer_report(r: QuantizedLayer, plan: _Plan) -> LayerReport:
         activation_zero_point=choice.zero_point if choice else None,
         range_choice=choice.how if choice else None,
         smoothed=bool(choice is not None and choice.smooth is not None),
+        smooth_declined=plan.smooth_declined.get(r.activation or "") if r.activation else None,
         activation_sqnr_db=choice.activation_sqnr if choice else None,
         layer_sqnr_db=sq if r.quantized or sq is not None else None,
     )

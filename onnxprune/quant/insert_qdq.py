@@ -8,6 +8,12 @@ onnxruntime's QDQ fusions turn into integer kernels (MatMul -> MatMulIntegerToFl
 Gemm with an int32 bias -> QGemm, Conv with a quantized output -> QLinearConv) and that
 TensorRT and NPU compilers consume.
 
+A weight read by several layers (directly, or through Identity nodes as exporters
+de-duplicate it) is stored once in int8, with one scale; each layer dequantizes that copy.
+SmoothQuant multiplies a weight by its activation's factor, so a shared weight can take
+a factor only when every reader divides by the same one; the pass refuses anything else
+rather than write one smoothed copy per reader (a file bigger than the float one).
+
 The pass only rewrites; it does not decide. Scales, SmoothQuant vectors and which layers
 stay float come in from the caller (`onnxprune.quant.driver` makes those choices from
 calibration data), so the pass is deterministic and usable in any PassManager.
@@ -26,7 +32,7 @@ import onnx_ir.passes.common
 
 from onnxprune.core.pages import release_pages
 from onnxprune.core.passes import ReportingPass
-from onnxprune.core.weights import const_array
+from onnxprune.core.weights import const_array, constant_readers, constant_source
 from onnxprune.errors import InputError, UnsupportedModelError
 from onnxprune.quant.layers import QLayer, check_not_quantized, find_layers, layer_name
 from onnxprune.quant.qdq_build import QdqBuilder, constant_bytes
@@ -41,6 +47,13 @@ logger = logging.getLogger(__name__)
 
 EmbeddingLayout = Literal["gather-first", "dequantize-first"]
 _NP = {"uint8": np.uint8, "int8": np.int8}
+# (id of the float source constant, output-channel axis, smoothing factor's bytes or None)
+_WeightKey = tuple[int, int, bytes | None]
+
+
+def _smooth_key(smooth: np.ndarray | None) -> bytes | None:
+    """Equal factors are one factor, whichever array object carries them."""
+    return None if smooth is None else np.asarray(smooth, np.float32).tobytes()
 
 
 @dataclass(frozen=True)
@@ -149,7 +162,9 @@ class InsertQDQPass(ReportingPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         self._b = QdqBuilder(graph)
-        self._weights: dict[tuple[int, int], ir.Value] = {}
+        self._int8: dict[_WeightKey, tuple[tuple[ir.Value, ir.Value, ir.Value], np.ndarray,
+                                           float]] = {}
+        self._row_scales: dict[_WeightKey, ir.Value] = {}
         self._act_q: dict[int, ir.Value] = {}
         before = constant_bytes(graph)
         order = {layer_name(node): i for i, node in enumerate(graph)}
@@ -171,23 +186,57 @@ class InsertQDQPass(ReportingPass):
             else:
                 done.append(QuantizedLayer(layer.name, layer.node.op_type, False, reason,
                                            layer.weight.name if layer.weight else None))
+        self._check_shared_smoothing(todo)
         self._folded = self._fold_smoothing(todo)
         # Embedding lookups go last: gathering int8 first moves the lookup's consumers
         # (Quantize nodes inserted for other layers included) onto the dequantized rows.
         for layer in sorted(todo, key=lambda layer: layer.kind == "Gather"):
             done.append(self._quantize(layer))
             release_pages(model)  # a big model's float weights are read one at a time
-        kept = tuple(sorted({
-            layer.weight.name or "?" for layer in todo
-            if layer.weight is not None and layer.weight.uses()
-        }))
+        sources = {id(s): s for layer in todo if (s := constant_source(layer.weight)) is not None}
         modified = bool(todo) or bool(self._folded)
         if modified:
             ir.passes.common.RemoveUnusedNodesPass()(model)  # drops the float weights too
+        kept = tuple(sorted({s.name or "?" for s in sources.values()
+                             if s.uses() or s.is_graph_output()}))
         done.sort(key=lambda r: order.get(r.node, len(order)))  # graph order
         self.result = QuantizeQDQResult(tuple(done), before, constant_bytes(graph), kept,
                                         tuple(self._folded))
         return ir.passes.PassResult(model, modified=modified)
+
+    def _smooth_of(self, layer: QLayer) -> np.ndarray | None:
+        """The SmoothQuant factor this layer's weight is multiplied by (None: none)."""
+        if self.weight_only or layer.kind == "Gather" or layer.activation is None:
+            return None
+        return self.activations[layer.activation.name or ""].smooth
+
+    def _check_shared_smoothing(self, todo: list[QLayer]) -> None:
+        """Refuses smoothing that would need one copy of a shared weight per reader."""
+        by_source: dict[int, list[QLayer]] = {}
+        for layer in todo:
+            source = constant_source(layer.weight)
+            if source is not None:
+                by_source.setdefault(id(source), []).append(layer)
+        for layers in by_source.values():
+            keys = {_smooth_key(self._smooth_of(layer)) for layer in layers}
+            smoothed = [layer for layer in layers if self._smooth_of(layer) is not None]
+            if not smoothed:
+                continue
+            source = constant_source(layers[0].weight)
+            assert source is not None
+            others = [n for n in constant_readers(source)
+                      if all(n is not layer.node for layer in layers)]
+            if len(keys) > 1 or others or source.is_graph_output():
+                act = smoothed[0].activation
+                other = next((layer_name(n) for n in others), None) or next(
+                    (layer.name for layer in layers if _smooth_key(self._smooth_of(layer))
+                     != _smooth_key(self._smooth_of(smoothed[0]))), "a graph output")
+                raise InputError(
+                    f"weight '{source.name}' is read by '{smoothed[0].name}', whose input "
+                    f"'{act.name if act else '?'}' has a SmoothQuant factor, and by '{other}', "
+                    "which does not divide by the same one; smoothing it would store one copy "
+                    "of the weight per reader: give that activation smooth=None"
+                )
 
     def _fold_smoothing(self, todo: list[QLayer]) -> list[str]:
         """Folds each smoothing division into the tensor's producers where that is exact.
@@ -213,30 +262,43 @@ class InsertQDQPass(ReportingPass):
                 folded.append(name)
         return folded
 
-    def _weight(self, layer: QLayer, smooth: np.ndarray | None) -> (
-        tuple[ir.Value, np.ndarray, float]
+    def _stored(self, layer: QLayer, smooth: np.ndarray | None) -> (
+        tuple[_WeightKey, tuple[ir.Value, ir.Value, ir.Value], np.ndarray, float]
     ):
-        """The dequantized weight value (shared by layers with the same weight and smoothing).
+        """The layer's weight in int8 (values, scales, zero points), made once per float
+        weight, output-channel axis and smoothing: layers sharing a weight share it.
 
         The weight is read from the node as it is now: smoothing may have been folded into
         it (the layer's output columns rescaled) after the layer was found.
         """
         assert layer.weight is not None
         current = layer.node.inputs[layer.weight_index]
-        w = const_array(current)
-        assert current is not None and w is not None
-        if smooth is not None:
-            shape = [1] * w.ndim
-            shape[1 if layer.weight_axis == 0 else 0] = -1  # the input-channel axis
-            w = w * smooth.reshape(shape)
-        q, scale = quantize_weight(w, layer.weight_axis)
-        wsqnr = sqnr_db(w, dequantize_weight(q, scale, layer.weight_axis))
-        key = (id(current), id(smooth) if smooth is not None else 0)
-        if key not in self._weights:
-            self._weights[key] = self._b.dequantized_const(
-                layer.weight.name or "weight", q, scale, layer.weight_axis, layer.node
-            )
-        return self._weights[key], scale, wsqnr
+        source = constant_source(current)
+        assert current is not None and source is not None
+        key = (id(source), layer.weight_axis, _smooth_key(smooth))
+        if key not in self._int8:
+            w = const_array(source)
+            assert w is not None
+            if smooth is not None:
+                shape = [1] * w.ndim
+                shape[1 if layer.weight_axis == 0 else 0] = -1  # the input-channel axis
+                w = w * smooth.reshape(shape)
+            q, scale = quantize_weight(w, layer.weight_axis)
+            wsqnr = sqnr_db(w, dequantize_weight(q, scale, layer.weight_axis))
+            stored = self._b.int8_const(source.name or "weight", q, scale)
+            self._int8[key] = (stored, scale, wsqnr)
+        stored, scale, wsqnr = self._int8[key]
+        return key, stored, scale, wsqnr
+
+    def _weight(self, layer: QLayer, smooth: np.ndarray | None) -> (
+        tuple[ir.Value, np.ndarray, float]
+    ):
+        """A DequantizeLinear of the layer's stored int8 weight, for this layer alone."""
+        _, stored, scale, wsqnr = self._stored(layer, smooth)
+        base = stored[0].name or "weight"
+        base = base[: -len("_quantized")] if base.endswith("_quantized") else base
+        dq = self._b.dequantize_const(base, stored, layer.weight_axis, layer.node)
+        return dq, scale, wsqnr
 
     def _quantized_activation(self, value: ir.Value, consumer: ir.Node) -> ir.Value:
         """A fresh DequantizeLinear output for `consumer`, after the tensor's one Quantize."""
@@ -259,12 +321,11 @@ class InsertQDQPass(ReportingPass):
             smooth = self.activations[act.name or ""].smooth
         summary = wsqnr = None
         if layer.kind == "Gather" and self.embedding_layout == "gather-first":
-            assert layer.weight is not None
-            w = const_array(layer.weight)
-            assert w is not None
-            q, scale = quantize_weight(w, 0)
-            self._b.gather_first(node, layer.weight.name or "table", q, scale)
-            wsqnr = sqnr_db(w, dequantize_weight(q, scale, 0))
+            key, stored, scale, wsqnr = self._stored(layer, None)
+            base = constant_source(layer.weight).name or "table"  # type: ignore[union-attr]
+            if key not in self._row_scales:
+                self._row_scales[key] = self._b.const(f"{base}_row_scale", scale.reshape(-1, 1))
+            self._b.gather_first(node, base, stored[0], self._row_scales[key])
             summary = (float(scale.min()), float(np.median(scale)), float(scale.max()))
         elif layer.weight is not None:
             wq, scale, wsqnr = self._weight(layer, smooth)

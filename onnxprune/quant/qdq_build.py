@@ -9,9 +9,21 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["QdqBuilder", "constant_bytes"]
+__all__ = ["QdqBuilder", "constant_bytes", "retype"]
 
 _IR = {np.dtype(np.uint8): ir.DataType.UINT8, np.dtype(np.int8): ir.DataType.INT8}
+
+
+def retype(value: ir.Value, dtype: ir.DataType, shape: ir.Shape | None) -> None:
+    """Gives `value` a type and shape objects of its own.
+
+    Never `value.dtype = ...`: onnx_ir changes the existing type object in place, and
+    `ir.Model.clone()` shares type objects between the copy and the original, so retyping
+    a value recorded in value_info (the dynamo exporter records them all) would retype the
+    reference model too (issue 25). Shapes are copied for the same reason.
+    """
+    value.type = ir.TensorType(dtype)
+    value.shape = None if shape is None else shape.copy()
 
 
 class QdqBuilder:
@@ -34,28 +46,42 @@ class QdqBuilder:
         """A new initializer; a 0-d array stays a scalar (np.ascontiguousarray would not)."""
         name = self.name(base)
         array = array if array.flags.c_contiguous else array.copy()
-        value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
-        value.shape = ir.Shape(array.shape)
-        value.dtype = value.const_value.dtype  # type: ignore[union-attr]
+        tensor = ir.tensor(array, name=name)
+        value = ir.Value(name=name, type=ir.TensorType(tensor.dtype),
+                         shape=ir.Shape(array.shape), const_value=tensor)
         self.graph.register_initializer(value)
         return value
 
     def _out(self, node: ir.Node, base: str, dtype: ir.DataType,
              shape: ir.Shape | None) -> ir.Value:
         out = node.outputs[0]
-        out.name, out.dtype, out.shape = self.name(base), dtype, shape
+        out.name = self.name(base)
+        retype(out, dtype, shape)
         return out
+
+    def int8_const(self, base: str, q: np.ndarray, scale: np.ndarray
+                   ) -> tuple[ir.Value, ir.Value, ir.Value]:
+        """The stored form of a narrow constant: values, scale, zero point (initializers)."""
+        return (self.const(f"{base}_quantized", q), self.const(f"{base}_scale", scale),
+                self.const(f"{base}_zero_point", np.zeros(scale.shape, q.dtype)))
+
+    def dequantize_const(self, base: str, stored: tuple[ir.Value, ir.Value, ir.Value],
+                         axis: int | None, before: ir.Node) -> ir.Value:
+        """DequantizeLinear(q, scale, 0) of an `int8_const`, inserted before `before`.
+
+        Layers that share a weight each get a DequantizeLinear of their own reading the one
+        stored copy: the file holds it once, and each Dequantize has the single consumer
+        onnxruntime's QDQ fusions look for.
+        """
+        node = ir.node("DequantizeLinear", list(stored), {} if axis is None else {"axis": axis},
+                       name=self.name(f"{base}_DequantizeLinear"))
+        self.graph.insert_before(before, node)
+        return self._out(node, f"{base}_dequantized", ir.DataType.FLOAT, stored[0].shape)
 
     def dequantized_const(self, base: str, q: np.ndarray, scale: np.ndarray,
                           axis: int | None, before: ir.Node) -> ir.Value:
         """DequantizeLinear(q, scale, 0) inserted before `before`: a constant stored narrow."""
-        qv = self.const(f"{base}_quantized", q)
-        sv = self.const(f"{base}_scale", scale)
-        zv = self.const(f"{base}_zero_point", np.zeros(scale.shape, q.dtype))
-        node = ir.node("DequantizeLinear", [qv, sv, zv], {} if axis is None else {"axis": axis},
-                       name=self.name(f"{base}_DequantizeLinear"))
-        self.graph.insert_before(before, node)
-        return self._out(node, f"{base}_dequantized", ir.DataType.FLOAT, ir.Shape(q.shape))
+        return self.dequantize_const(base, self.int8_const(base, q, scale), axis, before)
 
     def quantize(self, value: ir.Value, src: ir.Value, scale: float, zero_point: np.ndarray,
                  pre: list[ir.Node]) -> ir.Value:
@@ -108,23 +134,24 @@ class QdqBuilder:
         self.graph.insert_after(node, [q, dq])
         return True
 
-    def gather_first(self, node: ir.Node, base: str, q: np.ndarray, scale: np.ndarray) -> None:
+    def gather_first(self, node: ir.Node, base: str, table: ir.Value,
+                     row_scale: ir.Value) -> None:
         """Gather(table) becomes Gather(int8 table) * Gather(row scales): no full dequantize.
 
         DequantizeLinear before Gather is the textbook QDQ form, but onnxruntime does not
         constant-fold it, so every run would dequantize the whole table (5 ms of an 80 ms
-        MiniLM run); gathering first touches only the rows the batch uses.
+        MiniLM run); gathering first touches only the rows the batch uses. `table` is the
+        int8 table ([rows, width]) and `row_scale` its scales as [rows, 1]; both may be
+        shared with other readers of the same float table.
         """
-        qv = self.const(f"{base}_quantized", q)
-        sv = self.const(f"{base}_scale", scale.reshape(-1, 1))
         out = node.outputs[0]
         uses = list(out.uses())
-        row_scale = ir.node("Gather", [sv, node.inputs[1]], {"axis": 0},
-                            name=self.name(f"{base}_GatherScale"))
+        row_scale_node = ir.node("Gather", [row_scale, node.inputs[1]], {"axis": 0},
+                                 name=self.name(f"{base}_GatherScale"))
         cast = ir.node("Cast", [out], {"to": ir.DataType.FLOAT}, name=self.name(f"{base}_Cast"))
-        mul = ir.node("Mul", [cast.outputs[0], row_scale.outputs[0]],
+        mul = ir.node("Mul", [cast.outputs[0], row_scale_node.outputs[0]],
                       name=self.name(f"{base}_Dequantize"))
-        self._out(row_scale, f"{out.name}_row_scale", ir.DataType.FLOAT, None)
+        self._out(row_scale_node, f"{out.name}_row_scale", ir.DataType.FLOAT, None)
         self._out(cast, f"{out.name}_float", ir.DataType.FLOAT, out.shape)
         result = self._out(mul, f"{out.name}_dequantized", ir.DataType.FLOAT, out.shape)
         for user, index in uses:
@@ -134,9 +161,9 @@ class QdqBuilder:
             old_name = out.name
             out.name = self.name(f"{old_name}_quantized")
             result.name = old_name
-        node.replace_input_with(0, qv)
-        out.dtype = ir.DataType.INT8
-        self.graph.insert_after(node, [row_scale, cast, mul])
+        node.replace_input_with(0, table)
+        retype(out, ir.DataType.INT8, out.shape)
+        self.graph.insert_after(node, [row_scale_node, cast, mul])
 
 
 def constant_bytes(graph: ir.Graph) -> int:

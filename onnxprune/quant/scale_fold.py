@@ -10,7 +10,9 @@ act per channel, the division folds into them, exactly and for free:
   which onnxruntime would then no longer fuse);
 * LayerNormalization's gamma and beta;
 * MatMul/Gemm output columns (and a bias added to them): per-output-channel int8 weights
-  quantize a rescaled column exactly as well as the original one;
+  quantize a rescaled column exactly as well as the original one; not a weight other
+  nodes read too (directly or through Identity): its rescaled copy would be stored beside
+  the original, a second int8 copy of it in the file;
 * through Relu, which commutes with a positive factor.
 
 Every value folded through, except the starting one, must have no other consumer.
@@ -23,7 +25,7 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
-from onnxprune.core.weights import const_array
+from onnxprune.core.weights import const_array, constant_readers, constant_source
 
 __all__ = ["fold_channel_scale"]
 
@@ -99,8 +101,17 @@ def _fold_layernorm(node: ir.Node, value: ir.Value, factor: np.ndarray, make: Ma
     return True
 
 
+def _own_weight(node: ir.Node) -> bool:
+    """Whether `node` is the only reader of its weight (input 1)."""
+    source = constant_source(node.inputs[1])
+    return source is not None and not source.is_graph_output() and all(
+        reader is node for reader in constant_readers(source))
+
+
 def _fold_matmul(node: ir.Node, value: ir.Value, factor: np.ndarray, make: MakeConst) -> bool:
     w = const_array(node.inputs[1])
+    if not _own_weight(node):
+        return False
     if w is None or w.dtype != np.float32 or w.ndim != 2 or w.shape[1] != factor.size:
         return False
     node.replace_input_with(1, make(f"{node.inputs[1].name}_scale_folded",  # type: ignore[union-attr]
@@ -112,6 +123,8 @@ def _fold_gemm(node: ir.Node, value: ir.Value, factor: np.ndarray, make: MakeCon
     w = const_array(node.inputs[1])
     attrs = node.attributes
     trans_b = attrs.get("transB") is not None and attrs["transB"].as_int() == 1
+    if not _own_weight(node):
+        return False
     if w is None or w.dtype != np.float32 or w.ndim != 2:
         return False
     if (w.shape[0] if trans_b else w.shape[1]) != factor.size:
