@@ -274,7 +274,8 @@ def _accumulator(name: str, ref: np.ndarray, decided: Mapping[str, KindDecision]
     classes = ref.ndim >= 2 and ref.shape[-1] >= 2 and np.issubdtype(ref.dtype, np.floating)
     want = (kind == "scores" or (kind == "probabilities" and _is_distribution(ref))
             or (bool(tol.top1) and kind not in ("integer", "scalar")))
-    return Accumulator(decision, want_top1=classes and want and tol.top1 is not False)
+    return Accumulator(decision, want_top1=classes and want and tol.top1 is not False,
+                       sequence=kind == "scores" and ref.ndim >= 3)
 
 
 def _first_line(e: Exception) -> str:

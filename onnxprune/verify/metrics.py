@@ -70,6 +70,10 @@ class Accumulator:
     allclose_violations: int = 0
     abs_violations: int = 0
     rows: int = 0
+    # Per-step decisions of a [B, T, C] sequence, kept to judge the steps that matter.
+    sequence: bool = False
+    ref_args: list[np.ndarray] = field(default_factory=list)
+    cand_args: list[np.ndarray] = field(default_factory=list)
 
     def add(self, ref: np.ndarray, cand: np.ndarray, *, atol: float, rtol: float,
             max_abs: float | None, keep: np.ndarray | None = None) -> None:
@@ -103,8 +107,12 @@ class Accumulator:
         classes = r.shape[-1]
         flat_r, flat_c = r.reshape(-1, classes), c.reshape(-1, classes)
         if self.want_top1:
-            self.top1_same += int(np.sum(flat_r.argmax(-1) == flat_c.argmax(-1)))
+            ra, ca = flat_r.argmax(-1), flat_c.argmax(-1)
+            self.top1_same += int(np.sum(ra == ca))
             self.top1_total += flat_r.shape[0]
+            if self.sequence:
+                self.ref_args.append(ra.astype(np.int32))
+                self.cand_args.append(ca.astype(np.int32))
         if kind == "scores" and np.all(np.isfinite(flat_c)) and np.all(np.isfinite(flat_r)):
             if classes >= _TOP5_MIN_CLASSES:
                 self.top5_sum += float(_top5_overlap(flat_r, flat_c).sum())
@@ -117,6 +125,24 @@ class Accumulator:
     @property
     def top1(self) -> float | None:
         return self.top1_same / self.top1_total if self.top1_total else None
+
+    def top1_beyond_dominant(self) -> tuple[int, float, int] | None:
+        """(class, agreement, steps) on the steps where either model picks something other
+        than the class most steps pick (CTC blank, background), when one class takes more
+        than half the steps: there, overall top-1 is mostly the dominant class agreeing
+        with itself (99 % agreement with every non-blank step wrong)."""
+        if not self.ref_args:
+            return None
+        ref, cand = np.concatenate(self.ref_args), np.concatenate(self.cand_args)
+        counts = np.bincount(ref)
+        dominant = int(counts.argmax())
+        if counts[dominant] * 2 <= ref.size:
+            return None
+        steps = (ref != dominant) | (cand != dominant)
+        n = int(steps.sum())
+        if n == 0:
+            return None
+        return dominant, float(np.mean(ref[steps] == cand[steps])), n
 
     @property
     def top5(self) -> float | None:

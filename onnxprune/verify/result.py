@@ -263,6 +263,12 @@ def finish_metrics(name: str, provider: str, acc: Accumulator, tol: Tolerances) 
         failures.append(f"SQNR {sqnr:.2f} dB < {lim.min_sqnr_db} dB")
     if lim.min_top1 is not None and top1 is not None and top1 < lim.min_top1:
         failures.append(f"top-1 agreement {top1:.4f} < {lim.min_top1}")
+    beyond = acc.top1_beyond_dominant()
+    if lim.min_top1 is not None and beyond is not None and beyond[1] < lim.min_top1:
+        cls, agree, steps = beyond
+        failures.append(f"top-1 agreement {agree:.4f} < {lim.min_top1} on the {steps} steps "
+                        f"where either model picks a class other than {cls}, the class most "
+                        "steps pick")
     if lim.min_top5 is not None and top5 is not None and top5 < lim.min_top5:
         failures.append(f"top-5 overlap {top5:.4f} < {lim.min_top5}")
     if lim.max_kl is not None and kl is not None and not kl <= lim.max_kl:
