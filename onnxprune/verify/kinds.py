@@ -26,6 +26,9 @@ scalar         one value per row ([N], [N, 1])             max |d| / max |ref| <
 integer        integer or bool dtype (ids, masks, labels)  exact match >= 0.99
 =============  ==========================================  ==============================
 
+For [B, T, C] scores whose steps mostly pick one class (CTC blank, background), top-1 is
+also required on the steps where either model picks another class: 99 % overall agreement
+can be every spoken step wrong.
 SQNR 15 dB (relative L2 error 0.18) is looser than what cosine 0.99 allows for an error
 orthogonal to the output (about 17 dB), so it fails only what cosine cannot see: a wrong
 scale or offset. The table is `KINDS` below; `kinds_table()` gives its rows for a README.
