@@ -118,8 +118,10 @@ def test_without_tolerances_the_defaults_are_enforced(reference: onnx.ModelProto
     result = api.verify(reference, broken, data=batches)
     assert not result and not result.ok  # bool(result) is the verdict
     (o,) = result.outputs
-    assert o.kind == "scores"  # [16, 4] class scores: the default gate is top-1 agreement
-    assert o.failures == (f"top-1 agreement {o.top1_agreement:.4f} < 0.99",)
+    assert o.kind == "scores"  # [16, 4] class scores: gated on top-1 agreement and KL
+    assert o.kind_reason == "[batch, 4] from a linear head Add 'fc1_bias'"
+    assert o.failures == (f"top-1 agreement {o.top1_agreement:.4f} < 0.99",
+                          f"mean KL {o.kl_mean:.4g} > 0.05")
     # An explicit empty Tolerances() enforces only finite outputs.
     assert api.verify(reference, broken, data=batches, tolerances=Tolerances()).ok
 

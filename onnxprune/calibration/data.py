@@ -23,6 +23,7 @@ from typing import IO
 import numpy as np
 import onnx_ir as ir
 
+from onnxprune.calibration.input_roles import index_bounds, is_mask_name
 from onnxprune.errors import DataError
 
 __all__ = [
@@ -45,16 +46,20 @@ MAX_GENERATED_BYTES = 2**26  # generated verification inputs, per batch
 
 @dataclass(frozen=True)
 class InputSpec:
-    """What a graph input accepts: name, numpy dtype and dims (str for symbolic, None unknown)."""
+    """What a graph input accepts: name, numpy dtype and dims (str for symbolic, None unknown),
+    and for ids that index a constant table (Gather), the table's rows: generated ids stay
+    below it."""
 
     name: str
     dtype: np.dtype
     dims: tuple[int | str | None, ...] | None
+    index_bound: int | None = None
 
 
 def input_specs(model: ir.Model) -> list[InputSpec]:
     """The real inputs of the graph (initializers listed as inputs are not data)."""
     specs = []
+    bounds = index_bounds(model)
     for v in model.graph.inputs:
         if v.const_value is not None:
             continue
@@ -65,7 +70,7 @@ def input_specs(model: ir.Model) -> list[InputSpec]:
             dims = tuple(
                 d if isinstance(d, int) else (d.value if d.value else None) for d in v.shape
             )
-        specs.append(InputSpec(v.name, np.dtype(v.dtype.numpy()), dims))
+        specs.append(InputSpec(v.name, np.dtype(v.dtype.numpy()), dims, bounds.get(v.name)))
     return specs
 
 
@@ -289,13 +294,29 @@ def parse_shape_overrides(items: Sequence[str]) -> dict[str, tuple[int, ...]]:
     return out
 
 
+def _valid_mask(shape: tuple[int, ...], dtype: np.dtype, rng: np.random.Generator) -> np.ndarray:
+    """Ones, with trailing zeros (padding) on every row but the first: what a tokenizer
+    gives for a batch of texts of different lengths."""
+    out = np.ones(shape, dtype=dtype)
+    if len(shape) == 2 and shape[1] > 1:
+        for row in range(1, shape[0]):
+            out[row, int(rng.integers((shape[1] + 1) // 2, shape[1] + 1)):] = 0
+    return out
+
+
 def _random_array(spec: InputSpec, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
     lname = spec.name.lower()
+    if is_mask_name(spec.name) and len(shape) == 2 and (
+            spec.dtype == np.bool_ or np.issubdtype(spec.dtype, np.number)):
+        return _valid_mask(shape, spec.dtype, rng)
     if spec.dtype == np.bool_:
         return np.asarray(rng.random(shape) < 0.5)
     if np.issubdtype(spec.dtype, np.integer):
         if "mask" in lname:
             return np.ones(shape, dtype=spec.dtype)
+        if spec.index_bound is not None:  # ids into a table: every id inside it
+            return np.asarray(rng.integers(0, min(spec.index_bound, 100), size=shape),
+                              dtype=spec.dtype)
         if "type" in lname or "segment" in lname:
             return np.zeros(shape, dtype=spec.dtype)
         # Small non-negative ids stay valid for any embedding table with > 100 rows.
@@ -313,8 +334,10 @@ def random_batches(
 ) -> list[Batch]:
     """Batches generated from the input signature, for when the user gave no data.
 
-    Symbolic dims take `default_dim` unless `overrides` gives the full shape of an input.
-    Integer inputs get small ids (masks all ones, type ids zero) so embeddings stay valid.
+    Symbolic dims take `default_dim` unless `overrides` gives the full shape of an input
+    (calibration.fit.fitting_batches chooses sizes the model runs on). Integer inputs get
+    small ids, below the rows of the table they index where the graph says so; masks are
+    valid (ones, trailing zeros); type ids are zero.
     """
     overrides = dict(overrides or {})
     unknown = sorted(set(overrides) - {s.name for s in specs})

@@ -23,6 +23,7 @@ __all__ = [
     "write_json",
     "stats_table",
     "verify_table",
+    "kinds_table",
     "pass_table",
     "human_bytes",
 ]
@@ -94,22 +95,41 @@ def stats_table(before: ModelStats, after: ModelStats) -> Table:
     return t
 
 
+def _opt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4f}"
+
+
 def verify_table(result: VerifyResult) -> Table:
     t = Table(title=f"verification ({result.batches} batch(es)"
               + (", generated inputs" if result.generated_inputs else "") + ")")
-    for col in ("output", "on", "max|d|", "mean|d|", "cos mean",
-                "cos min", "SQNR dB", "top-1", "ok"):
-        t.add_column(col, justify="left" if col in ("output", "provider") else "right")
+    for col in ("output", "kind", "on", "max|d|", "mean|d|", "cos mean",
+                "cos min", "SQNR dB", "top-1", "top-5", "KL", "ok"):
+        t.add_column(col, justify="left" if col in ("output", "kind") else "right")
     for o in result.outputs:
         t.add_row(
-            o.name, o.provider, f"{o.max_abs_diff:.4g}", f"{o.mean_abs_diff:.4g}",
+            o.name, o.kind, o.provider, f"{o.max_abs_diff:.4g}", f"{o.mean_abs_diff:.4g}",
             f"{o.cosine_mean:.5f}", f"{o.cosine_min:.5f}", f"{o.sqnr_db:.2f}",
-            "-" if o.top1_agreement is None else f"{o.top1_agreement:.4f}",
+            _opt(o.top1_agreement), _opt(o.top5_agreement), _opt(o.kl_mean),
             "yes" if o.ok else "NO",
         )
+    notes = [f"{o.name} is {o.kind}: {o.kind_reason}" for o in result.outputs
+             if o.kind_reason and o.provider == result.outputs[0].provider]
     failures = [f"{o.name} [{o.provider}]: {f}" for o in result.outputs for f in o.failures]
     if failures:
-        t.caption = "failed: " + "; ".join(failures)
+        notes.append("failed: " + "; ".join(failures))
+    notes += [f"WEAK VERDICT: {w}" for w in result.weak]
+    if notes:
+        t.caption = "\n".join(notes)
+    return t
+
+
+def kinds_table(rows: list[tuple[str, str, str]]) -> Table:
+    """The output kinds and the limits each is held to by default (verify.kinds.kinds_table())."""
+    t = Table(title="output kinds and default limits")
+    for col in ("kind", "what", "gated by default"):
+        t.add_column(col)
+    for row in rows:
+        t.add_row(*row)
     return t
 
 

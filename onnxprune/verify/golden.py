@@ -2,7 +2,9 @@
 
 CI then needs only the candidate model and a small .npz, not the full reference model
 (what polygraphy's --save-outputs / --load-outputs do). One file holds every batch:
-`input/<batch>/<name>` and `output/<batch>/<name>` arrays plus the output order.
+`input/<batch>/<name>` and `output/<batch>/<name>` arrays plus the output order, and
+each output's kind as read from the model's graph (the comparison has no graph to read;
+a file without kinds falls back to names and values).
 """
 
 from __future__ import annotations
@@ -19,7 +21,15 @@ from onnxprune.calibration.data import Batch
 from onnxprune.errors import DataError, InputError
 from onnxprune.io.files import atomic_path
 from onnxprune.io.runtime import ModelSource, Provider, make_session
-from onnxprune.verify.compare import Tolerances, VerifyResult, compare_outputs
+from onnxprune.verify.compare import (
+    NO_LIMITS,
+    KindsArg,
+    Tolerances,
+    VerifyResult,
+    compare_outputs,
+    reference_facts,
+)
+from onnxprune.verify.kinds import OUTPUT_KINDS, KindDecision, decide_kind
 
 __all__ = ["Golden", "save_golden", "load_golden", "compare_golden"]
 
@@ -34,6 +44,7 @@ class Golden:
     batches: tuple[Batch, ...]
     outputs: tuple[tuple[np.ndarray, ...], ...]
     path: str = ""
+    kinds: tuple[KindDecision | None, ...] = ()  # by `names`; None or () where not recorded
 
 
 def save_golden(model: ModelSource, batches: Iterable[Batch],
@@ -41,6 +52,7 @@ def save_golden(model: ModelSource, batches: Iterable[Batch],
     """Runs `model` on the CPU provider on every batch and writes inputs + outputs."""
     sess = make_session(model, "cpu")
     names = tuple(o.name for o in sess.get_outputs())
+    facts = reference_facts(model)
     arrays: dict[str, np.ndarray] = {}
     kept_batches: list[Batch] = []
     kept_outputs: list[tuple[np.ndarray, ...]] = []
@@ -57,14 +69,18 @@ def save_golden(model: ModelSource, batches: Iterable[Batch],
         kept_outputs.append(outs)
     if not kept_batches:
         raise DataError("no batches to save golden outputs for")
+    kinds = tuple(decide_kind(n, facts.get(n), a) if facts else None
+                  for n, a in zip(names, kept_outputs[0], strict=True))
     arrays["__format__"] = np.array(_FORMAT)
     arrays["__outputs__"] = np.array(names)
+    if all(k is not None for k in kinds):
+        arrays["__kinds__"] = np.array([f"{k.kind}\t{k.reason}" for k in kinds if k])
     out = Path(path)
     if out.suffix != ".npz":
         raise InputError(f"{out}: golden outputs are written as .npz; name the file *.npz")
     with atomic_path(out) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
-    return Golden(names, tuple(kept_batches), tuple(kept_outputs), str(out))
+    return Golden(names, tuple(kept_batches), tuple(kept_outputs), str(out), kinds)
 
 
 def load_golden(path: str | os.PathLike[str]) -> Golden:
@@ -91,7 +107,21 @@ def load_golden(path: str | os.PathLike[str]) -> Golden:
             outputs.append(tuple(data[f"output/{i}/{n}"] for n in names))
         except KeyError as e:
             raise DataError(f"{p}: batch {i} lacks output {e}; save the file again") from e
-    return Golden(names, tuple(batches), tuple(outputs), str(p))
+    return Golden(names, tuple(batches), tuple(outputs), str(p), _read_kinds(data, names))
+
+
+def _read_kinds(data: dict[str, np.ndarray], names: tuple[str, ...]
+                ) -> tuple[KindDecision | None, ...]:
+    """Kinds saved with the outputs; none (names and values decide) where absent or odd."""
+    saved = [str(x) for x in data.get("__kinds__", np.array([]))]
+    if len(saved) != len(names):
+        return ()
+    out: list[KindDecision | None] = []
+    for text in saved:
+        kind, _, reason = text.partition("\t")
+        out.append(KindDecision(kind, f"{reason} (recorded in the golden file)")  # type: ignore[arg-type]
+                   if kind in OUTPUT_KINDS else None)
+    return tuple(out)
 
 
 def compare_golden(
@@ -99,9 +129,17 @@ def compare_golden(
     candidate: ModelSource,
     *,
     providers: Sequence[Provider] = ("cpu",),
-    tolerances: Tolerances = Tolerances(),
+    tolerances: Tolerances = NO_LIMITS,
+    output_kinds: KindsArg | None = None,
+    outputs: Sequence[str] | None = None,
+    token_mask: str | None = None,
 ) -> VerifyResult:
-    """Compares the candidate's outputs on the saved inputs with the saved outputs."""
+    """Compares the candidate's outputs on the saved inputs with the saved outputs; kinds
+    recorded in the file apply unless `output_kinds` names others (see compare_models)."""
+    kinds: dict[str, str | KindDecision] = {
+        n: k for n, k in zip(golden.names, golden.kinds, strict=False) if k is not None}
+    kinds.update(output_kinds or {})
     return compare_outputs(golden.names, lambda i, _batch: golden.outputs[i], candidate,
                            golden.batches, providers=providers, tolerances=tolerances,
-                           against=f"golden outputs {golden.path or ''}".strip())
+                           against=f"golden outputs {golden.path or ''}".strip(),
+                           output_kinds=kinds, outputs=outputs, token_mask=token_mask)
