@@ -34,7 +34,7 @@ from onnxprune.prune.cleanup import CleanupPass
 from onnxprune.prune.remove_neurons import RemoveNeuronsPass
 from onnxprune.prune.zero_weights import ZeroWeightsPass
 from onnxprune.quant.canonical_gelu import CanonicalGeluPass
-from onnxprune.quant.driver import QuantizeConfig
+from onnxprune.quant.config import QuantizeConfig
 from onnxprune.quant.qdq_pass import QuantizeQDQPass
 from onnxprune.verify.compare import Tolerances, VerifyResult
 

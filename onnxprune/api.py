@@ -8,7 +8,7 @@ done below: recipe/ (the config, the passes, the pipeline), verify/, search/.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -26,7 +26,7 @@ from onnxprune.errors import InputError
 from onnxprune.io.models import check_output_path, load_model, save_model, stored_bytes
 from onnxprune.io.runtime import ModelSource, Provider
 from onnxprune.prune.remove_neurons import Progress
-from onnxprune.quant.driver import QuantizeConfig
+from onnxprune.quant.config import QuantizeConfig
 from onnxprune.recipe.config import PruneConfig, check_metric, chosen_metric, from_options
 from onnxprune.recipe.pipeline import verification_batches
 from onnxprune.recipe.run import PruneReport, check_supported, prune_model
@@ -125,10 +125,16 @@ def verify(
     min_sqnr_db: float | None = None,
     min_top1: float | None = None,
     top1: bool | None = None,
+    min_top5: float | None = None,
+    max_kl: float | None = None,
+    min_exact: float | None = None,
     tolerances: Tolerances | None = None,
     providers: Sequence[Provider] = ("cpu",),
     shapes: dict[str, tuple[int, ...]] | None = None,
     generated_inputs: bool = False,
+    outputs: Sequence[str] | None = None,
+    output_kinds: Mapping[str, str] | None = None,
+    token_mask: str | None = None,
 ) -> VerifyResult:
     """Compares candidate against reference on onnxruntime; the result is true when ok.
 
@@ -137,10 +143,14 @@ def verify(
     rule, so both give the same verdict: none given enforces the defaults
     (Tolerances.defaults(): cosine 0.99 for embeddings and other outputs, top-1 agreement
     0.99 for class scores); any given enforces exactly those. `tolerances=` passes a
-    Tolerances object instead (Tolerances() enforces only finite outputs).
+    Tolerances object instead (Tolerances() enforces only finite outputs). `outputs` checks
+    only those outputs, `output_kinds` says what an output is (onnxprune.verify.kinds.KINDS)
+    instead of what the graph says, `token_mask` names the [batch, seq] input whose zeros
+    mark padding tokens that per-token outputs are not compared on.
     """
     tol = _resolve_tolerances(tolerances, min_cosine=min_cosine, atol=atol, rtol=rtol,
-                              min_sqnr_db=min_sqnr_db, min_top1=min_top1, top1=top1)
+                              min_sqnr_db=min_sqnr_db, min_top1=min_top1, top1=top1,
+                              min_top5=min_top5, max_kl=max_kl, min_exact=min_exact)
     # Paths go to onnxruntime as paths; only the reference's input signature is read here.
     ref_src = _session_source(reference)
     cand_src = _session_source(candidate)
@@ -150,7 +160,8 @@ def verify(
         batches, generated = list(data), generated_inputs
     return compare_models(
         ref_src, cand_src, batches, providers=providers, tolerances=tol,
-        generated_inputs=generated,
+        generated_inputs=generated, outputs=outputs, output_kinds=output_kinds,
+        token_mask=token_mask,
     )
 
 
@@ -164,15 +175,23 @@ def verify_golden(
     min_sqnr_db: float | None = None,
     min_top1: float | None = None,
     top1: bool | None = None,
+    min_top5: float | None = None,
+    max_kl: float | None = None,
+    min_exact: float | None = None,
     tolerances: Tolerances | None = None,
     providers: Sequence[Provider] = ("cpu",),
+    outputs: Sequence[str] | None = None,
+    output_kinds: Mapping[str, str] | None = None,
+    token_mask: str | None = None,
 ) -> VerifyResult:
     """Compares candidate with outputs saved by save_golden (`onnxprune verify --save-golden`),
-    with the same metrics and tolerance rule as verify()."""
+    with the same metrics, options and tolerance rule as verify()."""
     tol = _resolve_tolerances(tolerances, min_cosine=min_cosine, atol=atol, rtol=rtol,
-                              min_sqnr_db=min_sqnr_db, min_top1=min_top1, top1=top1)
+                              min_sqnr_db=min_sqnr_db, min_top1=min_top1, top1=top1,
+                              min_top5=min_top5, max_kl=max_kl, min_exact=min_exact)
     return compare_golden(load_golden(golden), _session_source(candidate),
-                          providers=providers, tolerances=tol)
+                          providers=providers, tolerances=tol, outputs=outputs,
+                          output_kinds=output_kinds, token_mask=token_mask)
 
 
 def save_golden(

@@ -20,7 +20,7 @@ from olive.passes.onnx.common import get_external_data_config, model_proto_to_ol
 from olive.passes.pass_config import BasePassConfig, PassConfigParam
 
 from onnxprune.io.models import load_model
-from onnxprune.quant.driver import QuantizeConfig
+from onnxprune.quant.config import QuantizeConfig
 from onnxprune.recipe.config import PruneConfig
 from onnxprune.recipe.pipeline import check_written
 from onnxprune.recipe.run import prune_model

@@ -303,11 +303,25 @@ def test_check_output_path_refuses_the_input(tmp_path: Path, model: onnx.ModelPr
     assert check_output_path(src, [src], force=True) == src
 
 
-def test_check_output_path_refuses_missing_parent(tmp_path: Path) -> None:
-    out = tmp_path / "missing" / "out.onnx"
-    with pytest.raises(InputError, match="does not exist") as info:
+def test_check_output_path_refuses_a_path_under_a_file(tmp_path: Path) -> None:
+    (tmp_path / "m.onnx").write_bytes(b"x")
+    out = tmp_path / "m.onnx" / "sub" / "out.onnx"
+    with pytest.raises(InputError, match="is not a folder|Not a directory") as info:
         check_output_path(out, [tmp_path / "m.onnx"])
-    assert str(out.parent) in str(info.value)
+    assert str(tmp_path / "m.onnx") in str(info.value)
+
+
+def test_cli_creates_a_missing_output_folder_only_when_it_writes(tmp_path: Path) -> None:
+    from helpers import DIGITS
+
+    from onnxprune.cli import main
+
+    out = tmp_path / "a" / "b" / "out.onnx"
+    assert main([str(DIGITS), "-o", str(out), "--sparsity", "0.25", "--no-verify"]) == 0
+    assert out.is_file()
+    bad = tmp_path / "c" / "out.onnx"
+    assert main([str(DIGITS), "-o", str(bad), "--sparsity", "2"]) == 2
+    assert not (tmp_path / "c").exists()
 
 
 def test_check_output_path_refuses_a_folder(tmp_path: Path) -> None:

@@ -16,7 +16,8 @@ from helpers import BATCH, GraphBuilder, random_input, run, save, shared_weight_
 
 from onnxprune.cli import main
 from onnxprune.errors import InputError
-from onnxprune.quant.driver import QuantizeConfig, quantize_model
+from onnxprune.quant.config import QuantizeConfig
+from onnxprune.quant.driver import quantize_model
 from onnxprune.quant.insert_qdq import ActivationQuant, InsertQDQPass
 
 VOCAB, WIDTH, HIDDEN = 256, 16, 32  # ids the CLI generates stay below 256
@@ -52,13 +53,15 @@ def _fingerprint(model: ir.Model) -> list[tuple[str, str, str]]:
 
 def _spy_cli_clones(monkeypatch: pytest.MonkeyPatch
                     ) -> list[tuple[ir.Model, list[tuple[str, str, str]]]]:
-    """Records each copy the CLI takes as its reference, with its fingerprint when taken."""
+    """Records each copy the CLI (its pipeline) takes as its reference, with its fingerprint
+    when taken."""
     taken: list[tuple[ir.Model, list[tuple[str, str, str]]]] = []
     clone: Callable[..., ir.Model] = ir.Model.clone
 
     def spy(self: ir.Model, *args: object, **kwargs: object) -> ir.Model:
         copy = clone(self, *args, **kwargs)
-        if sys._getframe(1).f_globals.get("__name__", "").startswith("onnxprune.cli"):
+        if sys._getframe(1).f_globals.get("__name__", "").startswith(
+                ("onnxprune.cli", "onnxprune.recipe.pipeline")):
             taken.append((copy, _fingerprint(copy)))
         return copy
 

@@ -31,7 +31,8 @@ from onnx_ir.passes import PreconditionError
 from onnxprune.errors import InputError, UnsupportedModelError
 from onnxprune.io.models import load_model
 from onnxprune.quant.canonical_gelu import CanonicalGeluPass
-from onnxprune.quant.driver import QuantizeConfig, quantize_model
+from onnxprune.quant.config import QuantizeConfig
+from onnxprune.quant.driver import quantize_model
 from onnxprune.quant.layers import find_layers
 from onnxprune.quant.qdq_pass import QuantizeQDQPass
 from onnxprune.quant.qerror import (

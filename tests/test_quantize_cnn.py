@@ -13,7 +13,8 @@ import onnx_ir as ir
 import onnxruntime as ort
 from helpers import GraphBuilder, run, to_ir
 
-from onnxprune.quant.driver import QuantizeConfig, quantize_model
+from onnxprune.quant.config import QuantizeConfig
+from onnxprune.quant.driver import quantize_model
 
 
 def _cnn(opset: int) -> onnx.ModelProto:

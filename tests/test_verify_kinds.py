@@ -213,8 +213,6 @@ def test_no_size_fits_names_the_inputs() -> None:
     assert "\n" not in str(e.value)
 
 
-@pytest.mark.xfail(strict=True, reason="needs api.verification_batches to call "
-                   "calibration.fit.fitting_batches (issue 24 wiring)")
 def test_yolo_style_verifies_on_the_cli(tmp_path: Path) -> None:
     assert _cli(tmp_path, _yolo(), _yolo()) == 0
 

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import onnx_ir as ir
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -61,28 +62,42 @@ def _run_verify(console: Console, args: argparse.Namespace, reference: str | ir.
         result = api.verify(reference, candidate,
                             data=args.data if batches is None else batches,
                             providers=providers, tolerances=tolerances, shapes=shapes,
-                            generated_inputs=generated)
+                            generated_inputs=generated, **_selection(args))
     if show:
         _show_verify(console, result)
     return result
 
 
-def _show_verify(console: Console, result: VerifyResult) -> None:
+def _selection(args: argparse.Namespace) -> dict[str, object]:
+    """Which outputs verification checks, as what, and on which tokens."""
+    return {"outputs": args.outputs, "output_kinds": dict(args.output_kinds) or None,
+            "token_mask": args.token_mask}
+
+
+def _show_verify(console: Console, result: VerifyResult, enforced: bool = True) -> None:
     if result.generated_inputs:
         console.print("[yellow]no --data given: verified on inputs generated from the input "
                       "signature (random values); give --data for a meaningful check[/]")
+    for why in result.weak:
+        console.print(f"[yellow]weak verdict: {escape(why)}[/]", soft_wrap=True)
     console.print(verify_table(result))
     tol = result.tolerances
-    if tol.by_kind or any(v is not None for v in (tol.min_cosine, tol.atol, tol.rtol,
-                                                    tol.min_sqnr_db, tol.min_top1)):
+    if not enforced:
+        verdict = "passes" if result.ok else "misses"
+        console.print(f"verdict: the output {verdict} onnxprune verify's defaults "
+                      f"({tol.describe()}); reported, not enforced: give a tolerance "
+                      "(--min-cosine, --atol, ...) to make it the exit code")
+    elif tol.by_kind or any(v is not None for v in (tol.min_cosine, tol.atol, tol.rtol,
+                                                      tol.min_sqnr_db, tol.min_top1)):
         console.print(f"enforced: {tol.describe()}")
     else:  # a search or plan told no tolerance: its budget was the gate
         console.print("enforced here: finite outputs only; the quality budget (--max-drop) "
                       "on held-out calibration batches is the gate")
 
 
-def _cmd_prune(argv: Sequence[str], console: Console) -> int:
-    args = options.main_parser().parse_args(argv)
+def _cmd_prune(argv: Sequence[str], console: Console,
+               parser: argparse.ArgumentParser | None = None) -> int:
+    args = (parser or options.main_parser()).parse_args(argv)
     config = options.prune_config(args)
     if config.is_default and not args.quiet:
         console.print("no pruning option given: " + (
@@ -94,7 +109,9 @@ def _cmd_prune(argv: Sequence[str], console: Console) -> int:
     if not args.no_verify:
         checks = Checks(options.prune_tolerances(args), args.data,
                         tuple(parse_providers(args.providers)),
-                        parse_shape_overrides(args.shape))
+                        parse_shape_overrides(args.shape),
+                        enforced=options.tolerances_given(args), outputs=args.outputs,
+                        output_kinds=dict(args.output_kinds) or None)
     job = Job(args.model, args.output, config, checks, force=args.force,
               copy_config=args.copy_config, save_plan=args.save_plan, report=args.report)
     planned = args.target is not None or args.plan is not None
@@ -130,17 +147,18 @@ def _cmd_prune(argv: Sequence[str], console: Console) -> int:
         if name not in ("CleanupPass", "Int8Embeddings"):  # the notes say what these did
             console.print(pass_table(name, res))
     for note in report.notes:
-        console.print(f"[yellow]{note}[/]")
+        console.print(f"[yellow]{escape(note)}[/]", soft_wrap=True)
     if result is not None:
-        _show_verify(console, result)
+        _show_verify(console, result, outcome.enforced)
     console.print(f"wrote {out} ({human_bytes(report.after.file_bytes)}, "
                   f"{report.after.file_bytes / max(report.before.file_bytes or 1, 1):.1%} "
                   "of the input)")
     code = EXIT_OK
     failed = []  # the one stderr line of an exit 1
-    if result is not None and not result.ok:
-        failed.append("the written model is outside the verification tolerances: "
-                      + "; ".join(result.failures))
+    if outcome.failures:
+        failed.append(("the written model is outside the verification tolerances: "
+                       if outcome.enforced else "the written model's outputs are broken: ")
+                      + "; ".join(outcome.failures))
         code = EXIT_FAILED
     if report.search is not None:
         _show_search(console, report.search)
@@ -150,7 +168,7 @@ def _cmd_prune(argv: Sequence[str], console: Console) -> int:
     if failed:
         print(f"onnxprune: {'; '.join(failed)}", file=sys.stderr)
     for note in outcome.notes:
-        console.print(note, soft_wrap=True)
+        console.print(escape(note), soft_wrap=True)
     if args.save_plan and report.plan is not None:
         console.print(f"wrote the plan to {args.save_plan}")
     if args.report:
@@ -201,7 +219,7 @@ def _cmd_analyze(argv: Sequence[str], console: Console) -> int:
                   *(f"{by_f[f]:.4f}" if f in by_f else "" for f in levels_seen))
     console.print(t)
     for name, why in analysis.skipped.items():
-        console.print(f"  [yellow]skipped[/] {name}: {why}", soft_wrap=True)
+        console.print(f"  [yellow]skipped[/] {escape(name)}: {escape(why)}", soft_wrap=True)
     if args.report:
         write_json(args.report, analysis.to_dict())
     if args.plot:
@@ -215,7 +233,7 @@ def _cmd_quantize(argv: Sequence[str], console: Console) -> int:
     argv = list(argv)
     if "--quantize" not in argv:
         argv += ["--quantize", "int8"]
-    return _cmd_prune(argv, console)
+    return _cmd_prune(argv, console, options.quantize_parser())
 
 
 def _cmd_verify(argv: Sequence[str], console: Console) -> int:
@@ -238,9 +256,7 @@ def _cmd_verify(argv: Sequence[str], console: Console) -> int:
         out = check_output_path(args.save_golden, models)
         if args.report:
             check_output_path(args.report, [*models, out])
-        tolerances_given = any(getattr(args, k) is not None for k in
-                               ("min_cosine", "atol", "rtol", "min_sqnr", "min_top1"))
-        if tolerances_given:
+        if options.tolerances_given(args):
             raise InputError("tolerances apply when comparing: give them with --golden")
         model = load_model(models[0])
         check_supported(model, models[0])
@@ -262,7 +278,7 @@ def _cmd_verify(argv: Sequence[str], console: Console) -> int:
         providers = parse_providers(args.providers)
         with console.status("verifying on onnxruntime ..."):
             result = api.verify_golden(models[0], args.golden, tolerances=tolerances,
-                                       providers=providers)
+                                       providers=providers, **_selection(args))
         _show_verify(console, result)
     else:
         result = _run_verify(console, args, models[0], models[1], tolerances)
@@ -288,14 +304,16 @@ def _cmd_inspect(argv: Sequence[str], console: Console) -> int:
             console.print(f"  [green]prunable[/] {g.name}: {g.size} channels -> {consumers}",
                           soft_wrap=True)
         else:
-            console.print(f"  [yellow]skipped[/]  {g.name}: {g.size} channels: {g.skip_reason}",
-                          soft_wrap=True)
+            console.print(f"  [yellow]skipped[/]  {escape(g.name)}: {g.size} channels: "
+                          f"{escape(g.skip_reason or '')}", soft_wrap=True)
     for b in info.attention:
         d = b.to_dict()
         state = "[green]prunable[/]" if d["prunable"] else "[yellow]skipped[/] "
         why = "" if d["prunable"] else f": {d['reason']}"
-        console.print(f"  {state} attention {d['name']}: {d['heads']} heads of "
-                      f"{d['head_size']}{why}", soft_wrap=True)
+        size = (f"{d['heads']} heads of {d['head_size']}" if d["heads"] and d["head_size"]
+                else "heads not counted")
+        console.print(f"  {state} attention {escape(str(d['name']))}: {size}{escape(why)}",
+                      soft_wrap=True)
     n = sum(g.prunable for g in info.groups)
     console.print(f"{n} of {len(info.groups)} channel groups prunable"
                   + ("" if n else " - structured pruning would change nothing"))

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from onnxprune.errors import InputError
 
-__all__ = ["atomic_path", "check_writable", "same_file", "sweep_stale", "NAME_MAX"]
+__all__ = ["atomic_path", "check_writable", "make_parent", "same_file", "sweep_stale",
+           "NAME_MAX"]
 
 NAME_MAX = 255  # bytes in one path component on every common file system
 
@@ -51,9 +52,15 @@ def check_writable(path: Path, what: str = "output") -> None:
         if not stat.S_ISREG(st.st_mode):
             raise InputError(f"{path}: the {what} path is not a regular file (a device, FIFO "
                              "or socket); give a file path")
-    parent = path.parent
-    if not parent.is_dir():
-        raise InputError(f"{parent}: output folder does not exist; create it first")
+    existing = next(p for p in (path.parent, *path.parent.parents) if os.path.lexists(p))
+    if not existing.is_dir():
+        raise InputError(f"{existing}: is not a folder; the {what} cannot be written under it")
+
+
+def make_parent(path: Path) -> None:
+    """Creates the missing folders above an output just before it is written (nothing is
+    created by a run that fails earlier)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
 
 
 def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:

@@ -30,7 +30,7 @@ from onnxprune.conv.sensitivity import DEFAULT_LEVELS, allocate_removals, conv_s
 from onnxprune.core.pages import release_pages
 from onnxprune.core.passes import ReportingPass
 from onnxprune.core.weights import const_array
-from onnxprune.errors import InputError, OnnxPruneError
+from onnxprune.errors import InputError, InternalError
 from onnxprune.repair.reconstruct import (
     Sweep,
     apply_fit,
@@ -334,7 +334,7 @@ class RemoveNeuronsPass(ReportingPass):
             key = g0.producers[0].node
             current = group_of(model, key, hints)
             if current is None or not current.prunable:
-                raise OnnxPruneError(f"group '{g0.name}' changed while pruning; please report")
+                raise InternalError(f"group '{g0.name}' changed while pruning; please report")
             before = current.size
             note = reasons.get(g0.name)
             source.advance(u.node for u in current.producers)

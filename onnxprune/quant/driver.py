@@ -20,8 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
@@ -31,20 +30,17 @@ from onnxprune.conv.fold_batchnorm import FoldBatchNormPass
 from onnxprune.core.pages import release_pages
 from onnxprune.core.weights import constant_readers, constant_source
 from onnxprune.errors import InputError, UnsupportedModelError
-from onnxprune.io.runtime import Provider
 from onnxprune.quant.canonical_gelu import CanonicalGeluPass
+from onnxprune.quant.config import AUTO_ALPHAS, QuantizeConfig
 from onnxprune.quant.insert_qdq import (
     ActivationQuant,
-    EmbeddingLayout,
     InsertQDQPass,
     QuantizedLayer,
 )
 from onnxprune.quant.layers import QLayer, check_not_quantized, find_layers, layer_name
 from onnxprune.quant.qerror import (
     SMOOTH_GAIN,
-    ActDtype,
     ActivationChoice,
-    Method,
     activation_qparams,
     choose_activation,
     dequantize_weight,
@@ -53,172 +49,11 @@ from onnxprune.quant.qerror import (
     sqnr_db,
 )
 from onnxprune.quant.ranges import RangeCollector, collect_ranges
+from onnxprune.quant.report import LayerReport, QuantizeReport
 
-__all__ = ["QuantizeConfig", "LayerReport", "QuantizeReport", "quantize_model"]
+__all__ = ["quantize_model", "upgrade_opset", "MIN_QDQ_OPSET"]
 
 logger = logging.getLogger(__name__)
-
-_OPS = ("MatMul", "Gemm", "Conv")
-# SmoothQuant strengths tried per tensor with smooth="auto". On MiniLM the best ones are
-# high (0.8-0.9): the weights' per-channel scales absorb the outlier channels well.
-AUTO_ALPHAS = (0.5, 0.7, 0.85, 1.0)
-
-
-@dataclass(frozen=True)
-class QuantizeConfig:
-    """Options of `quantize_model`; every default works on transformers and CNNs alike.
-
-    method: how an activation range is read from calibration (minmax; percentile of the
-        values at `percentile`; entropy: TensorRT's KL threshold).
-    activation_dtype: uint8 (asymmetric; what onnxruntime's x86 kernels prefer) or int8.
-    weight_only: int8 weights behind DequantizeLinear, float activations (no calibration
-        needed): the file shrinks ~4x, the arithmetic stays float.
-    ops: which weight ops get QDQ; `exclude` globs match node, op, weight or output names.
-    max_float_layers: at most this many layers are kept float for their measured output
-        SQNR (worst first, and only those below `min_sqnr_db`); None or 0: none.
-    smooth: SmoothQuant migration strength alpha in [0, 1] (applied per tensor wherever it
-        lowers the output error), "auto" (tries AUTO_ALPHAS per tensor, applied only where it
-        halves the error) or None (off).
-    search_clip: also try tighter clipping ranges and keep whichever gives the lowest output
-        error of the layers reading the tensor (measured on sampled calibration rows).
-    quantize_embeddings: store Gather tables (word/position embeddings) in int8 too;
-        `embedding_layout` says whether rows are gathered before dequantizing (fast on
-        onnxruntime) or the table is dequantized first (textbook QDQ).
-    activation_matmuls: also quantize MatMuls of two activations (attention scores).
-    canonicalize_gelu: reorder dynamo-exported erf-GELU so onnxruntime fuses it.
-    token_mask: graph input (e.g. attention_mask) whose zeros mark padding rows that must
-        not shape the statistics.
-    sample_rows: calibration rows kept per tensor to measure output error; `seed` fixes
-        which.
-    """
-
-    method: Method = "percentile"
-    percentile: float = 99.99
-    activation_dtype: ActDtype = "uint8"
-    weight_only: bool = False
-    ops: tuple[str, ...] = _OPS
-    exclude: tuple[str, ...] = ()
-    max_float_layers: int | None = None
-    min_sqnr_db: float = 25.0
-    smooth: float | Literal["auto"] | None = "auto"
-    search_clip: bool = True
-    quantize_embeddings: bool = True
-    embedding_layout: EmbeddingLayout = "gather-first"
-    canonicalize_gelu: bool = True
-    activation_matmuls: bool = False
-    token_mask: str | None = None
-    sample_rows: int = 512
-    seed: int = 0
-    provider: Provider = "cpu"  # where calibration batches run
-
-    def __post_init__(self) -> None:
-        if self.method not in ("minmax", "percentile", "entropy"):
-            raise InputError(
-                f"calibration method '{self.method}' is unknown; use minmax, percentile or entropy"
-            )
-        if self.activation_dtype not in ("uint8", "int8"):
-            raise InputError(f"activation dtype must be uint8 or int8, got {self.activation_dtype}")
-        if not 50.0 < self.percentile <= 100.0:
-            raise InputError(f"percentile must be in (50, 100], got {self.percentile}")
-        bad_ops = sorted(set(self.ops) - set(_OPS))
-        if bad_ops:
-            raise InputError(f"cannot quantize op '{bad_ops[0]}'; choose from {', '.join(_OPS)}")
-        if self.max_float_layers is not None and self.max_float_layers < 0:
-            raise InputError(f"max_float_layers must be >= 0, got {self.max_float_layers}")
-        if self.smooth not in (None, "auto") and not (
-            isinstance(self.smooth, (int, float)) and 0.0 <= self.smooth <= 1.0
-        ):
-            raise InputError(f"smooth (SmoothQuant alpha) must be in [0, 1], got {self.smooth}")
-        if self.sample_rows < 1:
-            raise InputError(f"sample_rows must be >= 1, got {self.sample_rows}")
-
-
-@dataclass(frozen=True)
-class LayerReport(QuantizedLayer):
-    """What the pass did to a layer, plus what calibration measured for it."""
-
-    activation_range: tuple[float, float] | None = None
-    activation_scale: float | None = None
-    activation_zero_point: int | None = None
-    range_choice: str | None = None
-    smoothed: bool = False
-    smooth_declined: str | None = None  # why SmoothQuant was not tried on the input
-    activation_sqnr_db: float | None = None
-    layer_sqnr_db: float | None = None
-
-    def to_dict(self) -> dict[str, object]:
-        out = {}
-        for key, value in asdict(self).items():
-            if value is None:
-                continue
-            if isinstance(value, float):
-                value = _rounded(value)
-            elif isinstance(value, tuple):
-                value = [_rounded(v) for v in value]
-            out[key] = value
-        return out
-
-
-def _rounded(v: float) -> float | str:
-    return round(v, 6 if abs(v) < 1 else 3) if np.isfinite(v) else str(v)
-
-
-@dataclass(frozen=True)
-class QuantizeReport:
-    config: QuantizeConfig
-    layers: tuple[LayerReport, ...]
-    float_tensors: tuple[tuple[str, str], ...] = ()  # (tensor, why it stayed float)
-    batches: int = 0
-    constant_bytes_before: int = 0  # initializers and Constant nodes, before and after
-    constant_bytes_after: int = 0
-    float_weights_kept: tuple[str, ...] = ()
-    smoothing_folded: tuple[str, ...] = ()
-    gelu_reordered: tuple[str, ...] = ()
-    seconds: float = 0.0
-
-    @property
-    def quantized(self) -> int:
-        return sum(layer.quantized for layer in self.layers)
-
-    @property
-    def kept_float(self) -> int:
-        return sum(not layer.quantized for layer in self.layers)
-
-    def why_nothing(self) -> str:
-        """What to tell a user whose `quantize` changed nothing: the layer report's reasons,
-        most common first, each with the layers it held back."""
-        held: dict[str, list[str]] = {}
-        for layer in self.layers:
-            if not layer.quantized:
-                held.setdefault(layer.reason or "no reason recorded", []).append(layer.node)
-        if not held:
-            return ("nothing was quantized: the model has no MatMul/Gemm/Conv with a constant "
-                    "float32 weight and no embedding table (Gather of a constant)")
-        parts = []
-        for reason, nodes in sorted(held.items(), key=lambda kv: -len(kv[1]))[:3]:
-            names = ", ".join(f"'{n}'" for n in nodes[:3]) + (", ..." if len(nodes) > 3 else "")
-            parts.append(f"{reason} ({len(nodes)} layer(s): {names})")
-        more = len(held) - len(parts)
-        return "nothing was quantized: " + "; ".join(parts) + (
-            f"; and {more} other reason(s) (all in --report)" if more > 0 else "")
-
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "config": {k: list(v) if isinstance(v, tuple) else v
-                       for k, v in asdict(self.config).items()},
-            "quantized_layers": self.quantized,
-            "float_layers": self.kept_float,
-            "calibration_batches": self.batches,
-            "constant_bytes_before": self.constant_bytes_before,
-            "constant_bytes_after": self.constant_bytes_after,
-            "float_weights_kept": list(self.float_weights_kept),
-            "float_tensors": dict(self.float_tensors),
-            "smoothing_folded": list(self.smoothing_folded),
-            "gelu_reordered": list(self.gelu_reordered),
-            "seconds": round(self.seconds, 3),
-            "layers": [layer.to_dict() for layer in self.layers],
-        }
-
 
 MIN_QDQ_OPSET = 13
 

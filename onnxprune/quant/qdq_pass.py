@@ -15,7 +15,8 @@ import onnx_ir as ir
 
 from onnxprune.calibration.calibration import CalibrationLike, as_calibration
 from onnxprune.errors import InputError
-from onnxprune.quant.driver import QuantizeConfig, quantize_model
+from onnxprune.quant.config import QuantizeConfig
+from onnxprune.quant.driver import quantize_model
 from onnxprune.quant.insert_qdq import InsertQDQPass
 
 __all__ = ["QuantizeQDQPass"]

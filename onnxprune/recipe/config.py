@@ -20,7 +20,7 @@ from onnxprune.calibration.data import Batch, input_specs, load_batches
 from onnxprune.calibration.propagate import SECTION_ABOVE_BYTES, weight_bytes
 from onnxprune.errors import OptionError
 from onnxprune.io.runtime import Provider
-from onnxprune.quant.driver import QuantizeConfig
+from onnxprune.quant.config import QuantizeConfig
 from onnxprune.search.plans import Plan
 from onnxprune.search.quality import BUILTIN_METRICS, BuiltinMetric, UserMetric, load_user_metric
 from onnxprune.search.search import Target

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from onnxprune.calibration.data import Batch, input_specs, load_batches, random_batches
+from onnxprune.calibration.data import Batch, input_specs, load_batches
+from onnxprune.calibration.fit import fitting_batches
 from onnxprune.errors import InputError, InternalError, OptionError
 from onnxprune.io.detached import check_detached
-from onnxprune.io.files import atomic_path, same_file
+from onnxprune.io.files import atomic_path, make_parent, same_file
 from onnxprune.io.models import (
     check_output_path,
     load_model,
@@ -46,12 +47,21 @@ Saver = Callable[[ir.Model, Path], None]
 
 @dataclass(frozen=True)
 class Checks:
-    """How the written model is verified against the input."""
+    """How the written model is verified against the input.
+
+    The verdict is always shown; it decides the exit code only when `enforced` (the user set
+    a tolerance). Otherwise the run did what was asked, and only a broken output (NaN/Inf)
+    fails it. Per-token outputs are compared on real tokens (`token_mask`, by default the
+    run's own token mask)."""
 
     tolerances: Tolerances
     data: str | os.PathLike[str] | None = None  # None: inputs generated from the signature
     providers: tuple[Provider, ...] = ("cpu",)
     shapes: dict[str, tuple[int, ...]] | None = None
+    enforced: bool = True
+    outputs: tuple[str, ...] | None = None
+    output_kinds: dict[str, str] | None = None
+    token_mask: str | None = None
 
 
 @dataclass(frozen=True)
@@ -75,6 +85,18 @@ class Outcome:
     verification: VerifyResult | None = None
     written: bool = True  # False: a search stayed over its budget, nothing written
     notes: list[str] = field(default_factory=list)  # the export folder's copied files
+    enforced: bool = True  # the verdict gates (a tolerance was set)
+
+    @property
+    def failures(self) -> list[str]:
+        """What fails the run: a missed tolerance the user set, or a broken output."""
+        r = self.verification
+        if r is None:
+            return []
+        if self.enforced:
+            return r.failures
+        return [f"{o.name} [{o.provider}]: {o.nonfinite} NaN/Inf values" for o in r.outputs
+                if o.nonfinite]
 
 
 def verification_batches(
@@ -83,10 +105,9 @@ def verification_batches(
     shapes: dict[str, tuple[int, ...]] | None = None,
 ) -> tuple[list[Batch], bool]:
     """The user's data, or inputs generated from the signature (second item True)."""
-    specs = input_specs(model)
     if data is not None:
-        return list(load_batches(data, specs)), False
-    return random_batches(specs, shapes), True
+        return list(load_batches(data, input_specs(model))), False
+    return fitting_batches(model, shapes), True
 
 
 def check_written(model: ir.Model, *, load: bool = True) -> None:
@@ -174,7 +195,8 @@ def run_job(job: Job, *, progress: Progress | None = None,
     batches, generated = None, False
     if checks is not None:  # bad verification options must fail before anything is written
         batches, generated = verification_batches(model, checks.data, checks.shapes)
-    report = prune_model(model, config, progress, on_plan=on_plan)
+    report = prune_model(model, config, progress, on_plan=on_plan,
+                         check_batches=None if generated else batches)
     outcome = Outcome(report, out)
     if report.search is not None and report.search.over_budget:
         if job.save_plan and report.plan is not None:
@@ -186,9 +208,13 @@ def run_job(job: Job, *, progress: Progress | None = None,
     if checks is not None:
         # Verify the model in memory first: a run that cannot verify writes nothing.
         assert batches is not None
+        outcome.enforced = checks.enforced
         outcome.verification = compare_models(
             reference, model, batches, providers=checks.providers,
-            tolerances=checks.tolerances, generated_inputs=generated)
+            tolerances=checks.tolerances, generated_inputs=generated,
+            outputs=checks.outputs, output_kinds=checks.output_kinds,
+            token_mask=checks.token_mask or report.token_mask)
+    make_parent(out)
     if save is not None:
         save(model, out)
     elif config.is_default and not report.modified and not uses_external_data(model):

@@ -6,6 +6,7 @@ Saving, verifying and the files around it are the pipeline's (recipe/pipeline.py
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -14,7 +15,8 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from onnxprune.attention.remove_heads import RemoveHeadsPass
 from onnxprune.calibration.calibration import Calibration
-from onnxprune.calibration.data import Batch, input_specs, random_batches
+from onnxprune.calibration.data import Batch
+from onnxprune.calibration.fit import fitting_batches
 from onnxprune.calibration.mask import AUTO, NONE, resolve_token_mask
 from onnxprune.calibration.propagate import SECTION_ABOVE_BYTES
 from onnxprune.core.accounting import ModelStats, model_stats
@@ -24,6 +26,7 @@ from onnxprune.io.models import MIN_OPSET
 from onnxprune.io.validate import check_finite_weights
 from onnxprune.prune.cleanup import CleanupPass
 from onnxprune.prune.remove_neurons import Progress, RemoveNeuronsPass
+from onnxprune.prune.zero_weights import ZeroWeightsPass
 from onnxprune.quant.driver import quantize_model
 from onnxprune.quant.insert_qdq import QuantizeQDQResult
 from onnxprune.quant.qdq_pass import QuantizeQDQPass
@@ -35,6 +38,8 @@ from onnxprune.search.distill import DistillStage, run_distill
 from onnxprune.search.plans import Plan
 from onnxprune.search.search import DEFAULT_MAX_DROP, SearchConfig, SearchResult, Target, search
 from onnxprune.verify.compare import Tolerances, compare_models
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["PruneReport", "prune_model", "check_supported", "MORE_OPTIONS"]
 
@@ -78,16 +83,32 @@ def check_supported(model: ir.Model, where: str = "model") -> None:
 def prune_model(
     model: ir.Model, config: PruneConfig, progress: Progress | None = None,
     on_plan: Callable[[Plan], None] | None = None,
+    check_batches: list[Batch] | None = None,
 ) -> PruneReport:
     """Runs the configured passes on `model` in place and says what they did.
+
+    `check_batches`: the user's verification data, which the default recipe's trials are
+    checked on (before calibration data or generated inputs).
 
     `progress(done, total, label)` is called as calibrated pruning moves from group to group.
     `on_plan(plan)` hears of every better plan a target search finds (for Ctrl-C).
     """
     check_supported(model)
-    check_finite_weights(model)
+    kept = check_finite_weights(model)
     release_pages(model)  # the check read every weight; the passes read them again in turn
     config.check()
+    report = _prune(model, config, progress, on_plan, check_batches)
+    if kept:
+        report.notes.insert(0, f"{len(kept)} non-finite constant(s) kept as the model uses "
+                            f"them (masks, fill and start values; not scored, quantized or "
+                            f"refit): {', '.join(str(k) for k in kept[:4])}"
+                            + (" ..." if len(kept) > 4 else ""))
+    return report
+
+
+def _prune(model: ir.Model, config: PruneConfig, progress: Progress | None,
+           on_plan: Callable[[Plan], None] | None,
+           check_batches: list[Batch] | None) -> PruneReport:
     config, mask_note = _with_token_mask(model, config)
     if config.is_default and config.calibration is not None:
         original = model.graph  # the search prunes a copy; kept if nothing fits the budget
@@ -140,7 +161,10 @@ def prune_model(
         report.notes.insert(0, mask_note)
     if config.is_default:
         report.notes.extend(_cleanup_notes(passes))
-        stored = _int8_embeddings(model, batches)
+        stored, declined = _int8_embeddings(model, check_batches or batches)
+        if declined:
+            report.notes.insert(-1, f"default recipe: int8 embedding tables not kept: "
+                                f"{declined}")
         if stored is not None:
             report.passes["Int8Embeddings"] = stored.to_dict()
             report.modified = True
@@ -150,7 +174,12 @@ def prune_model(
                                 f"({mib:.1f} MiB less; checked within the default "
                                 "tolerances before it was kept)")
     elif not report.modified:
-        report.notes.append("the model was left unchanged: nothing met the pruning criteria")
+        pruning = any(v is not None for v in (config.sparsity, config.threshold, config.nm,
+                                               config.heads))
+        why = ("nothing met the pruning criteria" if quantized is None
+               else quantized.why_nothing() if not pruning
+               else f"nothing met the pruning criteria and {quantized.why_nothing()}")
+        report.notes.append(f"the model was left unchanged: {why}")
     return report
 
 
@@ -174,29 +203,38 @@ def _cleanup_notes(passes: list[ir.passes.PassBase]) -> list[str]:
             f"to make it smaller: {MORE_OPTIONS}"]
 
 
-def _int8_embeddings(model: ir.Model, batches: list[Batch] | None) -> QuantizeQDQResult | None:
+def _int8_embeddings(model: ir.Model, batches: list[Batch] | None
+                     ) -> tuple[QuantizeQDQResult | None, str | None]:
     """The default recipe's one storage change: embedding tables (Gather of a constant) in
     int8, rows gathered before dequantizing. Measured on MiniLM: 60.6 % of the file, cosine
     min 0.9997, onnxruntime not slower (benchmarks/weight_storage.py); int8 for MatMul
-    weights made onnxruntime slower there, so those stay float. Kept only when it saves
-    bytes (a table tied to an output projection would be stored twice) and the model still
-    passes the default tolerances against the input on the given or generated batches."""
+    weights made onnxruntime slower there, so those stay float. A trial: kept only when it
+    saves bytes (a table tied to an output projection would be stored twice) and the model
+    still passes the default tolerances against the input on the given batches (the user's
+    --data first) or inputs that fit the model; any failure leaves the model as it was and
+    returns the reason (second item) instead of ending the run."""
     qdq = QuantizeQDQPass(weight_only=True, ops=())
     try:
         qdq.requires(model)
     except OnnxPruneError:
-        return None  # opset < 13 or already quantized: left alone
+        return None, None  # opset < 13 or already quantized: left alone
     trial = model.clone()
-    qdq(trial)
-    res = qdq.result
-    if not any(layer.quantized for layer in res.layers) or res.float_weights_kept or (
-            res.constant_bytes_after >= res.constant_bytes_before):
-        return None
-    check = batches or random_batches(input_specs(model))
-    if not compare_models(model, trial, check, tolerances=Tolerances.defaults()).ok:
-        return None
+    try:
+        qdq(trial)
+        res = qdq.result
+        if not any(layer.quantized for layer in res.layers) or res.float_weights_kept or (
+                res.constant_bytes_after >= res.constant_bytes_before):
+            return None, None
+        check = batches or fitting_batches(model)
+        verdict = compare_models(model, trial, check, tolerances=Tolerances.defaults())
+    except Exception as e:  # noqa: BLE001 - a trial: reported, never fatal
+        logger.debug("int8 embedding trial failed", exc_info=True)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        return None, f"the trial failed ({type(e).__name__}: {first[:200]})"
+    if not verdict.ok:
+        return None, f"outside the default tolerances ({'; '.join(verdict.failures[:2])})"
     model.graph = trial.graph
-    return res
+    return res, None
 
 
 def _as_default_recipe(report: PruneReport, config: PruneConfig) -> None:
@@ -282,16 +320,18 @@ def _refuse_if_nothing_prunable(passes: list[ir.passes.PassBase]) -> None:
     found = False
     for p in passes:
         if isinstance(p, RemoveNeuronsPass):
-            found = found or any(g.reason is None for g in p.result.groups)
+            found = found or any(g.reason is None or g.channels_after < g.channels_before
+                                 for g in p.result.groups)
             reasons += [f"{g.group}: {g.reason}" for g in p.result.groups[:2]] or [
                 "no MatMul/Gemm with a constant weight"]
         elif isinstance(p, RemoveHeadsPass):
-            found = found or any(b.reason is None for b in p.result.blocks)
+            found = found or any(b.reason is None or b.heads_after < b.heads_before
+                                 for b in p.result.blocks)
             reasons += [f"{b.block}: {b.reason}" for b in p.result.blocks[:2]] or [
                 "no attention block recognised"]
-        else:
+        elif isinstance(p, ZeroWeightsPass):
             return  # zeroing always applies
-    if passes and not found:
+    if reasons and not found:
         why = "; ".join(reasons)
         raise UnsupportedModelError(
             f"nothing prunable in this model ({why}); run onnxprune inspect for details"

@@ -15,7 +15,8 @@ import pytest
 from onnxprune.calibration.data import input_specs, load_batches
 from onnxprune.io.models import load_model, save_model
 from onnxprune.io.runtime import make_session
-from onnxprune.quant.driver import QuantizeConfig, quantize_model
+from onnxprune.quant.config import QuantizeConfig
+from onnxprune.quant.driver import quantize_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from helpers import ort_optimized_ops  # noqa: E402
