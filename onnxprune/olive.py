@@ -19,28 +19,38 @@ from olive.passes import Pass
 from olive.passes.onnx.common import get_external_data_config, model_proto_to_olive_model
 from olive.passes.pass_config import BasePassConfig, PassConfigParam
 
-from onnxprune.io.models import load_model
 from onnxprune.quant.config import QuantizeConfig
-from onnxprune.recipe.config import PruneConfig
-from onnxprune.recipe.pipeline import check_written
-from onnxprune.recipe.run import prune_model
+from onnxprune.recipe.config import PruneConfig, from_options
+from onnxprune.recipe.pipeline import Job, run_job
 
 __all__ = ["OnnxPrune", "OnnxPruneQuantize", "PACKAGE_CONFIG"]
 
 PACKAGE_CONFIG = str(Path(__file__).with_name("olive_config.json"))
 
 
+def _options(config: type[BasePassConfig], record: type) -> dict[str, Any]:
+    """The pass config's values named by the fields of `record` (PruneConfig or
+    QuantizeConfig): Olive's parameters are the config's own field names."""
+    return {f: getattr(config, f) for f in record.__dataclass_fields__ if hasattr(config, f)}
+
+
 def _param(type_: Any, default: Any, description: str) -> PassConfigParam:
     return PassConfigParam(type_=type_, default_value=default, description=description)
 
 
-def _save(model: ir.Model, config: type[BasePassConfig], output_model_path: str
-          ) -> ONNXModelHandler:
-    check_written(model)  # onnx.checker and an onnxruntime load, as the CLI does
-    proto = ir.serde.serialize_model(model)
+def _run(model: ONNXModelHandler, config: type[BasePassConfig], output_model_path: str,
+         prune_config: PruneConfig) -> ONNXModelHandler:
+    """The same pipeline as the CLI (recipe.pipeline.run_job: checks, pruning, onnx.checker
+    and an onnxruntime load), saved the way Olive stores models."""
     out = Path(output_model_path)
     out = out if out.suffix == ".onnx" else out / "model.onnx"
-    return model_proto_to_olive_model(proto, out, config)
+    handlers: list[ONNXModelHandler] = []
+
+    def save(m: ir.Model, path: Path) -> None:
+        handlers.append(model_proto_to_olive_model(ir.serde.serialize_model(m), path, config))
+
+    run_job(Job(model.model_path, out, prune_config), save=save)
+    return handlers[0]
 
 
 class OnnxPrune(Pass):
@@ -61,12 +71,8 @@ class OnnxPrune(Pass):
 
     def _run_for_config(self, model: ONNXModelHandler, config: type[BasePassConfig],
                         output_model_path: str) -> ONNXModelHandler:
-        m = load_model(model.model_path)
-        prune_model(m, PruneConfig(sparsity=config.sparsity, heads=config.heads,
-                                   target=config.target, max_drop=config.max_drop,
-                                   calibration=config.calibration,
-                                   token_mask=config.token_mask))
-        return _save(m, config, output_model_path)
+        return _run(model, config, output_model_path,
+                    from_options(PruneConfig, _options(config, PruneConfig)))
 
 
 class OnnxPruneQuantize(Pass):
@@ -83,7 +89,7 @@ class OnnxPruneQuantize(Pass):
 
     def _run_for_config(self, model: ONNXModelHandler, config: type[BasePassConfig],
                         output_model_path: str) -> ONNXModelHandler:
-        m = load_model(model.model_path)
-        prune_model(m, PruneConfig(calibration=config.calibration, token_mask=config.token_mask,
-                                   quantize=QuantizeConfig(weight_only=config.weight_only)))
-        return _save(m, config, output_model_path)
+        options = _options(config, QuantizeConfig)
+        return _run(model, config, output_model_path, PruneConfig(
+            calibration=config.calibration, token_mask=config.token_mask,
+            quantize=from_options(QuantizeConfig, options)))
