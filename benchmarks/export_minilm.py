@@ -5,7 +5,10 @@ differently (legacy: decomposed erf-GELU, Constant nodes, run-time Reshape shape
 a ``Gelu`` op and initializers), so the benchmarks build both:
 
 * ``minilm_legacy.onnx``: ``torch.onnx.export(dynamo=False)``, opset 17;
-* ``minilm_dynamo.onnx``: ``torch.onnx.export(dynamo=True)``, opset 18, one self-contained file.
+* ``minilm_dynamo.onnx``: ``torch.onnx.export(dynamo=True)``, opset 18, one self-contained file;
+* ``minilm_dynamo_data.onnx`` (``--kind dynamo-data``): saved the way torch users save it,
+  ``torch.onnx.export(model, args, path, dynamo=True)``, weights in ``minilm_dynamo_data.onnx.data``
+  and every intermediate value's type recorded.
 
 The exported graph takes ``input_ids``, ``attention_mask`` and ``token_type_ids`` (int64,
 dynamic batch and sequence) and returns ``sentence_embedding``: the attention-masked mean of
@@ -33,10 +36,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import textdata  # noqa: E402
 
-ExporterKind = Literal["legacy", "dynamo"]
+ExporterKind = Literal["legacy", "dynamo", "dynamo-data"]
 OUTPUT_NAME = "sentence_embedding"
-OPSET = {"legacy": 17, "dynamo": 18}
-FILE_NAME = {"legacy": "minilm_legacy.onnx", "dynamo": "minilm_dynamo.onnx"}
+OPSET = {"legacy": 17, "dynamo": 18, "dynamo-data": 18}
+FILE_NAME = {"legacy": "minilm_legacy.onnx", "dynamo": "minilm_dynamo.onnx",
+             "dynamo-data": "minilm_dynamo_data.onnx"}
 
 
 def file_name(kind: str, attention: str = "sdpa") -> str:
@@ -149,6 +153,13 @@ def export(kind: ExporterKind, out_path: str | Path, opset: int | None = None,
                 optimize=True,
             )
             program.save(str(tmp), external_data=False)
+        elif kind == "dynamo-data":  # as users call it: the path given, weights beside it
+            dim = torch.export.Dim
+            shapes = {name: {0: dim("batch"), 1: dim("sequence", max=512)} for name in names}
+            torch.onnx.export(model, args, str(out), dynamo=True, opset_version=opset,
+                              input_names=names, output_names=[OUTPUT_NAME],
+                              dynamic_shapes=shapes)
+            return out
         else:
             raise ValueError(f"unknown exporter kind {kind!r}")
     tmp.replace(out)
@@ -207,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", type=Path, default=Path("build"))
     parser.add_argument("--force", action="store_true", help="re-export existing files")
     parser.add_argument(
-        "--kind", choices=["legacy", "dynamo", "both"], default="both", help="which exporter"
+        "--kind", choices=["legacy", "dynamo", "dynamo-data", "both"], default="both",
+        help="which exporter (dynamo-data: saved with its .data file, as torch users do)"
     )
     parser.add_argument(
         "--dynamo-opset", type=int, default=OPSET["dynamo"], help="20 gives a Gelu op"
@@ -233,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{kind}: {path} exists, not re-exported (use --force)")
         else:
             start = time.perf_counter()
-            opset = opts.dynamo_opset if kind == "dynamo" else OPSET[kind]
+            opset = opts.dynamo_opset if kind.startswith("dynamo") else OPSET[kind]
             export(kind, path, opset=opset, attention=opts.attention)
             seconds = time.perf_counter() - start
             print(f"{kind}: exported {path} in {seconds:.1f} s (opset {opset})")

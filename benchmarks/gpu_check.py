@@ -166,7 +166,8 @@ def main() -> int:
     from onnxprune.calibration.data import input_specs, load_batches
     from onnxprune.io.models import load_model, save_model
     from onnxprune.io.runtime import make_session
-    from onnxprune.quant.driver import QuantizeConfig, quantize_model
+    from onnxprune.quant.config import QuantizeConfig
+    from onnxprune.quant.driver import quantize_model
 
     work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
     start_all = time.perf_counter()

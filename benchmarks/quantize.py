@@ -58,7 +58,8 @@ def run_onnxprune(model: Path, out: Path, calib: Path) -> float:
     """Load, calibrate, quantize and save, as `onnxprune quantize` does; wall seconds."""
     from onnxprune.calibration.data import input_specs, load_batches
     from onnxprune.io.models import load_model, save_model
-    from onnxprune.quant.driver import QuantizeConfig, quantize_model
+    from onnxprune.quant.config import QuantizeConfig
+    from onnxprune.quant.driver import quantize_model
 
     start = time.perf_counter()
     m = load_model(model)

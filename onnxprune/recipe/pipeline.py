@@ -193,10 +193,16 @@ def run_job(job: Job, *, progress: Progress | None = None,
     sizes_before = layer_sizes(model) if job.copy_config else None
     checks = job.checks
     batches, generated = None, False
+    on_calibration = False
     if checks is not None:  # bad verification options must fail before anything is written
-        batches, generated = verification_batches(model, checks.data, checks.shapes)
+        if checks.data is None and config.calibration is not None:
+            # Real inputs at hand beat generated ones (random token ids judge a text model
+            # wrongly); the report says they were not held out.
+            batches, generated, on_calibration = config.batches(model), False, True
+        else:
+            batches, generated = verification_batches(model, checks.data, checks.shapes)
     report = prune_model(model, config, progress, on_plan=on_plan,
-                         check_batches=None if generated else batches)
+                         check_batches=None if generated or on_calibration else batches)
     outcome = Outcome(report, out)
     if report.search is not None and report.search.over_budget:
         if job.save_plan and report.plan is not None:
@@ -209,6 +215,9 @@ def run_job(job: Job, *, progress: Progress | None = None,
         # Verify the model in memory first: a run that cannot verify writes nothing.
         assert batches is not None
         outcome.enforced = checks.enforced
+        if on_calibration:
+            outcome.notes.append("verified on the --calibration data (the run fitted to it, "
+                                 "so this is not held out); give --data for a held-out check")
         outcome.verification = compare_models(
             reference, model, batches, providers=checks.providers,
             tolerances=checks.tolerances, generated_inputs=generated,
