@@ -33,6 +33,7 @@ from onnxprune.search.plans import Plan
 from onnxprune.search.plot import write_plot
 from onnxprune.search.search import SearchResult
 from onnxprune.verify.compare import Tolerances, VerifyResult
+from onnxprune.verify.kinds import KINDS
 
 __all__ = ["COMMANDS", "prune", "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_INTERNAL"]
 
@@ -82,14 +83,18 @@ def _show_verify(console: Console, result: VerifyResult, enforced: bool = True) 
         console.print(f"[yellow]weak verdict: {escape(why)}[/]", soft_wrap=True)
     console.print(verify_table(result))
     tol = result.tolerances
+    limits = tol.describe()
+    if tol.by_kind:  # only the kinds this model's outputs are
+        kinds = dict.fromkeys(o.kind for o in result.outputs)
+        limits = "; ".join(f"{k}: {KINDS[k].limits.describe()}" for k in kinds if k in KINDS)
     if not enforced:
         verdict = "passes" if result.ok else "misses"
-        console.print(f"verdict: the output {verdict} onnxprune verify's defaults "
-                      f"({tol.describe()}); reported, not enforced: give a tolerance "
-                      "(--min-cosine, --atol, ...) to make it the exit code")
+        console.print(f"verdict: {verdict} onnxprune verify's defaults ({limits}); reported, "
+                      "not enforced: give a tolerance (--min-cosine, --atol, ...) to make "
+                      "it the exit code")
     elif tol.by_kind or any(v is not None for v in (tol.min_cosine, tol.atol, tol.rtol,
                                                       tol.min_sqnr_db, tol.min_top1)):
-        console.print(f"enforced: {tol.describe()}")
+        console.print(f"enforced: {limits}")
     else:  # a search or plan told no tolerance: its budget was the gate
         console.print("enforced here: finite outputs only; the quality budget (--max-drop) "
                       "on held-out calibration batches is the gate")
