@@ -139,3 +139,40 @@ def test_default_recipe_stores_embedding_tables_in_int8(tmp_path: Path,
     assert main([str(src), "-o", str(out)]) == 0
     assert "embedding tables stored in int8" not in capsys.readouterr().out
     assert out.read_bytes() == src.read_bytes()
+
+
+def test_a_failing_default_step_is_skipped_and_reported(
+        tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default recipe's int8 embedding step is a trial: when it fails (here its pass
+    raises as a broken rewrite would), the run goes on, exits 0, says why, and writes the
+    input's bytes."""
+    from onnxprune.quant.qdq_pass import QuantizeQDQPass
+
+    def broken(self: QuantizeQDQPass, model: ir.Model) -> ir.passes.PassResult:
+        raise RuntimeError("Type (tensor(int8)) of output arg (e) does not match")
+
+    monkeypatch.setattr(QuantizeQDQPass, "call", broken)
+    src, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    onnx.save(_embedding_model(tied=False), src)
+    assert main([str(src), "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "int8 embedding tables not kept: the trial failed (RuntimeError" in printed
+    assert out.read_bytes() == src.read_bytes()
+
+
+def test_the_default_step_is_checked_on_the_users_data(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--data given: the trial is judged on it (ids the user gives), not on generated ids."""
+    import onnxprune.recipe.run as run_mod
+    from onnxprune.recipe.config import PruneConfig
+
+    seen: list[list[dict[str, np.ndarray]]] = []
+    real = run_mod.compare_models
+
+    def spy(ref, cand, batches, **kw):  # type: ignore[no-untyped-def]
+        seen.append(list(batches))
+        return real(ref, cand, seen[-1], **kw)
+
+    monkeypatch.setattr(run_mod, "compare_models", spy)
+    mine = [{"ids": np.full((2, 3), 7, dtype=np.int64)}]
+    run_mod.prune_model(to_ir(_embedding_model(tied=False)), PruneConfig(), check_batches=mine)
+    assert seen and np.array_equal(seen[0][0]["ids"], mine[0]["ids"])
