@@ -304,3 +304,23 @@ def test_unavailable_provider_writes_nothing(work: Path,
     assert code == 2
     assert err.startswith("onnxprune: error: provider 'cuda' is not available")
     assert folder_snapshot(work) == before
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_nothing_prunable_is_one_answer_with_or_without_data(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], calibrated: bool) -> None:
+    """A model whose only layer feeds the graph output has nothing to remove: --sparsity
+    says so (exit 2, the reason, nothing written) whether or not data is given; before, the
+    calibrated run wrote an unchanged copy and exited 0."""
+    model = mlp_model([8, 4], seed=1)
+    onnx.save(model, tmp_path / "m.onnx")
+    args = [str(tmp_path / "m.onnx"), "-o", str(tmp_path / "o.onnx"), "--sparsity", "0.3"]
+    if calibrated:
+        np.savez(tmp_path / "c.npz", **{model.graph.input[0].name: np.random.default_rng(0)
+                                        .standard_normal((16, 8)).astype(np.float32)})
+        args += ["--calibration", str(tmp_path / "c.npz")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("onnxprune: error: nothing prunable in this model (")
+    assert "onnxprune inspect" in err
+    assert not (tmp_path / "o.onnx").exists()
