@@ -324,3 +324,28 @@ def test_nothing_prunable_is_one_answer_with_or_without_data(
     assert err.startswith("onnxprune: error: nothing prunable in this model (")
     assert "onnxprune inspect" in err
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_every_main_option_is_a_config_field_or_a_run_setting() -> None:
+    """The CLI builds its config from the namespace (no hand copy): every option's dest
+    names a PruneConfig or QuantizeConfig field, or one of the few run settings the pipeline
+    reads itself. A new option with a dest that names neither would be silently dropped."""
+    from dataclasses import fields
+
+    from onnxprune.cli.options import main_parser, prune_config
+    from onnxprune.quant.config import QuantizeConfig
+    from onnxprune.recipe.config import PruneConfig
+
+    run_settings = {"help", "model", "output", "force", "quiet", "no_verify", "copy_config",
+                    "report", "save_plan", "data", "shape", "providers", "min_cosine", "atol",
+                    "rtol", "min_sqnr", "min_top1", "min_top5", "max_kl", "min_exact", "top1",
+                    "output_kinds", "outputs", "max_calibration_bytes"}
+    config_fields = {f.name for f in fields(PruneConfig)} | {f.name for f in fields(QuantizeConfig)}
+    parser = main_parser()
+    dests = {a.dest for a in parser._actions}
+    assert not dests - config_fields - run_settings, dests - config_fields - run_settings
+    args = parser.parse_args(["m.onnx", "-o", "o.onnx", "--heads", "0.5", "--max-block-heads",
+                              "0.5", "--quantize", "int8", "--calibration-method", "minmax"])
+    config = prune_config(args)
+    assert config.max_block_heads == 0.5 and config.quantize is not None
+    assert config.quantize.method == "minmax"

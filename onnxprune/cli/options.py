@@ -190,6 +190,9 @@ def main_parser(prog: str = "onnxprune", description: str = MAIN_DESCRIPTION
     g.add_argument("--global-heads", action="store_true",
                    help="rank heads across blocks (the default with --calibration; each keeps "
                    "at least 25 %%)")
+    g.add_argument("--max-block-heads", type=_fraction, default=0.75, metavar="F",
+                   help="with heads ranked across blocks: the largest fraction any one block "
+                   "may lose (default 0.75)")
     g.add_argument("--seed", type=int, default=0)
     t = p.add_argument_group("target search (instead of --sparsity/--heads; needs --calibration)")
     t.add_argument("--target", metavar="KIND=F",
