@@ -181,6 +181,8 @@ def _decoder_build(cls_name: str, config_name: str, kv_heads: int | None, **extr
 
         w = _widths(small, 1024, 16, 2816)
         kv = None if kv_heads is None else (2 if small else kv_heads)
+        if kv is not None and small:  # 8 query heads over 2 K/V heads: groups of 4
+            w = {**w, "hidden_size": 64, "num_attention_heads": 8}
         cfg = getattr(transformers, config_name)(
             num_hidden_layers=2, vocab_size=1000, max_position_embeddings=128, **w,
             **({"num_key_value_heads": kv} if kv is not None else {}), **extra,
@@ -368,7 +370,7 @@ HEADER = ["arch", "exporter", "attention", "prunable", "heads", "removed", "runs
 def _run(path: Path | bytes, feeds: dict[str, np.ndarray]) -> np.ndarray:
     import onnxruntime as ort
 
-    from onnxprune.attention import cache_slices
+    from onnxprune.core import cache_slices
 
     session = ort.InferenceSession(path if isinstance(path, bytes) else str(path),
                                    providers=["CPUExecutionProvider"])
