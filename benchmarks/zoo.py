@@ -181,6 +181,8 @@ def _decoder_build(cls_name: str, config_name: str, kv_heads: int | None, **extr
 
         w = _widths(small, 1024, 16, 2816)
         kv = None if kv_heads is None else (2 if small else kv_heads)
+        if kv is not None and small:  # 8 query heads over 2 K/V heads: groups of 4
+            w = {**w, "hidden_size": 64, "num_attention_heads": 8}
         cfg = getattr(transformers, config_name)(
             num_hidden_layers=2, vocab_size=1000, max_position_embeddings=128, **w,
             **({"num_key_value_heads": kv} if kv is not None else {}), **extra,
@@ -354,21 +356,23 @@ class Row:
     runs: str = ""
     exact: float | None = None
     error: str = ""
+    gqa: str = ""  # per layer, grouped-query only: "q 8->6 kv 2->2 (query-heads)"
 
     def cells(self) -> list[str]:
         exact = "-" if self.exact is None else f"{self.exact:.1e}"
         return [self.arch, self.exporter, self.attention, f"{self.prunable:.0%}", self.heads,
-                str(self.removed), self.runs, exact, (self.error or self.reason)[:90]]
+                str(self.removed), self.runs, exact, self.gqa or "-",
+                (self.error or self.reason)[:90]]
 
 
 HEADER = ["arch", "exporter", "attention", "prunable", "heads", "removed", "runs", "exact",
-          "declined because / error"]
+          "GQA heads/layer", "declined because / error"]
 
 
 def _run(path: Path | bytes, feeds: dict[str, np.ndarray]) -> np.ndarray:
     import onnxruntime as ort
 
-    from onnxprune.attention import cache_slices
+    from onnxprune.core import cache_slices
 
     session = ort.InferenceSession(path if isinstance(path, bytes) else str(path),
                                    providers=["CPUExecutionProvider"])
@@ -460,7 +464,8 @@ def analyse(path: Path, row: Row) -> Row:
     before = _count(model)
     model = ir.load(str(path))
     try:
-        prune_model(model, PruneConfig(sparsity=0.5, heads=0.25))  # type: ignore[call-arg]
+        report = prune_model(model, PruneConfig(sparsity=0.5, heads=0.25))  # type: ignore[call-arg]
+        row.gqa = _gqa_heads(report)
     except Exception as e:  # a refusal is a row, not a crash
         row.error = f"prune: {type(e).__name__}: {e}"
     row.removed = before - _count(model)
@@ -479,6 +484,21 @@ def analyse(path: Path, row: Row) -> Row:
     except Exception as e:
         row.error = row.error or f"exactness: {type(e).__name__}: {e}"
     return row
+
+
+def _gqa_heads(report: object) -> str:
+    """Query and K/V heads before -> after of the grouped-query blocks, one entry per
+    distinct outcome (layers usually agree)."""
+    seen: list[str] = []
+    for res in getattr(report, "passes", {}).values():
+        for b in (res.get("blocks", []) if isinstance(res, dict) else []):
+            q, kv = b.get("query_heads"), b.get("kv_heads")
+            if not q or not kv or q[0] == kv[0]:
+                continue
+            cell = f"q {q[0]}->{q[1]} kv {kv[0]}->{kv[1]} ({b.get('granularity')})"
+            if cell not in seen:
+                seen.append(cell)
+    return "; ".join(seen)
 
 
 def _count(model: object) -> int:

@@ -158,3 +158,80 @@ def test_group_query_attention_with_a_kv_cache_keeps_the_kept_heads_cache() -> N
     np.testing.assert_allclose(got[0], expected[0], rtol=1e-5, atol=1e-5)
     for r in (1, 2):
         np.testing.assert_allclose(got[r], expected[r][:, [1]], rtol=1e-5, atol=1e-5)
+
+
+# -- thinning the query heads of every K/V group (issue 27) -----------------------------------
+H8 = 8  # 8 query heads over KV = 2 K/V heads: groups of 4
+
+
+def _model8(**kwargs: bool) -> onnx.ModelProto:
+    global H, GROUP
+    saved = H, GROUP
+    H, GROUP = H8, H8 // KV
+    try:
+        return _model(**kwargs)
+    finally:
+        H, GROUP = saved
+
+
+def _zero_query_heads(model: ir.Model, heads: list[int]) -> None:
+    """Zeroes the output rows and Q columns of query `heads`: removed exactly, and the
+    lowest on weight norms."""
+    [block] = find_attention_blocks(model)
+    w = const_array(block.output.weight).copy()  # type: ignore[union-attr]
+    q = block.projection("q").use.weight
+    wq = const_array(q).copy()  # type: ignore[union-attr]
+    for h in heads:
+        w[h * D:(h + 1) * D] = 0
+        wq[:, h * D:(h + 1) * D] = 0
+    set_const_array(block.output.weight, w)  # type: ignore[union-attr]
+    set_const_array(q, wq)
+
+
+@pytest.mark.parametrize("past", [False, True])
+def test_group_query_attention_thins_query_heads_in_every_group(past: bool) -> None:
+    """--heads 0.25 of 8 query / 2 K/V heads: 25 % of 2 groups rounds to 0, so one query
+    head per group goes (8 -> 6, num_heads rewritten, kv_num_heads kept); heads whose
+    output rows were zero leave the outputs (and the present cache) unchanged."""
+    model = to_ir(_model8(past=past, present_out=past))
+    _zero_query_heads(model, [1, 6])
+    f = _feeds(1, past=3) if past else _feeds(2)
+    expected = run(model, f)
+    p = RemoveHeadsPass(fraction=0.25)
+    assert p(model).modified
+    [d] = p.result.blocks
+    assert (d.granularity, d.query_heads, d.kv_heads) == ("query-heads", (8, 6), (2, 2))
+    assert d.removed == (1, 6)
+    assert "rounds to 0; query heads thinned instead: 2 of 8 (25 %)" in (d.note or "")
+    proto = ir.serde.serialize_model(model)
+    onnx.checker.check_model(proto, full_check=True)
+    node = next(n for n in proto.graph.node if n.op_type == "GroupQueryAttention")
+    attrs = {a.name: a.i for a in node.attribute}
+    assert (attrs["num_heads"], attrs["kv_num_heads"]) == (6, 2)
+    got = run(proto, f)
+    for a, b in zip(got, expected, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_group_query_attention_half_removes_a_whole_group() -> None:
+    """0.5 reaches 50 % with either unit; whole K/V groups win the tie (K, V and the cache
+    shrink too)."""
+    model = to_ir(_model8())
+    p = RemoveHeadsPass(fraction=0.5)
+    p(model)
+    [d] = p.result.blocks
+    assert (d.granularity, d.query_heads, d.kv_heads) == ("kv-groups", (8, 4), (2, 1))
+    proto = ir.serde.serialize_model(model)
+    onnx.checker.check_model(proto, full_check=True)
+    run(proto, _feeds(2))
+
+
+def test_a_fraction_that_removes_nothing_says_why() -> None:
+    model = to_ir(_model8())
+    p = RemoveHeadsPass(fraction=0.1)
+    assert not p(model).modified
+    [d] = p.result.blocks
+    assert d.reason is None and d.heads_after == d.heads_before
+    assert d.note == ("10 % of 2 K/V groups rounds to 0 and 10 % of the 4 query heads per "
+                      "group to 0; reachable: 25 %, 50 %, 75 %")
+    assert p.result.to_dict()["notes"] == [f"gqa: {d.note}"]

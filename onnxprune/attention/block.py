@@ -13,7 +13,7 @@ import onnx_ir as ir
 from onnxprune.channels.model import ConstSlice
 from onnxprune.core.weights import WeightUse
 
-__all__ = ["AttentionBlock", "HeadCountSite", "Projection"]
+__all__ = ["AttentionBlock", "HeadCountSite", "Projection", "RepeatSite"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,23 @@ class HeadCountSite:
     position: int = -1
     attribute: str | None = None
     input_index: int = 1  # which input holds the literal (Slice ends: 2)
+    # the part of per_head that each query head of a unit adds (1 for a query head count,
+    # the Q head size for the Q width): thinning the query heads of every unit from g to g'
+    # makes the literal units * (per_head + (g' - g) * per_query)
+    per_query: int = 0
+
+
+@dataclass(frozen=True)
+class RepeatSite:
+    """A literal equal to the repeat factor (query heads per K/V head): entry `index` of
+    input `input_index` of `node`; with `target`, entry `index` (from the end) of the shape
+    tensor that input is (an Expand target: rewritten as shape literals are, copied where
+    other layers read it), else of a constant (a Mul by the factor)."""
+
+    node: ir.Node
+    input_index: int
+    index: int = 0
+    target: bool = False
 
 
 @dataclass
@@ -63,6 +80,11 @@ class AttentionBlock:
     # constants holding several roles' channels side by side: (slice, role, offset)
     packed: list[tuple[ConstSlice, str, int]] = field(default_factory=list)
     members: dict[ir.Value, tuple[int, int]] = field(default_factory=dict)
+    member_query: dict[ir.Value, int] = field(default_factory=dict)  # see per_query
+    # grouped-query attention: the literals spelling the repeat factor, and why query heads
+    # cannot be thinned inside every unit (None when they can)
+    repeats: list[RepeatSite] = field(default_factory=list)
+    thin_reason: str | None = "not grouped-query attention"
     nodes: set[ir.Node] = field(default_factory=set)
     unresolved_masks: list[str] = field(default_factory=list)
     skip_reason: str | None = None
@@ -75,6 +97,10 @@ class AttentionBlock:
     def v_head_size(self) -> int:
         """Rows of the output projection per unit (group x the V head size)."""
         return self.group * next(p.head_size for p in self.projections if p.role == "v")
+
+    @property
+    def query_heads(self) -> int:
+        return self.num_heads * self.group
 
     @property
     def out_head_size(self) -> int:

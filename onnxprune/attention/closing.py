@@ -66,12 +66,17 @@ def close(t: Trace, heads_attr: int | None = None) -> AttentionBlock:
            "packed": sum(unit.values())}
     b.projections = [Projection(p.role, p.use, p.bias, p.offset, unit[p.role])
                      for p in b.projections]
-    b.sites = [HeadCountSite(n, per[k], pos, attr) for n, pos, k, attr in t.pending]
-    b.sites += t.slice_sites(unit)
+    query = {"head": 1, "q": sizes["q"], "out": sizes["v"], "packed": sizes["q"]}
+    b.sites = [HeadCountSite(n, per[k], pos, attr, per_query=query.get(k, 0))
+               for n, pos, k, attr in t.pending]
+    b.sites += t.slice_sites(unit, sizes["q"])
     t.check_packing()
     for site in b.sites:
         _check_literal(t, site)
     b.members = {v: (axis, per[k]) for v, (axis, k) in t.kinds.items()}
+    b.member_query = {v: query.get(k, 0) for v, (_, k) in t.kinds.items()}
+    b.repeats = list(t.repeat_sites)
+    b.thin_reason = _thin_reason(t, group)
     w = const_array(b.output.weight)
     assert w is not None
     width = heads["q"] * sizes["v"]
@@ -96,6 +101,28 @@ def close(t: Trace, heads_attr: int | None = None) -> AttentionBlock:
         raise Decline(f"cannot tell whether '{b.unresolved_masks[0]}' differs per head: "
                       "its shape is not recorded (give data to probe it)")
     return b
+
+def _thin_reason(t: Trace, group: int) -> str | None:
+    """Why the query heads of every K/V group cannot be thinned (None when they can)."""
+    b = t.block
+    if group == 1:
+        return "not grouped-query attention"
+    if t.repeat_unknown:
+        return t.repeat_unknown
+    for r in b.repeats:
+        if r.target:
+            entries = target_entries(r.node.inputs[r.input_index]) or []
+            value = entries[r.index].value if len(entries) >= -r.index else None
+        else:
+            arr = const_array(r.node.inputs[r.input_index])
+            value = None if arr is None or arr.size != 1 else int(np.asarray(arr).reshape(-1)[0])
+        if value != group:
+            return f"{label(r.node)} spells {value}, not the repeat factor {group}"
+    for v, q in b.member_query.items():
+        if q and (v.is_graph_input() or v.is_graph_output()):
+            return f"'{v.name}' holds the query heads at the graph interface"
+    return None
+
 
 def _check_literal(t: Trace, site: HeadCountSite) -> None:
     """A literal about to be rewritten must spell what the analysis thinks it does."""

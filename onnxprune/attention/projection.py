@@ -203,21 +203,23 @@ class ProjectionTrace:
         self.widths[role] = min(cols, end if end is not None else cols) - offset
 
     # -- forwards from the 4-D context to the output projection ----------------------------
-    def slice_sites(self, unit: dict[str, int]) -> list[HeadCountSite]:
-        """Starts and ends of the Slices that cut a packed projection, in units."""
+    def slice_sites(self, unit: dict[str, int], query: int = 0) -> list[HeadCountSite]:
+        """Starts and ends of the Slices that cut a packed projection, in units (`query`:
+        the Q head size, what each query head of a unit adds once Q is passed)."""
         units = self.block.num_heads
         order = sorted(self.slices, key=lambda t: t[2])
         total = units * sum(unit[r] for _, r, _, _ in order)
-        sites, before = [], 0
+        sites, before, q = [], 0, 0
         for node, role, start, end in order:
             if start != units * before:
                 raise Decline(f"{label(node)} starts the {role.upper()} part at column {start}, "
                                f"not {units * before}")
             if before:
-                sites.append(HeadCountSite(node, before, 0, None, 1))
+                sites.append(HeadCountSite(node, before, 0, None, 1, q))
             stop = before + unit[role]
+            q += query if role == "q" else 0
             if end == units * stop and end < total:
-                sites.append(HeadCountSite(node, stop, 0, None, 2))
+                sites.append(HeadCountSite(node, stop, 0, None, 2, q))
             elif end < total:
                 raise Decline(f"{label(node)} ends the {role.upper()} part at column {end}")
             before = stop

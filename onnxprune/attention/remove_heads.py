@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -25,12 +24,13 @@ import onnx_ir as ir
 from onnx_ir.passes.common import NameFixPass
 
 from onnxprune.attention.blocks import AttentionBlock, find_attention_blocks
+from onnxprune.attention.decisions import HeadDecision, RemoveHeadsResult, described
+from onnxprune.attention.granularity import Choice, choose, query_keep
 from onnxprune.attention.head_scores import contributions, obs_heads, value_bias_fold, weight_norms
-from onnxprune.attention.slicing import head_columns, keep_heads
+from onnxprune.attention.probe import probe_shapes
+from onnxprune.attention.slicing import head_columns, keep_heads, thin_query_heads
 from onnxprune.calibration.calibration import Calibration, CalibrationLike, as_calibration
-from onnxprune.calibration.data import InputSpec, input_specs, random_batches
 from onnxprune.calibration.propagate import Propagator
-from onnxprune.calibration.runner import with_outputs
 from onnxprune.calibration.stats import LayerStats
 from onnxprune.channels.keep import KeepSpec, fixed_indices, keep_counts
 from onnxprune.channels.model import ChannelGroup
@@ -38,7 +38,6 @@ from onnxprune.core import cache_slices
 from onnxprune.core.passes import ReportingPass
 from onnxprune.core.weights import const_array
 from onnxprune.errors import InputError, OnnxPruneError
-from onnxprune.io.runtime import make_session
 from onnxprune.repair.lstsq import cross_validated_ridge, fold_bias, refit
 from onnxprune.repair.reconstruct import (
     DEFAULT_RIDGE,
@@ -57,39 +56,6 @@ logger = logging.getLogger(__name__)
 
 HeadCriterion = Literal["norm", "contribution", "obs"]
 _DATA_AWARE = ("contribution", "obs")
-
-
-@dataclass(frozen=True)
-class HeadDecision:
-    block: str
-    kind: str
-    heads_before: int
-    heads_after: int
-    head_size: int | None
-    removed: tuple[int, ...] = ()
-    reason: str | None = None
-
-    def to_dict(self) -> dict[str, object]:
-        d = dict(vars(self))
-        d["removed"] = list(self.removed)
-        return d
-
-
-@dataclass(frozen=True)
-class RemoveHeadsResult:
-    criterion: str
-    blocks: tuple[HeadDecision, ...]
-
-    @property
-    def removed(self) -> int:
-        return sum(b.heads_before - b.heads_after for b in self.blocks)
-
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "criterion": self.criterion,
-            "removed_heads": self.removed,
-            "blocks": [b.to_dict() for b in self.blocks],
-        }
 
 
 def _x_w(use_weight: np.ndarray, reduce_axis: int) -> np.ndarray:
@@ -194,13 +160,20 @@ class RemoveHeadsPass(ReportingPass):
         order = {node: i for i, node in enumerate(model.graph)}
         prunable = sorted((b for b in blocks if b.prunable),
                           key=lambda b: order[b.output.node])  # type: ignore[union-attr]
+        choices = {id(b): self._choice(b) for b in prunable}
+        thin = {id(b) for b in prunable if choices[id(b)].granularity == "query-heads"}
         if self.calibration is None:
-            scores = [_norm_scores(b) for b in prunable]
-            counts = self._counts(prunable, scores)
+            rest = [b for b in prunable if id(b) not in thin]
+            scores = [_norm_scores(b) for b in rest]
+            counts = self._counts(rest, scores)
             decided = {id(b): self._prune_data_free(model, b, s, n)
-                       for b, s, n in zip(prunable, scores, counts, strict=True)}
+                       for b, s, n in zip(rest, scores, counts, strict=True)}
+            decided.update({id(b): self._thin(model, b, choices[id(b)]) for b in prunable
+                            if id(b) in thin})
         else:
-            decided = self._prune_calibrated(model, prunable, self.calibration)
+            decided = self._prune_calibrated(model, prunable, self.calibration, choices, thin)
+        for b in prunable:  # counts and the note on the decisions
+            decided[id(b)] = described(decided[id(b)], b, choices[id(b)])
         out = []
         for b in blocks:
             if id(b) in decided:
@@ -212,6 +185,58 @@ class RemoveHeadsPass(ReportingPass):
         self.result = RemoveHeadsResult(self.criterion, tuple(out))
         cache_slices.to_metadata(model)  # key/value caches now have the pruned width
         return ir.passes.PassResult(model, modified=self.result.removed > 0)
+
+    def _choice(self, block: AttentionBlock) -> Choice:
+        """The unit and count for `block` (granularity.py). A keep spec names whole units; with
+        one ranking across blocks, a block thinned closer to the fraction is thinned on its
+        own and the ranking shares the rest out in whole units."""
+        whole = Choice("heads" if block.group == 1 else "kv-groups", 0)
+        if self.keep is not None or self.global_ranking and block.group == 1:
+            return whole
+        if not self.global_ranking:
+            return choose(block, self.fraction)
+        choice = choose(block, self.fraction, self.max_block_fraction)  # thinned on its own
+        return choice if choice.granularity == "query-heads" else whole
+
+    def _thin(self, model: ir.Model, block: AttentionBlock, choice: Choice,
+              source: Propagator | None = None, reference: object = None) -> HeadDecision:
+        """Drops the `choice.removed` lowest-scoring query heads of every K/V group: weight
+        norms without data; with data the variance each query head adds to the output
+        projection, then the same repair as for whole heads."""
+        calib = self.calibration
+        before, size = block.query_heads, block.projections[0].head_size // block.group
+        dv = block.v_head_size // block.group
+        group = output_group(block)
+        o = block.output
+        assert o is not None
+        w_o = _x_w(const_array(o.weight), o.reduce_axis)  # type: ignore[arg-type]
+        if calib is None or source is None:
+            keep = query_keep(_norm_scores(block, query=True), block.num_heads, choice.removed)
+            fit = GroupFit(keep, None, _value_bias_delta(block, np.setdiff1d(
+                np.arange(before), keep), query=True))
+        else:
+            source.advance(_touched(block))
+            stats = collect_stats(source, reference, group, calib)  # type: ignore[arg-type]
+            gamma = consumer_target(group).norm_scale
+            scores = contributions(stats.gram, w_o, before, None if gamma is None else gamma**2)
+            keep = query_keep(scores, block.num_heads, choice.removed)
+            cols = head_columns(keep, dv)
+            if calib.reconstruct == "lstsq":
+                w = refit(stats.gram, stats.cross, cols, DEFAULT_RIDGE if calib.ridge is None
+                          else calib.ridge, w_o)
+                fit = GroupFit(keep, w[:-1], w[-1])
+            elif calib.reconstruct == "bias":
+                fit = GroupFit(keep, None, fold_bias(stats.mean, w_o, cols))
+            else:
+                fit = GroupFit(keep, None, _value_bias_delta(block, np.setdiff1d(
+                    np.arange(before), keep), query=True))
+        removed = np.setdiff1d(np.arange(before), keep)
+        thin_query_heads(model.graph, block, keep)
+        if fit.weights is not None or fit.bias_delta is not None and np.any(fit.bias_delta):
+            apply_fit(model.graph, group, fit)
+        logger.info("attention %s: %d -> %d query heads", block.name, before, len(keep))
+        return HeadDecision(block.name, block.kind, before, len(keep), size,
+                            tuple(int(h) for h in removed))
 
     def _prune_data_free(self, model: ir.Model, block: AttentionBlock, scores: np.ndarray,
                          count: int) -> HeadDecision:
@@ -232,10 +257,12 @@ class RemoveHeadsPass(ReportingPass):
         return HeadDecision(block.name, block.kind, before, count, size,
                             tuple(int(h) for h in removed))
 
-    def _prune_calibrated(self, model: ir.Model, blocks: list[AttentionBlock],
-                          calib: Calibration) -> dict[int, HeadDecision]:
+    def _prune_calibrated(self, model: ir.Model, all_blocks: list[AttentionBlock],
+                          calib: Calibration, choices: dict[int, Choice], thin: set[int]
+                          ) -> dict[int, HeadDecision]:
         needs_targets = calib.reconstruct == "lstsq" or self.criterion == "obs"
-        groups = {id(b): output_group(b) for b in blocks}
+        groups = {id(b): output_group(b) for b in all_blocks}
+        blocks = [b for b in all_blocks if id(b) not in thin]
         # One pass of the original model for every block's targets, before any edit.
         if self.sweep is not None:
             self.sweep.check(model)
@@ -259,7 +286,12 @@ class RemoveHeadsPass(ReportingPass):
         decided: dict[int, HeadDecision] = {}
         source = self.sweep.source if self.sweep is not None else Propagator(
             model, calib.batches, calib.provider)
-        for b, count in zip(blocks, counts, strict=True):
+        count_of = {id(b): c for b, c in zip(blocks, counts, strict=True)}
+        for b in all_blocks:
+            if id(b) in thin:
+                decided[id(b)] = self._thin(model, b, choices[id(b)], source, reference)
+                continue
+            count = count_of[id(b)]
             before, size = b.num_heads, b.projections[0].head_size
             if count >= before:
                 decided[id(b)] = HeadDecision(b.name, b.kind, before, before, size)
@@ -324,7 +356,7 @@ def recognise_blocks(model: ir.Model, ignore: Sequence[str] = (),
     names = sorted({n for b in blocks for n in b.unresolved_masks})
     if not names:
         return blocks
-    shapes = _probe_shapes(model, names, calibration)
+    shapes = probe_shapes(model, names, calibration)
     if not shapes:
         return blocks
     return find_attention_blocks(model, ignore=ignore, known_shapes=shapes)
@@ -345,17 +377,20 @@ def _touched(block: AttentionBlock) -> list[ir.Node]:
     return nodes
 
 
-def _norm_scores(block: AttentionBlock) -> np.ndarray:
-    """Data-free: the weights touching each head, Q/K/V columns and output rows."""
+def _norm_scores(block: AttentionBlock, query: bool = False) -> np.ndarray:
+    """Data-free: the weights touching each head, Q/K/V columns and output rows (`query`:
+    per query head, Q columns and output rows; K and V are shared inside a group)."""
     o = block.output
     assert o is not None
     parts = []
     for p in block.projections:
+        if query and p.role != "q":
+            continue
         w = _x_w(const_array(p.use.weight), p.use.reduce_axis)  # type: ignore[arg-type]
         cols = w[:, p.offset: p.offset + block.num_heads * p.head_size]
         parts.append(np.ascontiguousarray(cols.T))  # head-first
     parts.append(_x_w(const_array(o.weight), o.reduce_axis))  # type: ignore[arg-type]
-    return weight_norms(parts, block.num_heads)
+    return weight_norms(parts, block.query_heads if query else block.num_heads)
 
 
 def _contribution(block: AttentionBlock, group: ChannelGroup, gram: np.ndarray) -> np.ndarray:
@@ -366,8 +401,10 @@ def _contribution(block: AttentionBlock, group: ChannelGroup, gram: np.ndarray) 
     return contributions(gram, w_o, block.num_heads, None if gamma is None else gamma**2)
 
 
-def _value_bias_delta(block: AttentionBlock, removed: np.ndarray) -> np.ndarray | None:
-    """What the removed heads' V bias added to every token (softmax rows sum to one)."""
+def _value_bias_delta(block: AttentionBlock, removed: np.ndarray, query: bool = False
+                      ) -> np.ndarray | None:
+    """What the removed heads' V bias added to every token (softmax rows sum to one);
+    `query`: `removed` are query heads (each read its group's V bias)."""
     v, o = block.projection("v"), block.output
     assert o is not None
     biases = [(c.value, offset) for c, role, offset in block.packed if role == "v"]
@@ -382,52 +419,6 @@ def _value_bias_delta(block: AttentionBlock, removed: np.ndarray) -> np.ndarray 
         b = np.asarray(const_array(value)).reshape(-1)[offset: offset + width]
         if block.group > 1:  # one K/V head serves `group` query heads: repeat its bias
             b = np.repeat(b.reshape(block.num_heads, 1, -1), block.group, axis=1).reshape(-1)
-        total += value_bias_fold(b, w_o, block.num_heads, removed)
+        total += value_bias_fold(b, w_o, block.query_heads if query else block.num_heads,
+                                 removed)
     return total
-
-
-def _probe_shapes(model: ir.Model, names: Sequence[str],
-                  calib: Calibration | None) -> dict[str, tuple[int, ...]]:
-    """Concrete shapes of `names` from one run (a calibration batch or random inputs).
-
-    Empty when the model cannot be run here: the blocks then stay declined with the reason.
-    """
-    try:
-        session = make_session(with_outputs(model, names), "cpu")
-        if calib is not None and len(calib.batches):
-            batches = [next(iter(calib.batches))]
-        else:
-            specs = input_specs(model)
-            batches = [random_batches(specs, count=1, default_dim=3)[0]]
-            empty = _empty_cache(specs)
-            if empty:
-                batches.append(random_batches(specs, empty, count=1, default_dim=3)[0])
-    except Exception as e:  # any failure leaves the masks unresolved, never breaks the pass
-        logger.info("could not probe mask shapes: %s", e)
-        return {}
-    for batch in batches:
-        try:
-            feeds = {i.name: batch[i.name] for i in session.get_inputs()}
-            arrays = session.run(list(names), feeds)
-        except Exception as e:  # a failure leaves the masks unresolved, never breaks the pass
-            logger.info("could not probe mask shapes: %s", e)
-            continue
-        return {n: tuple(int(d) for d in a.shape) for n, a in zip(names, arrays, strict=True)}
-    return {}
-
-
-def _empty_cache(specs: Sequence[InputSpec]) -> dict[str, tuple[int, ...]]:
-    """Shapes that feed key/value cache inputs (`past*`) an empty cache: their own symbolic
-    lengths 0. Generated inputs give every symbol one size, which a decoder with a cache
-    rejects (its mask spans past + new positions); with no past, every length agrees."""
-    past = [s for s in specs if s.name.startswith("past") and s.dims is not None]
-    if not past:
-        return {}
-    shared = {d for s in specs if s not in past for d in (s.dims or ()) if isinstance(d, str)}
-    out = {}
-    for s in past:
-        dims = s.dims or ()
-        if any(d is None for d in dims):
-            return {}
-        out[s.name] = tuple(d if isinstance(d, int) else 3 if d in shared else 0 for d in dims)
-    return out

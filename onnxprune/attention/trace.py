@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from onnxprune.attention.block import AttentionBlock
+from onnxprune.attention.block import AttentionBlock, RepeatSite
 from onnxprune.attention.layout import (
     chain_permutation,
     is_self_reshape,
@@ -28,6 +28,7 @@ from onnxprune.attention.projection import (
     is_scalar,
     label,
 )
+from onnxprune.attention.repeat import repeat_literal, repeat_product
 from onnxprune.channels.model import ConstSlice
 from onnxprune.core.shape_literals import target_entries
 from onnxprune.core.weights import (
@@ -102,6 +103,8 @@ class Trace(ProjectionTrace):
         self._depends: dict[ir.Value, bool] = {}
         self.repeated: set[str] = set()
         self.rep_literal: int | None = None
+        self.repeat_sites: list[RepeatSite] = []  # literals spelling the repeat factor
+        self.repeat_unknown: str | None = None  # why thinning query heads is not possible
         self.split_kind: dict[str, str] = {}
         self.packed_parts: dict[ir.Node, dict[int, str]] = {}  # Split/Slice -> index: role
         self.slices: list[tuple[ir.Node, str, int, int]] = []
@@ -304,6 +307,8 @@ class Trace(ProjectionTrace):
             self.site(node, head, "head")
         elif e.kind == "copy":
             raise Decline(f"{label(node)} copies its head count from the input (0)")
+        elif e.kind == "dynamic" and not repeat_product(node, e, self.repeat_sites):
+            self.repeat_unknown = f"{label(node)} spells its head count in a way not understood"
         reps = target_entries(expand.inputs[1])
         if reps is not None and len(reps) >= 1 - head:  # else computed at run time
             g, n = reps[head - 1], reps[head]
@@ -311,6 +316,8 @@ class Trace(ProjectionTrace):
                 self.site(expand, head - 1, "kvhead")
             if n.kind == "literal":
                 self.rep_literal = n.value
+        if not repeat_literal(expand, head, self.repeat_sites):
+            self.repeat_unknown = f"{label(expand)} computes the repeat factor at run time"
         self.member(expand.outputs[0], head - 1, "kvhead")
         self.member(unsq.outputs[0], head - 1, "kvhead")
         return unsq.inputs[0]  # type: ignore[return-value]
