@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rich.markup import escape
 from rich.table import Table
 
 from onnxprune.core.accounting import ModelStats
@@ -145,9 +146,9 @@ def _decision_table(
         if reason is not None and after == before:
             skipped[re.sub(r"'[^']*'", "'…'", reason)] += 1
             continue
-        t.add_row(name, str(before), str(after), reason or "")
+        t.add_row(escape(name), str(before), str(after), escape(reason or ""))
     for reason, n in skipped.items():
-        t.add_row(f"{n} more", "", "", f"left alone: {reason}")
+        t.add_row(f"{n} more", "", "", escape(f"left alone: {reason}"))
     return t
 
 
@@ -183,8 +184,8 @@ def pass_table(name: str, res: dict[str, Any]) -> Table:
     if "repairs" in res:
         return _distill_table(name, res)
     if "blocks" in res:
-        rows = [(b["block"], b["heads_before"], b["heads_after"], b["reason"])
-                for b in res["blocks"]]
+        rows = [(b["block"], b["heads_before"], b["heads_after"],
+                 b["reason"] or b.get("note") or None) for b in res["blocks"]]
         return _decision_table(f"{name} (criterion {res.get('criterion')})", "attention block",
                                "heads", rows)
     if "groups" in res:
