@@ -6,11 +6,13 @@ from __future__ import annotations
 import os
 import tempfile
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
+import pytest
 from helpers import GraphBuilder, run, to_ir
 
 from onnxprune.quant.config import QuantizeConfig
@@ -84,3 +86,24 @@ def test_opset_12_model_with_external_data_quantizes_from_another_folder(
     assert main(["quantize", str(folder / "m.onnx"), "-o", str(tmp_path / "q.onnx"),
                  "--calibration", str(tmp_path / "calib.npz"), "--min-cosine", "0.9"]) == 0
     ort.InferenceSession(str(tmp_path / "q.onnx"))
+
+
+def test_a_flops_target_on_a_cnn_is_refused_with_what_to_use(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--target flops= prices MatMul/Gemm FLOPs only; on a model whose cost is convolutions
+    it would aim at the wrong quantity, so it is refused (exit 2) with the alternatives."""
+    from onnxprune.cli import main
+
+    src = tmp_path / "cnn.onnx"
+    onnx.save(_cnn(13), src)
+    rng = np.random.default_rng(0)
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i in range(4):
+        np.savez(calib / f"c{i}.npz", x=rng.standard_normal((1, 3, 12, 12)).astype(np.float32))
+    code = main([str(src), "-o", str(tmp_path / "o.onnx"), "--target", "flops=0.75",
+                 "--calibration", str(calib)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "--target flops counts MatMul/Gemm FLOPs" in err and "--target params=F" in err
+    assert not (tmp_path / "o.onnx").exists()

@@ -8,6 +8,7 @@ MatMul/Gemm with a constant weight. That is the figure structured pruning change
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -89,12 +90,14 @@ def _quantized_weight_flops(graph: ir.Graph) -> int:
     return total
 
 
-def inference_flops(model: ir.Model, input_shapes: dict[str, list[int]]) -> int:
+def inference_flops(model: ir.Model, input_shapes: dict[str, list[int]],
+                    ops: Collection[str] | None = None) -> int:
     """FLOPs (2 x multiply-adds) of one run with the given input shapes: Conv,
     ConvTranspose, MatMul/Gemm with a constant (or dequantized) weight, and LSTM.
 
     Unlike `weight_flops_per_row`, this counts a CNN's convolutions, whose cost depends on
     the image size; shapes come from onnx shape inference on a copy with fixed inputs.
+    `ops`: count only these op types.
     """
     import onnx
 
@@ -122,6 +125,8 @@ def inference_flops(model: ir.Model, input_shapes: dict[str, list[int]]) -> int:
             shapes.setdefault(node.output[0], shapes[node.input[0]])
     macs = 0
     for node in inferred.graph.node:
+        if ops is not None and node.op_type not in ops:
+            continue
         ins = list(node.input)
         out = shapes.get(node.output[0]) if node.output else None
         w = shapes.get(ins[1]) if len(ins) > 1 else None

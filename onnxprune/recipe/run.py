@@ -19,9 +19,9 @@ from onnxprune.calibration.data import Batch
 from onnxprune.calibration.fit import fitting_batches
 from onnxprune.calibration.mask import AUTO, NONE, resolve_token_mask
 from onnxprune.calibration.propagate import SECTION_ABOVE_BYTES
-from onnxprune.core.accounting import ModelStats, model_stats
+from onnxprune.core.accounting import ModelStats, inference_flops, model_stats
 from onnxprune.core.pages import release_pages
-from onnxprune.errors import OnnxPruneError, UnsupportedModelError
+from onnxprune.errors import OnnxPruneError, OptionError, UnsupportedModelError
 from onnxprune.io.models import MIN_OPSET
 from onnxprune.io.validate import check_finite_weights
 from onnxprune.prune.cleanup import CleanupPass
@@ -292,6 +292,8 @@ def _prune_planned(model: ir.Model, config: PruneConfig, progress: Progress | No
         report.plan = plan
     else:
         assert batches is not None and config.target is not None
+        if config.target.startswith("flops") and not config.is_default:
+            _check_flops_target(model, batches[0])
         cfg = SearchConfig(Target.parse(config.target),
                            DEFAULT_MAX_DROP if config.max_drop is None else config.max_drop,
                            chosen_metric(config.metric, config.eval), ignore=config.ignore)
@@ -338,3 +340,20 @@ def _refuse_if_nothing_prunable(passes: list[ir.passes.PassBase]) -> None:
         )
 
 
+
+
+def _check_flops_target(model: ir.Model, batch: Batch) -> None:
+    """`--target flops=` counts what the search can price: weight MatMul/Gemm FLOPs. A model
+    whose cost is mostly convolutions would be aimed at the wrong quantity (a ResNet-50
+    counts its one Gemm); refused with what to use instead."""
+    shapes = {k: list(v.shape) for k, v in batch.items()}
+    try:
+        total = inference_flops(model, shapes)
+        conv = inference_flops(model, shapes, ops=("Conv", "ConvTranspose"))
+    except Exception:  # noqa: BLE001 - shape inference failed: nothing to warn about
+        return
+    if total and conv / total > 0.5:
+        raise OptionError(
+            f"@target flops counts MatMul/Gemm FLOPs, and {conv / total:.0%} of this model's "
+            "FLOPs are convolutions, which the search does not price yet; use @target "
+            "params=F, or @sparsity F with @calibration")
