@@ -42,6 +42,14 @@ SECTION_ABOVE_BYTES = 2**30
 OnBatch = Callable[[dict[str, np.ndarray], Batch], None]
 
 
+def check_finite(captured: dict[str, np.ndarray], index: int, label: str) -> None:
+    """Refuses a captured tensor holding NaN or Inf, naming it."""
+    for name, arr in captured.items():
+        if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
+            raise DataError(f"tensor '{name}' holds NaN/Inf on {label} {index}; check the "
+                            "calibration data or leave this layer out with --ignore")
+
+
 def run_batches(session, wanted: Sequence[str], batches: Iterable[Batch], on_batch: OnBatch,
                 extra: Callable[[int], dict[str, np.ndarray]] | None = None, *,
                 finite: bool = True, label: str = "calibration batch") -> int:
@@ -62,12 +70,8 @@ def run_batches(session, wanted: Sequence[str], batches: Iterable[Batch], on_bat
             text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise DataError(f"{label} {count} failed in onnxruntime: {text}") from e
         captured = dict(zip(wanted, arrays, strict=False))
-        for name, arr in captured.items() if finite else ():
-            if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
-                raise DataError(
-                    f"tensor '{name}' holds NaN/Inf on calibration batch {count}; "
-                    "check the calibration data or leave this layer out with --ignore"
-                )
+        if finite:
+            check_finite(captured, count, label)
         on_batch(captured, batch)
         count += 1
     if count == 0:
@@ -231,7 +235,10 @@ class Propagator:
             for v in stale & cache.keys():
                 del cache[v]
 
-    def _run(self, wanted: list[ir.Value], on_batch: OnBatch) -> int:
+    def _run(self, wanted: list[ir.Value], on_batch: OnBatch, finite: bool | None = None
+             ) -> int:
+        """`finite=False`: values only carried across the cut (a -inf attention mask is one);
+        they are checked when a fit captures them."""
         first = self._cache[0] if self._cache else {}
         cached = first.keys()
 
@@ -252,7 +259,8 @@ class Propagator:
 
         try:
             return run_batches(session, names, self.batches, on_batch, extra,
-                               finite=self.finite, label=self.label)
+                               finite=self.finite if finite is None else finite,
+                               label=self.label)
         finally:
             del session
             release_pages(self.model)  # the next section reads other weights
@@ -278,10 +286,13 @@ class Propagator:
             return run_batches(_Identity(), [], self.batches, with_inputs, finite=self.finite)
 
         if self._cache and all(v in self._cache[0] for v in computed):
-            # The cut holds them already (checked when they were computed): nothing to run.
+            # The cut holds them already: nothing to run; checked here, as a capture would.
             count = 0
             for cache, batch in zip(self._cache, self.batches, strict=True):
-                with_inputs({v.name or "": cache[v] for v in computed}, batch)
+                arrays = {v.name or "": cache[v] for v in computed}
+                if self.finite:
+                    check_finite(arrays, count, self.label)
+                with_inputs(arrays, batch)
                 count += 1
             return count
         return self._run(computed, with_inputs)
@@ -311,7 +322,7 @@ class Propagator:
             def keep(arrays: dict[str, np.ndarray], batch: Batch) -> None:
                 new.append({by_name[k]: a for k, a in arrays.items()})
 
-            self._run(missing, keep)
+            self._run(missing, keep, finite=False)
         else:
             new = [{} for _ in self.batches]
         self._cache = [{v: (fresh[v] if v in fresh else old[v]) for v in cut}
