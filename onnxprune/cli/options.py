@@ -413,7 +413,8 @@ def analyze_parser() -> argparse.ArgumentParser:
                 "quality drop when it alone is pruned (with repair) at several sparsities.")
     p.add_argument("model")
     p.add_argument("--calibration", required=True, metavar="PATH",
-                   help=".npz batch or folder of .npz batches")
+                   help=".npz batch or folder of .npz batches, a .txt/.jsonl text file, or a "
+                   "folder of images")
     p.add_argument("--token-mask", metavar="INPUT|auto|none",
                    help="input whose zeros mark padding rows (default auto: attention_mask "
                    "or another integer [batch, seq] *_mask input; none: every row)")
