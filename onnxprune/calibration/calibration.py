@@ -17,8 +17,9 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from onnxprune.calibration.data import Batch, batch_files, input_specs, load_batches
+from onnxprune.calibration.data import Batch, check_source, input_specs, load_batches
 from onnxprune.calibration.mask import AUTO, resolve_token_mask
+from onnxprune.calibration.raw import DataSource
 from onnxprune.errors import InputError
 from onnxprune.io.runtime import Provider
 
@@ -46,13 +47,13 @@ CalibrationLike = Calibration | str | os.PathLike[str] | Iterable[Batch]
 class PendingCalibration:
     """Calibration given as a path or batches; completed against the model when it runs."""
 
-    source: Path | tuple[Batch, ...]
+    source: Path | DataSource | tuple[Batch, ...]
     token_mask: str | None = AUTO
     reconstruct: Reconstruct = "lstsq"
     ridge: float | None = None
 
     def resolve(self, model: ir.Model) -> Calibration:
-        if isinstance(self.source, Path):
+        if isinstance(self.source, (Path, DataSource)):
             batches = list(load_batches(self.source, input_specs(model)))
         else:
             batches = list(self.source)
@@ -68,14 +69,15 @@ def as_calibration(
 ) -> Calibration | PendingCalibration | None:
     """Checks what a pass was given as calibration data, with a clear error now.
 
-    A Calibration is used as it is; a path must name .npz data; a list or iterator must
-    hold batches (mappings of input name to array), and is read once here.
+    A Calibration is used as it is; a path must name .npz data, text or images; a list or
+    iterator must hold batches (mappings of input name to array), and is read once here.
     """
     if calibration is None or isinstance(calibration, (Calibration, PendingCalibration)):
         return calibration
     if isinstance(calibration, (str, os.PathLike)):
-        batch_files(calibration)  # exists, and is .npz data
-        return PendingCalibration(Path(calibration), token_mask=token_mask)
+        check_source(calibration)  # exists, and is .npz data, text or images
+        source = calibration if isinstance(calibration, DataSource) else Path(calibration)
+        return PendingCalibration(source, token_mask=token_mask)
     if isinstance(calibration, (bytes, Mapping, np.ndarray)) or not isinstance(
             calibration, Iterable):
         what = "one batch" if isinstance(calibration, Mapping) else type(calibration).__name__

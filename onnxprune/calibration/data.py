@@ -2,9 +2,9 @@
 
 A data source is a `.npz` file (one batch: arrays keyed by graph input name) or a folder
 of `.npz` files (one batch each, in name order; shapes may differ between batches, e.g.
-sequence length). Batches are checked against the model's inputs before they are used,
-so a wrong name, dtype or rank fails with a message naming the input, not deep inside
-onnxruntime.
+sequence length); or text or a folder of images, which raw.py turns into the same arrays.
+Batches are checked against the model's inputs before they are used, so a wrong name,
+dtype or rank fails with a message naming the input, not deep inside onnxruntime.
 """
 
 from __future__ import annotations
@@ -16,14 +16,14 @@ import os
 import stat
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
 import numpy as np
-import onnx_ir as ir
 
-from onnxprune.calibration.input_roles import index_bounds, is_mask_name
+from onnxprune.calibration.input_roles import is_mask_name
+from onnxprune.calibration.raw import data_kind, raw_batches
+from onnxprune.calibration.specs import InputSpec, input_specs
 from onnxprune.errors import DataError
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "InputSpec",
     "input_specs",
     "load_batches",
+    "check_source",
     "random_batches",
     "parse_shape_overrides",
     "data_budget",
@@ -42,36 +43,6 @@ __all__ = [
 Batch = dict[str, np.ndarray]
 logger = logging.getLogger(__name__)
 MAX_GENERATED_BYTES = 2**26  # generated verification inputs, per batch
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """What a graph input accepts: name, numpy dtype and dims (str for symbolic, None unknown),
-    and for ids that index a constant table (Gather), the table's rows: generated ids stay
-    below it."""
-
-    name: str
-    dtype: np.dtype
-    dims: tuple[int | str | None, ...] | None
-    index_bound: int | None = None
-
-
-def input_specs(model: ir.Model) -> list[InputSpec]:
-    """The real inputs of the graph (initializers listed as inputs are not data)."""
-    specs = []
-    bounds = index_bounds(model)
-    for v in model.graph.inputs:
-        if v.const_value is not None:
-            continue
-        if v.dtype is None:
-            raise DataError(f"graph input '{v.name}' has no element type; re-export the model")
-        dims: tuple[int | str | None, ...] | None = None
-        if v.shape is not None:
-            dims = tuple(
-                d if isinstance(d, int) else (d.value if d.value else None) for d in v.shape
-            )
-        specs.append(InputSpec(v.name, np.dtype(v.dtype.numpy()), dims, bounds.get(v.name)))
-    return specs
 
 
 def _check_batch(batch: Mapping[str, np.ndarray], specs: Sequence[InputSpec], where: str) -> Batch:
@@ -241,10 +212,12 @@ def batch_files(path: str | os.PathLike[str]) -> list[Path]:
             else:
                 logger.warning("%s: not a regular file; skipped", f)
         if not files:
-            raise DataError(f"{p}: folder holds no .npz batches; put one .npz per batch there")
+            raise DataError(f"{p}: folder holds no .npz batches and no images; put one .npz "
+                            "per batch there, or .png/.jpg images")
         return files
     if p.suffix != ".npz":
-        raise DataError(f"{p}: data must be a .npz file or a folder of .npz files")
+        raise DataError(f"{p}: data must be a .npz file, a folder of .npz files or images, "
+                        "or a .txt/.jsonl text file")
     if not _is_regular(p):
         raise DataError(f"{p}: not a regular file (a FIFO or device); give a .npz file")
     return [p]
@@ -269,10 +242,33 @@ def load_batches(path: str | os.PathLike[str], specs: Sequence[InputSpec]) -> It
     """Yields checked batches one at a time. Every file's size is first checked from its
     headers against the memory budget, so a small file that unpacks to gigabytes (or
     claims to) is refused before anything is decompressed."""
+    if data_kind(path) != "npz":
+        yield from _checked_raw(path, specs)
+        return
     files = batch_files(path)
     check_budget(files)
     for f in files:
         yield _check_batch(_read_npz(f), specs, str(f))
+
+
+def _checked_raw(path: str | os.PathLike[str], specs: Sequence[InputSpec]) -> Iterator[Batch]:
+    """Text or image batches, checked like .npz ones and held to the same memory budget."""
+    limit, total = memory_budget(), 0
+    for i, batch in enumerate(raw_batches(path, specs)):
+        total += sum(a.nbytes for a in batch.values())
+        if total > limit:
+            raise DataError(f"{os.fspath(path)}: the data reaches {total} bytes once read, over "
+                            f"the memory budget of {limit} bytes; use less of it, or raise "
+                            "--max-calibration-bytes")
+        yield _check_batch(batch, specs, f"{os.fspath(path)} (batch {i})")
+
+
+def check_source(path: str | os.PathLike[str]) -> None:
+    """Refuses a data path that names nothing readable, before any model is at hand."""
+    if data_kind(path) == "npz":
+        batch_files(path)
+    elif not Path(os.fspath(path)).exists():
+        raise DataError(f"{os.fspath(path)}: no such data file or folder")
 
 
 def parse_shape_overrides(items: Sequence[str]) -> dict[str, tuple[int, ...]]:

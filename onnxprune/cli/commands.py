@@ -7,6 +7,7 @@ import contextlib
 import json
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 import onnx_ir as ir
 from rich.console import Console
@@ -16,6 +17,8 @@ from rich.table import Table
 
 from onnxprune import api
 from onnxprune.calibration.data import Batch, parse_shape_overrides
+from onnxprune.calibration.raw import data_forms
+from onnxprune.calibration.specs import input_specs, value_dims
 from onnxprune.cli import options
 from onnxprune.cli.report import human_bytes, pass_table, stats_table, verify_table, write_json
 from onnxprune.errors import InputError
@@ -322,8 +325,23 @@ def _cmd_inspect(argv: Sequence[str], console: Console) -> int:
     n = sum(g.prunable for g in info.groups)
     console.print(f"{n} of {len(info.groups)} channel groups prunable"
                   + ("" if n else " - structured pruning would change nothing"))
+    model = load_model(args.model, validate=False)
+    specs = input_specs(model)
+    outputs = [(v.name, v.dtype.numpy().name if v.dtype is not None else "?", value_dims(v))
+               for v in model.graph.outputs]
+    for kind, values in (("input", [(s.name, s.dtype.name, s.dims) for s in specs]),
+                         ("output", outputs)):
+        for name, dtype, dims in values:
+            shape = "rank ?" if dims is None else \
+                "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
+            console.print(f"  {kind:6s} {escape(str(name))}: {dtype} {escape(shape)}",
+                          soft_wrap=True)
+    forms = data_forms(specs, str(Path(args.model).parent))
+    console.print("data for --calibration / --data:")
+    for form in forms:
+        console.print(f"  {escape(form)}", soft_wrap=True)
     if args.report:
-        write_json(args.report, info.to_dict())
+        write_json(args.report, {**info.to_dict(), "data_forms": forms})
     return EXIT_OK
 
 

@@ -4,7 +4,12 @@ config field it sets (recipe/config.py), so a namespace becomes a config with no
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
+from pathlib import Path
 
+from onnxprune.calibration.data import parse_shape_overrides
+from onnxprune.calibration.images import PRESETS
+from onnxprune.calibration.raw import DEFAULT_BATCH_SIZE, DEFAULT_MAX_LENGTH, DataSource
 from onnxprune.channels.criteria import CRITERIA
 from onnxprune.errors import InputError
 from onnxprune.io.runtime import Provider, parse_providers
@@ -19,6 +24,12 @@ from onnxprune.verify.kinds import KINDS
 class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2, like every other error
         raise InputError(f"{message} (see {self.prog} --help)")
+
+    def parse_known_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                         namespace: argparse.Namespace | None = None
+                         ) -> tuple[argparse.Namespace, list[str]]:
+        ns, rest = super().parse_known_args(args, namespace)
+        return _data_sources(ns), rest
 
 
 def _fraction(text: str) -> float:
@@ -50,9 +61,62 @@ def _nm(text: str) -> tuple[int, int]:
     return n, m
 
 
+DATA_PATHS = ("calibration", "data", "holdout")  # the options that name data
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{v} must be >= 1")
+    return v
+
+
+def _add_data_options(p: argparse.ArgumentParser) -> None:
+    """How text and image data (--calibration/--data/--holdout) are read. The dests are the
+    fields of calibration.raw.DataSource, which carries them with each data path."""
+    g = p.add_argument_group("text and image data (a .txt/.jsonl file or a folder of images "
+                             "instead of .npz batches)")
+    g.add_argument("--tokenizer", metavar="PATH",
+                   help="tokenizer.json, or a folder holding one (default: the one beside "
+                   "the model); needs pip install 'onnxprune[text]'")
+    g.add_argument("--text-field", metavar="NAME",
+                   help=".jsonl data: the field holding the text (default text)")
+    g.add_argument("--batch-size", type=_positive, default=DEFAULT_BATCH_SIZE, metavar="N",
+                   help=f"examples per batch (default {DEFAULT_BATCH_SIZE})")
+    g.add_argument("--max-length", type=_positive, default=DEFAULT_MAX_LENGTH, metavar="N",
+                   help=f"tokens per example; longer ones are cut (default "
+                   f"{DEFAULT_MAX_LENGTH})")
+    g.add_argument("--image-preset", choices=tuple(PRESETS),
+                   help="scaling after 0..1: imagenet mean/std (default for 3 channels), "
+                   "none (default for 1 channel), minus1to1; needs pip install "
+                   "'onnxprune[image]'")
+
+
+def _data_sources(ns: argparse.Namespace) -> argparse.Namespace:
+    """Each data path given becomes a DataSource carrying the data options and the model's
+    folder (where a tokenizer.json may sit); .npz data reads as before."""
+    if not hasattr(ns, "batch_size"):
+        return ns
+    model = getattr(ns, "model", None) or next(iter(getattr(ns, "models", None) or []), None)
+    shapes = tuple(parse_shape_overrides(getattr(ns, "shape", None) or []).items())
+    for dest in DATA_PATHS:
+        path = getattr(ns, dest, None)
+        if isinstance(path, str):
+            setattr(ns, dest, DataSource(
+                path, tokenizer=ns.tokenizer, text_field=ns.text_field,
+                model_dir=str(Path(model).parent) if model else None,
+                batch_size=ns.batch_size, max_length=ns.max_length,
+                image_preset=ns.image_preset, shapes=shapes))
+    return ns
+
+
 def _add_verify_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("verification")
-    g.add_argument("--data", help=".npz batch or folder of .npz batches keyed by input name")
+    g.add_argument("--data", help=".npz batch or folder of .npz batches keyed by input name, "
+                   "a .txt/.jsonl text file, or a folder of images")
     g.add_argument("--shape", action="append", default=[], metavar="NAME:D0,D1,...",
                    help="shape of a generated input when no --data is given (repeatable)")
     g.add_argument("--providers", default="cpu",
@@ -151,7 +215,8 @@ def main_parser(prog: str = "onnxprune", description: str = MAIN_DESCRIPTION
                    help="neuron importance (default: l1, or obs with --calibration: "
                    "OBS-style selection that chooses and refits jointly)")
     g.add_argument("--calibration", metavar="PATH",
-                   help=".npz batch or folder of .npz batches for data-aware pruning")
+                   help=".npz batch or folder of .npz batches for data-aware pruning, a "
+                   ".txt/.jsonl text file (one example a line), or a folder of images")
     g.add_argument("--token-mask", metavar="INPUT|auto|none",
                    help="input whose zeros mark padding rows to leave out of the calibration "
                    "statistics (default auto: an integer [batch, seq] input named "
@@ -213,6 +278,7 @@ def main_parser(prog: str = "onnxprune", description: str = MAIN_DESCRIPTION
                    "beside --output; config.json's intermediate_size / num_attention_heads "
                    "are updated when every layer was pruned alike")
     _add_verify_options(p)
+    _add_data_options(p)
     _add_budget_option(p)
     return p
 
@@ -331,6 +397,7 @@ def verify_parser() -> argparse.ArgumentParser:
                    "outputs are compared on real tokens only")
     p.add_argument("-q", "--quiet", action="store_true")
     _add_verify_options(p)
+    _add_data_options(p)
     _add_budget_option(p)
     return p
 
@@ -349,7 +416,8 @@ def analyze_parser() -> argparse.ArgumentParser:
                 "quality drop when it alone is pruned (with repair) at several sparsities.")
     p.add_argument("model")
     p.add_argument("--calibration", required=True, metavar="PATH",
-                   help=".npz batch or folder of .npz batches")
+                   help=".npz batch or folder of .npz batches, a .txt/.jsonl text file, or a "
+                   "folder of images")
     p.add_argument("--token-mask", metavar="INPUT|auto|none",
                    help="input whose zeros mark padding rows (default auto: attention_mask "
                    "or another integer [batch, seq] *_mask input; none: every row)")
@@ -361,6 +429,7 @@ def analyze_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", metavar="FILE.json", help="write the curves as JSON")
     p.add_argument("--plot", metavar="FILE.html|FILE.png", help="draw the curves")
     p.add_argument("-q", "--quiet", action="store_true")
+    _add_data_options(p)
     _add_budget_option(p)
     return p
 
