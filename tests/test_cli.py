@@ -339,7 +339,9 @@ def test_every_main_option_is_a_config_field_or_a_run_setting() -> None:
     run_settings = {"help", "model", "output", "force", "quiet", "no_verify", "copy_config",
                     "report", "save_plan", "data", "shape", "providers", "min_cosine", "atol",
                     "rtol", "min_sqnr", "min_top1", "min_top5", "max_kl", "min_exact", "top1",
-                    "output_kinds", "outputs", "max_calibration_bytes"}
+                    "output_kinds", "outputs", "max_calibration_bytes",
+                    # how text and images become batches (calibration.raw.DataSource)
+                    "tokenizer", "text_field", "batch_size", "max_length", "image_preset"}
     config_fields = {f.name for f in fields(PruneConfig)} | {f.name for f in fields(QuantizeConfig)}
     parser = main_parser()
     dests = {a.dest for a in parser._actions}
