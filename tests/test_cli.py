@@ -14,6 +14,7 @@ import onnxruntime as ort
 import pytest
 from helpers import (
     DIGITS,
+    DIGITS_CALIB,
     DIGITS_TEST,
     digits_accuracy,
     folder_snapshot,
@@ -351,3 +352,31 @@ def test_every_main_option_is_a_config_field_or_a_run_setting() -> None:
     config = prune_config(args)
     assert config.max_block_heads == 0.5 and config.quantize is not None
     assert config.quantize.method == "minmax"
+
+
+def test_a_rewrite_that_breaks_the_model_exits_3_and_writes_nothing(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Exit 3 is ours: a model our rewriting broke (onnx.checker or onnxruntime refuses it)
+    is never reported as bad input, and nothing is written."""
+    import onnxprune.recipe.pipeline as pipeline
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise ValueError("Field 'shape' of 'type' is required but missing")
+
+    monkeypatch.setattr(pipeline, "check_detached", refuse)
+    onnx.save(mlp_model([8, 16, 4], seed=1), tmp_path / "m.onnx")
+    code = main([str(tmp_path / "m.onnx"), "-o", str(tmp_path / "o.onnx"), "--sparsity", "0.5"])
+    err = capsys.readouterr().err
+    assert code == 3, err
+    assert err.startswith("onnxprune: internal error: the rewritten model fails onnx.checker")
+    assert err.count("\n") == 1 and not (tmp_path / "o.onnx").exists()
+
+
+def test_progress_is_plain_lines_in_a_log(tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """Output that is not a terminal gets plain progress lines (a bar would print nothing)."""
+    code = main([str(DIGITS), "-o", str(tmp_path / "o.onnx"), "--sparsity", "0.5",
+                 "--calibration", str(DIGITS_CALIB), "--no-verify"])
+    assert code == 0
+    assert "pruning (calibrating and refitting group by group): 0/" in capsys.readouterr().out

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -43,9 +44,34 @@ __all__ = ["COMMANDS", "prune", "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_IN
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 
 
+PLAIN_EVERY = 10.0  # seconds between plain progress lines in a log
+
+
+@contextlib.contextmanager
+def _plain_progress(console: Console, what: str) -> Iterator[Callable[[int, int, str], None]]:
+    """Progress as plain lines for a log (output not a terminal): the first step, then at
+    most one line every PLAIN_EVERY seconds, each with the time so far."""
+    start = time.monotonic()
+    last = [-PLAIN_EVERY]
+
+    def update(done: int, total: int, label: str) -> None:
+        now = time.monotonic() - start
+        if now - last[0] >= PLAIN_EVERY:
+            last[0] = now
+            console.print(f"{what}: {done}/{total or '?'} {escape(label)} ({now:.0f} s)",
+                          soft_wrap=True)
+
+    yield update
+
+
 @contextlib.contextmanager
 def _progress_bar(console: Console, what: str) -> Iterator[Callable[[int, int, str], None]]:
-    """A rich progress bar fed by the library's (done, total, label) callback."""
+    """A rich progress bar fed by the library's (done, total, label) callback; plain lines
+    when the output is not a terminal (a bar would print nothing there)."""
+    if not console.is_terminal:
+        with _plain_progress(console, what) as update:
+            yield update
+        return
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, transient=True) as bar:
         task = bar.add_task(what, total=None)
@@ -139,11 +165,8 @@ def _cmd_prune(argv: Sequence[str], console: Console,
                     best[-1].save(args.save_plan)
             raise
     else:
-        with console.status("pruning ...") as status:
-            def progress(done: int, total: int, label: str) -> None:
-                status.update(f"pruning: group {done + 1}/{total} ({label}), calibrating and "
-                              "refitting")
-
+        with _progress_bar(console, "pruning (calibrating and refitting group by group)"
+                           ) as progress:
             outcome = run_job(job, progress=progress)
     report, out, result = outcome.report, outcome.output, outcome.verification
     if not outcome.written:
