@@ -104,7 +104,8 @@ def _selection(args: argparse.Namespace) -> dict[str, object]:
             "token_mask": args.token_mask}
 
 
-def _show_verify(console: Console, result: VerifyResult, enforced: bool = True) -> None:
+def _show_verify(console: Console, result: VerifyResult, enforced: bool = True,
+                 searched: bool = False) -> None:
     if result.generated_inputs:
         console.print("[yellow]no --data given: verified on inputs generated from the input "
                       "signature (random values); give --data for a meaningful check[/]")
@@ -120,13 +121,11 @@ def _show_verify(console: Console, result: VerifyResult, enforced: bool = True) 
         verdict = "passes" if result.ok else "misses"
         console.print(f"verdict: {verdict} onnxprune verify's defaults ({limits}); reported, "
                       "not enforced: give a tolerance (--min-cosine, --atol, ...) to make "
-                      "it the exit code")
-    elif tol.by_kind or any(v is not None for v in (tol.min_cosine, tol.atol, tol.rtol,
-                                                      tol.min_sqnr_db, tol.min_top1)):
+                      "it the exit code" + ("; a search's gate is its quality budget "
+                                            "(--max-drop) on held-out calibration batches"
+                                            if searched else ""))
+    else:
         console.print(f"enforced: {limits}")
-    else:  # a search or plan told no tolerance: its budget was the gate
-        console.print("enforced here: finite outputs only; the quality budget (--max-drop) "
-                      "on held-out calibration batches is the gate")
 
 
 def _cmd_prune(argv: Sequence[str], console: Console,
@@ -141,7 +140,7 @@ def _cmd_prune(argv: Sequence[str], console: Console,
             "quality budget allows)"))
     checks = None
     if not args.no_verify:
-        checks = Checks(options.prune_tolerances(args), args.data,
+        checks = Checks(options.tolerances(args), args.data,
                         tuple(parse_providers(args.providers)),
                         parse_shape_overrides(args.shape),
                         enforced=options.tolerances_given(args), outputs=args.outputs,
@@ -180,7 +179,8 @@ def _cmd_prune(argv: Sequence[str], console: Console,
     for note in report.notes:
         console.print(f"[yellow]{escape(note)}[/]", soft_wrap=True)
     if result is not None:
-        _show_verify(console, result, outcome.enforced)
+        _show_verify(console, result, outcome.enforced, report.search is not None
+                     or report.plan is not None)
     console.print(f"wrote {out} ({human_bytes(report.after.file_bytes)}, "
                   f"{report.after.file_bytes / max(report.before.file_bytes or 1, 1):.1%} "
                   "of the input)")

@@ -171,19 +171,6 @@ def tolerances(args: argparse.Namespace) -> Tolerances:
     )
 
 
-def prune_tolerances(args: argparse.Namespace) -> Tolerances:
-    """The built-in check after pruning: `onnxprune verify`'s verdict, shown; it gates the
-    exit code only where the user set a tolerance (recipe.pipeline.Checks.enforced). A
-    --target search or a --plan, told no tolerance, is gated by its quality budget on
-    held-out data instead (the check then reports finite outputs only)."""
-    given = tolerances_given(args)
-    searched = args.calibration is not None and all(
-        getattr(args, k) is None for k in ("sparsity", "threshold", "nm", "heads", "quantize"))
-    if not given and (args.target is not None or args.plan is not None or searched):
-        return Tolerances(top1=True if args.top1 else None)
-    return tolerances(args)
-
-
 MAIN_DESCRIPTION = (
     "Prune (and/or quantize) an ONNX model without retraining, save it, and verify it. Other "
     "commands: onnxprune verify REFERENCE CANDIDATE; onnxprune inspect MODEL; onnxprune "
