@@ -176,3 +176,22 @@ def test_the_default_step_is_checked_on_the_users_data(monkeypatch: pytest.Monke
     mine = [{"ids": np.full((2, 3), 7, dtype=np.int64)}]
     run_mod.prune_model(to_ir(_embedding_model(tied=False)), PruneConfig(), check_batches=mine)
     assert seen and np.array_equal(seen[0][0]["ids"], mine[0]["ids"])
+
+
+def test_the_default_command_never_writes_a_bigger_file(
+        tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the rewritten model would be larger than the input (recorded shapes outweigh
+    what clean-up removed), the default command writes the input's bytes and says why."""
+    import onnxprune.recipe.pipeline as pipeline
+
+    src, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    onnx.save(_dead_mlp(), src)
+    real = pipeline.stored_bytes
+
+    def grown(path):  # type: ignore[no-untyped-def]
+        return real(path) + (10**6 if Path(path) == out else 0)
+
+    monkeypatch.setattr(pipeline, "stored_bytes", grown)
+    assert main([str(src), "-o", str(out)]) == 0
+    assert "the input's bytes were written instead" in capsys.readouterr().out
+    assert out.read_bytes() == src.read_bytes()

@@ -336,3 +336,13 @@ def test_integer_outputs_are_judged_on_exact_match() -> None:
     bad = compare_models(to_ir(argmax_model(False)), to_ir(argmax_model(True)), batches,
                          tolerances=DEFAULTS)
     assert not bad.ok and bad.outputs[0].failures[0].startswith("exact match ")
+
+
+def test_a_scalar_integer_input_does_not_break_the_weak_verdict_check() -> None:
+    """A rank-0 integer input (a sample rate) among generated inputs is not a token id."""
+    from onnxprune.verify.compare import weak_reasons
+
+    batch = {"sr": np.array(16000, dtype=np.int64),
+             "ids": np.arange(12, dtype=np.int64).reshape(2, 6)}
+    assert weak_reasons(batch, True) == ("input 'ids' holds random token ids; agreement on "
+                                         "them says little about real inputs: give --data",)

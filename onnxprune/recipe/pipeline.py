@@ -232,6 +232,19 @@ def run_job(job: Job, *, progress: Progress | None = None,
             shutil.copyfile(job.model, tmp)
     else:
         save_model(model, out, keep=[] if same_file(job.model, out) else [job.model])
+    size_in, size_out = stored_bytes(job.model), stored_bytes(out)
+    if size_out > size_in and save is None:
+        if config.is_default and not uses_external_data(model):
+            with atomic_path(out) as tmp:  # never larger: the input's own bytes instead
+                shutil.copyfile(job.model, tmp)
+            report.notes.append(f"the rewritten model took {size_out:,} bytes, more than the "
+                                f"input's {size_in:,} (recorded shapes and constants outweigh "
+                                "what was removed); the input's bytes were written instead")
+            report.modified = False
+        else:
+            report.notes.append(f"the output is {size_out - size_in:,} bytes larger than the "
+                                "input: what was asked adds more (scales, zero points, int32 "
+                                "biases, recorded shapes) than it removed")
     report.after = replace(report.after, file_bytes=stored_bytes(out))
     if sizes_before is not None:
         outcome.notes = copy_config(job.model, out, sizes_before, layer_sizes(model))

@@ -151,7 +151,7 @@ def weak_reasons(batch: Batch, generated_inputs: bool) -> tuple[str, ...]:
         return ()
     out = []
     for name, arr in batch.items():
-        if (np.issubdtype(arr.dtype, np.integer) and arr.size
+        if (np.issubdtype(arr.dtype, np.integer) and arr.ndim and arr.size
                 and len(np.unique(arr[: min(len(arr), 4)])) > 2):
             out.append(f"input '{name}' holds random token ids; agreement on them says "
                        "little about real inputs: give --data")
