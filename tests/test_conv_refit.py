@@ -168,3 +168,15 @@ def test_a_conv_whose_weight_another_node_reads_is_not_refit() -> None:
                               const_array(_node(original, name).inputs[1]))
     assert not np.array_equal(const_array(_node(m, "mid").inputs[1]),
                               const_array(_node(original, "mid").inputs[1]))
+
+
+def test_a_broadcast_residual_is_refit_against_its_broadcast() -> None:
+    """A tensor added to a Conv output by broadcasting ([1, C, 1, 1] computed at run time, as
+    a paddle2onnx classifier has) is subtracted as the Add broadcasts it, not refused."""
+    import numpy as np
+
+    from onnxprune.conv.repair import _residual
+
+    r = np.arange(2, dtype=np.float32).reshape(1, 2, 1, 1)
+    got = _residual({"r": r}, {}, "r", (4, 2, 1, 1))
+    assert got.shape == (4, 2, 1, 1) and np.array_equal(got[3], r[0])

@@ -231,8 +231,11 @@ def _residual(arrays: dict[str, np.ndarray], batch: Batch, name: str,
         raise DataError(f"residual '{name}' is a graph input the calibration data does not "
                         "feed; feed it in the batches or use --reconstruct bias")
     if tuple(r.shape) != tuple(shape):
-        raise DataError(f"residual '{name}' has shape {list(r.shape)}, the refit target "
-                        f"{list(shape)}; use --reconstruct bias")
+        try:  # the Add broadcasts it (a per-channel tensor computed at run time)
+            return np.broadcast_to(r, shape)
+        except ValueError:
+            raise DataError(f"residual '{name}' has shape {list(r.shape)}, the refit target "
+                            f"{list(shape)}; use --reconstruct bias") from None
     return r
 
 
