@@ -6,7 +6,9 @@ so far (giving the block's inputs) while the original model gives the target: th
 output after the following norm, where one exists. All block weights - both matrices and
 their biases - are then optimised with mini-batch Adam (numpy, no torch), with early
 stopping on calibration sentences held out from the gradient. The least-squares weights
-are kept whenever distillation does not beat them on those held-out sentences.
+are kept when distillation does not lower the loss on the fitted rows or its held-out loss
+is more than FitOptions.start_slack above theirs (which is in-sample: the least-squares
+repair was fitted on the held-out sentences too; repair/fit.py).
 
 Blocks it cannot model (an op it has no gradient for, a value read outside the block, a
 target missing from the original) are left as they are and the result says why.

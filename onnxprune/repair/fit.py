@@ -3,8 +3,17 @@
 The block starts from the weights it has (the least-squares repair) and learns to reproduce
 the original model's block output. Held-out rows (whole calibration sentences, never used
 for the gradient) decide when to stop and which weights to keep; if no step beats the start
-there, the start is kept, so the result is never worse than the least-squares repair on
-data the optimiser did not fit.
+there, the start is kept.
+
+The held-out sentences are not held out from the start: the least-squares repair (and the
+channel selection before it) was fitted on every calibration sentence, so the start's
+held-out loss is an in-sample number. On MiniLM layer 0 at 50 % FFN with 256 calibration
+sentences, the same least-squares refit without the held-out sentences has a held-out loss
+44 % higher (0.00518 against 0.00361), so a distilled block, which never sees those
+sentences, could not beat the start there and every block kept least squares after three
+epochs. The held-out loss therefore picks the best step among the distilled weights (early
+stopping), and the distilled weights replace the start when they fit the fitted rows better
+and their held-out loss is within `start_slack` of the start's in-sample one.
 
 A ridge towards the starting weights (relative to each tensor's size) keeps the solution near
 the trained one when the calibration data is small.
@@ -55,6 +64,9 @@ class FitOptions:
     # the decay against 0.9697 without).
     horizon: int | None = 0
     checks_per_epoch: int = 1  # held-out checks per pass over the fitted rows
+    # The start's held-out loss is in-sample (see the module docstring): distilled weights
+    # within this fraction above it are kept. 0: they must beat it outright.
+    start_slack: float = 0.25
 
 
 @dataclass(frozen=True)
@@ -137,7 +149,8 @@ def distill_block(fn: BlockFunction, start: dict[ir.Value, np.ndarray], fit: Row
         np.sort(rng.choice(fit.count, _PROBE_ROWS, replace=False)))
     fit_before = _loss(fn, probe, theta)
     held_before = _loss(fn, held, theta)
-    best, best_held, best_fit = theta, held_before, fit_before
+    # The best distilled weights on the held-out rows (the start is judged at the end).
+    best, best_held, best_fit = theta, math.inf, fit_before
     best_step = 0
     lr = options.lr
     beta1, beta2 = 0.9, 0.999  # Adam's moment decays (_adam)
@@ -213,13 +226,19 @@ def distill_block(fn: BlockFunction, start: dict[ir.Value, np.ndarray], fit: Row
             stopped = ("step budget" if stop_at is not None and step >= stop_at
                        else "schedule done" if horizon and step >= horizon else "time budget")
             break
-    improved = best_held < held_before
-    if improved:
+    improved = False
+    if best_step > 0 and best_held <= held_before * (1 + options.start_slack):
         best_fit = _loss(fn, probe, best)
+        improved = best_fit < fit_before and (best_held < held_before
+                                              or options.start_slack > 0)
+    if best_step > 0 and not improved:
+        stopped += (f"; the best distilled weights (step {best_step}) were not better on the "
+                    "fitted rows or held-out loss than the start")
     return FitResult(
         params=best if improved else {v: a.copy() for v, a in start.items()},
         improved=improved, fit_before=fit_before, fit_after=best_fit if improved else fit_before,
-        held_before=held_before, held_after=best_held, epochs=epochs,
+        held_before=held_before, held_after=best_held if improved else held_before,
+        epochs=epochs,
         seconds=time.perf_counter() - t0, stopped=stopped, steps=best_step if improved else 0,
         horizon=horizon or 0,
     )
