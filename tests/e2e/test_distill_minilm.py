@@ -14,6 +14,7 @@ import pytest
 from test_minilm import CALIB, _batch, _model
 
 from onnxprune.cli import main
+from onnxprune.repair.fit import FitOptions
 
 pytestmark = pytest.mark.minilm
 
@@ -40,7 +41,11 @@ def test_every_pruned_ffn_block_is_distilled_or_keeps_least_squares(
     r = json.loads(report.read_text())
     repairs = r["passes"]["DistillRepairPass"]["repairs"]
     assert len(repairs) == 6 and not [b for b in repairs if b["status"] == "declined"]
-    assert all(b["target"] and b["held_after"] <= b["held_before"] for b in repairs), repairs
+    # A block keeps its distilled weights only within the start's held-out loss plus the
+    # slack (the start was fitted on the held-out rows too: repair/fit.py).
+    slack = 1 + FitOptions().start_slack
+    assert all(b["target"] and b["held_after"] <= b["held_before"] * slack
+               for b in repairs), repairs
     assert all(b["fit_rows"] > b["held_rows"] > 0 for b in repairs)
     onnx.checker.check_model(str(out), full_check=True)
     assert r["verification"]["outputs"][0]["cosine_mean"] > 0.93
