@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from onnxprune.calibration.specs import InputSpec
+from onnxprune.calibration.specs import InputSpec, whole_batches
 from onnxprune.errors import DataError, InputError
 
 __all__ = ["IMAGE_SUFFIXES", "PRESETS", "ImageInput", "image_input", "image_files",
@@ -145,12 +145,7 @@ def image_batches(folder: Path, specs: Sequence[InputSpec], *,
     image = _pillow()
     mean, std = _preset(preset, item.channels, folder)
     rows = item.batch or batch_size
-    if item.batch is not None and len(files) % rows:
-        logger.warning("%s: the model takes batches of exactly %d; the last %d image(s) are "
-                       "left out", folder, rows, len(files) % rows)
-        files = files[: len(files) - len(files) % rows]
-        if not files:
-            raise DataError(f"{folder}: fewer images than the model's fixed batch of {rows}")
+    files = whole_batches(files, rows, item.batch is not None, folder, "image")
     for start in range(0, len(files), rows):
         batch = np.stack([(_read(f, image, item) - mean) / std
                           for f in files[start:start + rows]])

@@ -3,7 +3,10 @@ text, images) all check and build their batches against this one description."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import onnx_ir as ir
@@ -48,3 +51,21 @@ def input_specs(model: ir.Model) -> list[InputSpec]:
         specs.append(InputSpec(v.name, np.dtype(v.dtype.numpy()), value_dims(v),
                                bounds.get(v.name)))
     return specs
+
+
+T = TypeVar("T")
+
+
+def whole_batches(items: Sequence[T], rows: int, fixed: bool, where: object, what: str
+                  ) -> Sequence[T]:
+    """`items` cut to whole batches of `rows` when the model's batch size is fixed (a
+    partial last batch would not fit it; the run says how many are left out)."""
+    left = len(items) % rows
+    if not fixed or not left:
+        return items
+    logging.getLogger(__name__).warning(
+        "%s: the model takes batches of exactly %d; the last %d %s(s) are left out",
+        where, rows, left, what)
+    if len(items) < rows:
+        raise DataError(f"{where}: fewer {what}s than the model's fixed batch of {rows}")
+    return items[: len(items) - left]

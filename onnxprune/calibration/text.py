@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from onnxprune.calibration.input_roles import is_mask_name
-from onnxprune.calibration.specs import InputSpec
+from onnxprune.calibration.specs import InputSpec, whole_batches
 from onnxprune.errors import DataError, InputError
 
 __all__ = ["TEXT_SUFFIXES", "token_roles", "token_problem", "find_tokenizer", "read_examples",
@@ -194,12 +194,7 @@ def text_batches(path: Path, specs: Sequence[InputSpec], *, tokenizer: str | Non
     length = _fixed(ids_spec, 1)
     _configure(tok, length or max_length, length)
     rows = _fixed(ids_spec, 0) or batch_size
-    if len(examples) % rows and _fixed(ids_spec, 0) is not None:
-        logger.warning("%s: the model takes batches of exactly %d; the last %d example(s) "
-                       "are left out", path, rows, len(examples) % rows)
-        examples = examples[: len(examples) - len(examples) % rows]
-        if not examples:
-            raise DataError(f"{path}: fewer examples than the model's fixed batch of {rows}")
+    examples = whole_batches(examples, rows, _fixed(ids_spec, 0) is not None, path, "example")
     for start in range(0, len(examples), rows):
         encodings = tok.encode_batch(examples[start:start + rows])
         yield _feeds(encodings, specs, roles, path, found)
