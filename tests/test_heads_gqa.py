@@ -235,3 +235,24 @@ def test_a_fraction_that_removes_nothing_says_why() -> None:
     assert d.note == ("10 % of 2 K/V groups rounds to 0 and 10 % of the 4 query heads per "
                       "group to 0; reachable: 25 %, 50 %, 75 %")
     assert p.result.to_dict()["notes"] == [f"gqa: {d.note}"]
+
+
+def test_calibrated_thinning_drops_the_silent_query_heads_and_says_which_granularity() -> None:
+    """With calibration data the query heads are scored on activations: heads whose Q
+    columns and output rows are zero contribute nothing, so they are the ones dropped (one
+    per group), the outputs stay as they were, and the decision records the granularity."""
+    model = to_ir(_model8())
+    _zero_query_heads(model, [2, 5])
+    batches = [_feeds(2)] + [{**_feeds(2), "x": np.random.default_rng(i).standard_normal(
+        (2, SEQ, E)).astype(np.float32)} for i in range(1, 6)]
+    expected = run(model, batches[0])
+    p = RemoveHeadsPass(fraction=0.25, calibration=batches)
+    assert p(model).modified
+    [d] = p.result.blocks
+    assert (d.granularity, d.query_heads, d.kv_heads) == ("query-heads", (8, 6), (2, 2))
+    assert d.removed == (2, 5)
+    assert "query heads thinned instead" in (d.note or "")
+    proto = ir.serde.serialize_model(model)
+    onnx.checker.check_model(proto, full_check=True)
+    for a, b in zip(run(proto, batches[0]), expected, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
