@@ -48,9 +48,9 @@ def test_half_of_every_ffn_goes_and_nothing_else(minilm: Path, tmp_path: Path) -
     out, report = tmp_path / "out.onnx", tmp_path / "r.json"
     code = main([str(minilm), "-o", str(out), "--sparsity", "0.5", "--report", str(report),
                  "--data", str(_batch(tmp_path)), "-q"])
-    # Data-free removal is far outside the default tolerance (cosine 0.99 on embeddings):
-    # exit 1, and the model is still written for inspection.
-    assert code == 1
+    # Data-free removal is far outside verify's default for an embedding (cosine min 0.99):
+    # the verdict says so, but no tolerance was set, so the run did what was asked: exit 0.
+    assert code == 0
     r = json.loads(report.read_text())
     assert r["verification"]["ok"] is False
     assert r["before"]["parameters"] - r["after"]["parameters"] == FFN_PARAMS_AT_HALF
