@@ -51,7 +51,7 @@ from onnxprune.channels.groups import find_channel_groups  # noqa: E402
 from onnxprune.core.accounting import inference_flops, model_stats  # noqa: E402
 from onnxprune.core.weights import const_array, conv_uses, set_const_array  # noqa: E402
 from onnxprune.prune.remove_neurons import RemoveNeuronsPass  # noqa: E402
-from onnxprune.quant.config import QuantizeConfig
+from onnxprune.quant.config import QuantizeConfig  # noqa: E402
 from onnxprune.quant.driver import quantize_model  # noqa: E402
 
 CHARS = "0123456789abcdefghijklmnopqrstuvwxyz"
