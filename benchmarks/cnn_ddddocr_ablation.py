@@ -26,8 +26,8 @@ import cnn  # noqa: E402
 
 from onnxprune.calibration.calibration import Calibration
 from onnxprune.channels.groups import find_channel_groups  # noqa: E402
-from onnxprune.conv import conv_repair, reconstruct, remove_neurons
 from onnxprune.conv import refit as conv_refit  # noqa: E402
+from onnxprune.conv import repair as conv_repair  # noqa: E402
 from onnxprune.conv.repair import conv_repairable  # noqa: E402
 from onnxprune.conv.sensitivity import (  # noqa: E402
     GroupCurve,
@@ -35,7 +35,9 @@ from onnxprune.conv.sensitivity import (  # noqa: E402
     conv_sensitivity,
 )
 from onnxprune.io.runtime import make_session  # noqa: E402
+from onnxprune.prune import remove_neurons  # noqa: E402
 from onnxprune.prune.remove_neurons import RemoveNeuronsPass  # noqa: E402
+from onnxprune.repair import reconstruct  # noqa: E402
 from onnxprune.repair.reconstruct import Target  # noqa: E402
 
 METRICS = ("rel", "kl", "flips", "hinge", "strings")
