@@ -47,6 +47,8 @@ import onnx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from corpus_data import MAKERS, SPECS, Batch, Spec  # noqa: E402
 
+from onnxprune.io.validate import iter_graphs  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 COMMANDS = ("inspect", "default", "sparsity", "sparsity-cal", "heads", "quantize")
 N_CAL, N_VER = 4, 2  # batches; calibration and verification are made from disjoint draws
@@ -180,22 +182,12 @@ class Row:
         return f"{100 * (1 - self.params_after / max(1, self.params_before)):.1f}%"
 
 
-def _graphs(g: onnx.GraphProto):
-    yield g
-    for n in g.node:
-        for a in n.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                yield from _graphs(a.g)
-            for sub in a.graphs:
-                yield from _graphs(sub)
-
-
 def param_count(path: Path) -> int:
     """Elements of every initializer and Constant tensor, subgraphs (If/Loop) included:
     int8 weights count like float ones, so quantization alone removes none."""
     model = onnx.load(path, load_external_data=False)
     total = 0
-    for g in _graphs(model.graph):
+    for g in iter_graphs(model.graph):
         tensors = list(g.initializer)
         tensors += [a.t for n in g.node if n.op_type == "Constant" for a in n.attribute
                     if a.name == "value"]
@@ -206,7 +198,7 @@ def param_count(path: Path) -> int:
 def model_bytes(path: Path) -> int:
     """The .onnx file plus the external data files it names."""
     model = onnx.load(path, load_external_data=False)
-    files = {e.value for g in _graphs(model.graph) for t in g.initializer
+    files = {e.value for g in iter_graphs(model.graph) for t in g.initializer
              for e in t.external_data if e.key == "location"}
     return path.stat().st_size + sum((path.parent / f).stat().st_size for f in files
                                      if (path.parent / f).exists())
@@ -215,7 +207,7 @@ def model_bytes(path: Path) -> int:
 def has_attention(path: Path) -> bool:
     """A Softmax anywhere: what --heads looks for (a conservative 'there is attention')."""
     model = onnx.load(path, load_external_data=False)
-    return any(n.op_type == "Softmax" for g in _graphs(model.graph) for n in g.node)
+    return any(n.op_type == "Softmax" for g in iter_graphs(model.graph) for n in g.node)
 
 
 def _last_line(text: str) -> str:

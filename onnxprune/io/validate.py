@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -122,15 +123,16 @@ def _check_value_info(vi: onnx.ValueInfoProto, where: str, kind: str,
             )
 
 
-def _iter_graphs(graph: onnx.GraphProto):
+def iter_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """The graph and every subgraph in it (If/Loop/Scan bodies), depth first."""
     yield graph
     for node in graph.node:
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _iter_graphs(attr.g)
+                yield from iter_graphs(attr.g)
             elif attr.type == onnx.AttributeProto.GRAPHS:
                 for g in attr.graphs:
-                    yield from _iter_graphs(g)
+                    yield from iter_graphs(g)
 
 
 def _check_names(graph: onnx.GraphProto, where: str) -> None:
@@ -200,7 +202,7 @@ def _run_checker(proto: onnx.ModelProto, path: Path) -> None:
 
 def _has_external(proto: onnx.ModelProto) -> bool:
     return any(t.data_location == TensorProto.EXTERNAL
-               for g in _iter_graphs(proto.graph) for t in g.initializer)
+               for g in iter_graphs(proto.graph) for t in g.initializer)
 
 
 def check_input_model(proto: onnx.ModelProto, path: str | os.PathLike[str]) -> None:
@@ -213,7 +215,7 @@ def check_input_model(proto: onnx.ModelProto, path: str | os.PathLike[str]) -> N
     if not proto.HasField("graph"):
         raise InputError(f"{where}: contains no graph; re-export the model")
     _check_strings(proto, where)
-    for graph in _iter_graphs(proto.graph):
+    for graph in iter_graphs(proto.graph):
         for t in graph.initializer:
             _check_tensor(t, where)
         for node in graph.node:
