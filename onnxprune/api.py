@@ -107,10 +107,10 @@ def quantize(
     """8-bit QDQ as `onnxprune quantize` makes it; returns the same kind it got.
 
     Options are the fields of QuantizeConfig (e.g. weight_only=True, exclude=(...))."""
-    config = PruneConfig(calibration=calibration, quantize=from_options(QuantizeConfig, options))
     unknown = sorted(set(options) - set(QuantizeConfig.__dataclass_fields__))
     if unknown:
         raise InputError(f"quantize() got an unknown option '{unknown[0]}'; see QuantizeConfig")
+    config = PruneConfig(calibration=calibration, quantize=from_options(QuantizeConfig, options))
     return prune(model, config, output=output)
 
 

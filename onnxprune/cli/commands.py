@@ -10,14 +10,13 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-import onnx_ir as ir
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from onnxprune import api
-from onnxprune.calibration.data import Batch, parse_shape_overrides
+from onnxprune.calibration.data import parse_shape_overrides
 from onnxprune.calibration.raw import data_forms
 from onnxprune.calibration.specs import input_specs, value_dims
 from onnxprune.cli import options
@@ -82,19 +81,14 @@ def _progress_bar(console: Console, what: str) -> Iterator[Callable[[int, int, s
         yield update
 
 
-def _run_verify(console: Console, args: argparse.Namespace, reference: str | ir.Model,
-                candidate: str | ir.Model,
-                tolerances: Tolerances, batches: list[Batch] | None = None,
-                generated: bool = False, show: bool = True) -> VerifyResult:
+def _run_verify(console: Console, args: argparse.Namespace, reference: str,
+                candidate: str, tolerances: Tolerances) -> VerifyResult:
     providers = parse_providers(args.providers)
     shapes = parse_shape_overrides(args.shape)
     with console.status("verifying on onnxruntime ..."):
-        result = api.verify(reference, candidate,
-                            data=args.data if batches is None else batches,
-                            providers=providers, tolerances=tolerances, shapes=shapes,
-                            generated_inputs=generated, **_selection(args))
-    if show:
-        _show_verify(console, result)
+        result = api.verify(reference, candidate, data=args.data, providers=providers,
+                            tolerances=tolerances, shapes=shapes, **_selection(args))
+    _show_verify(console, result)
     return result
 
 
@@ -147,8 +141,7 @@ def _cmd_prune(argv: Sequence[str], console: Console,
                         output_kinds=dict(args.output_kinds) or None)
     job = Job(args.model, args.output, config, checks, force=args.force,
               copy_config=args.copy_config, save_plan=args.save_plan, report=args.report)
-    planned = args.target is not None or args.plan is not None
-    if planned:
+    if config.planned:
         best: list[Plan] = []
         try:
             what = "searching" if args.target else "applying the plan"

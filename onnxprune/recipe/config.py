@@ -81,6 +81,16 @@ class PruneConfig:
         return None if self.holdout is None else list(self.holdout)
 
     @property
+    def fixed(self) -> list[str]:
+        """The fixed pruning options given (field names): how much to remove, stated."""
+        return [n for n in ("sparsity", "heads", "threshold", "nm") if getattr(self, n) is not None]
+
+    @property
+    def planned(self) -> bool:
+        """A target search or a saved plan decides what is removed."""
+        return self.target is not None or self.plan is not None
+
+    @property
     def is_default(self) -> bool:
         """No pruning option given: the default recipe (see prune_model)."""
         return all(v is None for v in (self.sparsity, self.threshold, self.nm, self.heads,
@@ -109,8 +119,7 @@ class PruneConfig:
 
     def check(self) -> None:
         """Refuses bad values and contradictory combinations, before any file is touched."""
-        fixed = [n for n in ("sparsity", "heads", "threshold", "nm")
-                 if getattr(self, n) is not None]
+        fixed = self.fixed
         search_only = [n for n in ("max_drop", "metric", "eval", "holdout")
                        if getattr(self, n) is not None]
         if self.target is not None and self.plan is not None:

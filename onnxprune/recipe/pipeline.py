@@ -163,8 +163,11 @@ def _is_data_name(path: Path, model: Path) -> bool:
             and path.name.endswith(".data"))
 
 
-def _planned(config: PruneConfig) -> bool:
-    return config.target is not None or config.plan is not None
+def _write_input_bytes(src: str | os.PathLike[str], out: Path) -> None:
+    """The input model's own file as the output (atomically): a run that changed nothing, or
+    whose rewrite would be larger, writes these bytes."""
+    with atomic_path(out) as tmp:
+        shutil.copyfile(src, tmp)
 
 
 def run_job(job: Job, *, progress: Progress | None = None,
@@ -174,9 +177,9 @@ def run_job(job: Job, *, progress: Progress | None = None,
     show. `save(model, path)` replaces the default atomic save (Olive writes its own)."""
     config = job.config
     config.check()  # validates the options before any file is touched
-    if not _planned(config):
+    if not config.planned:
         build_passes(config)  # the passes' own option checks
-    if job.save_plan and not _planned(config):
+    if job.save_plan and not config.planned:
         raise OptionError("@save_plan records a @target search or a @plan; with fixed "
                           "options the command line itself is the recipe")
     out = check_output_path(job.output, [job.model], force=job.force)
@@ -209,7 +212,8 @@ def run_job(job: Job, *, progress: Progress | None = None,
             report.plan.save(job.save_plan)
         outcome.written = False
         return outcome
-    report.before = replace(report.before, file_bytes=stored_bytes(job.model))
+    size_in = stored_bytes(job.model)
+    report.before = replace(report.before, file_bytes=size_in)
     check_written(model, load=checks is None or "cpu" not in checks.providers)
     if checks is not None:
         # Verify the model in memory first: a run that cannot verify writes nothing.
@@ -227,27 +231,24 @@ def run_job(job: Job, *, progress: Progress | None = None,
     if save is not None:
         save(model, out)
     elif config.is_default and not report.modified and not uses_external_data(model):
-        # Nothing changed: the input's own bytes, so the output is never larger.
-        with atomic_path(out) as tmp:
-            shutil.copyfile(job.model, tmp)
+        _write_input_bytes(job.model, out)  # nothing changed: never larger
     else:
         save_model(model, out, keep=[] if same_file(job.model, out) else [job.model])
-    size_in, size_out = stored_bytes(job.model), stored_bytes(out)
+    size_out = stored_bytes(out)
     if size_out > size_in and save is None:
         if config.is_default and not uses_external_data(model):
-            with atomic_path(out) as tmp:  # never larger: the input's own bytes instead
-                shutil.copyfile(job.model, tmp)
+            _write_input_bytes(job.model, out)
             report.notes.append(f"the rewritten model took {size_out:,} bytes, more than the "
                                 f"input's {size_in:,} (recorded shapes and constants outweigh "
                                 "what was removed); the input's bytes were written instead")
-            report.modified = False
+            report.modified, size_out = False, size_in
         else:
             report.notes.append(f"the output is {size_out - size_in:,} bytes larger than the "
                                 "input: what was asked adds more (scales, zero points, int32 "
                                 "biases, recorded shapes) than it removed")
-    report.after = replace(report.after, file_bytes=stored_bytes(out))
+    report.after = replace(report.after, file_bytes=size_out)
     if sizes_before is not None:
-        outcome.notes = copy_config(job.model, out, sizes_before, layer_sizes(model))
+        outcome.notes += copy_config(job.model, out, sizes_before, layer_sizes(model))
     if job.save_plan and report.plan is not None:
         report.plan.save(job.save_plan)
     return outcome

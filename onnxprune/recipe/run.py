@@ -97,7 +97,11 @@ def prune_model(
     kept = check_finite_weights(model)
     release_pages(model)  # the check read every weight; the passes read them again in turn
     config.check()
+    config, mask_note = _with_token_mask(model, config)
     report = _prune(model, config, progress, on_plan, check_batches)
+    report.token_mask = config.token_mask
+    if mask_note:
+        report.notes.insert(0, mask_note)
     if kept:
         report.notes.insert(0, f"{len(kept)} non-finite constant(s) kept as the model uses "
                             f"them (masks, fill and start values; not scored, quantized or "
@@ -109,7 +113,8 @@ def prune_model(
 def _prune(model: ir.Model, config: PruneConfig, progress: Progress | None,
            on_plan: Callable[[Plan], None] | None,
            check_batches: list[Batch] | None) -> PruneReport:
-    config, mask_note = _with_token_mask(model, config)
+    """The run for a config whose token mask is resolved; prune_model adds the notes every
+    route shares."""
     if config.is_default and config.calibration is not None:
         original = model.graph  # the search prunes a copy; kept if nothing fits the budget
         report = _prune_planned(model, replace(config, target=_AS_MUCH_AS_ALLOWED), progress,
@@ -119,16 +124,9 @@ def _prune(model: ir.Model, config: PruneConfig, progress: Progress | None,
             model.graph = original
             report.after, report.modified, report.plan, report.search = (
                 report.before, False, None, None)
-        report.token_mask = config.token_mask
-        if mask_note:
-            report.notes.insert(0, mask_note)
         return report
-    if config.target is not None or config.plan is not None:
-        report = _prune_planned(model, config, progress, on_plan)
-        report.token_mask = config.token_mask
-        if mask_note:
-            report.notes.insert(0, mask_note)
-        return report
+    if config.planned:
+        return _prune_planned(model, config, progress, on_plan)
     batches = config.batches(model)
     distills = config.distills(model)
     passes = build_passes(config, model, progress, batches)
@@ -156,9 +154,6 @@ def _prune(model: ir.Model, config: PruneConfig, progress: Progress | None,
         report.notes.append(
             f"repair: least squares only: distillation is not run by default on a model with "
             f"{SECTION_ABOVE_BYTES >> 30} GiB of weights or more; --reconstruct distill runs it")
-    report.token_mask = config.token_mask
-    if mask_note:
-        report.notes.insert(0, mask_note)
     if config.is_default:
         report.notes.extend(_cleanup_notes(passes))
         stored, declined = _int8_embeddings(model, check_batches or batches)
@@ -174,10 +169,8 @@ def _prune(model: ir.Model, config: PruneConfig, progress: Progress | None,
                                 f"({mib:.1f} MiB less; checked within the default "
                                 "tolerances before it was kept)")
     elif not report.modified:
-        pruning = any(v is not None for v in (config.sparsity, config.threshold, config.nm,
-                                               config.heads))
         why = ("nothing met the pruning criteria" if quantized is None
-               else quantized.why_nothing() if not pruning
+               else quantized.why_nothing() if not config.fixed
                else f"nothing met the pruning criteria and {quantized.why_nothing()}")
         report.notes.append(f"the model was left unchanged: {why}")
     return report
