@@ -428,3 +428,14 @@ def test_lstsq_repair_of_a_group_with_two_consumers_and_transposed_weights() -> 
         assert w["wa"].shape == (5, 12) and w["wb"].shape == (12, 3)
         errors[rec] = _rel_err(run(pruned, {"x": test})[0], ref)
     assert errors["lstsq"] < 0.7 * errors["none"], errors
+
+
+def test_a_singular_obs_block_does_not_end_the_run() -> None:
+    """Exact copies make the OBS block singular; the pseudo-inverse takes over (it was a
+    LinAlgError, exit 3, found by the fuzz suite)."""
+    from onnxprune.repair.lstsq import inverse
+
+    a = np.array([[1.0, 1.0], [1.0, 1.0]])
+    assert np.allclose(inverse(a), np.linalg.pinv(a))
+    b = np.array([[2.0, 0.0], [0.0, 4.0]])
+    assert np.array_equal(inverse(b), np.linalg.inv(b))

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from onnxprune.repair.lstsq import Problem
+from onnxprune.repair.lstsq import Problem, inverse
 
 __all__ = ["weight_norms", "value_bias_fold", "contributions", "obs_heads", "obs_head_order"]
 
@@ -112,7 +112,7 @@ def obs_head_order(
     """
     c = problem.channels
     blocks = _blocks(heads, c // heads)
-    hinv = np.linalg.inv(problem.h)
+    hinv = inverse(problem.h)
     hinv = (hinv + hinv.T) / 2
     w = hinv @ problem.b
     alive = list(range(heads))
@@ -124,11 +124,11 @@ def obs_head_order(
             ws = w[s] - w[s].mean(axis=1, keepdims=True) if center else w[s]
             if out_weights is not None:
                 ws = ws * np.sqrt(out_weights)[None, :]
-            m = np.linalg.inv(hinv[np.ix_(s, s)])
+            m = inverse(hinv[np.ix_(s, s)])
             costs.append(float(np.sum((m @ ws) * ws)))
         h = alive[int(np.argmin(costs))]
         s = blocks[h]
-        m = np.linalg.inv(hinv[np.ix_(s, s)])
+        m = inverse(hinv[np.ix_(s, s)])
         w -= hinv[:, s] @ (m @ w[s])
         hinv -= hinv[:, s] @ m @ hinv[s, :]
         w[s] = 0.0

@@ -20,8 +20,8 @@ import math
 
 import numpy as np
 
-__all__ = ["Problem", "refit", "obs_select", "obs_order", "fold_bias", "cross_validated_ridge",
-           "RIDGE_GRID"]
+__all__ = ["Problem", "inverse", "refit", "obs_select", "obs_order", "fold_bias",
+           "cross_validated_ridge", "RIDGE_GRID"]
 
 # Candidate ridges (relative to the mean activation power) tried by cross-validation.
 RIDGE_GRID = (0.01, 0.03, 0.1, 0.3, 1.0)
@@ -92,6 +92,16 @@ class Problem:
             return np.linalg.lstsq(h, b, rcond=None)[0]
 
 
+def inverse(a: np.ndarray) -> np.ndarray:
+    """The inverse of a symmetric matrix; its pseudo-inverse when it is singular (channels
+    that are exact copies of each other make the OBS block singular; the removal order
+    then treats them as one)."""
+    try:
+        return np.linalg.inv(a)
+    except np.linalg.LinAlgError:
+        return np.linalg.pinv(a, hermitian=True)
+
+
 def refit(
     gram: np.ndarray,
     cross: np.ndarray,
@@ -147,7 +157,7 @@ def obs_order(
     """
     c = problem.channels
     h, b = problem._system()
-    h0 = np.linalg.inv(h)
+    h0 = inverse(h)
     del h
     _symmetrize(h0)
     w = h0 @ b
@@ -170,7 +180,7 @@ def obs_order(
         sel = np.argpartition(cost, k - 1)[:k]
         sel = sel[np.argsort(cost[sel], kind="stable")]
         cols = h0[:, sel] - p_all[:, :r] @ q_all[sel, :r].T
-        m = np.linalg.inv(cols[sel])
+        m = inverse(cols[sel])
         pm = cols @ m
         w_sel = w[sel]
         for i in range(0, w.shape[0], _ROWS):  # in slices: no second W-sized temporary
