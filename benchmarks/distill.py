@@ -29,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import metrics  # noqa: E402
+import sources  # noqa: E402
 import textdata  # noqa: E402
 from target import run_cli  # noqa: E402
 
@@ -97,13 +98,13 @@ def main(argv: list[str] | None = None) -> int:
             print(r, flush=True)
     for kind in [k for k in args.exporters.split(",") if k]:
         dense = BUILD / f"minilm_{kind}.onnx"
-        dense_held = metrics.embed(dense, held)
+        ref = sources.Reference(dense, held)
         dense_fit = metrics.embed(dense, fitted)
         for sp in (float(s) for s in args.sparsity.split(",") if s):
             runs = prune(dense, calib, sp, f"distill_{kind}_{int(round(sp * 100))}", extra)
             for r, o in runs.items():
                 row = {"model": f"MiniLM {kind}", "FFN": f"{sp:.0%}", "repair": r,
-                       "held": quality(dense_held, o["path"], held),
+                       "held": ref.quality(o["path"]),
                        "calib": quality(dense_fit, o["path"], fitted),
                        "time_s": o["wall_s"], "peak_mib": o["peak_mib"]}
                 repair = o["report"]["passes"].get("DistillRepairPass")
@@ -115,18 +116,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average at end: {os.getloadavg()}")
     print()
     print("| model | FFN removed | repair | held-out cos mean / min | held-out Spearman "
-          "| calib cos mean / min | calib Spearman | time | peak mem |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| news cos mean / min | polarity acc (d/m) | calib cos mean / min | calib Spearman "
+          "| time | peak mem |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "held" in r:
             h, c = r["held"], r["calib"]
             print(f"| {r['model']} | {r['FFN']} | {r['repair']} | {h['mean_cosine']:.4f} / "
-                  f"{h['min_cosine']:.4f} | {h['spearman']:.4f} | {c['mean_cosine']:.4f} / "
+                  f"{h['min_cosine']:.4f} | {h['spearman']:.4f} | {h['news_cosine']:.4f} / "
+                  f"{h['news_min']:.4f} | {metrics.QUALITY_COLUMNS[-1][1](h)} | "
+                  f"{c['mean_cosine']:.4f} / "
                   f"{c['min_cosine']:.4f} | {c['spearman']:.4f} | {r['time_s']:.0f} s | "
                   f"{r['peak_mib']:.0f} MiB |")
         else:
             print(f"| {r['model']} | {r['FFN']} | {r['repair']} | accuracy {r['accuracy']:.3f} "
-                  f"(dense {r['dense accuracy']:.3f}) | | | | {r['time_s']:.1f} s | "
+                  f"(dense {r['dense accuracy']:.3f}) | | | | | | {r['time_s']:.1f} s | "
                   f"{r['peak_mib']:.0f} MiB |")
     args.json.write_text(json.dumps(rows, indent=1, default=str))
     return 0

@@ -30,6 +30,7 @@ import onnx_ir as ir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import metrics  # noqa: E402
+import sources  # noqa: E402
 import textdata  # noqa: E402
 
 from onnxprune.attention.remove_heads import RemoveHeadsPass  # noqa: E402
@@ -104,18 +105,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     sentences = textdata.evaluation_sentences()[: args.eval_n]
-    labels = [s.topic for s in sentences]
-    topics = textdata.labelled_topics()
     work = BUILD / "bench"
     work.mkdir(parents=True, exist_ok=True)
     results = []
     for kind in args.exporters.split(","):
         dense_path = BUILD / f"minilm_{kind}.onnx"
-        dense_emb = metrics.embed(dense_path, sentences)
+        ref = sources.Reference(dense_path, sentences)
         dense_params = metrics.model_stats(dense_path)["parameters"]
         results.append({"exporter": kind, "method": "dense", "parameters": dense_params,
-                        "mean_cosine": 1.0, "min_cosine": 1.0, "spearman": 1.0,
-                        "probe": metrics.probe_accuracy(dense_emb, labels, topics),
+                        **ref.dense_row(),
                         "tool_s": float("nan"), "speedup": 1.0})
         print(metrics.markdown_row(results[-1], COLUMNS), flush=True)
         for key in args.recipes.split(","):
@@ -130,13 +128,11 @@ def main(argv: list[str] | None = None) -> int:
             proto = ir.serde.serialize_model(model)
             onnx.checker.check_model(proto, full_check=True)
             onnx.save(proto, str(out))
-            emb = metrics.embed(out, sentences)
             lat = metrics.latency_ratio(dense_path, out, repeats=args.latency_repeats)
             results.append({
                 "exporter": kind, "method": title, **removed,
                 "parameters": metrics.model_stats(out)["parameters"],
-                **metrics.compare(dense_emb, emb),
-                "probe": metrics.probe_accuracy(emb, labels, topics),
+                **ref.quality(out),
                 "tool_s": tool, "speedup": lat["speedup"],
             })
             print(metrics.markdown_row(results[-1], COLUMNS), flush=True)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import metrics  # noqa: E402
+import sources  # noqa: E402
 import textdata  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -106,19 +107,16 @@ def main(argv: list[str] | None = None) -> int:
     sentences = textdata.evaluation_sentences()
     if args.eval_n:
         sentences = sentences[: args.eval_n]
-    labels = [s.topic for s in sentences]
-    topics = textdata.labelled_topics()
     results = []
     work = BUILD / "bench"
     work.mkdir(exist_ok=True)
     for kind in args.exporters.split(","):
         dense = BUILD / f"minilm_{kind}.onnx"
-        dense_emb = metrics.embed(dense, sentences)
+        ref = sources.Reference(dense, sentences)
         dense_stats = metrics.model_stats(dense)
         results.append({
             "exporter": kind, "method": "dense", "parameters": dense_stats["parameters"],
-            "mean_cosine": 1.0, "min_cosine": 1.0, "spearman": 1.0,
-            "probe": metrics.probe_accuracy(dense_emb, labels, topics),
+            **ref.dense_row(),
             "wall_s": float("nan"), "peak_mib": float("nan"), "speedup": 1.0,
         })
         print(metrics.markdown_row(results[-1], COLUMNS), flush=True)
@@ -127,13 +125,11 @@ def main(argv: list[str] | None = None) -> int:
         for name, cli_args in rows:
             out = work / f"{kind}.onnx"
             cost = run_onnxprune(dense, out, cli_args) if cli_args else quantize_dynamic(dense, out)
-            emb = metrics.embed(out, sentences)
-            quality = metrics.compare(dense_emb, emb)
+            quality = ref.quality(out)
             lat = metrics.latency_ratio(dense, out, repeats=args.latency_repeats)
             results.append({
                 "exporter": kind, "method": name,
-                "parameters": metrics.model_stats(out)["parameters"], **quality,
-                "probe": metrics.probe_accuracy(emb, labels, topics), **cost,
+                "parameters": metrics.model_stats(out)["parameters"], **quality, **cost,
                 "speedup": lat["speedup"],
             })
             print(metrics.markdown_row(results[-1], COLUMNS), flush=True)

@@ -182,7 +182,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calib-batch", type=int, default=16)
     parser.add_argument("--eval-dir", type=Path, help="write evaluation batches here")
     parser.add_argument("--eval-batch", type=int, default=32)
+    parser.add_argument("--source", choices=("pydoc", "news"), default="pydoc",
+                        help="news: the calibration/evaluation sentences of benchmarks/sources.py")
     opts = parser.parse_args(argv)
+    if opts.source == "news":
+        import sources
+
+        for folder, texts, size, what in (
+                (opts.calib_dir, lambda: sources.news_calibration(opts.calib_n), opts.calib_batch,
+                 "calibration"),
+                (opts.eval_dir, sources.news_evaluation, opts.eval_batch, "evaluation")):
+            if folder:
+                paths = write_npz_batches(texts(), folder, size)
+                print(f"wrote {len(paths)} news {what} batches to {folder}")
+        return
 
     sentences = all_sentences()
     evaluation = evaluation_sentences()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import metrics  # noqa: E402
+import sources  # noqa: E402
 import textdata  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,11 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     calib = ensure_inputs(256, BUILD)
     sentences = textdata.evaluation_sentences()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this tree's code, not an installed one
-    print("| exporter | calibration | cosine mean | cosine min | Spearman | token mask note |")
-    print("|---|---|---|---|---|---|")
+    rows = []
     for kind in args.exporters.split(","):
         dense = BUILD / f"minilm_{kind}.onnx"
-        dense_emb = metrics.embed(dense, sentences)
+        ref = sources.Reference(dense, sentences)
         for name, extra in VARIANTS.items():
             out = BUILD / f"tm_{kind}.onnx"
             cmd = [sys.executable, "-m", "onnxprune", str(dense), "-o", str(out), "--sparsity",
@@ -46,10 +46,15 @@ def main(argv: list[str] | None = None) -> int:
             if proc.returncode != 0:
                 raise RuntimeError(proc.stderr)
             note = "detected" if "token mask:" in proc.stdout else "-"
-            q = metrics.compare(dense_emb, metrics.embed(out, sentences))
-            print(f"| {kind} | {name} | {q['mean_cosine']:.4f} | {q['min_cosine']:.4f} | "
-                  f"{q['spearman']:.4f} | {note} |", flush=True)
+            rows.append({"exporter": kind, "calibration": name, "note": note,
+                         **ref.quality(out)})
+            print(metrics.markdown_row(rows[-1], COLUMNS), flush=True)
+    print("\n" + metrics.markdown_table(rows, COLUMNS))
     return 0
+
+
+COLUMNS = [("exporter", metrics.cell("exporter")), ("calibration", metrics.cell("calibration")),
+           *metrics.QUALITY_COLUMNS, ("token mask note", metrics.cell("note"))]
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import metrics  # noqa: E402
+import sources  # noqa: E402
 import textdata  # noqa: E402
 
 import onnxprune  # noqa: E402
@@ -67,11 +68,14 @@ def main(argv: list[str] | None = None) -> int:
                    "build/minilm_dynamo.onnx")
     args = p.parse_args(argv)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    print("| model | form | size | verify (defaults) | worst metric | latency vs dense |")
-    print("|---|---|---|---|---|---|")
+    print("| model | form | size | verify (defaults) | worst metric | pydoc cos / min | "
+          "news cos / min | polarity acc (d/m) | latency vs dense |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for m in args.models.split(","):
         model = ROOT / m
         data, feeds = _feeds(model)
+        # MiniLM: the sentence sources of benchmarks/sources.py too (tuned on pydoc, not news)
+        ref = sources.Reference(model) if model.name.startswith("minilm") else None
         for form, extra in FORMS.items():
             out = BUILD / f"ws_{model.stem}.onnx"
             cmd = [sys.executable, "-m", "onnxprune", "quantize", str(model), "-o", str(out),
@@ -85,8 +89,13 @@ def main(argv: list[str] | None = None) -> int:
             top1 = "" if worst.top1_agreement is None else f", top-1 {worst.top1_agreement:.4f}"
             ratio = _ratio(model, out, feeds, args.repeats)
             size = out.stat().st_size / model.stat().st_size
+            text = "| - | - | - "
+            if ref is not None:
+                q = ref.quality(out)
+                text = (f"| {q['mean_cosine']:.4f} / {q['min_cosine']:.4f} | {q['news_cosine']:.4f}"
+                        f" / {q['news_min']:.4f} | {metrics.QUALITY_COLUMNS[-1][1](q)} ")
             print(f"| {model.name} | {form} | {size:.1%} | {'ok' if r else 'FAILED'} | "
-                  f"{worst.name} cos min {worst.cosine_min:.5f}{top1} | {ratio:.2f}x |",
+                  f"{worst.name} cos min {worst.cosine_min:.5f}{top1} {text}| {ratio:.2f}x |",
                   flush=True)
     return 0
 
