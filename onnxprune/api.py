@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import onnx
@@ -21,7 +21,7 @@ from onnxprune.calibration.data import Batch
 from onnxprune.calibration.mask import resolve_token_mask
 from onnxprune.channels.groups import find_channel_groups
 from onnxprune.channels.model import ChannelGroup
-from onnxprune.core.accounting import ModelStats, model_stats
+from onnxprune.core.accounting import ModelStats, fixed_input_shapes, model_stats, run_flops
 from onnxprune.errors import InputError
 from onnxprune.io.models import check_output_path, load_model, save_model, stored_bytes
 from onnxprune.io.runtime import ModelSource, Provider
@@ -240,8 +240,14 @@ def inspect(model: ModelSource | onnx.ModelProto) -> Inspection:
     m = _to_ir(model)
     size = stored_bytes(model) if isinstance(model, (str, os.PathLike)) else None
     opset = m.opset_imports.get("", m.opset_imports.get("ai.onnx"))
+    stats = model_stats(m, size)
+    shapes = fixed_input_shapes(m)
+    flops = None if shapes is None else run_flops(m, shapes)
+    if flops is not None:
+        stats = replace(stats, run_flops=flops, run_shapes=", ".join(
+            f"{k} {'x'.join(map(str, v))}" for k, v in shapes.items()))
     return Inspection(
-        model_stats(m, size), tuple(find_channel_groups(m)), opset,
+        stats, tuple(find_channel_groups(m)), opset,
         tuple(find_attention_blocks(m)),
     )
 

@@ -413,3 +413,26 @@ def test_global_calibrated_pruning_of_conv_groups_spends_the_budget_by_sensitivi
     after = {g.group: g.channels_after for g in p.result.groups}
     assert all(after[n] >= s - int(0.75 * s) for n, s in sizes.items())
     assert len({after[n] / s for n, s in sizes.items()}) > 1  # not a flat share
+
+
+def test_report_and_inspect_count_conv_flops_per_run(tmp_path, capsys) -> None:  # noqa: ANN001
+    """MatMul/Gemm FLOPs per row see only a CNN's classifier; the report and inspect also count
+    every Conv at the graph's fixed input shape, and the count follows the pruned weights."""
+    import json
+
+    from onnxprune.cli import main
+    from onnxprune.core.accounting import inference_flops
+
+    model, _ = _three_conv_net()
+    onnx.save(model, tmp_path / "cnn.onnx")
+    assert main(["inspect", str(tmp_path / "cnn.onnx")]) == 0
+    dense = inference_flops(to_ir(model), {"x": [2, 3, H, W]})
+    shown = capsys.readouterr().out.replace("\n", "")
+    assert f"{dense:,} FLOPs per run" in shown and "x 2x3x8x8" in shown
+    assert main([str(tmp_path / "cnn.onnx"), "-o", str(tmp_path / "small.onnx"), "--sparsity",
+                 "0.5", "--no-verify", "-q", "--report", str(tmp_path / "r.json")]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    small = inference_flops(ir.load(tmp_path / "small.onnx"), {"x": [2, 3, H, W]})
+    assert report["before"]["run_flops"] == dense
+    assert report["after"]["run_flops"] == small < 0.6 * dense
+    assert report["before"]["weight_flops_per_row"] < 0.05 * dense  # the classifier only

@@ -321,7 +321,10 @@ def _cmd_inspect(argv: Sequence[str], console: Console) -> int:
     info = api.inspect(args.model)
     console.print(f"{args.model}: {info.stats.parameters:,} parameters, opset {info.opset}, "
                   f"{human_bytes(info.stats.file_bytes)}, "
-                  f"{info.stats.weight_flops_per_row:,} MatMul/Gemm FLOPs per row")
+                  f"{info.stats.weight_flops_per_row:,} MatMul/Gemm FLOPs per row" + (
+                      "" if info.stats.run_flops is None else
+                      f", {info.stats.run_flops:,} FLOPs per run (Conv, MatMul/Gemm, LSTM; "
+                      f"{info.stats.run_shapes})"))
     for g in info.groups:
         consumers = ", ".join(u.node.name or "?" for u in g.consumers) or "-"
         if g.prunable:

@@ -74,6 +74,8 @@ def stats_table(before: ModelStats, after: ModelStats) -> Table:
         ("non-zero parameters", before.nonzero_parameters, after.nonzero_parameters),
         ("MatMul/Gemm FLOPs per row", before.weight_flops_per_row, after.weight_flops_per_row),
     ]
+    if before.run_flops is not None and after.run_flops is not None:
+        rows.append((f"FLOPs per run ({before.run_shapes})", before.run_flops, after.run_flops))
     for name, a, b in rows:
         t.add_row(name, f"{a:,}", f"{b:,}", _ratio(a, b))
     if before.file_bytes is not None and after.file_bytes is not None:

@@ -16,7 +16,12 @@ import onnx_ir as ir
 
 from onnxprune.core.weights import const_array, iter_nodes, weight_uses
 
-__all__ = ["ModelStats", "model_stats", "inference_flops"]
+__all__ = ["ModelStats", "model_stats", "inference_flops", "run_flops",
+           "fixed_input_shapes"]
+
+# Counting FLOPs per run serializes the model for onnx's shape inference; above this many
+# bytes of weights the count is skipped (the report says so) rather than copy them all.
+RUN_FLOPS_MAX_BYTES = 512 << 20
 
 
 @dataclass(frozen=True)
@@ -26,9 +31,14 @@ class ModelStats:
     weight_flops_per_row: int
     op_counts: dict[str, int] = field(default_factory=dict)
     file_bytes: int | None = None
+    # FLOPs of one run (Conv, ConvTranspose, MatMul/Gemm, LSTM) at the input shapes `run_shapes`
+    run_flops: int | None = None
+    run_shapes: str | None = None
 
     def to_dict(self) -> dict[str, object]:
         return {
+            "run_flops": self.run_flops,
+            "run_shapes": self.run_shapes,
             "parameters": self.parameters,
             "nonzero_parameters": self.nonzero_parameters,
             "weight_flops_per_row": self.weight_flops_per_row,
@@ -145,3 +155,25 @@ def inference_flops(model: ir.Model, input_shapes: dict[str, list[int]],
             if x and r and all(x):
                 macs += x[0] * x[1] * int(np.prod(w)) + x[0] * x[1] * int(np.prod(r))
     return 2 * macs
+
+
+def run_flops(model: ir.Model, input_shapes: dict[str, list[int]]) -> int | None:
+    """`inference_flops` at these input shapes, or None where it cannot be counted (shape
+    inference fails, or the weights are over RUN_FLOPS_MAX_BYTES)."""
+    weight_bytes = sum(int(v.const_value.nbytes) for v in _constants(model.graph)
+                       if v.const_value is not None)
+    if weight_bytes > RUN_FLOPS_MAX_BYTES:
+        return None
+    try:
+        return inference_flops(model, input_shapes) or None
+    except Exception:  # noqa: BLE001 - onnx shape inference refuses the graph: not counted
+        return None
+
+
+def fixed_input_shapes(model: ir.Model) -> dict[str, list[int]] | None:
+    """The graph inputs' shapes when every dimension but the first (a batch, counted as 1) is
+    fixed; else None."""
+    shapes = {v.name: [d if isinstance(d, int) or i else 1 for i, d in enumerate(v.shape)]
+              for v in model.graph.inputs if v.shape is not None and not v.is_initializer()}
+    fixed = all(isinstance(d, int) for dims in shapes.values() for d in dims)
+    return shapes if shapes and fixed else None

@@ -19,6 +19,7 @@ import onnx_ir as ir
 
 from onnxprune.calibration.data import Batch, input_specs, load_batches
 from onnxprune.calibration.fit import fitting_batches
+from onnxprune.core.accounting import fixed_input_shapes, run_flops
 from onnxprune.errors import InputError, InternalError, OptionError
 from onnxprune.io.detached import check_detached
 from onnxprune.io.files import atomic_path, make_parent, same_file
@@ -170,6 +171,21 @@ def _write_input_bytes(src: str | os.PathLike[str], out: Path) -> None:
         shutil.copyfile(src, tmp)
 
 
+def _run_shapes(model: ir.Model, batches: list[Batch] | None,
+                config: PruneConfig) -> dict[str, list[int]] | None:
+    """The input shapes FLOPs per run are counted at: the verification data's first batch, else
+    the calibration data's, else the graph's own when every dimension but the first (batch,
+    counted as 1) is fixed. Generated inputs are not used: their free sizes are arbitrary."""
+    first: Batch | None = batches[0] if batches else None
+    if first is None and isinstance(config.calibration, (str, os.PathLike)):
+        first = next(iter(load_batches(config.calibration, input_specs(model))), None)
+    elif first is None and config.calibration is not None:
+        first = next(iter(config.calibration), None)
+    if first is not None:
+        return {k: list(v.shape) for k, v in first.items()}
+    return fixed_input_shapes(model)
+
+
 def run_job(job: Job, *, progress: Progress | None = None,
             on_plan: Callable[[Plan], None] | None = None,
             save: Saver | None = None) -> Outcome:
@@ -204,8 +220,17 @@ def run_job(job: Job, *, progress: Progress | None = None,
             batches, generated, on_calibration = config.batches(model), False, True
         else:
             batches, generated = verification_batches(model, checks.data, checks.shapes)
+    shapes = _run_shapes(model, None if generated else batches, config)
+    flops_before = None if shapes is None else run_flops(model, shapes)
     report = prune_model(model, config, progress, on_plan=on_plan,
                          check_batches=None if generated or on_calibration else batches)
+    if flops_before is not None and report.modified:
+        after = run_flops(model, shapes)
+        if after is not None:
+            described = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in shapes.items())
+            report.before = replace(report.before, run_flops=flops_before,
+                                    run_shapes=described)
+            report.after = replace(report.after, run_flops=after, run_shapes=described)
     outcome = Outcome(report, out)
     if report.search is not None and report.search.over_budget:
         if job.save_plan and report.plan is not None:
