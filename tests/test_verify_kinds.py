@@ -71,6 +71,49 @@ def test_two_class_probability_moving_040_with_the_same_argmax_fails(tmp_path: P
     assert _cli(tmp_path, ref, ref, batches) == 0
 
 
+def _yolo_head(class_scale: float, scales: int = 1) -> onnx.ModelProto:
+    """YOLOv8's output: boxes in pixels (x 300) and class probabilities concatenated along
+    the channel axis, [N, 4 + 3, anchors]; with `scales`, one such tensor per detection
+    scale, side by side along the anchors (as ddddocr's detector writes it)."""
+    nodes, inits, heads = [], {}, []
+    for k in range(scales):
+        inits[f"wb{k}"] = _rows((4, 3, 1, 1), 1 + k)
+        inits[f"wc{k}"] = _rows((3, 3, 1, 1), 5 + k) * class_scale
+        nodes += [h.make_node("Conv", ["x", f"wb{k}"], [f"b{k}"], name=f"box{k}"),
+                  h.make_node("Mul", [f"b{k}", "px"], [f"bp{k}"], name=f"pixels{k}"),
+                  h.make_node("Conv", ["x", f"wc{k}"], [f"c{k}"], name=f"cls{k}"),
+                  h.make_node("Sigmoid", [f"c{k}"], [f"p{k}"], name=f"sigmoid{k}"),
+                  h.make_node("Concat", [f"bp{k}", f"p{k}"], [f"cat{k}"], name=f"cat{k}",
+                              axis=1),
+                  h.make_node("Reshape", [f"cat{k}", "flat"], [f"head{k}"], name=f"flat{k}")]
+        heads.append(f"head{k}")
+    nodes.append(h.make_node("Concat", heads, ["out"], name="scales", axis=2))
+    inits["px"] = np.array(300.0, np.float32)
+    inits["flat"] = np.array([0, 7, -1], np.int64)
+    model = _model(nodes, [h.make_tensor_value_info("x", T.FLOAT, [2, 3, 4, 4])],
+                   [h.make_tensor_value_info("out", T.FLOAT, [2, 7, 16 * scales])], inits)
+    return onnx.shape_inference.infer_shapes(model)
+
+
+@pytest.mark.parametrize("scales", [1, 3])
+def test_detector_classes_that_moved_fail_although_the_boxes_dominate_the_cosine(
+        tmp_path: Path, scales: int) -> None:
+    """One cosine over [boxes in pixels | class probabilities] passes whatever the classes do
+    (a pruned YOLOv8 that detected nothing passed): each part is judged by its own kind."""
+    ref, cand = _yolo_head(1.0, scales), _yolo_head(-1.0, scales)  # every class flips side
+    batches = [{"x": _rows((2, 3, 4, 4), s)} for s in range(2)]
+    whole = compare_models(to_ir(ref), to_ir(cand), batches, tolerances=DEFAULTS,
+                           output_kinds={"out": "regression"})
+    assert whole.ok  # the old verdict: the boxes hide the classes
+    result = compare_models(to_ir(ref), to_ir(cand), batches, tolerances=DEFAULTS)
+    boxes, classes = result.outputs
+    assert (boxes.name, classes.name) == ("out[:, 0:4]", "out[:, 4:7]")
+    assert classes.kind == "probabilities" and "Sigmoid 'sigmoid0'" in classes.kind_reason
+    assert boxes.ok and not classes.ok and not result.ok
+    assert _cli(tmp_path, ref, cand, batches) == 1
+    assert _cli(tmp_path, ref, ref, batches) == 0
+
+
 def _unet(scale: float, noise: float = 0.0) -> onnx.ModelProto:
     w = _rows((4, 3, 1, 1), 1) * scale + noise * _rows((4, 3, 1, 1), 2)
     return _model([h.make_node("Conv", ["x", "w"], ["out"], name="head")],

@@ -237,19 +237,41 @@ def compare_outputs(
                         f"output '{name}' has shape {list(c.shape)} in the candidate, "
                         f"{list(r.shape)} in the {against}"
                     )
-                acc = accs.get((p, name))
-                if acc is None:
-                    acc = accs[(p, name)] = _accumulator(name, r, decided, facts, tolerances)
-                picks = keep if keep is not None and r.shape[:keep.ndim] == keep.shape else None
-                acc.add(r, c, atol=tolerances.atol or 0.0, rtol=tolerances.rtol or 0.0,
-                        max_abs=limits_for(acc.decision.kind, tolerances).max_abs, keep=picks)
+                for label, r_part, c_part, part_facts in _judged_parts(
+                        name, r, c, decided, facts):
+                    acc = accs.get((p, label))
+                    if acc is None:
+                        acc = accs[(p, label)] = _accumulator(label, r_part, decided,
+                                                              part_facts, tolerances)
+                    picks = (keep if keep is not None
+                             and r_part.shape[:keep.ndim] == keep.shape else None)
+                    acc.add(r_part, c_part, atol=tolerances.atol or 0.0,
+                            rtol=tolerances.rtol or 0.0,
+                            max_abs=limits_for(acc.decision.kind, tolerances).max_abs,
+                            keep=picks)
         count += 1
     if count == 0:
         raise DataError("no batches to verify with")
     metrics = tuple(
-        finish_metrics(name, p, accs[(p, name)], tolerances) for p in providers for name in checked
+        finish_metrics(label, p, acc, tolerances) for p in providers
+        for (q, label), acc in accs.items() if q == p
     )
     return VerifyResult(metrics, count, generated_inputs, tolerances, against, weak)
+
+
+def _judged_parts(name: str, ref: np.ndarray, cand: np.ndarray,
+                  decided: Mapping[str, KindDecision],
+                  facts: Mapping[str, OutputFacts | None] | None):
+    """(label, ref, cand, facts) for each part judged on its own: the whole output, or, for a
+    Concat of differently made parts whose kind the user did not name, each part (a
+    detector's boxes in pixels would hide its class probabilities in one cosine)."""
+    whole = facts.get(name) if facts else None
+    if whole is None or not whole.parts or name in decided:
+        return [(name, ref, cand, facts)]
+    if any(part.stop > ref.shape[part.axis] for part in whole.parts):
+        return [(name, ref, cand, facts)]
+    return [(part.label(name), part.take(ref), part.take(cand),
+             {part.label(name): part.facts}) for part in whole.parts]
 
 
 def _token_keep(batch: Batch, token_mask: str | None) -> np.ndarray | None:

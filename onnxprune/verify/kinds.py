@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Literal, get_args
 
 import numpy as np
@@ -48,6 +48,7 @@ import onnx_ir as ir
 from onnxprune.errors import InputError
 
 __all__ = ["OutputKind", "KindLimits", "KindInfo", "KINDS", "KindDecision", "OutputFacts",
+           "OutputPart",
            "graph_facts", "decide_kind", "kind_from_values", "check_kinds", "kinds_table"]
 
 OutputKind = Literal["probabilities", "scores", "embedding", "hidden", "regression",
@@ -138,9 +139,30 @@ class OutputFacts:
     pooled: str = ""      # the pooling op ('ReduceMean', ...) or ''
     normalized: str = ""  # the normalizing op or ''
     linear: bool = False  # a MatMul/Gemm (+ constant bias) head
+    # A Concat of differently made parts (a detector's boxes, class probabilities and mask
+    # coefficients in one tensor): judged part by part, each by its own kind.
+    parts: tuple[OutputPart, ...] = ()
 
     def where(self) -> str:
         return f"{self.op} '{self.node}'"
+
+
+@dataclass(frozen=True)
+class OutputPart:
+    """Indices start:stop along `axis` of an output, made by one kind of op."""
+
+    axis: int
+    start: int
+    stop: int
+    facts: OutputFacts
+
+    def label(self, output: str) -> str:
+        return f"{output}[{':, ' * self.axis}{self.start}:{self.stop}]"
+
+    def take(self, array: np.ndarray) -> np.ndarray:
+        index = [slice(None)] * array.ndim
+        index[self.axis] = slice(self.start, self.stop)
+        return array[tuple(index)]
 
 
 # Ops that move values around without computing new ones: look through them.
@@ -207,7 +229,81 @@ def _facts(value: ir.Value) -> OutputFacts | None:
 
 def graph_facts(model: ir.Model) -> dict[str, OutputFacts | None]:
     """Facts for every graph output by name (None: the output is a graph input or constant)."""
-    return {v.name or "": _facts(v) for v in model.graph.outputs}
+    out = {}
+    for v in model.graph.outputs:
+        facts = _facts(v)
+        parts = _parts(v)
+        if facts is not None and parts:
+            facts = replace(facts, parts=parts)
+        out[v.name or ""] = facts
+    return out
+
+
+_MAX_PARTS = 8
+
+
+def _parts(value: ir.Value) -> tuple[OutputPart, ...]:
+    """The output's parts when, along one non-batch axis, it is a Concat of values made by
+    different ops (followed through Transpose, shape-keeping Reshape, and Concats along other
+    axes whose inputs are all made alike); () when it is one thing."""
+    if value.shape is None:
+        return ()
+    for axis in range(1, len(value.shape)):
+        found = _partition(value, axis, depth=6)
+        if found and 2 <= len(found) <= _MAX_PARTS:
+            start, parts = 0, []
+            for size, facts in found:
+                parts.append(OutputPart(axis, start, start + size, facts))
+                start += size
+            return tuple(parts)
+    return ()
+
+
+def _partition(value: ir.Value, axis: int, depth: int) -> list[tuple[int, OutputFacts]] | None:
+    """[(size, facts)] of the runs of alike parts along `axis`, or None where unknown."""
+    node = value.producer()
+    if node is None or depth == 0 or not node.inputs or node.inputs[0] is None:
+        return None
+    src = node.inputs[0]
+    if node.op_type in ("Identity", "Cast"):
+        return _partition(src, axis, depth - 1)
+    if node.op_type == "Transpose":
+        perm = node.attributes.get_ints("perm")
+        if perm is None or axis >= len(perm):
+            return None
+        return _partition(src, perm[axis], depth - 1)
+    if node.op_type == "Reshape":
+        a, b = src.shape, value.shape
+        if (a is None or b is None or len(a) <= axis or len(b) <= axis
+                or not all(isinstance(d, int) for d in a[1:axis + 1])
+                or list(a[1:axis + 1]) != list(b[1:axis + 1])):
+            return None
+        return _partition(src, axis, depth - 1)
+    if node.op_type != "Concat":
+        return None
+    rank = len(value.shape) if value.shape is not None else None
+    cat = node.attributes.get_int("axis", 0)
+    if rank is not None and cat < 0:
+        cat += rank
+    if cat != axis:  # e.g. detection scales side by side: each must split alike
+        splits = [_partition(i, axis, depth - 1) if i is not None else None
+                  for i in node.inputs]
+        first = splits[0]
+        if first is None or any(s is None or [(n, f.op) for n, f in s]
+                                != [(n, f.op) for n, f in first] for s in splits):
+            return None
+        return first
+    runs: list[tuple[int, OutputFacts]] = []
+    for i in node.inputs:
+        size = None if i is None or i.shape is None or len(i.shape) <= axis else i.shape[axis]
+        facts = _facts(i) if i is not None else None
+        if not isinstance(size, int) or facts is None:
+            return None
+        if runs and runs[-1][1].op == facts.op:
+            runs[-1] = (runs[-1][0] + size, runs[-1][1])
+        else:
+            runs.append((size, facts))
+    return runs
 
 
 _SCORES = re.compile(r"logit|score|class|label", re.IGNORECASE)
