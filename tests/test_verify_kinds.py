@@ -112,6 +112,12 @@ def test_detector_classes_that_moved_fail_although_the_boxes_dominate_the_cosine
     assert boxes.ok and not classes.ok and not result.ok
     assert _cli(tmp_path, ref, cand, batches) == 1
     assert _cli(tmp_path, ref, ref, batches) == 0
+    golden = save_golden(to_ir(ref), batches, tmp_path / "golden.npz")
+    assert [p.label("out") for p in golden.parts["out"].parts] == ["out[:, 0:4]", "out[:, 4:7]"]
+    again = compare_golden(load_golden(tmp_path / "golden.npz"), to_ir(cand),
+                           tolerances=DEFAULTS)
+    assert [(o.name, o.kind, o.ok) for o in again.outputs] == [
+        ("out[:, 0:4]", boxes.kind, True), ("out[:, 4:7]", "probabilities", False)]
 
 
 def _unet(scale: float, noise: float = 0.0) -> onnx.ModelProto:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import os
 import zipfile
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,13 @@ from onnxprune.verify.compare import (
     compare_outputs,
     reference_facts,
 )
-from onnxprune.verify.kinds import OUTPUT_KINDS, KindDecision, decide_kind
+from onnxprune.verify.kinds import (
+    OUTPUT_KINDS,
+    KindDecision,
+    OutputFacts,
+    OutputPart,
+    decide_kind,
+)
 
 __all__ = ["Golden", "save_golden", "load_golden", "compare_golden"]
 
@@ -45,6 +51,8 @@ class Golden:
     outputs: tuple[tuple[np.ndarray, ...], ...]
     path: str = ""
     kinds: tuple[KindDecision | None, ...] = ()  # by `names`; None or () where not recorded
+    # outputs judged part by part (a Concat of differently made parts), as recorded
+    parts: Mapping[str, OutputFacts] = field(default_factory=dict)
 
 
 def save_golden(model: ModelSource, batches: Iterable[Batch],
@@ -75,12 +83,17 @@ def save_golden(model: ModelSource, batches: Iterable[Batch],
     arrays["__outputs__"] = np.array(names)
     if all(k is not None for k in kinds):
         arrays["__kinds__"] = np.array([f"{k.kind}\t{k.reason}" for k in kinds if k])
+    parts = {n: f for n, f in facts.items() if f is not None and f.parts and n in names}
+    if parts:
+        arrays["__parts__"] = np.array([
+            f"{n}\t{p.axis}\t{p.start}\t{p.stop}\t{p.facts.op}\t{p.facts.node}"
+            for n, f in parts.items() for p in f.parts])
     out = Path(path)
     if out.suffix != ".npz":
         raise InputError(f"{out}: golden outputs are written as .npz; name the file *.npz")
     with atomic_path(out) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
-    return Golden(names, tuple(kept_batches), tuple(kept_outputs), str(out), kinds)
+    return Golden(names, tuple(kept_batches), tuple(kept_outputs), str(out), kinds, parts)
 
 
 def load_golden(path: str | os.PathLike[str]) -> Golden:
@@ -107,7 +120,26 @@ def load_golden(path: str | os.PathLike[str]) -> Golden:
             outputs.append(tuple(data[f"output/{i}/{n}"] for n in names))
         except KeyError as e:
             raise DataError(f"{p}: batch {i} lacks output {e}; save the file again") from e
-    return Golden(names, tuple(batches), tuple(outputs), str(p), _read_kinds(data, names))
+    return Golden(names, tuple(batches), tuple(outputs), str(p), _read_kinds(data, names),
+                  _read_parts(data, names))
+
+
+def _read_parts(data: dict[str, np.ndarray], names: tuple[str, ...]
+                ) -> dict[str, OutputFacts]:
+    """The recorded parts of outputs judged part by part; {} where absent or odd."""
+    found: dict[str, list[OutputPart]] = {}
+    for text in (str(x) for x in data.get("__parts__", np.array([]))):
+        fields_ = text.split("\t")
+        if len(fields_) != 6 or fields_[0] not in names:
+            return {}
+        name, axis, start, stop, op, node = fields_
+        try:
+            part = OutputPart(int(axis), int(start), int(stop), OutputFacts(op, node))
+        except ValueError:
+            return {}
+        found.setdefault(name, []).append(part)
+    return {n: OutputFacts("Concat", "(recorded in the golden file)", parts=tuple(ps))
+            for n, ps in found.items()}
 
 
 def _read_kinds(data: dict[str, np.ndarray], names: tuple[str, ...]
@@ -137,9 +169,11 @@ def compare_golden(
     """Compares the candidate's outputs on the saved inputs with the saved outputs; kinds
     recorded in the file apply unless `output_kinds` names others (see compare_models)."""
     kinds: dict[str, str | KindDecision] = {
-        n: k for n, k in zip(golden.names, golden.kinds, strict=False) if k is not None}
+        n: k for n, k in zip(golden.names, golden.kinds, strict=False)
+        if k is not None and n not in golden.parts}
     kinds.update(output_kinds or {})
     return compare_outputs(golden.names, lambda i, _batch: golden.outputs[i], candidate,
                            golden.batches, providers=providers, tolerances=tolerances,
                            against=f"golden outputs {golden.path or ''}".strip(),
-                           output_kinds=kinds, outputs=outputs, token_mask=token_mask)
+                           output_kinds=kinds, outputs=outputs, token_mask=token_mask,
+                           facts=dict(golden.parts) or None)
