@@ -103,7 +103,7 @@ def _quantized_weight_flops(graph: ir.Graph) -> int:
 def inference_flops(model: ir.Model, input_shapes: dict[str, list[int]],
                     ops: Collection[str] | None = None) -> int:
     """FLOPs (2 x multiply-adds) of one run with the given input shapes: Conv,
-    ConvTranspose, MatMul/Gemm with a constant (or dequantized) weight, and LSTM.
+    ConvTranspose, MatMul (attention's activation products included), Gemm, and LSTM.
 
     Unlike `weight_flops_per_row`, this counts a CNN's convolutions, whose cost depends on
     the image size; shapes come from onnx shape inference on a copy with fixed inputs.
@@ -148,8 +148,10 @@ def inference_flops(model: ir.Model, input_shapes: dict[str, list[int]],
             x = shapes.get(ins[0])
             if x and all(x):
                 macs += int(np.prod(x)) * int(np.prod(w[1:]))
-        elif node.op_type in ("MatMul", "Gemm") and len(w) == 2:
+        elif node.op_type == "Gemm" and len(w) == 2:
             macs += int(np.prod(out[:-1])) * w[0] * w[1]
+        elif node.op_type == "MatMul":  # weights and activations alike (attention scores)
+            macs += int(np.prod(out)) * (w[-2] if len(w) >= 2 else 1)
         elif node.op_type == "LSTM" and len(ins) > 2:
             x, r = shapes.get(ins[0]), shapes.get(ins[2])
             if x and r and all(x):
