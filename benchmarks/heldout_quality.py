@@ -6,6 +6,8 @@ pydoc sentences, 512 held-out news sentences nobody tuned on, and the 200 labell
 movie-review sentences (leave-one-out nearest-centroid probe, paired against the dense model
 on the same rows). The other MiniLM benchmarks print the same columns for the models they make.
 
+    python benchmarks/heldout_quality.py --dense build/minilm_legacy.onnx --recipes default,int8,p50
+
 Usage::
 
     python benchmarks/heldout_quality.py --dense build/minilm_legacy.onnx \\
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -24,7 +27,37 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import metrics  # noqa: E402
 import sources  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = [("model", metrics.cell("model")), *metrics.QUALITY_COLUMNS]
+CAL = ["--calibration", "build/calib_256", "--token-mask", "attention_mask"]
+# --recipes: the MiniLM variants the READMEs quote, made here with the CLI (pydoc calibration
+# unless the name says news), so one table judges them all on every source.
+RECIPES = {
+    "default": [],
+    "int8": ["quantize", *CAL],
+    "p50": ["--sparsity", "0.5", *CAL],
+    "p50-lstsq": ["--sparsity", "0.5", "--reconstruct", "lstsq", *CAL],
+    "p70": ["--sparsity", "0.7", *CAL],
+    "p50-news": ["--sparsity", "0.5", "--calibration", "build/calib_news_256",
+                 "--token-mask", "attention_mask"],
+    "heads25": ["--heads", "0.25", *CAL],
+    "flops75": ["--target", "flops=0.75", "--max-drop", "0.02", *CAL],
+    "p50+int8": ["--sparsity", "0.5", "--quantize", "int8", *CAL],
+}
+
+
+def make(dense: Path, name: str, folder: Path) -> Path:
+    """The recipe's model (made once; delete the file to remake it)."""
+    out = folder / f"{dense.stem}_{name}.onnx"
+    if not out.exists():
+        args = RECIPES[name]
+        cmd = ["quantize", str(dense)] if args[:1] == ["quantize"] else [str(dense)]
+        rest = args[1:] if args[:1] == ["quantize"] else args
+        folder.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "onnxprune", *cmd, "-o", str(out), *rest,
+                        "--no-verify", "-q"], check=True, cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,7 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", action="append", default=[], metavar="NAME=PATH")
     parser.add_argument("--gensim-wheel", type=Path)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--recipes", default="", help=f"comma-separated: {', '.join(RECIPES)}")
     opts = parser.parse_args(argv)
+    for name in filter(None, opts.recipes.split(",")):
+        opts.model.append(f"{name}={make(opts.dense, name, ROOT / 'build' / 'heldout')}")
     if opts.gensim_wheel:
         os.environ["GENSIM_WHEEL"] = str(opts.gensim_wheel)
     ref = sources.Reference(opts.dense)
