@@ -5,8 +5,9 @@
 
 Per model (ddddocr's shipped CRNN at 1x1x64x170; torchvision-layout resnet50 / resnet18,
 random init, legacy exporter, 1x3x224x224): onnxruntime's per-node profile (1 thread,
-`--runs` runs after warm-up) of the dense model and of each pruned variant (l1, data-free,
-`--sparsity` of every group's channels, `--round-to` 1 and/or auto), summed per op type:
+`--runs` runs, all variants interleaved) of the dense model and of each pruned variant (l1,
+data-free, `--sparsity` of every group's channels, `--round-to` 1 and/or auto; auto's table
+sizes ops at ddddocr's width 64 then, the data-free default for a symbolic dim), per op type:
 ms/run dense and pruned, the op type's share of the dense time next to its share of the
 dense FLOPs (an op whose time share is far above its FLOPs share is memory- or
 overhead-bound: pruning FLOPs elsewhere cannot move it), and how many Conv nodes run in
@@ -66,28 +67,32 @@ def _bytes(model: ir.Model) -> bytes:
     return ir.serde.serialize_model(model).SerializeToString()
 
 
-def profile(model: ir.Model, feeds: dict, runs: int) -> dict[str, float]:
-    """ms per run, per op type (onnxruntime's kernel times, 1 thread)."""
+def profile(models: list[ir.Model], feeds: dict, runs: int) -> list[dict[str, float]]:
+    """ms per run, per op type, of each model (onnxruntime's kernel times, 1 thread): all
+    models' sessions run round-robin, so a load change on the machine hits them alike."""
     with tempfile.TemporaryDirectory() as d:
-        so = _options()
-        so.enable_profiling = True
-        so.profile_file_prefix = os.path.join(d, "p")
-        s = ort.InferenceSession(_bytes(model), so, providers=["CPUExecutionProvider"])
-        for _ in range(3):
+        sessions = []
+        for k, model in enumerate(models):
+            so = _options()
+            so.enable_profiling = True
+            so.profile_file_prefix = os.path.join(d, f"p{k}")
+            sessions.append(ort.InferenceSession(_bytes(model), so,
+                                                 providers=["CPUExecutionProvider"]))
+        for s in sessions:
             s.run(None, feeds)
-        events = json.loads(Path(s.end_profiling()).read_text())
-        # a second session: its profile holds only the timed runs (after 1 warm-up)
-        s = ort.InferenceSession(_bytes(model), so, providers=["CPUExecutionProvider"])
-        s.run(None, feeds)
         for _ in range(runs):
-            s.run(None, feeds)
-        events = json.loads(Path(s.end_profiling()).read_text())
-    t: Counter = Counter()
-    for e in events:
-        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
-            op = e["args"]["op_name"]
-            t[KERNEL_OP.get(op, op)] += e["dur"]
-    return {k: v / (runs + 1) / 1000 for k, v in t.items()}
+            for s in sessions:
+                s.run(None, feeds)
+        files = [Path(s.end_profiling()) for s in sessions]
+        out = []
+        for f in files:
+            t: Counter = Counter()
+            for e in json.loads(f.read_text()):
+                if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+                    op = e["args"]["op_name"]
+                    t[KERNEL_OP.get(op, op)] += e["dur"]
+            out.append({k: v / (runs + 1) / 1000 for k, v in t.items()})
+    return out
 
 
 def conv_layouts(model: ir.Model) -> tuple[int, int, list[str]]:
@@ -191,7 +196,7 @@ def run(name: str, sparsities: list[float], rounds: list[int | str], runs: int, 
             print(f"   pruned {name} {variants[-1][0]} in {time.perf_counter() - t:.1f} s",
                   flush=True)
     flops = [flops_by_op(m, shapes) for _, m in variants]
-    profiles = [profile(m, feeds, runs) for _, m in variants]
+    profiles = profile([m for _, m in variants], feeds, runs)
     layouts = [conv_layouts(m) for _, m in variants]
     d_t, d_f = profiles[0], flops[0]
     total_t, total_f = sum(d_t.values()), max(sum(d_f.values()), 1)

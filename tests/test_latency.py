@@ -183,3 +183,23 @@ def test_table_timer_runs_a_one_node_model_shape() -> None:
                      np.float32)
         y = run(ir.serde.deserialize_model(model), {"x": x})[0]
         assert y.shape[1] == op.cout
+
+
+def test_sensitivity_allocation_with_the_table_shares_time_not_channels() -> None:
+    from onnxprune.conv.sensitivity import GroupCurve, allocate_removals
+
+    a = GroupCurve("a", 10, (5, 10), (0.5, 1.0))
+    b = GroupCurve("b", 10, (5, 10), (0.5, 1.0))
+    assert allocate_removals([a, b], 4) == {"a": 2, "b": 2}
+    # b's channels cost 3x the time: the same error buys 3x the saving there; 8 ms to save
+    assert allocate_removals([a, b], 4, {"a": 1.0, "b": 3.0}) == {"a": 0, "b": 3}
+
+
+def test_ms_per_channel_reads_the_table_around_each_group() -> None:
+    from onnxprune.channels.latency_counts import ms_per_channel
+
+    m = to_ir(_conv_net())
+    groups = [g for g in find_channel_groups(m) if g.prunable]
+    ms = ms_per_channel(m, groups, LatencyTable(None, lambda op: op.cin * op.cout * 1e-3))
+    # group c1: c1 (3 -> 16) and c2 (16 -> 16) at 8 channels: (48 + 256 - 24 - 128) / 8
+    assert ms[groups[0].name] == pytest.approx((48 + 256 - 24 - 128) * 1e-3 / 8)

@@ -24,7 +24,8 @@ from onnxprune.channels.model import ChannelGroup
 from onnxprune.core.accounting import value_shapes
 from onnxprune.core.weights import const_array
 
-__all__ = ["fastest_counts", "candidate_counts", "GroupCosts", "default_input_shapes"]
+__all__ = ["fastest_counts", "candidate_counts", "GroupCosts", "default_input_shapes",
+           "ms_per_channel"]
 
 logger = logging.getLogger(__name__)
 
@@ -152,5 +153,23 @@ def fastest_counts(model: ir.Model, groups: Sequence[ChannelGroup], counts: Sequ
             logger.info("group %s: %d -> %d channels kept (%.3f -> %.3f ms by the table)",
                         g.name, out[gi], pick, ms[out[gi]], ms[pick])
         out[gi] = pick
+    table.save()
+    return out
+
+
+def ms_per_channel(model: ir.Model, groups: Sequence[ChannelGroup], table: LatencyTable,
+                   input_shapes: Mapping[str, list[int]] | None = None) -> dict[str, float]:
+    """What one channel of each group costs by the table: the ms its ops save when the
+    group alone keeps half its channels (rounded to the block), per channel removed."""
+    costs = GroupCosts(model, groups, table, input_shapes)
+    dense = [g.size for g in costs.groups]
+    out = {}
+    for gi, g in enumerate(costs.groups):
+        half = list(dense)
+        half[gi] = max(1, -(-(g.size // 2) // BLOCK) * BLOCK if g.size >= 2 * BLOCK
+                       else g.size // 2)
+        gone = g.size - half[gi]
+        saved = costs.group_ms(gi, dense) - costs.group_ms(gi, half)
+        out[g.name] = max(saved, 0.0) / gone if gone else 0.0
     table.save()
     return out

@@ -22,7 +22,7 @@ from onnxprune.channels.criteria import CRITERIA, DATA_AWARE, ChannelWeights, sc
 from onnxprune.channels.groups import find_channel_groups, group_of
 from onnxprune.channels.keep import KeepSpec, fixed_indices, keep_counts
 from onnxprune.channels.latency import LatencyTable
-from onnxprune.channels.latency_counts import fastest_counts
+from onnxprune.channels.latency_counts import fastest_counts, ms_per_channel
 from onnxprune.channels.model import ChannelGroup
 from onnxprune.channels.shapes import shape_hints
 from onnxprune.channels.slicing import keep_channels, keep_many
@@ -154,6 +154,13 @@ def _kept_count(size: int, remove: int, round_to: int | str) -> int:
     return keep
 
 
+def _shapes(calib: Calibration | None) -> dict[str, list[int]] | None:
+    """Input shapes of the first calibration batch (the latency table's op sizes)."""
+    if calib is None or not calib.batches:
+        return None
+    return {k: list(np.shape(v)) for k, v in calib.batches[0].items()}
+
+
 Scorer = Callable[[ChannelGroup], np.ndarray]
 Progress = Callable[[int, int, str], None]  # (groups done, groups in all, current group)
 
@@ -184,8 +191,8 @@ class RemoveNeuronsPass(ReportingPass):
         an earlier pass (default: the model as given). `sweep`: calibration state shared
         with the runs before and after this one (see Sweep; it holds the targets).
         `calibration`: a Calibration, a path to .npz data, or a list / iterator of batches.
-        `round_to="auto"`: counts this machine runs fastest, by `latency_table` (default:
-        the cached table of channels/latency.py, measured where it lacks an entry)."""
+        `round_to="auto"`: counts this machine runs fastest by `latency_table` (default:
+        channels/latency.py's cached table); with --global it also shares time, not channels."""
         super().__init__()
         calibration = as_calibration(calibration)
         # OBS with data (chooses and refits jointly), l1 without: the CLI's defaults.
@@ -393,10 +400,11 @@ class RemoveNeuronsPass(ReportingPass):
                     calib: Calibration | None) -> list[int]:
         if self.round_to != "auto" or self.keep is not None:
             return counts
-        table = self.latency_table or LatencyTable.default()
-        shapes = {k: list(np.shape(v)) for k, v in calib.batches[0].items()} \
-            if calib is not None and calib.batches else None
-        return fastest_counts(model, groups, counts, table, shapes)
+        return fastest_counts(model, groups, counts, self._table(), _shapes(calib))
+
+    def _table(self) -> LatencyTable:
+        self.latency_table = self.latency_table or LatencyTable.default()
+        return self.latency_table
 
     def _calibrated_counts(
         self, model: ir.Model, groups: list[ChannelGroup], calib: Calibration
@@ -432,7 +440,9 @@ class RemoveNeuronsPass(ReportingPass):
         curves = {c.group: c for c in conv_sensitivity(model, conv, calib, levels=levels)}
         budget = _floor(self.sparsity * sum(g.size for g in groups))
         flat = {g.name: _floor(self.sparsity * g.size) for g in groups if g.name not in curves}
-        removed = allocate_removals(list(curves.values()), max(budget - sum(flat.values()), 0))
+        ms = ms_per_channel(model, conv, self._table(), _shapes(calib)) \
+            if self.round_to == "auto" else None  # share the time saved, not the channels
+        removed = allocate_removals(list(curves.values()), max(budget - sum(flat.values()), 0), ms)
         for name, r in removed.items():
             logger.info("group %s: %d channels removed by measured sensitivity", name, r)
         return [_kept_count(g.size, flat.get(g.name, removed.get(g.name, 0)), self.round_to)
