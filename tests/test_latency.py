@@ -203,3 +203,25 @@ def test_ms_per_channel_reads_the_table_around_each_group() -> None:
     ms = ms_per_channel(m, groups, LatencyTable(None, lambda op: op.cin * op.cout * 1e-3))
     # group c1: c1 (3 -> 16) and c2 (16 -> 16) at 8 channels: (48 + 256 - 24 - 128) / 8
     assert ms[groups[0].name] == pytest.approx((48 + 256 - 24 - 128) * 1e-3 / 8)
+
+
+def test_table_latency_predicts_a_search_allocation_from_the_table() -> None:
+    from helpers import residual_mlp_model
+    from onnx_ir.passes.common import NameFixPass
+
+    from onnxprune.search.latency_model import TableLatency
+    from onnxprune.search.units import find_units
+
+    m = to_ir(residual_mlp_model(8, 32, blocks=2, seed=1))
+    NameFixPass()(m)
+    units, _ = find_units(m)
+    batch = {"x": np.zeros((4, 8), np.float32)}
+    table = LatencyTable(None, lambda op: op.cin * op.cout * op.spatial[0] * 1e-3)
+    pred = TableLatency.of(m, units, batch, table, dense_ms=10.0)
+    assert pred is not None and pred.ratio({}) == pytest.approx(1.0)
+    dense = pred.dense_table
+    # each FFN: up 8 -> 32 and down 32 -> 8 at 4 rows; half the neurons of one: a quarter
+    # of the table's time leaves, the rest (10 ms - table) stays
+    half = pred.ratio({units[0].name: 16})
+    assert half == pytest.approx((10.0 - dense / 4) / 10.0)
+    assert pred.ratio({units[0].name: 16, units[1].name: 16}) < half
