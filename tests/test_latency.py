@@ -225,3 +225,22 @@ def test_table_latency_predicts_a_search_allocation_from_the_table() -> None:
     half = pred.ratio({units[0].name: 16})
     assert half == pytest.approx((10.0 - dense / 4) / 10.0)
     assert pred.ratio({units[0].name: 16, units[1].name: 16}) < half
+
+
+def test_round_to_auto_through_a_depthwise_conv_gives_a_model_that_runs() -> None:
+    b = GraphBuilder(seed=5)
+    x = b.input("x", [1, 3, 8, 8])
+    h = b.op("Conv", [x, b.weight("c1.w", [16, 3, 1, 1])], name="c1", kernel_shape=[1, 1])
+    h = b.op("Conv", [b.op("Relu", [h]), b.weight("dw.w", [16, 1, 3, 3])], name="dw",
+             kernel_shape=[3, 3], pads=[1, 1, 1, 1], group=16)
+    h = b.op("Conv", [b.op("Relu", [h]), b.weight("c2.w", [8, 16, 1, 1])], name="c2",
+             kernel_shape=[1, 1])
+    h = b.op("Flatten", [b.op("GlobalAveragePool", [h])], axis=1)
+    b.op("Gemm", [h, b.weight("fc.w", [5, 8])], transB=1, name="fc", output="y")
+    m = to_ir(b.build(["y"]))
+    table = LatencyTable(None, fake_ms)
+    RemoveNeuronsPass(sparsity=0.4, round_to="auto", latency_table=table)(m)
+    w = const_array(next(n for n in m.graph if n.name == "c1").inputs[1])
+    assert w.shape[0] in (12, 16)
+    x0 = np.random.default_rng(0).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    assert run(m, {"x": x0})[0].shape == (1, 5)

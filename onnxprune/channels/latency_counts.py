@@ -118,8 +118,9 @@ class GroupCosts:
                 cout -= gone
         if op.depthwise:
             return self.table.ms(op.with_channels(min(cin, cout), min(cin, cout)))
-        if op.group > 1 and cin % op.group:
+        if op.group > 1:  # a grouped Conv keeps whole groups on both sides
             cin = max(op.group, cin // op.group * op.group)
+            cout = max(op.group, cout // op.group * op.group)
         return self.table.ms(op.with_channels(max(cin, 1), max(cout, 1)))
 
     def group_ms(self, gi: int, counts: Sequence[int]) -> float:
