@@ -1,8 +1,8 @@
-"""resnet18 and mobilenet_v3_small, written out in plain torch (random init).
+"""resnet18, resnet50 and mobilenet_v3_small, written out in plain torch (random init).
 
 torchvision's layer layout, reproduced so that the benchmark runs where torchvision is not
 installed (its PyPI wheels need CUDA libraries). Same modules, same shapes, same parameter
-counts as torchvision.models.resnet18() and mobilenet_v3_small().
+counts as torchvision.models.resnet18(), resnet50() and mobilenet_v3_small().
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["resnet18", "mobilenet_v3_small", "export"]
+__all__ = ["resnet18", "resnet50", "mobilenet_v3_small", "export"]
 
 
 class BasicBlock(nn.Module):
@@ -48,6 +48,56 @@ class ResNet18(nn.Module):
         self.layer1, self.layer2, self.layer3, self.layer4 = layers
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(512, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+class Bottleneck(nn.Module):
+    """torchvision's ResNet-50 block (stride on the 3x3 conv, "ResNet v1.5")."""
+
+    def __init__(self, cin: int, width: int, stride: int) -> None:
+        super().__init__()
+        cout = width * 4
+        self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, cout, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                            nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(out + identity)
+
+
+class ResNet50(nn.Module):
+    def __init__(self, num_classes: int = 1000) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        layers = []
+        cin = 64
+        for width, blocks, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
+            mods = [Bottleneck(cin, width, stride)]
+            mods += [Bottleneck(width * 4, width, 1) for _ in range(blocks - 1)]
+            layers.append(nn.Sequential(*mods))
+            cin = width * 4
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(2048, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
@@ -143,6 +193,11 @@ def _init(model: nn.Module, seed: int) -> nn.Module:
 def resnet18(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return _init(ResNet18(), seed)
+
+
+def resnet50(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return _init(ResNet50(), seed)
 
 
 def mobilenet_v3_small(seed: int = 0) -> nn.Module:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -294,7 +295,18 @@ def test_png_plot_or_a_clear_error_without_matplotlib(work: Path, capsys) -> Non
     assert rc == 0 and Path("s.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_latency_target_is_measured(work: Path) -> None:
+def test_latency_target_is_measured(work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Probes are predicted by the latency table (a fake one here, cached under the work
+    folder); only the model returned is timed whole."""
+    import onnxprune.search.search as search_module
+
+    monkeypatch.setenv("ONNXPRUNE_CACHE", str(work / "cache"))
+    monkeypatch.setattr("onnxprune.channels.latency.time_op",
+                        lambda op: op.cin * op.cout * op.spatial[0] * 1e-6)
+    timed = []
+    real = search_module.measure_latency
+    monkeypatch.setattr(search_module, "measure_latency",
+                        lambda *a, **k: timed.append(1) or real(*a, **k))
     rc = main(["m.onnx", "-o", "o.onnx", "--target", "latency=0.9", "--max-drop", "0.5",
                "--calibration", "calib", "--report", "r.json", "-q"])
     search = json.loads(Path("r.json").read_text())["search"]
@@ -303,6 +315,7 @@ def test_latency_target_is_measured(work: Path) -> None:
     assert search["latency"] > 0 and "measured here" in search["message"]
     assert search["reached"] == (search["latency"] <= 0.9 and search["drop"] <= 0.5)
     assert rc == (0 if search["reached"] else 1)
+    assert len(timed) == 1 and len(os.listdir(work / "cache")) == 1
 
 
 def test_a_zero_budget_is_a_budget() -> None:

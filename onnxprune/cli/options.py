@@ -51,6 +51,18 @@ def _ridge(text: str) -> float | None:
         raise argparse.ArgumentTypeError(f"'{text}' is neither a number nor auto") from None
 
 
+def _round_to(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"'{text}' is neither a positive integer nor auto")
+    return value
+
+
 def _nm(text: str) -> tuple[int, int]:
     try:
         n, m = (int(x) for x in text.split(":"))
@@ -234,7 +246,10 @@ def main_parser(prog: str = "onnxprune", description: str = MAIN_DESCRIPTION
                    "Conv groups share the budget by their measured output error)")
     g.add_argument("--max-group-sparsity", type=_fraction, default=0.9,
                    help="cap per group with --global (default 0.9)")
-    g.add_argument("--round-to", type=int, default=1, help="keep counts a multiple of N")
+    g.add_argument("--round-to", type=_round_to, default=1, metavar="N|auto",
+                   help="keep counts a multiple of N; auto: from the count asked up to the "
+                   "next multiple of 16, the count this CPU's kernels run fastest (a table "
+                   "timed once per machine, cached in $ONNXPRUNE_CACHE or ~/.cache/onnxprune)")
     g.add_argument("--ignore", action="append", default=[], metavar="GLOB",
                    help="node names to leave alone (repeatable)")
     g.add_argument("--heads", type=_fraction, metavar="F",

@@ -16,7 +16,7 @@ each group's curve piecewise linearly between the measured levels (never beyond 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -155,18 +155,31 @@ def conv_sensitivity(model: ir.Model, groups: Sequence[ChannelGroup], calib: Cal
     return curves
 
 
-def allocate_removals(curves: Sequence[GroupCurve], budget: int) -> dict[str, int]:
+def allocate_removals(curves: Sequence[GroupCurve], budget: int,
+                      ms_per_channel: Mapping[str, float] | None = None) -> dict[str, int]:
     """Channels to remove per group, `budget` in all (or as many as the curves allow),
-    one at a time to the group whose next channel costs least by its measured curve."""
+    one at a time to the group whose next channel costs least by its measured curve.
+
+    With `ms_per_channel` (what the latency table says one channel of each group costs,
+    `--round-to auto`), the budget is time: as many ms as removing `budget` channels spread
+    over the groups by their size would save, and the next channel goes to the group whose
+    error grows least per ms saved."""
     removed = {c.group: 0 for c in curves}
-    for _ in range(budget):
+    goal, spent = float(budget), 0.0
+    if ms_per_channel is not None:
+        sizes = sum(c.size for c in curves) or 1
+        goal = sum(ms_per_channel[c.group] * budget * c.size / sizes for c in curves)
+    while spent < goal - 1e-12:
         best, best_cost = None, float("inf")
         for c in curves:
             r = removed[c.group]
             step = c.cost(r + 1) - c.cost(r)
+            if ms_per_channel is not None:
+                step /= max(ms_per_channel[c.group], 1e-12)
             if step < best_cost:
                 best, best_cost = c, step
         if best is None:
             break
         removed[best.group] += 1
+        spent += 1.0 if ms_per_channel is None else max(ms_per_channel[best.group], 1e-12)
     return removed

@@ -16,7 +16,7 @@ import onnx_ir as ir
 
 from onnxprune.core.weights import const_array, iter_nodes, weight_uses
 
-__all__ = ["ModelStats", "model_stats", "inference_flops", "run_flops",
+__all__ = ["ModelStats", "model_stats", "inference_flops", "value_shapes", "run_flops",
            "fixed_input_shapes"]
 
 # Counting FLOPs per run serializes the model for onnx's shape inference; above this many
@@ -109,30 +109,7 @@ def inference_flops(model: ir.Model, input_shapes: dict[str, list[int]],
     the image size; shapes come from onnx shape inference on a copy with fixed inputs.
     `ops`: count only these op types.
     """
-    import onnx
-
-    proto = ir.serde.serialize_model(model)
-    for inp in proto.graph.input:
-        dims = input_shapes.get(inp.name)
-        if dims is None:
-            continue
-        shape = inp.type.tensor_type.shape
-        del shape.dim[:]
-        for d in dims:
-            shape.dim.add().dim_value = int(d)
-    inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
-    shapes: dict[str, list[int]] = {}
-    for vi in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
-        t = vi.type.tensor_type
-        if t.HasField("shape"):
-            shapes[vi.name] = [d.dim_value for d in t.shape.dim]
-    for init in inferred.graph.initializer:
-        shapes[init.name] = list(init.dims)
-    for node in inferred.graph.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].HasField("t"):
-            shapes[node.output[0]] = list(node.attribute[0].t.dims)
-        if node.op_type in ("DequantizeLinear", "Identity") and node.input[0] in shapes:
-            shapes.setdefault(node.output[0], shapes[node.input[0]])
+    inferred, shapes = _inferred(model, input_shapes)
     macs = 0
     for node in inferred.graph.node:
         if ops is not None and node.op_type not in ops:
@@ -157,6 +134,94 @@ def inference_flops(model: ir.Model, input_shapes: dict[str, list[int]],
             if x and r and all(x):
                 macs += x[0] * x[1] * int(np.prod(w)) + x[0] * x[1] * int(np.prod(r))
     return 2 * macs
+
+
+_FLOP_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm", "LSTM")
+
+
+def _runtime_shapes(proto, input_shapes: dict[str, list[int]],  # noqa: ANN001
+                    shapes: dict[str, list[int]]) -> None:
+    """Fills the shapes of FLOP-counting nodes' tensors that onnx shape inference left
+    unknown, from one onnxruntime run on zeros of the given input shapes.
+
+    Shape inference stops at a Reshape whose target is computed at run time (ddddocr's CRNN:
+    Shape -> Gather -> Concat -> Reshape before its LSTM and its classifier Gemm); without
+    this, those ops counted no FLOPs at all, and pruning the Convs looked like it cut far
+    more of the model than it does."""
+    missing = []
+    for node in proto.graph.node:
+        if node.op_type not in _FLOP_OPS or not node.output:
+            continue
+        for name in (*node.input[:2], node.output[0]):
+            dims = shapes.get(name)
+            if name and (dims is None or not dims or not all(dims)) and name not in missing:
+                missing.append(name)
+    if not missing or any(i.name not in input_shapes for i in proto.graph.input
+                          if i.name not in {t.name for t in proto.graph.initializer}):
+        return
+    import onnx
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(proto)
+    outputs = {o.name for o in probe.graph.output}
+    for name in missing:
+        if name not in outputs:
+            probe.graph.output.append(onnx.ValueInfoProto(name=name))
+    feeds = {}
+    for inp in probe.graph.input:
+        if inp.name in input_shapes:
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type)
+            feeds[inp.name] = np.zeros(input_shapes[inp.name], dtype=dtype)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        sess = ort.InferenceSession(probe.SerializeToString(), so,
+                                    providers=["CPUExecutionProvider"])
+        names = [o.name for o in sess.get_outputs()]
+        values = sess.run(names, feeds)
+    except Exception:  # noqa: BLE001 - a model ORT cannot run keeps its inferred shapes
+        return
+    for name, value in zip(names, values, strict=True):
+        if name in missing:
+            shapes[name] = list(np.shape(value))
+
+
+def value_shapes(model: ir.Model, input_shapes: dict[str, list[int]]) -> dict[str, list[int]]:
+    """Every tensor's shape for one run with the given input shapes (onnx shape inference;
+    the inputs and outputs of Conv / MatMul / Gemm / LSTM it leaves unknown come from one
+    onnxruntime run). Unknown dims are 0."""
+    return _inferred(model, input_shapes)[1]
+
+
+def _inferred(model: ir.Model, input_shapes: dict[str, list[int]]):  # noqa: ANN202
+    import onnx
+
+    proto = ir.serde.serialize_model(model)
+    for inp in proto.graph.input:
+        dims = input_shapes.get(inp.name)
+        if dims is None:
+            continue
+        shape = inp.type.tensor_type.shape
+        del shape.dim[:]
+        for d in dims:
+            shape.dim.add().dim_value = int(d)
+    inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+    shapes: dict[str, list[int]] = {}
+    for vi in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
+        t = vi.type.tensor_type
+        if t.HasField("shape"):
+            shapes[vi.name] = [d.dim_value for d in t.shape.dim]
+    for init in inferred.graph.initializer:
+        shapes[init.name] = list(init.dims)
+    for node in inferred.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].HasField("t"):
+            shapes[node.output[0]] = list(node.attribute[0].t.dims)
+        if node.op_type in ("DequantizeLinear", "Identity") and node.input[0] in shapes:
+            shapes.setdefault(node.output[0], shapes[node.input[0]])
+    _runtime_shapes(inferred, input_shapes, shapes)
+    return inferred, shapes
 
 
 def run_flops(model: ir.Model, input_shapes: dict[str, list[int]]) -> int | None:

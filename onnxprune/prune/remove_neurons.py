@@ -21,6 +21,8 @@ from onnxprune.calibration.propagate import Propagator
 from onnxprune.channels.criteria import CRITERIA, DATA_AWARE, ChannelWeights, score_channels
 from onnxprune.channels.groups import find_channel_groups, group_of
 from onnxprune.channels.keep import KeepSpec, fixed_indices, keep_counts
+from onnxprune.channels.latency import LatencyTable
+from onnxprune.channels.latency_counts import fastest_counts, ms_per_channel
 from onnxprune.channels.model import ChannelGroup
 from onnxprune.channels.shapes import shape_hints
 from onnxprune.channels.slicing import keep_channels, keep_many
@@ -145,11 +147,18 @@ def _floor(x: float) -> int:
     return int(math.floor(x + 1e-9))
 
 
-def _kept_count(size: int, remove: int, round_to: int) -> int:
+def _kept_count(size: int, remove: int, round_to: int | str) -> int:
     keep = max(size - remove, 1)
-    if round_to > 1:
+    if isinstance(round_to, int) and round_to > 1:
         keep = min(size, max(round_to, math.ceil(keep / round_to) * round_to))
     return keep
+
+
+def _shapes(calib: Calibration | None) -> dict[str, list[int]] | None:
+    """Input shapes of the first calibration batch (the latency table's op sizes)."""
+    if calib is None or not calib.batches:
+        return None
+    return {k: list(np.shape(v)) for k, v in calib.batches[0].items()}
 
 
 Scorer = Callable[[ChannelGroup], np.ndarray]
@@ -165,7 +174,7 @@ class RemoveNeuronsPass(ReportingPass):
         criterion: str | None = None,
         global_ranking: bool = False,
         max_group_sparsity: float = 0.9,
-        round_to: int = 1,
+        round_to: int | str = 1,
         ignore: Sequence[str] = (),
         seed: int = 0,
         scorer: Scorer | None = None,
@@ -174,13 +183,16 @@ class RemoveNeuronsPass(ReportingPass):
         keep: KeepSpec | None = None,
         reference: ir.Model | None = None,
         sweep: Sweep | None = None,
+        latency_table: LatencyTable | None = None,
     ) -> None:
         """`keep`, when given, decides each named group instead of `sparsity`; groups it
         does not name are left whole, and none after the last one it cuts is visited.
         `reference` is the model the repair reproduces when `model` was already pruned by
         an earlier pass (default: the model as given). `sweep`: calibration state shared
         with the runs before and after this one (see Sweep; it holds the targets).
-        `calibration`: a Calibration, a path to .npz data, or a list / iterator of batches."""
+        `calibration`: a Calibration, a path to .npz data, or a list / iterator of batches.
+        `round_to="auto"`: counts this machine runs fastest by `latency_table` (default:
+        channels/latency.py's cached table); with --global it also shares time, not channels."""
         super().__init__()
         calibration = as_calibration(calibration)
         # OBS with data (chooses and refits jointly), l1 without: the CLI's defaults.
@@ -189,8 +201,8 @@ class RemoveNeuronsPass(ReportingPass):
             raise InputError(f"--sparsity must be in [0, 1), got {sparsity}")
         if not 0 < max_group_sparsity < 1:
             raise InputError(f"--max-group-sparsity must be in (0, 1), got {max_group_sparsity}")
-        if round_to < 1:
-            raise InputError(f"--round-to must be >= 1, got {round_to}")
+        if round_to != "auto" and (not isinstance(round_to, int) or round_to < 1):
+            raise InputError(f"--round-to must be a positive integer or auto, got {round_to!r}")
         known = set(CRITERIA) | {"obs"}
         if scorer is None and criterion not in known:
             raise InputError(
@@ -211,6 +223,7 @@ class RemoveNeuronsPass(ReportingPass):
         self.keep = keep
         self.reference = reference
         self.sweep = sweep
+        self.latency_table = latency_table
         self.result = RemoveNeuronsResult(criterion, ())
         self.kept: dict[str, np.ndarray] = {}  # the channels each pruned group kept
 
@@ -259,7 +272,7 @@ class RemoveNeuronsPass(ReportingPass):
         for g in prunable:
             scores.append(self._score(g))
             release_pages(model)  # a big model's weights are read one group at a time
-        counts = self._keep_counts(prunable, scores)
+        counts = self._auto_round(model, prunable, self._keep_counts(prunable, scores), None)
         decisions: list[GroupDecision] = []
         modified = False
         plan = dict(zip((id(g) for g in prunable), zip(scores, counts, strict=True), strict=True))
@@ -303,7 +316,8 @@ class RemoveNeuronsPass(ReportingPass):
                 reasons[g.name] = "consumers read different tensors; no calibration repair"
             elif not g.consumers_are_matrices:
                 reasons[g.name] = "channels spread over blocks; no calibration repair"
-        counts = self._calibrated_counts(model, prunable, calib)
+        counts = self._auto_round(model, prunable, self._calibrated_counts(model, prunable, calib),
+                                  calib)
         if self.keep is not None:  # groups after the last one cut have nothing to do
             last = max((i for i, (g, c) in enumerate(zip(prunable, counts, strict=True))
                         if c < g.size), default=-1)
@@ -382,6 +396,16 @@ class RemoveNeuronsPass(ReportingPass):
         self.result = RemoveNeuronsResult(self.criterion, tuple(out))
         return ir.passes.PassResult(model, modified=modified)
 
+    def _auto_round(self, model: ir.Model, groups: list[ChannelGroup], counts: list[int],
+                    calib: Calibration | None) -> list[int]:
+        if self.round_to != "auto" or self.keep is not None:
+            return counts
+        return fastest_counts(model, groups, counts, self._table(), _shapes(calib))
+
+    def _table(self) -> LatencyTable:
+        self.latency_table = self.latency_table or LatencyTable.default()
+        return self.latency_table
+
     def _calibrated_counts(
         self, model: ir.Model, groups: list[ChannelGroup], calib: Calibration
     ) -> list[int]:
@@ -416,7 +440,9 @@ class RemoveNeuronsPass(ReportingPass):
         curves = {c.group: c for c in conv_sensitivity(model, conv, calib, levels=levels)}
         budget = _floor(self.sparsity * sum(g.size for g in groups))
         flat = {g.name: _floor(self.sparsity * g.size) for g in groups if g.name not in curves}
-        removed = allocate_removals(list(curves.values()), max(budget - sum(flat.values()), 0))
+        ms = ms_per_channel(model, conv, self._table(), _shapes(calib)) \
+            if self.round_to == "auto" else None  # share the time saved, not the channels
+        removed = allocate_removals(list(curves.values()), max(budget - sum(flat.values()), 0), ms)
         for name, r in removed.items():
             logger.info("group %s: %d channels removed by measured sensitivity", name, r)
         return [_kept_count(g.size, flat.get(g.name, removed.get(g.name, 0)), self.round_to)

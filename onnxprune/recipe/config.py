@@ -59,7 +59,7 @@ class PruneConfig:
     repair_augment: int | None = None  # edited copies of the calibration sentences (distill)
     global_ranking: bool = False
     max_group_sparsity: float = 0.9
-    round_to: int = 1
+    round_to: int | Literal["auto"] = 1  # auto: counts the latency table says run fastest
     ignore: tuple[str, ...] = ()
     seed: int = 0
     heads: float | None = None  # fraction of attention heads removed (per block, or global)
