@@ -2,9 +2,12 @@
 
     python benchmarks/profile_ops.py                          # ddddocr, resnet50, resnet18
     python benchmarks/profile_ops.py --models ddddocr --sparsity 0.3,0.5 --round-to 1,auto
+    python benchmarks/profile_ops.py --models minilm,minilm:dynamo --sparsity 0.5 --round-to 1 \
+        --add minilm/flops75=build/heldout/minilm_legacy_flops75.onnx
 
 Per model (ddddocr's shipped CRNN at 1x1x64x170; torchvision-layout resnet50 / resnet18,
-random init, legacy exporter, 1x3x224x224): onnxruntime's per-node profile (1 thread,
+random init, legacy exporter, 1x3x224x224; MiniLM from build/, batch 8 x 128 tokens, FFN
+neurons pruned): onnxruntime's per-node profile (1 thread,
 `--runs` runs, all variants interleaved) of the dense model and of each pruned variant (l1,
 data-free, `--sparsity` of every group's channels, `--round-to` 1 and/or auto; auto's table
 sizes ops at ddddocr's width 64 then, the data-free default for a symbolic dim), per op type:
@@ -145,9 +148,15 @@ def load_model(name: str) -> tuple[Path, dict[str, np.ndarray], dict[str, list[i
         path = Path(ddddocr.__file__).parent / "common.onnx"
         x = rng.random((1, 1, 64, 170), dtype=np.float32)
         return path, {"input1": x}, {"input1": [1, 1, 64, 170]}
+    model, _, exporter = name.partition(":")
+    if model == "minilm":  # build/minilm_<exporter>.onnx (benchmarks/export_minilm.py)
+        import metrics
+
+        feeds = metrics.latency_feeds(8, 128)
+        return (BUILD / f"minilm_{exporter or 'legacy'}.onnx", feeds,
+                {k: list(v.shape) for k, v in feeds.items()})
     from cnn import exported
 
-    model, _, exporter = name.partition(":")
     path = exported(model, exporter or "legacy")
     x = rng.standard_normal((1, 3, 224, 224)).astype(np.float32)
     return path, {"input": x}, {"input": [1, 3, 224, 224]}
@@ -190,12 +199,13 @@ def why(dense_t: dict[str, float], var_t: dict[str, float], dense_f: dict[str, i
     return lines
 
 
-def run(name: str, sparsities: list[float], rounds: list[int | str], runs: int, reps: int
-        ) -> list[dict]:
+def run(name: str, sparsities: list[float], rounds: list[int | str], runs: int, reps: int,
+        added: list[tuple[str, Path]] = ()) -> list[dict]:  # type: ignore[assignment]
     path, feeds, shapes = load_model(name)
     dense = ir.load(str(path))
     variants: list[tuple[str, ir.Model]] = [("dense", dense)]
-    seen = {_shapes(dense): "dense"}
+    variants += [(label, ir.load(str(p))) for label, p in added]
+    seen = {_shapes(m): label for label, m in variants}
     for sp in sparsities:
         for r in rounds:
             t = time.perf_counter()
@@ -266,12 +276,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--round-to", default="1,auto", help="comma-separated: N or auto")
     ap.add_argument("--runs", type=int, default=20, help="profiled runs per model")
     ap.add_argument("--reps", type=int, default=30, help="interleaved timing rounds")
+    ap.add_argument("--add", action="append", default=[], metavar="MODEL/LABEL=PATH",
+                    help="also time a model made elsewhere as a variant of MODEL, e.g. "
+                    "minilm/flops75=build/heldout/minilm_legacy_flops75.onnx")
     args = ap.parse_args(argv)
     rounds: list[int | str] = [r if r == "auto" else int(r) for r in args.round_to.split(",")]
     sparsities = [float(s) for s in args.sparsity.split(",")]
     rows = []
     for name in args.models.split(","):
-        rows += run(name, sparsities, rounds, args.runs, args.reps)
+        added = [(spec.split("=", 1)[0].split("/", 1)[1], Path(spec.split("=", 1)[1]))
+                 for spec in args.add if spec.split("/", 1)[0] == name]
+        rows += run(name, sparsities, rounds, args.runs, args.reps, added)
     BUILD.mkdir(exist_ok=True)
     (BUILD / "bench_profile_ops.json").write_text(json.dumps(rows, indent=1, default=str))
     return 0
