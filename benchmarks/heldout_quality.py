@@ -41,7 +41,8 @@ RECIPES = {
     "p50-news": ["--sparsity", "0.5", "--calibration", "build/calib_news_256",
                  "--token-mask", "attention_mask"],
     "heads25": ["--heads", "0.25", *CAL],
-    "flops75": ["--target", "flops=0.75", "--max-drop", "0.02", *CAL],
+    "flops75": ["--target", "flops=0.75", "--max-drop", "0.02", "--calibration",  # as target.py
+                "build/calib_512", "--token-mask", "attention_mask"],
     "p50+int8": ["--sparsity", "0.5", "--quantize", "int8", *CAL],
 }
 
