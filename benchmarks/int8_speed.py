@@ -160,7 +160,11 @@ def main(argv: list[str] | None = None) -> int:
                     f"{m * 1e3:.1f} | {ms[0] / m:.2f}x | {qd / m:.3f} | "
                     f"{load[0]:.2f}->{load_after[0]:.2f} |")
             print("\n".join(rows[-len(models):]), flush=True)
-    print(f"\n## speed (batch 8 x 128, {args.repeats} interleaved repeats, medians)")
+    import onnxruntime
+
+    print(f"\n## speed (batch 8 x 128, {args.repeats} interleaved repeats, medians, onnxruntime "
+          f"{onnxruntime.__version__}, {os.cpu_count()} cores; 2-thread timings only mean "
+          "something on an otherwise idle machine)")
     print("| exporter | threads | model | cos mean | cos min | median ms | vs dense | "
           "vs quantize_dynamic | load avg 1 min (before->after) |")
     print("|---|---|---|---|---|---|---|---|---|")
