@@ -331,6 +331,8 @@ def _add_quantize_options(p: argparse.ArgumentParser) -> None:
                    choices=("minmax", "percentile", "entropy"),
                    default="percentile", help="activation ranges (default percentile 99.99)")
     g.add_argument("--activation-dtype", choices=("uint8", "int8"), default="uint8")
+    g.add_argument("--quant-format", choices=("qdq", "operator"), default="qdq", help="qdq "
+                   "(portable) or operator: MatMulIntegerToFloat + bias (onnxruntime, faster)")
     g.add_argument("--weight-only", action="store_true",
                    help="int8 weights behind DequantizeLinear, float activations (no data needed)")
     g.add_argument("--quantize-ops", dest="ops", type=_ops, default=("MatMul", "Gemm", "Conv"),

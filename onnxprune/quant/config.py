@@ -40,6 +40,9 @@ class QuantizeConfig:
         onnxruntime) or the table is dequantized first (textbook QDQ).
     activation_matmuls: also quantize MatMuls of two activations (attention scores).
     canonicalize_gelu: reorder dynamo-exported erf-GELU so onnxruntime fuses it.
+    quant_format: "qdq" (portable QuantizeLinear/DequantizeLinear pairs) or "operator"
+        (weight MatMuls written as com.microsoft MatMulIntegerToFloat with the bias folded
+        in: onnxruntime-only, faster on its CPU provider; see quant/ort_layout.py).
     token_mask: graph input (e.g. attention_mask) whose zeros mark padding rows that must
         not shape the statistics.
     sample_rows: calibration rows kept per tensor to measure output error; `seed` fixes
@@ -60,6 +63,7 @@ class QuantizeConfig:
     embedding_layout: EmbeddingLayout = "gather-first"
     canonicalize_gelu: bool = True
     activation_matmuls: bool = False
+    quant_format: Literal["qdq", "operator"] = "qdq"
     token_mask: str | None = None
     sample_rows: int = 512
     seed: int = 0
@@ -83,5 +87,7 @@ class QuantizeConfig:
             isinstance(self.smooth, (int, float)) and 0.0 <= self.smooth <= 1.0
         ):
             raise InputError(f"smooth (SmoothQuant alpha) must be in [0, 1], got {self.smooth}")
+        if self.quant_format not in ("qdq", "operator"):
+            raise InputError(f"quant format must be qdq or operator, got '{self.quant_format}'")
         if self.sample_rows < 1:
             raise InputError(f"sample_rows must be >= 1, got {self.sample_rows}")

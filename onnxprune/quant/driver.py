@@ -38,6 +38,7 @@ from onnxprune.quant.insert_qdq import (
     QuantizedLayer,
 )
 from onnxprune.quant.layers import QLayer, check_not_quantized, find_layers, layer_name
+from onnxprune.quant.ort_layout import residual_adds_as_sum, to_operator_format
 from onnxprune.quant.qerror import (
     SMOOTH_GAIN,
     ActivationChoice,
@@ -163,6 +164,10 @@ def quantize_model(
         embedding_layout=config.embedding_layout,
     )
     qdq(model)
+    if config.quant_format == "operator" and not config.weight_only:
+        logger.info("operator format: %d MatMuls written as MatMulIntegerToFloat",
+                    to_operator_format(model))
+    residual_adds_as_sum(model)  # onnxruntime's SkipLayerNormalization is slower
     reports = tuple(_layer_report(r, plan) for r in qdq.result.layers)
     if qdq.result.constant_bytes_after > qdq.result.constant_bytes_before:
         logger.warning(
