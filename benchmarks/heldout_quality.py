@@ -35,6 +35,7 @@ CAL = ["--calibration", "build/calib_256", "--token-mask", "attention_mask"]
 RECIPES = {
     "default": [],
     "int8": ["quantize", *CAL],
+    "int8-operator": ["quantize", "--quant-format", "operator", *CAL],
     "p50": ["--sparsity", "0.5", *CAL],
     "p50-lstsq": ["--sparsity", "0.5", "--reconstruct", "lstsq", *CAL],
     "p70": ["--sparsity", "0.7", *CAL],
@@ -44,6 +45,8 @@ RECIPES = {
     "flops75": ["--target", "flops=0.75", "--max-drop", "0.02", "--calibration",  # as target.py
                 "build/calib_512", "--token-mask", "attention_mask"],
     "p50+int8": ["--sparsity", "0.5", "--quantize", "int8", *CAL],
+    "p50+int8-operator": ["--sparsity", "0.5", "--quantize", "int8", "--quant-format",
+                          "operator", *CAL],
 }
 
 
