@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
+from onnxprune.attention.guard import softmax_guard_as_scale
 from onnxprune.calibration.data import Batch
 from onnxprune.conv.fold_batchnorm import FoldBatchNormPass
 from onnxprune.core.pages import release_pages
@@ -168,6 +169,7 @@ def quantize_model(
         logger.info("operator format: %d MatMuls written as MatMulIntegerToFloat",
                     to_operator_format(model))
     residual_adds_as_sum(model)  # onnxruntime's SkipLayerNormalization is slower
+    softmax_guard_as_scale(model)  # IsNaN + Where after each Softmax: one thread, 10-12 ms
     reports = tuple(_layer_report(r, plan) for r in qdq.result.layers)
     if qdq.result.constant_bytes_after > qdq.result.constant_bytes_before:
         logger.warning(
