@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from onnxprune.attention.guard import softmax_guard_as_scale
 from onnxprune.calibration.data import Batch
 from onnxprune.conv.fold_batchnorm import FoldBatchNormPass
 from onnxprune.core.pages import release_pages
@@ -39,7 +38,7 @@ from onnxprune.quant.insert_qdq import (
     QuantizedLayer,
 )
 from onnxprune.quant.layers import QLayer, check_not_quantized, find_layers, layer_name
-from onnxprune.quant.ort_layout import residual_adds_as_sum, to_operator_format
+from onnxprune.quant.ort_layout import for_onnxruntime, to_operator_format
 from onnxprune.quant.qerror import (
     SMOOTH_GAIN,
     ActivationChoice,
@@ -168,8 +167,7 @@ def quantize_model(
     if config.quant_format == "operator" and not config.weight_only:
         logger.info("operator format: %d MatMuls written as MatMulIntegerToFloat",
                     to_operator_format(model))
-    residual_adds_as_sum(model)  # onnxruntime's SkipLayerNormalization is slower
-    softmax_guard_as_scale(model)  # IsNaN + Where after each Softmax: one thread, 10-12 ms
+    for_onnxruntime(model)  # SkipLayerNormalization and the NaN guard are slow on its CPU
     reports = tuple(_layer_report(r, plan) for r in qdq.result.layers)
     if qdq.result.constant_bytes_after > qdq.result.constant_bytes_before:
         logger.warning(

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from onnxprune.attention.guard import softmax_guard_as_scale
 from onnxprune.core.weights import const_array, is_constant
 
-__all__ = ["to_operator_format", "residual_adds_as_sum", "MS_DOMAIN"]
+__all__ = ["to_operator_format", "residual_adds_as_sum", "for_onnxruntime", "MS_DOMAIN"]
 
 MS_DOMAIN = "com.microsoft"
 
@@ -129,3 +130,10 @@ def residual_adds_as_sum(model: ir.Model) -> int:
         model.graph.remove(add, safe=True)
         done += 1
     return done
+
+
+def for_onnxruntime(model: ir.Model) -> int:
+    """The exact rewrites every written int8 model gets (any format): residual Adds before
+    LayerNormalization as Sum, and the attention NaN guard as one multiply
+    (attention/guard.py). Returns how many nodes were rewritten."""
+    return residual_adds_as_sum(model) + softmax_guard_as_scale(model)

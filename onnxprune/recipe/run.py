@@ -29,6 +29,7 @@ from onnxprune.prune.remove_neurons import Progress, RemoveNeuronsPass
 from onnxprune.prune.zero_weights import ZeroWeightsPass
 from onnxprune.quant.driver import quantize_model
 from onnxprune.quant.insert_qdq import QuantizeQDQResult
+from onnxprune.quant.ort_layout import for_onnxruntime
 from onnxprune.quant.qdq_pass import QuantizeQDQPass
 from onnxprune.recipe.config import PruneConfig, chosen_metric
 from onnxprune.recipe.passes import build_passes
@@ -215,6 +216,7 @@ def _int8_embeddings(model: ir.Model, batches: list[Batch] | None
     try:
         qdq(trial)
         res = qdq.result
+        for_onnxruntime(trial)  # exact; as every int8 model onnxprune writes
         if not any(layer.quantized for layer in res.layers) or res.float_weights_kept or (
                 res.constant_bytes_after >= res.constant_bytes_before):
             return None, None
