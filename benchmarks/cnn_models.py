@@ -33,28 +33,6 @@ class BasicBlock(nn.Module):
         return self.relu(out + identity)
 
 
-class ResNet18(nn.Module):
-    def __init__(self, num_classes: int = 1000) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(3, 2, 1)
-        layers = []
-        cin = 64
-        for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
-            layers.append(nn.Sequential(BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)))
-            cin = cout
-        self.layer1, self.layer2, self.layer3, self.layer4 = layers
-        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.fc = nn.Linear(512, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
-
-
 class Bottleneck(nn.Module):
     """torchvision's ResNet-50 block (stride on the 3x3 conv, "ResNet v1.5")."""
 
@@ -81,8 +59,12 @@ class Bottleneck(nn.Module):
         return self.relu(out + identity)
 
 
-class ResNet50(nn.Module):
-    def __init__(self, num_classes: int = 1000) -> None:
+class ResNet(nn.Module):
+    """torchvision's ResNet: `block` BasicBlock (expansion 1) or Bottleneck (4), `depths`
+    blocks per stage."""
+
+    def __init__(self, block: type, depths: tuple[int, ...], expansion: int,
+                 num_classes: int = 1000) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
@@ -90,14 +72,15 @@ class ResNet50(nn.Module):
         self.maxpool = nn.MaxPool2d(3, 2, 1)
         layers = []
         cin = 64
-        for width, blocks, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
-            mods = [Bottleneck(cin, width, stride)]
-            mods += [Bottleneck(width * 4, width, 1) for _ in range(blocks - 1)]
+        for width, blocks, stride in zip((64, 128, 256, 512), depths, (1, 2, 2, 2),
+                                         strict=True):
+            mods = [block(cin, width, stride)]
+            mods += [block(width * expansion, width, 1) for _ in range(blocks - 1)]
             layers.append(nn.Sequential(*mods))
-            cin = width * 4
+            cin = width * expansion
         self.layer1, self.layer2, self.layer3, self.layer4 = layers
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.fc = nn.Linear(2048, num_classes)
+        self.fc = nn.Linear(512 * expansion, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
@@ -192,12 +175,12 @@ def _init(model: nn.Module, seed: int) -> nn.Module:
 
 def resnet18(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return _init(ResNet18(), seed)
+    return _init(ResNet(BasicBlock, (2, 2, 2, 2), 1), seed)
 
 
 def resnet50(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return _init(ResNet50(), seed)
+    return _init(ResNet(Bottleneck, (3, 4, 6, 3), 4), seed)
 
 
 def mobilenet_v3_small(seed: int = 0) -> nn.Module:

@@ -20,7 +20,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -75,19 +74,8 @@ def optimized_ops(path: Path) -> collections.Counter:
 
 def medians(paths: list[Path], threads: int, repeats: int, warmup: int = 3) -> list[float]:
     """Median latency of every model, all run in one interleaved loop (A B C A B C ...)."""
-    feeds = metrics.latency_feeds()
-    sessions = [session(p, threads) for p in paths]
-    prepared = [{i.name: feeds[i.name] for i in s.get_inputs()} for s in sessions]
-    for _ in range(warmup):
-        for s, f in zip(sessions, prepared, strict=True):
-            s.run(None, f)
-    times: list[list[float]] = [[] for _ in paths]
-    for _ in range(repeats):
-        for k, (s, f) in enumerate(zip(sessions, prepared, strict=True)):
-            start = time.perf_counter()
-            s.run(None, f)
-            times[k].append(time.perf_counter() - start)
-    return [float(np.median(t)) for t in times]
+    return metrics.interleaved_medians([session(p, threads) for p in paths],
+                                       metrics.latency_feeds(), repeats, warmup)
 
 
 def _cli(*args: str) -> None:

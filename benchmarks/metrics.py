@@ -142,6 +142,23 @@ def latency_feeds(batch: int = 8, seq: int = 128, seed: int = 0) -> dict[str, np
     }
 
 
+def interleaved_medians(sessions: Sequence, feeds: dict[str, np.ndarray], repeats: int = 30,
+                        warmup: int = 3) -> list[float]:
+    """Median seconds per run of every session, all run in one interleaved loop (A B C A B C
+    ...), each fed the inputs it declares: background load hits every model alike."""
+    prepared = [_feeds_for(s, feeds) for s in sessions]
+    for _ in range(warmup):
+        for session, f in zip(sessions, prepared, strict=True):
+            session.run(None, f)
+    times: list[list[float]] = [[] for _ in sessions]
+    for _ in range(repeats):
+        for k, (session, f) in enumerate(zip(sessions, prepared, strict=True)):
+            start = time.perf_counter()
+            session.run(None, f)
+            times[k].append(time.perf_counter() - start)
+    return [float(np.median(t)) for t in times]
+
+
 def latency_ratio(
     model_a,
     model_b,
@@ -157,19 +174,9 @@ def latency_ratio(
     and both medians in seconds.  Interleaving makes background load hit both models alike;
     only the ratio is meaningful on a shared machine.
     """
-    feeds = latency_feeds(batch, seq)
     sessions = [make_session(model_a, threads), make_session(model_b, threads)]
-    prepared = [_feeds_for(s, feeds) for s in sessions]
-    for _ in range(warmup):
-        for session, f in zip(sessions, prepared, strict=True):
-            session.run(None, f)
-    times: list[list[float]] = [[], []]
-    for _ in range(repeats):
-        for k, (session, f) in enumerate(zip(sessions, prepared, strict=True)):
-            start = time.perf_counter()
-            session.run(None, f)
-            times[k].append(time.perf_counter() - start)
-    median_a, median_b = (float(np.median(t)) for t in times)
+    median_a, median_b = interleaved_medians(sessions, latency_feeds(batch, seq), repeats,
+                                             warmup)
     return {
         "ratio": median_b / median_a,
         "speedup": median_a / median_b,

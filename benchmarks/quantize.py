@@ -118,19 +118,8 @@ def run_onnxsim(model: Path, out: Path, calib: Path) -> float:
 
 def interleaved_speedups(paths: list[Path], repeats: int, warmup: int = 3) -> list[float]:
     """Median latency of every model in one interleaved loop; speedup vs the first (dense)."""
-    feeds = metrics.latency_feeds()
-    sessions = [metrics.make_session(p) for p in paths]
-    prepared = [metrics._feeds_for(s, feeds) for s in sessions]
-    for _ in range(warmup):
-        for s, f in zip(sessions, prepared, strict=True):
-            s.run(None, f)
-    times: list[list[float]] = [[] for _ in paths]
-    for _ in range(repeats):
-        for k, (s, f) in enumerate(zip(sessions, prepared, strict=True)):
-            start = time.perf_counter()
-            s.run(None, f)
-            times[k].append(time.perf_counter() - start)
-    medians = [float(np.median(t)) for t in times]
+    medians = metrics.interleaved_medians([metrics.make_session(p) for p in paths],
+                                          metrics.latency_feeds(), repeats, warmup)
     return [medians[0] / m for m in medians]
 
 
