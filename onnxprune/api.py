@@ -21,7 +21,13 @@ from onnxprune.calibration.data import Batch
 from onnxprune.calibration.mask import resolve_token_mask
 from onnxprune.channels.groups import find_channel_groups
 from onnxprune.channels.model import ChannelGroup
-from onnxprune.core.accounting import ModelStats, fixed_input_shapes, model_stats, run_flops
+from onnxprune.core.accounting import (
+    ModelStats,
+    describe_shapes,
+    fixed_input_shapes,
+    model_stats,
+    run_flops,
+)
 from onnxprune.errors import InputError
 from onnxprune.io.models import check_output_path, load_model, save_model, stored_bytes
 from onnxprune.io.runtime import ModelSource, Provider
@@ -244,8 +250,7 @@ def inspect(model: ModelSource | onnx.ModelProto) -> Inspection:
     shapes = fixed_input_shapes(m)
     flops = None if shapes is None else run_flops(m, shapes)
     if flops is not None:
-        stats = replace(stats, run_flops=flops, run_shapes=", ".join(
-            f"{k} {'x'.join(map(str, v))}" for k, v in shapes.items()))
+        stats = replace(stats, run_flops=flops, run_shapes=describe_shapes(shapes))
     return Inspection(
         stats, tuple(find_channel_groups(m)), opset,
         tuple(find_attention_blocks(m)),

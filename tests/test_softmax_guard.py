@@ -69,3 +69,21 @@ def test_a_guard_it_does_not_recognise_is_left_alone() -> None:
     where.input[1] = "scale"  # NaN -> 2.0: not the guard
     ir_model = to_ir(model)
     assert softmax_guard_as_scale(ir_model) == 0
+
+
+def test_an_additive_mask_given_as_a_graph_input_is_clamped_before_its_first_reader() -> None:
+    model = _guarded_attention(17, layers=1)
+    graph = model.graph
+    for name in ("pad", "add_mask2", "add_mask"):  # the mask arrives ready-made
+        graph.node.remove(next(n for n in graph.node if n.output == [name]))
+    graph.input.append(h.make_tensor_value_info("add_mask", T.FLOAT, ["B", 1, 1, 5]))
+    ir_model = to_ir(model)
+    assert softmax_guard_as_scale(ir_model) == 1
+    proto = ir.serde.serialize_model(ir_model)
+    onnx.checker.check_model(proto, full_check=True)
+    add_mask = np.zeros((2, 1, 1, 5), np.float32)
+    add_mask[0] = -np.inf  # all keys masked
+    add_mask[1, ..., 3:] = -np.inf
+    feeds = {"x": np.random.default_rng(1).standard_normal((2, 2, 5, 4)).astype(np.float32),
+             "mask": np.ones((2, 5), np.int64), "add_mask": add_mask}
+    assert np.array_equal(run(model, feeds)[0], run(proto, feeds)[0])

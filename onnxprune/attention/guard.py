@@ -95,11 +95,13 @@ def _mask_parts(model: ir.Model, mask: ir.Value) -> tuple[ir.Value, ir.Value]:
                     name=f"{base}_valid")
     nodes = [clamped, rmax, has_key, valid]
     producer = mask.producer()
-    if producer is None:
-        for n in reversed(nodes):
-            graph.insert_before(next(iter(graph)), n) if len(graph) else graph.append(n)
-    else:
+    first = next(iter(graph), None)
+    if producer is not None:
         graph.insert_after(producer, nodes)
+    elif first is not None:  # a graph input: made before anything reads it
+        graph.insert_before(first, nodes)
+    else:
+        graph.extend(nodes)
     clamped.outputs[0].name = f"{base}_finite"
     valid.outputs[0].name = f"{base}_valid"
     return clamped.outputs[0], valid.outputs[0]

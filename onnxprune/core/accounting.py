@@ -17,7 +17,7 @@ import onnx_ir as ir
 from onnxprune.core.weights import const_array, iter_nodes, weight_uses
 
 __all__ = ["ModelStats", "model_stats", "inference_flops", "value_shapes", "run_flops",
-           "fixed_input_shapes"]
+           "fixed_input_shapes", "describe_shapes"]
 
 # Counting FLOPs per run serializes the model for onnx's shape inference; above this many
 # bytes of weights the count is skipped (the report says so) rather than copy them all.
@@ -244,3 +244,8 @@ def fixed_input_shapes(model: ir.Model) -> dict[str, list[int]] | None:
               for v in model.graph.inputs if v.shape is not None and not v.is_initializer()}
     fixed = all(isinstance(d, int) for dims in shapes.values() for d in dims)
     return shapes if shapes and fixed else None
+
+
+def describe_shapes(shapes: dict[str, list[int]]) -> str:
+    """'input_ids 8x128, attention_mask 8x128': the shapes FLOPs per run were counted at."""
+    return ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in shapes.items())

@@ -19,7 +19,7 @@ import onnx_ir as ir
 
 from onnxprune.calibration.data import Batch, input_specs, load_batches
 from onnxprune.calibration.fit import fitting_batches
-from onnxprune.core.accounting import fixed_input_shapes, run_flops
+from onnxprune.core.accounting import describe_shapes, fixed_input_shapes, run_flops
 from onnxprune.errors import InputError, InternalError, OptionError
 from onnxprune.io.detached import check_detached
 from onnxprune.io.files import atomic_path, make_parent, same_file
@@ -227,7 +227,7 @@ def run_job(job: Job, *, progress: Progress | None = None,
     if flops_before is not None and report.modified:
         after = run_flops(model, shapes)
         if after is not None:
-            described = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in shapes.items())
+            described = describe_shapes(shapes)
             report.before = replace(report.before, run_flops=flops_before,
                                     run_shapes=described)
             report.after = replace(report.after, run_flops=after, run_shapes=described)

@@ -216,10 +216,10 @@ def _int8_embeddings(model: ir.Model, batches: list[Batch] | None
     try:
         qdq(trial)
         res = qdq.result
-        for_onnxruntime(trial)  # exact; as every int8 model onnxprune writes
         if not any(layer.quantized for layer in res.layers) or res.float_weights_kept or (
                 res.constant_bytes_after >= res.constant_bytes_before):
             return None, None
+        for_onnxruntime(trial)  # exact; as every int8 model onnxprune writes
         check = batches or fitting_batches(model)
         verdict = compare_models(model, trial, check, tolerances=Tolerances.defaults())
     except Exception as e:  # noqa: BLE001 - a trial: reported, never fatal
